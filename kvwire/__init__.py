@@ -1,0 +1,45 @@
+"""kvwire: KV cache transport for prefill/decode disaggregated serving, across datacenters."""
+
+import logging
+
+from .errors import (
+    AuthenticationError,
+    IntegrityError,
+    KVWireError,
+    LayoutMismatchError,
+    PeerLostError,
+    ProtocolError,
+    RequestRejected,
+    TransferAborted,
+    TransferTimeout,
+)
+from .inbound import ReceivedRequest
+from .layout import KVLayout, TensorSpec
+from .metrics import PeerMetrics
+from .outbound import Transfer, TransferStats
+from .receiver import Receiver
+from .sender import Sender
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AuthenticationError",
+    "IntegrityError",
+    "KVLayout",
+    "KVWireError",
+    "LayoutMismatchError",
+    "PeerLostError",
+    "PeerMetrics",
+    "ProtocolError",
+    "ReceivedRequest",
+    "Receiver",
+    "RequestRejected",
+    "Sender",
+    "TensorSpec",
+    "Transfer",
+    "TransferAborted",
+    "TransferStats",
+    "TransferTimeout",
+]

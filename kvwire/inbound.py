@@ -1,0 +1,314 @@
+"""Receiver-side state of one request, and the handle an engine holds on it.
+
+Bytes land straight in their final place: one aligned buffer per layer that the
+tensors are views of, or the engine's own arrays given to ``Receiver.expect``. A layer
+counts as arrived only when every chunk of it has been received and its checksum
+verified; nothing unverified is ever handed out.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+import time
+from typing import Mapping
+
+import numpy as np
+
+from . import arrays, dtypes
+from .errors import KVWireError, RequestRejected, TransferTimeout
+from .layout import ALIGN_BYTES, KVLayout
+
+
+class InboundRequest:
+    def __init__(
+        self,
+        request_id: str,
+        num_tokens: int,
+        layout: KVLayout,
+        chunk_bytes: int,
+        timeout_s: float,
+        peer: str,
+        destinations: Mapping[int, Mapping[str, object]] | None = None,
+    ):
+        self.request_id = request_id
+        self.num_tokens = num_tokens
+        self.peer = peer
+        self.chunk_bytes = chunk_bytes
+        self.opened_at = time.monotonic()
+        self.deadline = self.opened_at + timeout_s
+        self.plans = layout.plans(num_tokens)
+        self.num_layers = len(self.plans)
+        self.num_chunks = [max(1, -(-plan.nbytes // chunk_bytes)) for plan in self.plans]
+        self._seen = [bytearray(n) for n in self.num_chunks]
+        self._missing = list(self.num_chunks)
+        self.ready = [False] * self.num_layers
+        self.num_ready = 0
+        self.error: KVWireError | None = None
+        self.finished_at: float | None = None
+        self.released = False
+        self.cv = threading.Condition()
+        self._active_writes = 0
+        self.nbytes = 0
+        self.rid = -1  # the sender session's number for it, and that session (set by the receiver)
+        self.session = None
+        self._segments: list[list[tuple[int, np.ndarray]]] = []
+        self._starts: list[list[int]] = []
+        self._pad = np.empty(ALIGN_BYTES, dtype=np.uint8)  # alignment gaps of expect() layers land here
+        self._flats: list[list[np.ndarray]] = []  # each tensor's bytes; typed views are made on demand
+        destinations = destinations or {}
+        for i, plan in enumerate(self.plans):
+            self._place_layer(i, plan, destinations.get(i, {}))
+
+    # -- where bytes land ---------------------------------------------------------------
+
+    def _place_layer(self, index: int, plan, destination: Mapping[str, object]) -> None:
+        if not destination:
+            storage = np.empty(plan.nbytes, dtype=np.uint8)
+            self.nbytes += plan.nbytes
+            self._segments.append([(0, storage)])
+            self._starts.append([0])
+            self._flats.append([storage[s.offset : s.offset + s.nbytes] for s in plan.slots])
+            return
+        segments: list[tuple[int, np.ndarray]] = []
+        flats = []
+        position = 0
+        for slot in plan.slots:
+            if slot.offset > position:
+                segments.append((position, self._pad[: slot.offset - position]))
+            if slot.name in destination:
+                flat = _destination_bytes(index, slot, destination[slot.name], self.num_tokens)
+            else:
+                flat = np.empty(slot.nbytes, dtype=np.uint8)
+                self.nbytes += slot.nbytes
+            if slot.nbytes:
+                segments.append((slot.offset, flat))
+            flats.append(flat)
+            position = slot.offset + slot.nbytes
+        self._segments.append(segments)
+        self._starts.append([start for start, _ in segments])
+        self._flats.append(flats)
+
+    def chunk_size(self, layer: int, chunk: int) -> int:
+        start = chunk * self.chunk_bytes
+        return min(self.plans[layer].nbytes, start + self.chunk_bytes) - start
+
+    def targets(self, layer: int, chunk: int, nbytes: int) -> list[np.ndarray]:
+        """The memory a chunk's bytes go to, in order (one view unless it spans buffers)."""
+        start = chunk * self.chunk_bytes
+        end = start + nbytes
+        segments = self._segments[layer]
+        i = max(0, bisect.bisect_right(self._starts[layer], start) - 1)
+        views = []
+        while i < len(segments) and segments[i][0] < end:
+            seg_start, seg = segments[i]
+            lo, hi = max(start, seg_start), min(end, seg_start + len(seg))
+            if hi > lo:
+                views.append(seg[lo - seg_start : hi - seg_start])
+            i += 1
+        return views
+
+    # -- state changes (called by the receiver's I/O threads) ---------------------------
+
+    def is_duplicate(self, layer: int, chunk: int) -> bool:
+        return bool(self._seen[layer][chunk])
+
+    def begin_write(self) -> bool:
+        """Reserve the right to write into this request's memory; False once it is closed."""
+        with self.cv:
+            if self.error is not None or self.released:
+                return False
+            self._active_writes += 1
+            return True
+
+    def end_write(self) -> None:
+        with self.cv:
+            self._active_writes -= 1
+            self.cv.notify_all()
+
+    def wait_writes(self, timeout_s: float) -> bool:
+        """Wait for in-progress writes into this request's memory to end."""
+        with self.cv:
+            return self.cv.wait_for(lambda: self._active_writes == 0, timeout_s)
+
+    def chunk_completes_layer(self, layer: int) -> bool:
+        """Whether the chunk being verified is the last one ``layer`` was missing."""
+        return self._missing[layer] == 1
+
+    def chunk_verified(self, layer: int, chunk: int) -> bool:
+        """Record a verified chunk; True when it completed its layer."""
+        with self.cv:
+            self._seen[layer][chunk] = 1
+            self._missing[layer] -= 1
+            if self._missing[layer]:
+                return False
+            self.ready[layer] = True
+            self.num_ready += 1
+            if self.num_ready == self.num_layers:
+                self.finished_at = time.monotonic()
+            self.cv.notify_all()
+            return True
+
+    def fail(self, error: KVWireError) -> bool:
+        """Fail the request unless it already completed or failed; True if this call did."""
+        with self.cv:
+            if self.error is not None or self.done or self.released:
+                return False
+            self.error = error
+            self.cv.notify_all()
+            return True
+
+    def mark_released(self) -> None:
+        with self.cv:
+            self.released = True
+            self.cv.notify_all()
+
+    @property
+    def done(self) -> bool:
+        return self.num_ready == self.num_layers
+
+    def _arrays(self, layer: int) -> dict[str, np.ndarray]:
+        plan = self.plans[layer]
+        return {s.name: _typed(flat, s.spec.dtype, s.shape) for s, flat in zip(plan.slots, self._flats[layer])}
+
+    # -- what the engine waits on -------------------------------------------------------
+
+    def wait_done(self, timeout_s: float | None) -> None:
+        with self.cv:
+            self.cv.wait_for(
+                lambda: self.done or self.error is not None or self.released,
+                None if timeout_s is None else max(0.0, timeout_s),
+            )
+            if self.released:
+                raise KVWireError(f"request {self.request_id!r} was released")
+            if self.done:
+                return
+            if self.error is not None:
+                raise self.error
+            raise TransferTimeout(
+                f"request {self.request_id!r}: not complete after {timeout_s}s "
+                f"({self.num_ready}/{self.num_layers} layers arrived)"
+            )
+
+    def wait_layer(self, layer: int, timeout_s: float | None) -> dict[str, np.ndarray]:
+        if not 0 <= layer < self.num_layers:
+            raise IndexError(f"layer {layer} out of range: the layout has {self.num_layers} layers")
+        with self.cv:
+            self.cv.wait_for(
+                lambda: self.ready[layer] or self.error is not None or self.released,
+                None if timeout_s is None else max(0.0, timeout_s),
+            )
+            if self.released:
+                raise KVWireError(f"request {self.request_id!r} was released; its arrays are no longer served")
+            if self.ready[layer]:
+                return self._arrays(layer)
+            if self.error is not None:
+                raise self.error
+            raise TransferTimeout(
+                f"request {self.request_id!r}: layer {layer} not arrived after {timeout_s}s "
+                f"({self.num_ready}/{self.num_layers} layers arrived)"
+            )
+
+
+def _typed(flat: np.ndarray, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    return flat.view(dtypes.numpy_dtype(dtype)).reshape(shape)
+
+
+def _destination_bytes(layer: int, slot, array, num_tokens: int) -> np.ndarray:
+    """The leading ``slot.nbytes`` of an engine buffer, after checking it fits the slot."""
+    where = f"expect() buffer for layer {layer} tensor {slot.name!r}"
+    try:
+        flat, shape, dtype = arrays.writable_bytes(array)
+    except ValueError as exc:
+        raise RequestRejected(f"{where}: {exc}") from None
+    spec = slot.spec
+    if dtype != spec.dtype:
+        raise RequestRejected(f"{where}: dtype {dtype}, layout says {spec.dtype}")
+    fits = shape[1:] == spec.shape and shape[0] >= num_tokens if spec.per_token else shape == spec.shape
+    if not fits:
+        raise RequestRejected(f"{where}: shape {shape} cannot hold {spec.describe()} with T={num_tokens}")
+    return flat[: slot.nbytes]
+
+
+class ReceivedRequest:
+    """The engine's handle on a request being received.
+
+    Returned by ``Receiver.wait`` as soon as the sender has opened the request. Layers
+    can be used as soon as each has arrived (``wait_layer``). Arrays stay valid until
+    ``release()`` (or leaving a ``with`` block), which also frees the receiver's memory.
+    """
+
+    def __init__(self, state: InboundRequest, release):
+        self._state = state
+        self._release = release
+
+    @property
+    def request_id(self) -> str:
+        return self._state.request_id
+
+    @property
+    def num_tokens(self) -> int:
+        return self._state.num_tokens
+
+    @property
+    def num_layers(self) -> int:
+        return self._state.num_layers
+
+    @property
+    def peer(self) -> str:
+        return self._state.peer
+
+    @property
+    def done(self) -> bool:
+        """True once every layer has arrived and been verified."""
+        return self._state.done
+
+    @property
+    def error(self) -> KVWireError | None:
+        return self._state.error
+
+    def is_ready(self, layer: int) -> bool:
+        return self._state.ready[layer]
+
+    def wait_layer(self, layer: int, timeout: float | None = None) -> dict[str, np.ndarray]:
+        """Block until ``layer`` has arrived and been verified; return its arrays.
+
+        Raises the request's error (PeerLostError, IntegrityError, TransferTimeout, ...)
+        if it failed first, or TransferTimeout after ``timeout`` seconds. With
+        ``timeout=None`` it waits as long as the request's own deadline allows.
+        """
+        return self._state.wait_layer(layer, timeout)
+
+    def layer(self, layer: int, timeout: float | None = None) -> dict[str, np.ndarray]:
+        """The arrays of ``layer`` by tensor name; blocks like ``wait_layer``."""
+        return self._state.wait_layer(layer, timeout)
+
+    def wait_done(self, timeout: float | None = None) -> None:
+        """Block until every layer has arrived and been verified, without building arrays
+        (for engines whose ``expect`` buffers already hold the data)."""
+        self._state.wait_done(timeout)
+
+    def wait_all(self, timeout: float | None = None) -> list[dict[str, np.ndarray]]:
+        """Block until every layer has arrived; return all of them, in layer order."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return [
+            self._state.wait_layer(i, None if deadline is None else deadline - time.monotonic())
+            for i in range(self.num_layers)
+        ]
+
+    def release(self) -> None:
+        """Free the request on the receiver (aborting it if still in flight)."""
+        self._release(self._state)
+
+    close = release
+
+    def __enter__(self) -> "ReceivedRequest":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        s = self._state
+        status = "failed" if s.error else "done" if s.done else f"{s.num_ready}/{s.num_layers} layers"
+        return f"<ReceivedRequest {s.request_id!r} T={s.num_tokens} from {s.peer}: {status}>"

@@ -1,0 +1,230 @@
+"""Sender-side state of one request: the caller's arrays, chunked, and what was acked.
+
+A layer is a byte stream of its tensors in sorted-name order, each 64-byte aligned;
+it travels in chunks of ``chunk_bytes`` that stripe across the sender's connections.
+Chunks borrow the caller's memory: nothing is copied, except that a layer made of many
+small tensors is joined into one buffer once, so that no frame walks thousands of them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+import time
+from dataclasses import dataclass
+from typing import Mapping
+
+
+import numpy as np
+
+from .arrays import as_bytes
+from .dtypes import ITEMSIZE, exportable, numpy_dtype
+from .errors import KVWireError, TransferAborted, TransferTimeout
+from .layout import ALIGN_BYTES, KVLayout
+
+_PAD = memoryview(bytes(ALIGN_BYTES))
+_SMALL_PIECE_BYTES = 64 * 1024
+# numpy dtype -> layout name, and the dtypes numpy can export as a buffer as they are
+_NUMPY_NAMES = {numpy_dtype(name): name for name in ITEMSIZE if numpy_dtype(name).name == name}
+_BUFFER_DTYPES = {dtype for dtype in _NUMPY_NAMES if exportable(np.empty(0, dtype)).dtype == dtype}
+
+
+@dataclass(frozen=True)
+class TransferStats:
+    """What one request moved: tensor bytes, payload bytes on the wire, codec, time."""
+
+    raw_bytes: int
+    wire_bytes: int
+    codec: str
+    layers: int
+    seconds: float
+
+    @property
+    def goodput_gbps(self) -> float:
+        return self.raw_bytes * 8 / max(self.seconds, 1e-9) / 1e9
+
+
+class Transfer:
+    """One request being sent, layer by layer. Made by ``Sender.open``."""
+
+    def __init__(self, sender, request_id: str, rid: int, num_tokens: int, layout: KVLayout, codec: str, chunk_bytes: int, timeout_s: float):
+        self.request_id = request_id
+        self.rid = rid
+        self.num_tokens = num_tokens
+        self.codec = codec
+        self.chunk_bytes = chunk_bytes
+        self.opened_at = time.monotonic()
+        self.deadline = self.opened_at + timeout_s
+        self._sender = sender
+        self._layout = layout
+        self._plans = layout.plans(num_tokens)
+        self.num_layers = len(self._plans)
+        self.num_chunks = [max(1, -(-plan.nbytes // chunk_bytes)) for plan in self._plans]
+        self._segments: list[list[tuple[int, int, object]] | None] = [None] * self.num_layers
+        self._starts: list[list[int]] = [[] for _ in self._plans]
+        self._unsent = list(self.num_chunks)
+        self._acked = [False] * self.num_layers
+        self._num_acked = 0
+        self._wire_bytes = 0
+        self._finished_at: float | None = None
+        self.error: KVWireError | None = None
+        self._cv = threading.Condition()
+
+    # -- engine API ---------------------------------------------------------------------
+
+    def send_layer(self, layer: int, tensors: Mapping[str, object]) -> None:
+        """Queue ``layer``'s tensors for sending and return at once.
+
+        The arrays are borrowed, not copied: do not modify or free them until
+        ``finish()`` returns (or ``layer_sent(layer)`` is True). Raises ValueError naming
+        the layer and tensor on a wrong name, shape or dtype, and the request's error if
+        it has already failed. Blocks only while the sender's queue is full.
+        """
+        if self.error is not None:
+            raise self.error
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"request {self.request_id!r}: layer {layer} out of range (layout has {self.num_layers})")
+        if self._segments[layer] is not None:
+            raise ValueError(f"request {self.request_id!r}: layer {layer} was already sent")
+        self._segments[layer] = self._segments_of(layer, tensors)
+        self._starts[layer] = [segment[0] for segment in self._segments[layer]]
+        self._sender._enqueue(self, layer, self.num_chunks[layer])
+
+    def layer_sent(self, layer: int) -> bool:
+        """True once every byte of ``layer`` is in the kernel: its arrays may be reused."""
+        return self._segments[layer] is not None and self._unsent[layer] == 0
+
+    def finish(self, timeout: float | None = None) -> TransferStats:
+        """Block until the receiver has verified every layer; return the stats.
+
+        Raises the request's error (PeerLostError, IntegrityError, RequestRejected...),
+        ValueError if some layer was never sent, or TransferTimeout after ``timeout``
+        seconds (default: the request's deadline), in which case the request is aborted.
+        """
+        missing = [i for i, seg in enumerate(self._segments) if seg is None]
+        if missing and self.error is None:
+            raise ValueError(f"request {self.request_id!r}: finish() before layers {missing} were sent")
+        wait_s = self.deadline - time.monotonic() if timeout is None else timeout
+        with self._cv:
+            self._cv.wait_for(lambda: self.error is not None or self._num_acked == self.num_layers, max(0.0, wait_s))
+        if self.error is None and self._num_acked < self.num_layers:
+            self._abort(TransferTimeout(
+                f"request {self.request_id!r}: receiver confirmed {self._num_acked}/{self.num_layers} layers within {wait_s:.3g}s"
+            ))
+        if self.error is not None:
+            raise self.error
+        return self.stats
+
+    def abort(self, reason: str = "aborted by the sender") -> None:
+        """Give up on the request; the receiver drops what it holds of it."""
+        self._abort(TransferAborted(f"request {self.request_id!r}: {reason}"))
+
+    @property
+    def stats(self) -> TransferStats:
+        end = self._finished_at or time.monotonic()
+        raw = self._layout.nbytes(self.num_tokens)
+        return TransferStats(raw, self._wire_bytes, self.codec, self.num_layers, end - self.opened_at)
+
+    @property
+    def done(self) -> bool:
+        return self._num_acked == self.num_layers
+
+    def __enter__(self) -> "Transfer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and not self.done:
+            self.abort(f"{exc_type.__name__} in the sending code")
+
+    def __repr__(self) -> str:
+        return f"<Transfer {self.request_id!r} T={self.num_tokens} {self._num_acked}/{self.num_layers} layers acked>"
+
+    # -- building frames (sender's I/O threads) -----------------------------------------
+
+    def _segments_of(self, layer: int, tensors: Mapping[str, object]) -> list[tuple[int, int, object]]:
+        plan = self._plans[layer]
+        if len(tensors) != len(plan.slots) or any(slot.name not in tensors for slot in plan.slots):
+            names = {slot.name for slot in plan.slots}
+            raise ValueError(
+                f"request {self.request_id!r} layer {layer}: missing tensors {sorted(names - set(tensors))}, "
+                f"unexpected tensors {sorted(set(tensors) - names)}"
+            )
+        segments: list[tuple[int, int, object]] = []
+        position = 0
+        for slot in plan.slots:
+            array = tensors[slot.name]
+            # Fast path (thousands of small tensors per layer are common): a contiguous
+            # numpy array of the right dtype and shape goes out as it is.
+            if (
+                type(array) is np.ndarray
+                and array.shape == slot.shape
+                and _NUMPY_NAMES.get(array.dtype) == slot.spec.dtype
+                and array.flags.c_contiguous
+            ):
+                buffer = array if array.dtype in _BUFFER_DTYPES else exportable(array)
+            else:
+                buffer, shape, dtype = as_bytes(array)
+                if shape != slot.shape or dtype != slot.spec.dtype:
+                    raise ValueError(
+                        f"request {self.request_id!r} layer {layer} tensor {slot.name!r}: expected "
+                        f"{slot.spec.dtype}{list(slot.shape)}, got {dtype}{list(shape)}"
+                    )
+            if slot.offset > position:
+                segments.append((position, slot.offset - position, _PAD[: slot.offset - position]))
+            if slot.nbytes:
+                segments.append((slot.offset, slot.nbytes, buffer))
+            position = slot.offset + slot.nbytes
+        if len(segments) > 8 and plan.nbytes < _SMALL_PIECE_BYTES * len(segments):
+            # Many small tensors: one copy into a single buffer beats walking them per frame.
+            return [(0, plan.nbytes, b"".join([segment[2] for segment in segments]))]
+        return segments
+
+    def chunk(self, layer: int, chunk: int) -> tuple[list, int]:
+        """(buffers, total bytes) of one chunk of ``layer``'s byte stream."""
+        start = chunk * self.chunk_bytes
+        end = min(start + self.chunk_bytes, self._plans[layer].nbytes)
+        segments = self._segments[layer]
+        pieces = []
+        i = max(0, bisect.bisect_right(self._starts[layer], start) - 1)
+        while i < len(segments) and segments[i][0] < end:
+            seg_start, seg_len, buffer = segments[i]
+            lo, hi = max(start, seg_start), min(end, seg_start + seg_len)
+            if hi - lo == seg_len:
+                pieces.append(buffer)
+            elif hi > lo:
+                pieces.append(memoryview(buffer).cast("B")[lo - seg_start : hi - seg_start])
+            i += 1
+        return pieces, end - start
+
+    def _chunk_written(self, layer: int, nbytes: int) -> None:
+        with self._cv:
+            self._unsent[layer] -= 1
+            self._wire_bytes += nbytes
+
+    def _layer_acked(self, layer: int) -> bool:
+        """Record the receiver's ack; True when the whole request is confirmed."""
+        with self._cv:
+            if self._acked[layer] or self.error is not None:
+                return False
+            self._acked[layer] = True
+            self._num_acked += 1
+            if self._num_acked < self.num_layers:
+                return False
+            self._finished_at = time.monotonic()
+            self._segments = [[] for _ in self._segments]  # stop borrowing the caller's arrays
+            self._cv.notify_all()
+            return True
+
+    def _fail(self, error: KVWireError) -> bool:
+        with self._cv:
+            if self.error is not None or self._num_acked == self.num_layers:
+                return False
+            self.error = error
+            self._cv.notify_all()
+            return True
+
+    def _abort(self, error: KVWireError) -> None:
+        if self._fail(error):
+            self._sender._aborted(self, error)
+
+

@@ -1,0 +1,510 @@
+"""Receiver: serves a port, verifies and places incoming KV, hands requests to the engine.
+
+Threads: one accepts connections, one per connection reads frames into their final
+memory, one enforces request deadlines. The engine's calls (``wait``, ``expect``,
+``release``) only touch shared state under a lock and never do I/O.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from .errors import (
+    KVWireError,
+    PeerLostError,
+    ProtocolError,
+    RequestRejected,
+    TransferAborted,
+    TransferTimeout,
+    error_from_kind,
+    kind_of,
+)
+from .inbound import InboundRequest, ReceivedRequest
+from .layout import KVLayout
+from .metrics import PeerCounters, PeerMetrics
+from .transport import Connection, get_backend
+from .wire import framing
+from .wire.checksum import frame_checksum
+from .wire.handshake import send_message, server_handshake
+from .wire.messages import Abort, Ack, Data, Open
+
+log = logging.getLogger(__name__)
+
+_DRAIN_BYTES = 1 << 20
+_SMALL_PIECE_BYTES = 64 * 1024
+_REMEMBERED_FAILURES = 4096
+
+
+@dataclass(eq=False)
+class _Stream:
+    conn: Connection
+    session: "_Session"
+    send_lock: threading.Lock = field(default_factory=threading.Lock)
+    alive: bool = True
+
+    _scratch: np.ndarray | None = None
+
+    def send(self, message) -> None:
+        with self.send_lock:
+            self.conn.send([framing.encode(message)])
+
+    def scratch(self, nbytes: int) -> np.ndarray:
+        """This stream's reusable receive buffer, at least ``nbytes`` long."""
+        if self._scratch is None or len(self._scratch) < nbytes:
+            self._scratch = np.empty(nbytes, dtype=np.uint8)
+        return self._scratch[:nbytes]
+
+
+@dataclass(eq=False)
+class _Session:
+    """All streams of one Sender; request numbers (rid) are scoped to it."""
+
+    session_id: bytes
+    peer: str
+    streams: list[_Stream] = field(default_factory=list)
+    requests: dict[int, InboundRequest] = field(default_factory=dict)
+    max_rid: int = -1
+    counters: PeerCounters = field(default_factory=PeerCounters)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class Receiver:
+    """Serves ``listen`` and receives KV of ``layout`` from Senders, in the background.
+
+    Parameters
+    ----------
+    layout : KVLayout
+        Must equal the senders' layout; a mismatch is refused in the handshake.
+    listen : str
+        ``"HOST:PORT"``; port 0 picks a free one (see ``address``).
+    backend : str
+        ``"tcp"`` (more with the optional extras).
+    secret : bytes, optional
+        Shared secret; senders must prove it (HMAC challenge-response) and so must we.
+    ssl_context : ssl.SSLContext, optional
+        Server-side TLS context for links that leave the datacenter.
+    max_bytes : int
+        Memory budget for requests held at once; an Open beyond it is refused.
+    max_request_timeout_s : float
+        Cap on the deadline a sender may ask for.
+    """
+
+    def __init__(
+        self,
+        layout: KVLayout,
+        listen: str = "127.0.0.1:0",
+        *,
+        backend: str = "tcp",
+        secret: bytes | None = None,
+        ssl_context=None,
+        max_bytes: int = 16 << 30,
+        max_request_timeout_s: float = 600.0,
+        handshake_timeout_s: float = 10.0,
+        transport_options=None,
+    ):
+        self.layout = layout
+        self._secret = secret
+        self._max_bytes = max_bytes
+        self._max_request_timeout_s = max_request_timeout_s
+        self._handshake_timeout_s = handshake_timeout_s
+        self._listener = get_backend(backend).listen(listen, ssl_context=ssl_context, options=transport_options)
+        self.address: str = self._listener.address
+        self._lock = threading.Condition()
+        self._requests: dict[str, InboundRequest] = {}
+        self._failures: collections.OrderedDict[str, KVWireError] = collections.OrderedDict()
+        self._expected: dict[str, Mapping[int, Mapping[str, object]]] = {}
+        self._sessions: dict[bytes, _Session] = {}
+        self._bytes_in_use = 0
+        self._closed = False
+        self._threads: set[threading.Thread] = set()
+        self._start(self._accept_loop, "kvwire-rx-accept")
+        self._start(self._deadline_loop, "kvwire-rx-deadlines")
+        self._finalizer = weakref.finalize(self, Receiver._shutdown, self._listener, self._sessions)
+
+    # -- engine API ---------------------------------------------------------------------
+
+    def expect(self, request_id: str, buffers: Mapping[int, Mapping[str, object]] | Sequence[Mapping[str, object]]) -> None:
+        """Have ``request_id``'s tensors land in the engine's own arrays, with no copy.
+
+        ``buffers`` maps layer index (or is a list by layer) to ``{tensor name: array}``;
+        layers or tensors left out get receiver-owned memory. Per-token arrays may hold
+        more tokens than the request (the first ``num_tokens`` rows are written). Call it
+        before the sender opens the request; a misfit buffer fails that request with
+        RequestRejected on both sides. The arrays must stay alive until ``release``.
+        """
+        if not isinstance(buffers, Mapping):
+            buffers = dict(enumerate(buffers))
+        for layer, tensors in buffers.items():
+            if not 0 <= layer < self.layout.num_layers:
+                raise ValueError(f"expect({request_id!r}): layer {layer} out of range (layout has {self.layout.num_layers})")
+            unknown = set(tensors) - set(self.layout.layers[layer])
+            if unknown:
+                raise ValueError(f"expect({request_id!r}): layer {layer} has no tensors {sorted(unknown)}")
+        with self._lock:
+            if request_id in self._requests:
+                raise ValueError(f"expect({request_id!r}): the request is already open")
+            self._expected[request_id] = buffers
+
+    def wait(self, request_id: str, timeout: float | None = None) -> ReceivedRequest:
+        """A handle on ``request_id`` as soon as a sender has opened it (not completed it).
+
+        Raises the request's error if it already failed, TransferTimeout if it has not
+        been opened within ``timeout`` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while True:
+                if request_id in self._requests:
+                    return ReceivedRequest(self._requests[request_id], self._release_state)
+                if request_id in self._failures:
+                    raise self._failures[request_id]
+                if self._closed:
+                    raise PeerLostError("receiver is closed")
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TransferTimeout(f"request {request_id!r} was not opened by any sender within {timeout}s")
+                self._lock.wait(remaining)
+
+    def release(self, request_id: str) -> None:
+        """Free ``request_id``'s memory (aborting it if it is still in flight)."""
+        with self._lock:
+            state = self._requests.get(request_id)
+            self._expected.pop(request_id, None)
+        if state is not None:
+            self._release_state(state)
+
+    def metrics(self) -> dict[str, PeerMetrics]:
+        """Per connected sender: bytes, goodput EWMA and its connections' TCP_INFO."""
+        with self._lock:
+            sessions = list(self._sessions.values())
+        return {
+            s.peer: s.counters.snapshot(s.peer, tuple(filter(None, (st.conn.link_stats() for st in s.streams))))
+            for s in sessions
+        }
+
+    @property
+    def bytes_in_use(self) -> int:
+        return self._bytes_in_use
+
+    def close(self) -> None:
+        """Stop serving; requests still in flight fail with PeerLostError."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            requests = list(self._requests.values())
+            self._lock.notify_all()
+        for state in requests:
+            state.fail(PeerLostError("receiver closed"))
+        self._finalizer()
+        for thread in list(self._threads):
+            if thread is not threading.current_thread():
+                thread.join(timeout=5)
+
+    def __enter__(self) -> "Receiver":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @staticmethod
+    def _shutdown(listener, sessions: dict) -> None:
+        listener.close()
+        for session in list(sessions.values()):
+            for stream in list(session.streams):
+                stream.conn.close()
+
+    # -- connections --------------------------------------------------------------------
+
+    def _start(self, target, name: str, *args) -> None:
+        thread = threading.Thread(target=self._run_thread, args=(target, *args), name=name, daemon=True)
+        with self._lock:
+            self._threads.add(thread)
+        thread.start()
+
+    def _run_thread(self, target, *args) -> None:
+        try:
+            target(*args)
+        finally:
+            with self._lock:
+                self._threads.discard(threading.current_thread())
+
+    def _accept_loop(self) -> None:
+        while True:
+            conn = self._listener.accept()
+            if conn is None or self._closed:
+                return
+            self._start(self._serve, f"kvwire-rx-{conn.peer}", conn)
+
+    def _serve(self, conn: Connection) -> None:
+        try:
+            conn = self._listener.start_tls(conn, self._handshake_timeout_s)
+            conn.set_timeout(self._handshake_timeout_s)
+            hello = server_handshake(conn, layout=self.layout, secret=self._secret, max_request_bytes=self._max_bytes)
+            conn.set_timeout(None)
+        except KVWireError as exc:
+            log.warning("refused connection from %s: %s: %s", conn.peer, type(exc).__name__, exc)
+            conn.close()
+            return
+        stream = self._join(hello, conn)
+        reason: KVWireError = PeerLostError(f"connection from {conn.peer} closed")
+        try:
+            self._read_frames(stream)
+        except KVWireError as exc:
+            reason = exc
+        finally:
+            self._stream_closed(stream, reason)
+
+    def _join(self, hello, conn: Connection) -> _Stream:
+        with self._lock:
+            session = self._sessions.get(hello.session_id)
+            if session is None:
+                session = self._sessions[hello.session_id] = _Session(hello.session_id, conn.peer)
+            stream = _Stream(conn, session)
+            session.streams.append(stream)
+            if self._closed:
+                conn.close()
+        log.debug("stream %d/%d of %s joined", hello.stream_index + 1, hello.num_streams, conn.peer)
+        return stream
+
+    def _stream_closed(self, stream: _Stream, reason: KVWireError) -> None:
+        stream.alive = False
+        stream.conn.close()
+        session = stream.session
+        with self._lock:
+            session.streams.remove(stream)
+            if not session.streams:
+                self._sessions.pop(session.session_id, None)
+        with session.lock:
+            in_flight = [r for r in session.requests.values() if not r.done and r.error is None]
+        if in_flight and not isinstance(reason, PeerLostError):
+            log.warning("closing connection from %s: %s: %s", stream.conn.peer, type(reason).__name__, reason)
+        for state in in_flight:
+            error = PeerLostError(
+                f"request {state.request_id!r}: connection from {stream.conn.peer} lost "
+                f"with {state.num_ready}/{state.num_layers} layers arrived ({reason})"
+            )
+            self._fail(session, state, error, tell_sender=False)
+
+    def _read_frames(self, stream: _Stream) -> None:
+        conn = stream.conn
+        prefix = memoryview(bytearray(framing.PREFIX_BYTES))
+        header = memoryview(bytearray(framing.MAX_STREAM_HEADER_BYTES))
+        while True:
+            conn.recv_into(prefix)
+            length = framing.header_length(prefix, framing.MAX_STREAM_HEADER_BYTES)
+            conn.recv_into(header[:length])
+            message = framing.decode_stream(header[:length])
+            if isinstance(message, Data):
+                self._on_data(stream, message)
+            elif isinstance(message, Open):
+                self._on_open(stream, message)
+            elif isinstance(message, Abort):
+                self._on_abort(stream, message)
+            else:
+                raise ProtocolError(f"a sender may not send {type(message).__name__} messages")
+
+    # -- frames -------------------------------------------------------------------------
+
+    def _on_open(self, stream: _Stream, msg: Open) -> None:
+        session = stream.session
+        with session.lock:
+            if msg.rid <= session.max_rid:
+                return  # the copy of an Open another stream of this session already handled
+            session.max_rid = msg.rid
+            try:
+                session.requests[msg.rid] = self._admit(msg, session)
+                return
+            except RequestRejected as exc:
+                refusal = exc
+        log.warning("refused request %r from %s: %s", msg.request_id, session.peer, refusal)
+        session.counters.failed()
+        self._tell(stream, Abort(msg.rid, "rejected", str(refusal)))
+
+    def _admit(self, msg: Open, session: _Session) -> InboundRequest:
+        if msg.codec != "none":
+            raise RequestRejected(f"request {msg.request_id!r}: codec {msg.codec!r} is not supported by this receiver")
+        timeout_s = min(msg.timeout_s, self._max_request_timeout_s)
+        with self._lock:
+            if self._closed:
+                raise RequestRejected("receiver is closing")
+            if msg.request_id in self._requests:
+                raise RequestRejected(f"request id {msg.request_id!r} is already in flight on this receiver")
+            expected = self._expected.pop(msg.request_id, None)
+            need = self.layout.wire_bytes(msg.num_tokens)
+            if self._bytes_in_use + need > self._max_bytes:
+                raise RequestRejected(
+                    f"request {msg.request_id!r} needs {need} bytes; receiver budget has "
+                    f"{self._max_bytes - self._bytes_in_use} of {self._max_bytes} free"
+                )
+            state = InboundRequest(
+                msg.request_id, msg.num_tokens, self.layout, msg.chunk_bytes, timeout_s, session.peer, expected
+            )
+            state.rid, state.session = msg.rid, session
+            self._bytes_in_use += state.nbytes
+            self._requests[msg.request_id] = state
+            self._failures.pop(msg.request_id, None)
+            self._lock.notify_all()
+        return state
+
+    def _on_data(self, stream: _Stream, msg: Data) -> None:
+        session = stream.session
+        state = session.requests.get(msg.rid)
+        if state is None:
+            if msg.rid > session.max_rid:
+                raise ProtocolError(f"data for request number {msg.rid} before its Open")
+            return self._drain(stream.conn, msg.nbytes)
+        problem = self._check_frame(state, msg)
+        if problem is not None:
+            self._drain(stream.conn, msg.nbytes)
+            return self._fail(session, state, ProtocolError(f"request {state.request_id!r}: {problem}"))
+        if not state.begin_write():
+            return self._drain(stream.conn, msg.nbytes)
+        try:
+            ok = self._receive_chunk(stream, state, msg)
+        finally:
+            state.end_write()
+        session.counters.add_bytes(msg.nbytes)
+        if not ok:
+            return self._fail(
+                session,
+                state,
+                error_from_kind(
+                    "integrity",
+                    f"request {state.request_id!r} layer {msg.layer} chunk {msg.chunk}: "
+                    f"checksum mismatch, the data was corrupted in transit",
+                ),
+            )
+        if state.chunk_completes_layer(msg.layer):
+            self._tell(stream, Ack(msg.rid, msg.layer))  # before the engine may act on it and exit
+        if state.chunk_verified(msg.layer, msg.chunk):
+            if state.done:
+                session.counters.completed(state.nbytes, state.finished_at - state.opened_at)
+
+    @staticmethod
+    def _receive_chunk(stream: _Stream, state: InboundRequest, msg: Data) -> bool:
+        """Receive a chunk's payload into place; True if its checksum verifies.
+
+        A chunk spanning many small tensors is received whole into a scratch buffer,
+        verified, then scattered: one syscall instead of one per tensor, and bytes that
+        fail verification never reach the engine's arrays.
+        """
+        views = state.targets(msg.layer, msg.chunk, msg.nbytes)
+        if len(views) <= 8 or msg.nbytes >= _SMALL_PIECE_BYTES * len(views):
+            for view in views:
+                stream.conn.recv_into(memoryview(view))
+            return frame_checksum(msg.rid, msg.layer, msg.chunk, views, msg.nbytes) == msg.checksum
+        scratch = stream.scratch(msg.nbytes)
+        stream.conn.recv_into(memoryview(scratch))
+        if frame_checksum(msg.rid, msg.layer, msg.chunk, (scratch,), msg.nbytes) != msg.checksum:
+            return False
+        position = 0
+        for view in views:
+            view[:] = scratch[position : position + len(view)]
+            position += len(view)
+        return True
+
+    @staticmethod
+    def _check_frame(state: InboundRequest, msg: Data) -> str | None:
+        if msg.layer >= state.num_layers:
+            return f"frame for layer {msg.layer}, the layout has {state.num_layers}"
+        if msg.chunk >= state.num_chunks[msg.layer]:
+            return f"layer {msg.layer} chunk {msg.chunk} out of range ({state.num_chunks[msg.layer]} chunks)"
+        if msg.nbytes != state.chunk_size(msg.layer, msg.chunk):
+            return f"layer {msg.layer} chunk {msg.chunk} has {msg.nbytes} bytes, expected {state.chunk_size(msg.layer, msg.chunk)}"
+        if state.is_duplicate(msg.layer, msg.chunk):
+            return f"layer {msg.layer} chunk {msg.chunk} arrived twice"
+        return None
+
+    def _on_abort(self, stream: _Stream, msg: Abort) -> None:
+        session = stream.session
+        state = session.requests.get(msg.rid)
+        if state is not None:
+            error = TransferAborted(f"request {state.request_id!r} aborted by the sender: {msg.reason}")
+            self._fail(session, state, error, tell_sender=False)
+
+    @staticmethod
+    def _drain(conn: Connection, nbytes: int) -> None:
+        scratch = memoryview(np.empty(min(nbytes, _DRAIN_BYTES), dtype=np.uint8))
+        while nbytes:
+            step = min(nbytes, len(scratch))
+            conn.recv_into(scratch[:step])
+            nbytes -= step
+
+    # -- failure, release, deadlines ----------------------------------------------------
+
+    def _tell(self, stream: _Stream, message) -> None:
+        """Send a control message; a broken stream is the reader thread's to handle."""
+        try:
+            stream.send(message)
+        except KVWireError as exc:
+            log.debug("could not send %s to %s: %s", type(message).__name__, stream.conn.peer, exc)
+
+    def _tell_session(self, session: _Session, message) -> None:
+        with self._lock:
+            streams = [s for s in session.streams if s.alive]
+        if streams:
+            self._tell(streams[0], message)
+
+    def _fail(self, session: _Session, state: InboundRequest, error: KVWireError, *, tell_sender: bool = True) -> None:
+        if not state.fail(error):
+            return
+        log.warning("request %r from %s failed: %s: %s", state.request_id, state.peer, type(error).__name__, error)
+        session.counters.failed()
+        self._forget(state)
+        with self._lock:
+            self._failures[state.request_id] = error
+            while len(self._failures) > _REMEMBERED_FAILURES:
+                self._failures.popitem(last=False)
+            self._lock.notify_all()
+        if tell_sender:
+            self._tell_session(session, Abort(state.rid, kind_of(error), str(error)))
+
+    def _forget(self, state: InboundRequest) -> None:
+        """Drop a request from every table and return its memory to the budget."""
+        session = state.session
+        with session.lock:
+            session.requests.pop(state.rid, None)
+        with self._lock:
+            if self._requests.get(state.request_id) is state:
+                del self._requests[state.request_id]
+                self._bytes_in_use -= state.nbytes
+        # Engine memory must not be written once we let go of it: wait out a write in
+        # progress, and cut the connection if it is stuck mid-frame.
+        if not state.wait_writes(2.0):
+            for stream in list(session.streams):
+                stream.conn.close()
+
+    def _release_state(self, state: InboundRequest) -> None:
+        in_flight = not state.done and state.error is None
+        state.mark_released()
+        self._forget(state)
+        if in_flight:
+            reason = f"receiver released request {state.request_id!r} before it completed"
+            self._tell_session(state.session, Abort(state.rid, "aborted", reason))
+
+    def _deadline_loop(self) -> None:
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+                self._lock.wait(0.1)
+                sessions = list(self._sessions.values())
+            now = time.monotonic()
+            for session in sessions:
+                with session.lock:
+                    late = [s for s in session.requests.values() if s.deadline < now and not s.done]
+                for state in late:
+                    error = TransferTimeout(
+                        f"request {state.request_id!r} from {state.peer} missed its deadline "
+                        f"({state.num_ready}/{state.num_layers} layers arrived)"
+                    )
+                    self._fail(session, state, error)

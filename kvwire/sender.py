@@ -1,0 +1,329 @@
+"""Sender: connects ``streams`` connections to a Receiver and stripes requests over them.
+
+Each connection has a writer thread, which takes the next chunk from one shared queue
+(so faster connections carry more), and a reader thread for the receiver's acks and
+aborts. Every stream carries each request's Open before any of its data, so the
+receiver never waits on one connection for another.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+
+from .errors import (
+    AuthenticationError,
+    KVWireError,
+    LayoutMismatchError,
+    PeerLostError,
+    ProtocolError,
+    RequestRejected,
+    TransferTimeout,
+    error_from_kind,
+    kind_of,
+)
+from .layout import KVLayout
+from .metrics import PeerCounters, PeerMetrics
+from .outbound import Transfer
+from .transport import Connection, get_backend
+from .wire import framing
+from .wire.checksum import frame_checksum
+from .wire.handshake import client_handshake
+from .wire.messages import Abort, Ack, Data, Open
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_BYTES = 4 << 20
+
+
+@dataclass(eq=False)
+class _Stream:
+    index: int
+    conn: Connection
+    control: list = field(default_factory=list)
+    alive: bool = True
+
+
+class Sender:
+    """Sends KV of ``layout`` to the Receiver at ``address``, layer by layer.
+
+    Parameters
+    ----------
+    layout : KVLayout
+        Must equal the receiver's; the constructor raises LayoutMismatchError otherwise.
+    address : str
+        The receiver's ``"HOST:PORT"`` (``Receiver.address``).
+    backend : str
+        ``"tcp"`` (more with the optional extras).
+    streams : int
+        Connections to open; frames stripe across them. Several streams fill long fat
+        links that one TCP stream cannot.
+    secret : bytes, optional
+        Shared secret for the mutual HMAC handshake; AuthenticationError on mismatch.
+    ssl_context : ssl.SSLContext, optional
+        Client-side TLS context.
+    timeout : float
+        Seconds allowed to connect and complete the handshake.
+    chunk_bytes : int
+        Frame payload size; each frame is checksummed and acked per layer.
+    max_queued_chunks : int
+        Bound on chunks waiting for a connection (``send_layer`` blocks beyond it).
+    """
+
+    def __init__(
+        self,
+        layout: KVLayout,
+        address: str,
+        *,
+        backend: str = "tcp",
+        streams: int = 4,
+        secret: bytes | None = None,
+        ssl_context=None,
+        timeout: float = 10.0,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        max_queued_chunks: int = 4096,
+        transport_options=None,
+    ):
+        if not 1 <= streams <= 1024:
+            raise ValueError(f"streams must be in 1..1024, got {streams}")
+        if not 4096 <= chunk_bytes <= 1 << 30:
+            raise ValueError(f"chunk_bytes must be in 4096..2**30, got {chunk_bytes}")
+        self.layout = layout
+        self.address = address
+        self._chunk_bytes = chunk_bytes
+        self._max_queued = max_queued_chunks
+        self._cv = threading.Condition()
+        self._queue: collections.deque = collections.deque()
+        self._transfers: dict[int, Transfer] = {}
+        self._next_rid = 0
+        self._closing = False
+        self._counters = PeerCounters()
+        conns, welcome = self._connect(get_backend(backend), streams, secret, ssl_context, timeout, transport_options)
+        self.max_request_bytes = welcome.max_request_bytes
+        self._streams = [_Stream(i, conn) for i, conn in enumerate(conns)]
+        self._threads = []
+        for stream in self._streams:
+            for role, target in (("tx", self._write_loop), ("ack", self._read_loop)):
+                thread = threading.Thread(target=target, args=(stream,), name=f"kvwire-{role}{stream.index}", daemon=True)
+                thread.start()
+                self._threads.append(thread)
+        self._finalizer = weakref.finalize(self, Sender._shutdown, [s.conn for s in self._streams])
+
+    def _connect(self, backend, num_streams, secret, ssl_context, timeout, options):
+        session_id = os.urandom(16)
+        results: list = [None] * num_streams
+
+        def one(index: int) -> None:
+            conn = None
+            try:
+                conn = backend.connect(self.address, timeout_s=timeout, ssl_context=ssl_context, options=options)
+                conn.set_timeout(timeout)
+                welcome = client_handshake(
+                    conn, layout=self.layout, secret=secret, session_id=session_id,
+                    stream_index=index, num_streams=num_streams,
+                )
+                conn.set_timeout(None)
+                results[index] = (conn, welcome)
+            except KVWireError as exc:
+                if conn is not None:
+                    conn.close()
+                results[index] = exc
+
+        threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(num_streams)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        errors = [r for r in results if isinstance(r, KVWireError)]
+        if errors:
+            for result in results:
+                if isinstance(result, tuple):
+                    result[0].close()
+            decisive = (AuthenticationError, LayoutMismatchError, ProtocolError)
+            raise next((e for e in errors if isinstance(e, decisive)), errors[0])
+        return [conn for conn, _ in results], results[0][1]
+
+    # -- engine API ---------------------------------------------------------------------
+
+    def open(self, request_id: str, num_tokens: int, *, codec: str = "none", timeout: float = 60.0) -> Transfer:
+        """Start sending a request of ``num_tokens`` tokens; returns its Transfer.
+
+        ``timeout`` is the request's deadline in seconds: both sides give up on it
+        (TransferTimeout) if it has not completed by then.
+        """
+        if not isinstance(request_id, str) or not 0 < len(request_id) <= 256:
+            raise ValueError(f"request_id must be a non-empty str of at most 256 characters, got {request_id!r}")
+        if not isinstance(num_tokens, int) or num_tokens < 0:
+            raise ValueError(f"num_tokens must be a non-negative int, got {num_tokens!r}")
+        if codec != "none":
+            raise ValueError(f"codec {codec!r} is not available; this build supports 'none'")
+        if not 0 < timeout <= 7 * 24 * 3600:
+            raise ValueError(f"timeout must be in (0, 604800] seconds, got {timeout}")
+        need = self.layout.wire_bytes(num_tokens)
+        if need > self.max_request_bytes:
+            raise RequestRejected(
+                f"request {request_id!r} needs {need} bytes, more than the receiver's budget of {self.max_request_bytes}"
+            )
+        with self._cv:
+            live = [s for s in self._streams if s.alive]
+            if self._closing or not live:
+                raise PeerLostError(f"no live connection to {self.address}")
+            rid = self._next_rid
+            self._next_rid += 1
+            xfer = Transfer(self, request_id, rid, num_tokens, self.layout, codec, self._chunk_bytes, timeout)
+            self._transfers[rid] = xfer
+            opening = Open(rid, request_id, num_tokens, codec, self._chunk_bytes, timeout)
+            for stream in live:
+                stream.control.append(opening)
+            self._cv.notify_all()
+        return xfer
+
+    def metrics(self) -> PeerMetrics:
+        """Bytes, goodput EWMA, and each live connection's TCP_INFO (rtt, retransmits)."""
+        links = tuple(filter(None, (s.conn.link_stats() for s in self._streams if s.alive)))
+        return self._counters.snapshot(self.address, links)
+
+    @property
+    def num_streams(self) -> int:
+        """Connections still alive."""
+        return sum(s.alive for s in self._streams)
+
+    def close(self) -> None:
+        """Close every connection; requests not finished fail with PeerLostError."""
+        with self._cv:
+            if self._closing:
+                return
+            self._closing = True
+            transfers = list(self._transfers.values())
+            self._cv.notify_all()
+        for xfer in transfers:
+            xfer._fail(PeerLostError(f"request {xfer.request_id!r}: sender closed"))
+        self._finalizer()
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout=5)
+
+    def __enter__(self) -> "Sender":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @staticmethod
+    def _shutdown(conns: list) -> None:
+        for conn in conns:
+            conn.close()
+
+    # -- queue and I/O threads ----------------------------------------------------------
+
+    def _enqueue(self, xfer: Transfer, layer: int, num_chunks: int) -> None:
+        for chunk in range(num_chunks):
+            with self._cv:
+                ok = self._cv.wait_for(
+                    lambda: len(self._queue) < self._max_queued or xfer.error is not None,
+                    max(0.0, xfer.deadline - time.monotonic()),
+                )
+                if xfer.error is not None:
+                    raise xfer.error
+                if not ok:
+                    raise TransferTimeout(f"request {xfer.request_id!r}: send queue stayed full until the deadline")
+                self._queue.append((xfer, layer, chunk))
+                self._cv.notify_all()
+
+    def _aborted(self, xfer: Transfer, error: KVWireError) -> None:
+        """Tell the receiver (on one live stream) that we gave up on ``xfer``."""
+        with self._cv:
+            self._transfers.pop(xfer.rid, None)
+            live = [s for s in self._streams if s.alive]
+            if live:
+                live[0].control.append(Abort(xfer.rid, kind_of(error), str(error)))
+            self._cv.notify_all()
+        self._counters.failed()
+
+    def _write_loop(self, stream: _Stream) -> None:
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: stream.control or self._queue or self._closing or not stream.alive)
+                if self._closing or not stream.alive:
+                    return
+                controls, stream.control = stream.control, []
+                item = self._queue.popleft() if self._queue else None
+                self._cv.notify_all()
+            try:
+                if controls:
+                    stream.conn.send([framing.encode(message) for message in controls])
+                if item is not None:
+                    self._send_chunk(stream, *item)
+            except KVWireError as exc:
+                return self._stream_lost(stream, exc)
+
+    def _send_chunk(self, stream: _Stream, xfer: Transfer, layer: int, chunk: int) -> None:
+        if xfer.error is not None:
+            return
+        try:
+            pieces, nbytes = xfer.chunk(layer, chunk)
+            checksum = frame_checksum(xfer.rid, layer, chunk, pieces, nbytes)
+        except Exception as exc:  # a bug must fail its request, never kill the stream silently
+            log.exception("building layer %d chunk %d of request %r failed", layer, chunk, xfer.request_id)
+            xfer._abort(KVWireError(f"request {xfer.request_id!r}: internal error building a frame: {exc!r}"))
+            return
+        stream.conn.send([framing.encode(Data(xfer.rid, layer, chunk, nbytes, checksum)), *pieces])
+        xfer._chunk_written(layer, nbytes)
+        self._counters.add_bytes(nbytes)
+
+    def _read_loop(self, stream: _Stream) -> None:
+        prefix = memoryview(bytearray(framing.PREFIX_BYTES))
+        header = memoryview(bytearray(framing.MAX_STREAM_HEADER_BYTES))
+        try:
+            while True:
+                stream.conn.recv_into(prefix)
+                length = framing.header_length(prefix, framing.MAX_STREAM_HEADER_BYTES)
+                stream.conn.recv_into(header[:length])
+                message = framing.decode_stream(header[:length])
+                if isinstance(message, Ack):
+                    self._on_ack(message)
+                elif isinstance(message, Abort):
+                    self._on_abort(message)
+                else:
+                    raise ProtocolError(f"a receiver may not send {type(message).__name__} messages")
+        except KVWireError as exc:
+            self._stream_lost(stream, exc)
+
+    def _on_ack(self, msg: Ack) -> None:
+        xfer = self._transfers.get(msg.rid)
+        if xfer is not None and 0 <= msg.layer < xfer.num_layers and xfer._layer_acked(msg.layer):
+            with self._cv:
+                self._transfers.pop(msg.rid, None)
+            stats = xfer.stats
+            self._counters.completed(stats.wire_bytes, stats.seconds)
+
+    def _on_abort(self, msg: Abort) -> None:
+        with self._cv:
+            xfer = self._transfers.pop(msg.rid, None)
+        if xfer is not None:
+            error = error_from_kind(msg.kind, f"receiver at {self.address} failed request {xfer.request_id!r}: {msg.reason}")
+            if xfer._fail(error):
+                self._counters.failed()
+
+    def _stream_lost(self, stream: _Stream, reason: KVWireError) -> None:
+        with self._cv:
+            if not stream.alive:
+                return
+            stream.alive = False
+            closing = self._closing
+            transfers = list(self._transfers.values())
+            self._transfers.clear()
+            self._cv.notify_all()
+        stream.conn.close()
+        if closing:
+            return
+        log.warning("connection %d to %s lost: %s", stream.index, self.address, reason)
+        for xfer in transfers:
+            error = PeerLostError(f"request {xfer.request_id!r}: connection {stream.index} to {self.address} lost ({reason})")
+            if xfer._fail(error):
+                self._counters.failed()

@@ -1,0 +1,94 @@
+"""A TCP relay on loopback that injects faults on purpose: bit flips, cuts, stalls.
+
+Put it between a Sender and a Receiver (``Sender(layout, relay.address)``) to see what
+kvwire does when the network corrupts, drops or stalls bytes. Faults apply to the
+sender-to-receiver direction of every relayed connection, counted in bytes.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from dataclasses import dataclass
+
+
+@dataclass
+class Fault:
+    """What to do to the sender's byte stream; offsets count bytes of one connection."""
+
+    flip_bit_at: int | None = None  # xor 0x01 into this byte
+    cut_at: int | None = None  # close both sides once this many bytes went through
+    stall_at: int | None = None  # stop forwarding (but keep the sockets open) from here
+
+
+class FaultyRelay:
+    def __init__(self, target: str, fault: Fault | None = None):
+        host, port = target.rsplit(":", 1)
+        self._target = (host, int(port))
+        self.fault = fault or Fault()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._server.getsockname()[1]}"
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self.stalled = threading.Event()
+        self._stop = threading.Event()
+        threading.Thread(target=self._accept, daemon=True, name="relay-accept").start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self._target)
+            with self._lock:
+                self._sockets += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, faulty: bool) -> None:
+        position = 0
+        fault = self.fault
+        try:
+            while True:
+                data = bytearray(src.recv(65536))
+                if not data:
+                    break
+                if faulty:
+                    end = position + len(data)
+                    if fault.stall_at is not None and end > fault.stall_at:
+                        dst.sendall(data[: max(0, fault.stall_at - position)])
+                        self.stalled.set()
+                        self._stop.wait()  # hold the connection open, forward nothing
+                    if fault.flip_bit_at is not None and position <= fault.flip_bit_at < end:
+                        data[fault.flip_bit_at - position] ^= 0x01
+                    if fault.cut_at is not None and end >= fault.cut_at:
+                        dst.sendall(data[: fault.cut_at - position])
+                        break
+                    position = end
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self._server.close()
+        with self._lock:
+            for sock in self._sockets:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+
+    def __enter__(self) -> "FaultyRelay":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,37 @@
+"""Backends: each one knows only how to connect, listen and move bytes.
+
+Sessions, requests, framing and verification live above them (sender.py, receiver.py),
+so every backend gets the same behaviour. A backend registers a factory by name.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from .base import Backend, Connection, LinkStats, Listener
+
+_FACTORIES: dict[str, Callable[[], Backend]] = {}
+
+
+def register(name: str, factory: Callable[[], Backend]) -> None:
+    _FACTORIES[name] = factory
+
+
+def get_backend(name: str) -> Backend:
+    """The backend called ``name``; ValueError listing the known ones otherwise."""
+    try:
+        factory = _FACTORIES[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r}; known backends: {sorted(_FACTORIES)}") from None
+    return factory()
+
+
+def _tcp() -> Backend:
+    from .tcp import TcpBackend
+
+    return TcpBackend()
+
+
+register("tcp", _tcp)
+
+__all__ = ["Backend", "Connection", "LinkStats", "Listener", "get_backend", "register"]

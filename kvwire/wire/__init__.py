@@ -1,0 +1,1 @@
+"""The kvwire wire protocol: msgspec messages and length-prefixed framing, no sockets."""

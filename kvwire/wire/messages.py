@@ -1,0 +1,124 @@
+"""Every message kvwire puts on the wire, as msgspec Structs (MessagePack, never pickle).
+
+Every length, count and index is bounded here, so that decoding hostile bytes fails
+with a ValidationError naming the field instead of allocating without limit.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Union
+
+import msgspec
+from msgspec import Meta
+
+PROTOCOL_VERSION = 1
+
+Name = Annotated[str, Meta(min_length=1, max_length=256)]
+Reason = Annotated[str, Meta(max_length=4096)]
+Nonce = Annotated[bytes, Meta(min_length=16, max_length=64)]
+Proof = Annotated[bytes, Meta(max_length=64)]
+Index = Annotated[int, Meta(ge=0, le=2**31)]
+Count = Annotated[int, Meta(ge=0, le=2**40)]
+RequestNumber = Annotated[int, Meta(ge=0, le=2**62)]
+Seconds = Annotated[float, Meta(gt=0, le=7 * 24 * 3600)]
+
+
+class _Message(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True, tag_field="t"):
+    pass
+
+
+class TensorDesc(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    name: Name
+    shape: Annotated[list[Annotated[int, Meta(ge=0, le=2**40)]], Meta(max_length=16)]
+    dtype: Annotated[str, Meta(max_length=32)]
+    per_token: bool
+
+
+class LayerDesc(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    tensors: Annotated[list[TensorDesc], Meta(max_length=1 << 20)]
+
+
+# -- handshake: Hello -> Challenge -> Auth -> Welcome | Reject ---------------------------
+
+
+class Hello(_Message, tag="hello"):
+    """Sender opens a stream: who it is, which stream of its session, its layout's hash."""
+
+    protocol: int
+    session_id: Annotated[bytes, Meta(min_length=16, max_length=16)]
+    stream_index: Annotated[int, Meta(ge=0, le=1024)]
+    num_streams: Annotated[int, Meta(ge=1, le=1024)]
+    fingerprint: Annotated[str, Meta(max_length=64)]
+    nonce: Nonce
+
+
+class Challenge(_Message, tag="challenge"):
+    """Receiver's nonce, its proof of the secret over the sender's nonce, its layout hash."""
+
+    protocol: int
+    nonce: Nonce
+    proof: Proof
+    fingerprint: Annotated[str, Meta(max_length=64)]
+
+
+class Auth(_Message, tag="auth"):
+    """Sender's proof; carries its full layout only when the fingerprints differ."""
+
+    proof: Proof
+    layout: Union[Annotated[list[LayerDesc], Meta(max_length=1 << 16)], None] = None
+
+
+class Welcome(_Message, tag="welcome"):
+    """Handshake accepted; the receiver's limits, so the sender can refuse early."""
+
+    max_request_bytes: Count
+
+
+class Reject(_Message, tag="reject"):
+    """Handshake refused; ``kind`` names the error class (see errors.ERROR_KINDS)."""
+
+    kind: Annotated[str, Meta(max_length=32)]
+    reason: Reason
+
+
+# -- data phase --------------------------------------------------------------------------
+
+
+class Open(_Message, tag="open"):
+    """A new request in this session. Sent on every stream ahead of its data frames."""
+
+    rid: RequestNumber
+    request_id: Name
+    num_tokens: Count
+    codec: Annotated[str, Meta(max_length=32)]
+    chunk_bytes: Annotated[int, Meta(ge=4096, le=1 << 30)]
+    timeout_s: Seconds
+
+
+class Data(_Message, tag="data"):
+    """One chunk of a layer's byte stream; ``nbytes`` of payload follow the header."""
+
+    rid: RequestNumber
+    layer: Index
+    chunk: Index
+    nbytes: Annotated[int, Meta(ge=0, le=1 << 30)]
+    checksum: int  # xxh3-64 of header fields and payload (see wire.checksum)
+
+
+class Ack(_Message, tag="ack"):
+    """Receiver verified every chunk of ``layer``."""
+
+    rid: RequestNumber
+    layer: Index
+
+
+class Abort(_Message, tag="abort"):
+    """Either side gives up on a request; ``kind`` names the error class."""
+
+    rid: RequestNumber
+    kind: Annotated[str, Meta(max_length=32)]
+    reason: Reason
+
+
+HandshakeMessage = Union[Hello, Challenge, Auth, Welcome, Reject]
+StreamMessage = Union[Open, Data, Ack, Abort]

@@ -1,0 +1,1 @@
+"""kvwire benchmarks: each prints JSON; none runs in the unit tests."""

@@ -1,0 +1,103 @@
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from kvwire import KVLayout, Receiver, Sender, TensorSpec
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def hybrid_layout(linear_layers: int = 3, state_dim: int = 32) -> KVLayout:
+    """Kimi-Linear-like: three linear-attention layers (conv + recurrent state), then MLA."""
+    layers = []
+    for _ in range(linear_layers):
+        layers.append({
+            "conv": TensorSpec((4 * state_dim, 4), "float32"),
+            "recurrent": TensorSpec((2, state_dim, state_dim), "float32"),
+        })
+    layers.append({
+        "latent": TensorSpec((1, 64), "bfloat16", per_token=True),
+        "rope": TensorSpec((1, 16), "bfloat16", per_token=True),
+    })
+    return KVLayout(layers)
+
+
+def random_kv(layout: KVLayout, num_tokens: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Random raw bits in every tensor (so NaN payloads and odd bit patterns travel too)."""
+    from kvwire.dtypes import numpy_dtype
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for layer in layout.layers:
+        tensors = {}
+        for name, spec in layer.items():
+            shape = spec.full_shape(num_tokens)
+            raw = rng.integers(0, 256, size=int(np.prod(shape, dtype=np.int64)) * spec.itemsize, dtype=np.uint8)
+            tensors[name] = raw.view(numpy_dtype(spec.dtype)).reshape(shape)
+        out.append(tensors)
+    return out
+
+
+def assert_same_bytes(got: dict, expected: dict) -> None:
+    assert set(got) == set(expected)
+    for name in expected:
+        assert got[name].shape == expected[name].shape, name
+        assert got[name].dtype == expected[name].dtype, name
+        assert got[name].tobytes() == expected[name].tobytes(), f"tensor {name!r} differs"
+
+
+@pytest.fixture
+def layout():
+    return hybrid_layout()
+
+
+@pytest.fixture
+def receiver(layout):
+    rx = Receiver(layout, "127.0.0.1:0", secret=b"test-secret")
+    yield rx
+    rx.close()
+
+
+@pytest.fixture
+def sender(layout, receiver):
+    tx = Sender(layout, receiver.address, streams=3, secret=b"test-secret")
+    yield tx
+    tx.close()
+
+
+def run_in_subprocess(code: str, *args: str) -> subprocess.Popen:
+    """A real second process running kvwire (for kill -9 tests)."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+
+
+def kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(autouse=True)
+def no_thread_leaks():
+    """Every test must leave no kvwire thread behind once its Sender/Receiver are closed."""
+    before = {t.ident for t in threading.enumerate()}
+    yield
+    for _ in range(50):
+        leaked = [t for t in threading.enumerate() if t.ident not in before and t.name.startswith("kvwire")]
+        if not leaked:
+            return
+        threading.Event().wait(0.1)
+    pytest.fail(f"leaked threads: {[t.name for t in leaked]}")
+
+
+@pytest.fixture(autouse=True)
+def _log_level(caplog):
+    caplog.set_level(logging.INFO, logger="kvwire")

@@ -1,0 +1,251 @@
+"""Bad peers and a bad network: each gets the right error, and the receiver keeps serving."""
+
+import logging
+import os
+import socket
+import subprocess
+import time
+
+import pytest
+
+from kvwire import (
+    AuthenticationError,
+    IntegrityError,
+    LayoutMismatchError,
+    PeerLostError,
+    Receiver,
+    Sender,
+    TransferTimeout,
+)
+from kvwire.testing.relay import Fault, FaultyRelay
+
+from .conftest import assert_same_bytes, hybrid_layout, kill, random_kv, run_in_subprocess
+from .test_transfer import send_all, wait_until
+
+SECRET = b"test-secret"
+
+
+def still_serves(receiver, layout, request_id="after"):
+    kv = random_kv(layout, 40, seed=3)
+    with Sender(layout, receiver.address, secret=SECRET, streams=2) as tx:
+        send_all(tx, request_id, kv, 40)
+    with receiver.wait(request_id, timeout=10) as got:
+        for i, tensors in enumerate(kv):
+            assert_same_bytes(got.layer(i), tensors)
+    assert receiver.bytes_in_use == 0
+
+
+def test_wrong_layout_is_refused_naming_layer_and_tensor(layout, receiver, caplog):
+    other = hybrid_layout(state_dim=16)
+    with pytest.raises(LayoutMismatchError) as info:
+        Sender(other, receiver.address, secret=SECRET)
+    assert str(info.value) == (
+        "KV layout mismatch: layer 0 tensor 'conv': receiver has float32[128, 4], sender has float32[64, 4]"
+    )
+    wait_until(lambda: "LayoutMismatchError" in caplog.text)
+    assert "refused connection from 127.0.0.1:" in caplog.text
+    still_serves(receiver, layout)
+
+
+@pytest.mark.parametrize("secret", [b"wrong", None], ids=["wrong", "missing"])
+def test_wrong_or_missing_secret_is_refused_on_both_sides(layout, receiver, caplog, secret):
+    with pytest.raises(AuthenticationError):
+        Sender(layout, receiver.address, secret=secret)
+    wait_until(lambda: "AuthenticationError" in caplog.text)
+    assert "refused connection from 127.0.0.1:" in caplog.text
+    still_serves(receiver, layout)
+
+
+def test_receiver_without_secret_is_refused_by_a_sender_with_one(layout):
+    with Receiver(layout) as open_rx:
+        with pytest.raises(AuthenticationError, match="failed to prove the shared secret \\(it has no secret configured\\)"):
+            Sender(layout, open_rx.address, secret=SECRET)
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [os.urandom(4096), b"\x00\x00\x00\x05hello", b"\xff\xff\xff\xff" + b"x" * 100, b"GET / HTTP/1.1\r\n\r\n"],
+    ids=["random", "bad-msgpack", "huge-length", "http"],
+)
+def test_garbage_on_the_port_is_dropped_with_a_logged_reason(layout, receiver, caplog, garbage):
+    host, port = receiver.address.rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(garbage)
+        sock.settimeout(5)
+        try:
+            while sock.recv(65536):
+                pass  # the receiver closes on us
+        except ConnectionResetError:
+            pass
+    wait_until(lambda: "refused connection from" in caplog.text)
+    assert "ProtocolError" in caplog.text or "PeerLostError" in caplog.text
+    still_serves(receiver, layout)
+
+
+def test_garbage_after_a_valid_handshake_fails_only_that_session(layout, receiver, sender):
+    kv = random_kv(layout, 16)
+    good = sender.open("good", 16)
+    good.send_layer(0, kv[0])
+    with Sender(layout, receiver.address, secret=SECRET, streams=1) as bad:
+        bad._streams[0].conn.send([b"\x00\x00\x00\x03abc"])
+        wait_until(lambda: bad.num_streams == 0)
+    for i in range(1, 4):
+        good.send_layer(i, kv[i])
+    good.finish(timeout=10)
+    assert_same_bytes(receiver.wait("good", timeout=5).layer(3), kv[3])
+
+
+def test_a_flipped_bit_fails_the_request_with_integrity_error(layout, receiver, caplog):
+    big = random_kv(layout, 4000)  # the MLA layer is ~640 KB: the flip lands in its payload
+    with FaultyRelay(receiver.address, Fault(flip_bit_at=200_000)) as relay:
+        with Sender(layout, relay.address, secret=SECRET, streams=1) as tx:
+            xfer = tx.open("flipped", 4000)
+            for i, tensors in enumerate(big):
+                xfer.send_layer(i, tensors)
+            with pytest.raises(IntegrityError, match="request 'flipped' layer 3 chunk 0: checksum mismatch"):
+                xfer.finish(timeout=10)
+            with pytest.raises(IntegrityError, match="checksum mismatch, the data was corrupted in transit"):
+                receiver.wait("flipped", timeout=5).wait_layer(3, timeout=5)
+            clean = random_kv(layout, 10)
+            send_all(tx, "clean-after-flip", clean, 10)  # the same connection keeps working
+            with receiver.wait("clean-after-flip", timeout=5) as got:
+                assert_same_bytes(got.layer(3), clean[3])
+    assert receiver.bytes_in_use == 0
+    still_serves(receiver, layout)
+
+
+def test_a_cut_connection_fails_in_flight_requests_on_both_sides(layout, receiver):
+    with FaultyRelay(receiver.address, Fault(cut_at=300_000)) as relay:
+        with Sender(layout, relay.address, secret=SECRET, streams=1) as tx:
+            xfer = tx.open("cut", 4000)
+            for i, tensors in enumerate(random_kv(layout, 4000)):
+                xfer.send_layer(i, tensors)
+            with pytest.raises(PeerLostError, match="request 'cut': connection 0 to .* lost"):
+                xfer.finish(timeout=10)
+    with pytest.raises(PeerLostError, match="request 'cut': connection from .* lost with 3/4 layers arrived"):
+        receiver.wait("cut", timeout=5).wait_layer(3, timeout=5)
+    assert receiver.bytes_in_use == 0
+    still_serves(receiver, layout)
+
+
+def test_a_stalled_link_times_out_within_the_deadline(layout, receiver):
+    with FaultyRelay(receiver.address, Fault(stall_at=300_000)) as relay:
+        with Sender(layout, relay.address, secret=SECRET, streams=1) as tx:
+            xfer = tx.open("stalled", 4000, timeout=1.0)
+            for i, tensors in enumerate(random_kv(layout, 4000)):
+                xfer.send_layer(i, tensors)
+            start = time.monotonic()
+            with pytest.raises(TransferTimeout):
+                xfer.finish()
+            assert time.monotonic() - start < 2.5
+            with pytest.raises(TransferTimeout, match="request 'stalled' from .* missed its deadline"):
+                receiver.wait("stalled", timeout=5).wait_layer(3, timeout=5)
+    wait_until(lambda: receiver.bytes_in_use == 0)
+    still_serves(receiver, layout)
+
+
+SENDER_PROCESS = """
+import sys, time
+sys.path.insert(0, "tests")
+from kvwire import Sender
+from tests.conftest import hybrid_layout, random_kv
+layout = hybrid_layout()
+tx = Sender(layout, sys.argv[1], secret=b"test-secret", streams=2)
+xfer = tx.open("victim", 64)
+xfer.send_layer(0, random_kv(layout, 64)[0])
+print("sent", flush=True)
+time.sleep(60)
+"""
+
+
+def test_sender_killed_mid_transfer_fails_fast_and_frees_everything(layout, receiver):
+    proc = run_in_subprocess(SENDER_PROCESS, receiver.address)
+    try:
+        assert proc.stdout.readline().strip() == "sent", proc.stderr.read()
+        got = receiver.wait("victim", timeout=10)
+        got.wait_layer(0, timeout=10)
+        kill(proc)
+        start = time.monotonic()
+        with pytest.raises(PeerLostError, match="request 'victim': connection from .* lost with 1/4 layers arrived"):
+            got.wait_layer(3, timeout=10)
+        assert time.monotonic() - start < 2
+    finally:
+        kill(proc)
+    wait_until(lambda: receiver.bytes_in_use == 0)
+    with pytest.raises(PeerLostError):
+        receiver.wait("victim", timeout=1)
+    still_serves(receiver, layout, request_id="victim")  # the id can be reused
+
+
+RECEIVER_PROCESS = """
+import sys, time
+from kvwire import Receiver
+from tests.conftest import hybrid_layout
+rx = Receiver(hybrid_layout(), secret=b"test-secret")
+print(rx.address, flush=True)
+time.sleep(60)
+"""
+
+
+def test_receiver_killed_mid_transfer_fails_the_sender_fast(layout):
+    proc = run_in_subprocess(RECEIVER_PROCESS)
+    try:
+        address = proc.stdout.readline().strip()
+        with Sender(layout, address, secret=SECRET, streams=2) as tx:
+            xfer = tx.open("lost", 64)
+            xfer.send_layer(0, random_kv(layout, 64)[0])
+            wait_until(lambda: xfer._num_acked == 1)
+            kill(proc)
+            start = time.monotonic()
+            with pytest.raises(PeerLostError, match="request 'lost': connection \\d to .* lost"):
+                xfer.finish(timeout=10)
+            assert time.monotonic() - start < 2
+    finally:
+        kill(proc)
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tls")
+    for name in ("ca", "other"):
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+             "-addext", "subjectAltName=IP:127.0.0.1",
+             "-keyout", str(folder / f"{name}.key"), "-out", str(folder / f"{name}.pem")],
+            check=True, capture_output=True,
+        )
+    return folder
+
+
+def _contexts(folder, client_trusts="ca"):
+    import ssl
+
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(folder / "ca.pem", folder / "ca.key")
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.load_verify_locations(folder / f"{client_trusts}.pem")
+    return server, client
+
+
+@pytest.mark.skipif(not __import__("shutil").which("openssl"), reason="needs the openssl CLI to make a test certificate")
+def test_tls_transfer_round_trips_and_an_untrusted_certificate_is_refused(layout, tls_files, caplog):
+    server_ctx, client_ctx = _contexts(tls_files)
+    kv = random_kv(layout, 300)
+    with Receiver(layout, secret=SECRET, ssl_context=server_ctx) as rx:
+        with Sender(layout, rx.address, secret=SECRET, ssl_context=client_ctx, streams=2) as tx:
+            send_all(tx, "tls", kv, 300)
+        with rx.wait("tls", timeout=5) as got:
+            for i, tensors in enumerate(kv):
+                assert_same_bytes(got.layer(i), tensors)
+        _, untrusting = _contexts(tls_files, client_trusts="other")
+        with pytest.raises(AuthenticationError, match="TLS certificate of .* rejected"):
+            Sender(layout, rx.address, secret=SECRET, ssl_context=untrusting)
+        with pytest.raises(PeerLostError):
+            Sender(layout, rx.address, secret=SECRET)  # plaintext to a TLS port
+
+
+def test_logging_names_the_peer(layout, receiver, caplog):
+    caplog.set_level(logging.WARNING, logger="kvwire")
+    with pytest.raises(AuthenticationError):
+        Sender(layout, receiver.address, secret=b"nope")
+    wait_until(lambda: "refused connection from 127.0.0.1:" in caplog.text)

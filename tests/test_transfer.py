@@ -1,0 +1,299 @@
+"""End to end over real sockets: what an engine relies on when it sends and receives KV."""
+
+import threading
+import time
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvwire import (
+    KVLayout,
+    PeerLostError,
+    Receiver,
+    RequestRejected,
+    Sender,
+    TensorSpec,
+    TransferAborted,
+    TransferTimeout,
+)
+
+from .conftest import assert_same_bytes, hybrid_layout, random_kv
+
+
+def wait_until(condition, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def send_all(tx, request_id, kv, num_tokens, **open_args):
+    xfer = tx.open(request_id, num_tokens, **open_args)
+    for i, tensors in enumerate(kv):
+        xfer.send_layer(i, tensors)
+    return xfer.finish(timeout=30)
+
+
+def test_the_issue_example_round_trips_exactly():
+    layout = KVLayout([
+        {"conv": TensorSpec((768, 4), "float32"), "recurrent": TensorSpec((4, 64, 64), "float32")},
+        {"latent": TensorSpec((1, 80), "bfloat16", per_token=True)},
+    ])
+    kv = random_kv(layout, 4096, seed=7)
+    with Receiver(layout, listen="127.0.0.1:0", backend="tcp", secret=b"...") as rx:
+        with Sender(layout, rx.address, backend="tcp", streams=4, secret=b"...") as tx:
+            xfer = tx.open("req-1", num_tokens=4096)
+            xfer.send_layer(0, kv[0])
+            xfer.send_layer(1, kv[1])
+            stats = xfer.finish(timeout=30)
+            got = rx.wait("req-1", timeout=30)
+            assert got.num_tokens == 4096
+            assert_same_bytes(got.wait_layer(0, timeout=30), kv[0])
+            assert_same_bytes(got.layer(1), kv[1])
+            assert got.layer(1)["latent"].dtype == ml_dtypes.bfloat16
+    assert stats.raw_bytes == layout.nbytes(4096) == 768 * 4 * 4 + 4 * 64 * 64 * 4 + 4096 * 80 * 2
+    assert stats.layers == 2 and stats.codec == "none" and stats.wire_bytes >= stats.raw_bytes
+
+
+DTYPES = ["float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "int8", "uint8"]
+tensor_specs = st.builds(
+    TensorSpec,
+    shape=st.lists(st.integers(0, 9), min_size=0, max_size=3).map(tuple),
+    dtype=st.sampled_from(DTYPES),
+    per_token=st.booleans(),
+)
+layouts = st.lists(
+    st.dictionaries(st.sampled_from(["k", "v", "conv", "state", "latent", "rope"]), tensor_specs, min_size=1, max_size=4),
+    min_size=1,
+    max_size=5,
+).map(KVLayout)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layout=layouts, num_tokens=st.sampled_from([0, 1, 2, 17, 300]), streams=st.integers(1, 3), seed=st.integers(0, 99))
+def test_random_hybrid_layouts_round_trip_bit_exactly(layout, num_tokens, streams, seed):
+    kv = random_kv(layout, num_tokens, seed)
+    with Receiver(layout) as rx, Sender(layout, rx.address, streams=streams, chunk_bytes=4096) as tx:
+        send_all(tx, "r", kv, num_tokens)
+        with rx.wait("r", timeout=10) as got:
+            for i, tensors in enumerate(kv):
+                assert_same_bytes(got.layer(i, timeout=10), tensors)
+        assert rx.bytes_in_use == 0
+
+
+def test_torch_bfloat16_and_float8_round_trip_bit_exactly():
+    layout = KVLayout([{"k": TensorSpec((2, 8), "bfloat16", per_token=True), "q8": TensorSpec((5, 3), "float8_e4m3fn")}])
+    k = torch.randn(33, 2, 8).to(torch.bfloat16)
+    k[0, 0, 0] = float("nan")
+    q8 = torch.randn(5, 3).to(torch.float8_e4m3fn)
+    with Receiver(layout) as rx, Sender(layout, rx.address) as tx:
+        send_all(tx, "t", [{"k": k, "q8": q8}], 33)
+        got = rx.wait("t", timeout=10).layer(0, timeout=10)
+    assert torch.equal(torch.from_numpy(got["k"].view(np.uint16)), k.view(torch.uint16))
+    assert torch.equal(torch.from_numpy(got["q8"].view(np.uint8)), q8.view(torch.uint8))
+
+
+def test_non_contiguous_and_buffer_protocol_inputs_are_accepted():
+    layout = KVLayout([{"a": TensorSpec((4, 3), "float32"), "b": TensorSpec((6,), "uint8")}])
+    base = np.arange(24, dtype=np.float32).reshape(4, 6)
+    a = base[:, ::2]  # a strided view
+    b = bytearray(b"kvwire")
+    with Receiver(layout) as rx, Sender(layout, rx.address) as tx:
+        send_all(tx, "x", [{"a": a, "b": b}], 0)
+        got = rx.wait("x", timeout=10).layer(0)
+    np.testing.assert_array_equal(got["a"], a)
+    assert got["b"].tobytes() == b"kvwire"
+
+
+def test_layers_arrive_before_the_request_finishes(layout, receiver, sender):
+    kv = random_kv(layout, 64)
+    xfer = sender.open("early", 64)
+    xfer.send_layer(0, kv[0])
+    got = receiver.wait("early", timeout=10)
+    assert_same_bytes(got.wait_layer(0, timeout=10), kv[0])
+    assert not got.is_ready(1) and not got.done
+    for i in range(1, len(kv)):
+        xfer.send_layer(i, kv[i])
+    xfer.finish(timeout=10)
+    assert xfer.layer_sent(len(kv) - 1)
+    got.wait_done(timeout=10)
+    assert got.done
+
+
+def test_eight_concurrent_requests_share_the_connections(layout, receiver, sender):
+    kvs = {f"c{i}": (random_kv(layout, 100 + i, seed=i), 100 + i) for i in range(8)}
+    errors = []
+
+    def run(rid):
+        try:
+            send_all(sender, rid, *kvs[rid])
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(rid,)) for rid in kvs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    for rid, (kv, num_tokens) in kvs.items():
+        with receiver.wait(rid, timeout=10) as got:
+            assert got.num_tokens == num_tokens
+            for i, tensors in enumerate(kv):
+                assert_same_bytes(got.layer(i), tensors)
+    m = sender.metrics()
+    assert m.requests_completed == 8 and m.requests_failed == 0
+    assert m.bytes == sum(layout.wire_bytes(n) for _, n in kvs.values())
+    assert len(m.links) == 3 and all(link.rtt_ms > 0 for link in m.links)
+    assert m.goodput_bps > 0
+
+
+def test_expect_lands_bytes_in_the_engine_buffers(layout, receiver, sender):
+    kv = random_kv(layout, 50)
+    latent = np.zeros((128, 1, 64), dtype=ml_dtypes.bfloat16)  # room for more tokens than sent
+    conv = torch.zeros(128, 4)
+    receiver.expect("mine", {3: {"latent": latent}, 0: {"conv": conv}})
+    send_all(sender, "mine", kv, 50)
+    with receiver.wait("mine", timeout=10) as got:
+        layer3 = got.layer(3)
+        assert np.shares_memory(layer3["latent"], latent)
+        assert_same_bytes(layer3, kv[3])
+        assert latent[:50].tobytes() == kv[3]["latent"].tobytes()
+        assert not latent[50:].view(np.uint16).any()
+        assert conv.numpy().tobytes() == kv[0]["conv"].tobytes()
+        assert_same_bytes(got.layer(1), kv[1])
+
+
+def test_expect_buffer_too_small_fails_the_request_on_both_sides(layout, receiver, sender):
+    receiver.expect("small", {3: {"latent": np.zeros((10, 1, 64), dtype=ml_dtypes.bfloat16)}})
+    with pytest.raises(RequestRejected, match=r"layer 3 tensor 'latent': shape \(10, 1, 64\) cannot hold bfloat16\[T, 1, 64\] with T=50"):
+        send_all(sender, "small", random_kv(layout, 50), 50)
+    with pytest.raises(TransferTimeout):
+        receiver.wait("small", timeout=0.2)
+
+
+def test_wrong_tensor_shape_dtype_or_names_are_value_errors(layout, sender):
+    kv = random_kv(layout, 10)
+    xfer = sender.open("bad", 10)
+    with pytest.raises(ValueError, match=r"request 'bad' layer 0 tensor 'conv': expected float32\[128, 4\], got float32\[128, 5\]"):
+        xfer.send_layer(0, {**kv[0], "conv": np.zeros((128, 5), np.float32)})
+    with pytest.raises(ValueError, match=r"layer 3 tensor 'latent': expected bfloat16\[10, 1, 64\], got float32\[10, 1, 64\]"):
+        xfer.send_layer(3, {**kv[3], "latent": np.zeros((10, 1, 64), np.float32)})
+    with pytest.raises(ValueError, match=r"layer 1: missing tensors \['recurrent'\], unexpected tensors \['recurent'\]"):
+        xfer.send_layer(1, {"conv": kv[1]["conv"], "recurent": kv[1]["recurrent"]})
+    with pytest.raises(ValueError, match="layer 9 out of range"):
+        xfer.send_layer(9, kv[0])
+    xfer.send_layer(0, kv[0])
+    with pytest.raises(ValueError, match="layer 0 was already sent"):
+        xfer.send_layer(0, kv[0])
+    with pytest.raises(ValueError, match=r"finish\(\) before layers \[1, 2, 3\] were sent"):
+        xfer.finish(timeout=1)
+    xfer.abort()
+
+
+def test_duplicate_request_id_is_refused_and_the_first_is_untouched(layout, receiver, sender):
+    kv = random_kv(layout, 20)
+    first = sender.open("dup", 20)
+    first.send_layer(0, kv[0])
+    receiver.wait("dup", timeout=10).wait_layer(0, timeout=10)
+    with Sender(layout, receiver.address, secret=b"test-secret") as other:
+        with pytest.raises(RequestRejected, match="request id 'dup' is already in flight on this receiver"):
+            send_all(other, "dup", kv, 20)
+    for i in range(1, 4):
+        first.send_layer(i, kv[i])
+    first.finish(timeout=10)
+    assert_same_bytes(receiver.wait("dup", timeout=10).layer(3), kv[3])
+
+
+def test_memory_budget_refuses_at_open_with_a_clear_error(layout):
+    budget = layout.wire_bytes(100) + 10
+    with Receiver(layout, max_bytes=budget) as rx, Sender(layout, rx.address) as tx:
+        with pytest.raises(RequestRejected, match=r"needs \d+ bytes, more than the receiver's budget"):
+            tx.open("huge", 1000)
+        held = tx.open("fits", 100)  # fits alone, but a second one would not
+        for i, tensors in enumerate(random_kv(layout, 100)):
+            held.send_layer(i, tensors)
+        held.finish(timeout=10)
+        with pytest.raises(RequestRejected, match=r"receiver budget has \d+ of \d+ free"):
+            send_all(tx, "second", random_kv(layout, 100), 100)
+        rx.release("fits")
+        send_all(tx, "third", random_kv(layout, 100), 100)
+        assert rx.bytes_in_use == layout.wire_bytes(100)
+
+
+def test_release_frees_memory_and_aborts_an_unfinished_sender(layout, receiver, sender):
+    kv = random_kv(layout, 30)
+    xfer = sender.open("gone", 30)
+    xfer.send_layer(0, kv[0])
+    got = receiver.wait("gone", timeout=10)
+    got.wait_layer(0, timeout=10)
+    assert receiver.bytes_in_use > 0
+    got.release()
+    assert receiver.bytes_in_use == 0
+    wait_until(lambda: xfer.error is not None)
+    with pytest.raises(TransferAborted, match="receiver released request 'gone' before it completed"):
+        xfer.send_layer(1, kv[1])
+    with pytest.raises(TransferAborted, match="receiver released request 'gone' before it completed"):
+        xfer.finish(timeout=10)
+    send_all(sender, "gone", kv, 30)  # the id is free again
+
+
+def test_deadline_fails_a_stalled_request_on_both_sides(layout, receiver, sender):
+    kv = random_kv(layout, 8)
+    xfer = sender.open("slow", 8, timeout=0.5)
+    xfer.send_layer(0, kv[0])
+    got = receiver.wait("slow", timeout=5)
+    start = time.monotonic()
+    with pytest.raises(TransferTimeout, match=r"request 'slow' from .* missed its deadline \(1/4 layers arrived\)"):
+        got.wait_layer(3)
+    assert time.monotonic() - start < 2
+    wait_until(lambda: xfer.error is not None)  # the receiver's abort reaches the sender
+    with pytest.raises(TransferTimeout, match="missed its deadline"):
+        xfer.finish()
+    assert receiver.bytes_in_use == 0
+    send_all(sender, "next", kv, 8)  # the connections keep serving
+
+
+def test_sender_side_timeout_aborts_the_request_on_the_receiver(layout, receiver, sender):
+    xfer = sender.open("half", 8)
+    xfer.send_layer(0, random_kv(layout, 8)[0])
+    got = receiver.wait("half", timeout=5)
+    with pytest.raises(ValueError):
+        xfer.finish(timeout=0.1)  # layers missing: a caller bug, not a timeout
+    xfer.abort("engine preempted the request")
+    with pytest.raises(TransferAborted, match="aborted by the sender: request 'half': engine preempted the request"):
+        got.wait_layer(2, timeout=5)
+
+
+def test_receiver_closing_fails_the_senders_requests(layout):
+    rx = Receiver(layout)
+    with Sender(layout, rx.address) as tx:
+        xfer = tx.open("orphan", 4)
+        xfer.send_layer(0, random_kv(layout, 4)[0])
+        rx.wait("orphan", timeout=5).wait_layer(0, timeout=5)
+        rx.close()
+        with pytest.raises(PeerLostError, match="request 'orphan': connection \\d to .* lost"):
+            xfer.finish(timeout=5)
+        wait_until(lambda: tx.num_streams == 0)
+        with pytest.raises(PeerLostError, match="no live connection"):
+            tx.open("after", 4)
+
+
+def test_connecting_to_nothing_is_a_peer_lost_error(layout):
+    with Receiver(layout) as rx:
+        address = rx.address
+    with pytest.raises(PeerLostError, match=f"cannot connect to {address}"):
+        Sender(layout, address, timeout=2)
+
+
+def test_open_validates_its_arguments(layout, sender):
+    with pytest.raises(ValueError, match="num_tokens must be a non-negative int, got -1"):
+        sender.open("r", -1)
+    with pytest.raises(ValueError, match="request_id must be a non-empty str"):
+        sender.open("", 1)
+    with pytest.raises(ValueError, match="codec 'zstd' is not available"):
+        sender.open("r", 1, codec="zstd")
