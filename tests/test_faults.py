@@ -197,9 +197,10 @@ def test_receiver_killed_mid_transfer_fails_the_sender_fast(layout):
             wait_until(lambda: xfer._num_acked == 1)
             kill(proc)
             start = time.monotonic()
+            wait_until(lambda: xfer.error is not None)
+            assert time.monotonic() - start < 2
             with pytest.raises(PeerLostError, match="request 'lost': connection \\d to .* lost"):
                 xfer.finish(timeout=10)
-            assert time.monotonic() - start < 2
     finally:
         kill(proc)
 

@@ -276,6 +276,7 @@ def test_receiver_closing_fails_the_senders_requests(layout):
         xfer.send_layer(0, random_kv(layout, 4)[0])
         rx.wait("orphan", timeout=5).wait_layer(0, timeout=5)
         rx.close()
+        wait_until(lambda: xfer.error is not None)
         with pytest.raises(PeerLostError, match="request 'orphan': connection \\d to .* lost"):
             xfer.finish(timeout=5)
         wait_until(lambda: tx.num_streams == 0)
