@@ -1,9 +1,8 @@
 """Receiver-side state of one request, and the handle an engine holds on it.
 
-Bytes land straight in their final place: one aligned buffer per layer that the
-tensors are views of, or the engine's own arrays given to ``Receiver.expect``. A layer
-counts as arrived only when every chunk of it has been received and its checksum
-verified; nothing unverified is ever handed out.
+Bytes land where kvwire.placement says (straight into engine arrays where possible).
+A layer counts as arrived only when every chunk of it has been received and its
+checksum verified, and it has been decoded/scattered; nothing unverified is handed out.
 """
 
 from __future__ import annotations
@@ -11,13 +10,12 @@ from __future__ import annotations
 import bisect
 import threading
 import time
-from typing import Mapping
 
 import numpy as np
 
-from . import arrays, dtypes
-from .errors import KVWireError, RequestRejected, TransferTimeout
-from .layout import ALIGN_BYTES, KVLayout
+from .errors import KVWireError, TransferTimeout
+from .layout import KVLayout
+from .placement import Expectation, place_layer, typed
 
 
 class InboundRequest:
@@ -26,18 +24,20 @@ class InboundRequest:
         request_id: str,
         num_tokens: int,
         layout: KVLayout,
+        codec: str,
         chunk_bytes: int,
         timeout_s: float,
         peer: str,
-        destinations: Mapping[int, Mapping[str, object]] | None = None,
+        expectation: Expectation | None = None,
     ):
         self.request_id = request_id
         self.num_tokens = num_tokens
+        self.codec = codec
         self.peer = peer
         self.chunk_bytes = chunk_bytes
         self.opened_at = time.monotonic()
         self.deadline = self.opened_at + timeout_s
-        self.plans = layout.plans(num_tokens)
+        self.plans = layout.plans(num_tokens, codec)
         self.num_layers = len(self.plans)
         self.num_chunks = [max(1, -(-plan.nbytes // chunk_bytes)) for plan in self.plans]
         self._seen = [bytearray(n) for n in self.num_chunks]
@@ -49,45 +49,15 @@ class InboundRequest:
         self.released = False
         self.cv = threading.Condition()
         self._active_writes = 0
-        self.nbytes = 0
         self.rid = -1  # the sender session's number for it, and that session (set by the receiver)
         self.session = None
-        self._segments: list[list[tuple[int, np.ndarray]]] = []
-        self._starts: list[list[int]] = []
-        self._pad = np.empty(ALIGN_BYTES, dtype=np.uint8)  # alignment gaps of expect() layers land here
-        self._flats: list[list[np.ndarray]] = []  # each tensor's bytes; typed views are made on demand
-        destinations = destinations or {}
-        for i, plan in enumerate(self.plans):
-            self._place_layer(i, plan, destinations.get(i, {}))
+        self._layers = [
+            place_layer(i, plan, layout.layers[i], num_tokens, codec, expectation) for i, plan in enumerate(self.plans)
+        ]
+        self._starts = [[start for start, _ in placed.segments] for placed in self._layers]
+        self.nbytes = sum(placed.own_bytes for placed in self._layers)
 
     # -- where bytes land ---------------------------------------------------------------
-
-    def _place_layer(self, index: int, plan, destination: Mapping[str, object]) -> None:
-        if not destination:
-            storage = np.empty(plan.nbytes, dtype=np.uint8)
-            self.nbytes += plan.nbytes
-            self._segments.append([(0, storage)])
-            self._starts.append([0])
-            self._flats.append([storage[s.offset : s.offset + s.nbytes] for s in plan.slots])
-            return
-        segments: list[tuple[int, np.ndarray]] = []
-        flats = []
-        position = 0
-        for slot in plan.slots:
-            if slot.offset > position:
-                segments.append((position, self._pad[: slot.offset - position]))
-            if slot.name in destination:
-                flat = _destination_bytes(index, slot, destination[slot.name], self.num_tokens)
-            else:
-                flat = np.empty(slot.nbytes, dtype=np.uint8)
-                self.nbytes += slot.nbytes
-            if slot.nbytes:
-                segments.append((slot.offset, flat))
-            flats.append(flat)
-            position = slot.offset + slot.nbytes
-        self._segments.append(segments)
-        self._starts.append([start for start, _ in segments])
-        self._flats.append(flats)
 
     def chunk_size(self, layer: int, chunk: int) -> int:
         start = chunk * self.chunk_bytes
@@ -97,7 +67,7 @@ class InboundRequest:
         """The memory a chunk's bytes go to, in order (one view unless it spans buffers)."""
         start = chunk * self.chunk_bytes
         end = start + nbytes
-        segments = self._segments[layer]
+        segments = self._layers[layer].segments
         i = max(0, bisect.bisect_right(self._starts[layer], start) - 1)
         views = []
         while i < len(segments) and segments[i][0] < end:
@@ -136,11 +106,17 @@ class InboundRequest:
         return self._missing[layer] == 1
 
     def chunk_verified(self, layer: int, chunk: int) -> bool:
-        """Record a verified chunk; True when it completed its layer."""
+        """Record a verified chunk; True when it completed its layer, which is then
+        finished (decoded, scattered into the engine's pool) and marked ready."""
         with self.cv:
             self._seen[layer][chunk] = 1
             self._missing[layer] -= 1
             if self._missing[layer]:
+                return False
+        for finish in self._layers[layer].finishers:
+            finish()
+        with self.cv:
+            if self.error is not None or self.released:
                 return False
             self.ready[layer] = True
             self.num_ready += 1
@@ -168,8 +144,7 @@ class InboundRequest:
         return self.num_ready == self.num_layers
 
     def _arrays(self, layer: int) -> dict[str, np.ndarray]:
-        plan = self.plans[layer]
-        return {s.name: _typed(flat, s.spec.dtype, s.shape) for s, flat in zip(plan.slots, self._flats[layer])}
+        return {name: typed(flat, dtype, shape) for name, flat, dtype, shape in self._layers[layer].outputs}
 
     # -- what the engine waits on -------------------------------------------------------
 
@@ -208,26 +183,6 @@ class InboundRequest:
                 f"request {self.request_id!r}: layer {layer} not arrived after {timeout_s}s "
                 f"({self.num_ready}/{self.num_layers} layers arrived)"
             )
-
-
-def _typed(flat: np.ndarray, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
-    return flat.view(dtypes.numpy_dtype(dtype)).reshape(shape)
-
-
-def _destination_bytes(layer: int, slot, array, num_tokens: int) -> np.ndarray:
-    """The leading ``slot.nbytes`` of an engine buffer, after checking it fits the slot."""
-    where = f"expect() buffer for layer {layer} tensor {slot.name!r}"
-    try:
-        flat, shape, dtype = arrays.writable_bytes(array)
-    except ValueError as exc:
-        raise RequestRejected(f"{where}: {exc}") from None
-    spec = slot.spec
-    if dtype != spec.dtype:
-        raise RequestRejected(f"{where}: dtype {dtype}, layout says {spec.dtype}")
-    fits = shape[1:] == spec.shape and shape[0] >= num_tokens if spec.per_token else shape == spec.shape
-    if not fits:
-        raise RequestRejected(f"{where}: shape {shape} cannot hold {spec.describe()} with T={num_tokens}")
-    return flat[: slot.nbytes]
 
 
 class ReceivedRequest:

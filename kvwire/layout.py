@@ -17,6 +17,7 @@ from typing import Iterable, Mapping, NamedTuple
 import msgspec
 
 from . import dtypes
+from .codecs import encodes, geometry, get_codec
 from .wire.messages import LayerDesc, TensorDesc
 
 # Each tensor starts on this boundary inside a layer's byte stream, so that views of a
@@ -59,13 +60,20 @@ class TensorSpec:
 
 
 class TensorSlot(NamedTuple):
-    """Where one tensor sits inside a layer's byte stream for a given token count."""
+    """Where one wire array sits inside a layer's byte stream for a given token count.
+
+    Without a codec each tensor is one slot. A tensor a lossy codec applies to becomes
+    two slots, its codes (``name``) and scales (``name + ".scales"``), both ``encoded``,
+    whose ``spec`` is the wire array's own (full shape, wire dtype).
+    """
 
     name: str
     spec: TensorSpec
     offset: int
     nbytes: int
     shape: tuple[int, ...]
+    source: str = ""
+    encoded: bool = False
 
 
 @dataclass(frozen=True)
@@ -106,7 +114,7 @@ class KVLayout:
         )
         self._fixed_bytes = sum(size[2] for sizes in self._sizes for size in sizes)
         self._bytes_per_token = sum(size[3] for sizes in self._sizes for size in sizes)
-        self._plan_cache: dict[int, tuple[LayerPlan, ...]] = {}
+        self._plan_cache: dict[tuple[int, str], tuple[LayerPlan, ...]] = {}
         self._plan_lock = threading.Lock()
 
     @property
@@ -125,36 +133,59 @@ class KVLayout:
     def __repr__(self) -> str:
         return f"KVLayout({self.num_layers} layers, fingerprint={self.fingerprint})"
 
-    def plan(self, layer: int, num_tokens: int) -> LayerPlan:
-        """Byte offsets of every tensor of ``layer`` for a request of ``num_tokens``."""
-        return self.plans(num_tokens)[layer]
+    def plan(self, layer: int, num_tokens: int, codec: str = "none") -> LayerPlan:
+        """Byte offsets of every wire array of ``layer`` for a request of ``num_tokens``."""
+        return self.plans(num_tokens, codec)[layer]
 
-    def plans(self, num_tokens: int) -> tuple[LayerPlan, ...]:
-        """Plans of all layers for ``num_tokens`` (the last few token counts are cached)."""
-        cached = self._plan_cache.get(num_tokens)
+    def plans(self, num_tokens: int, codec: str = "none") -> tuple[LayerPlan, ...]:
+        """Plans of all layers for ``num_tokens`` (the last few are cached)."""
+        key = (num_tokens, codec)
+        cached = self._plan_cache.get(key)
         if cached is None:
-            cached = tuple(self._plan(sizes, num_tokens) for sizes in self._sizes)
+            cached = tuple(self._plan(sizes, num_tokens, get_codec(codec)) for sizes in self._sizes)
             with self._plan_lock:
                 if len(self._plan_cache) >= 8:
                     self._plan_cache.pop(next(iter(self._plan_cache)))
-                self._plan_cache[num_tokens] = cached
+                self._plan_cache[key] = cached
         return cached
 
     @staticmethod
-    def _plan(sizes, num_tokens: int) -> LayerPlan:
+    def _plan(sizes, num_tokens: int, codec) -> LayerPlan:
         offset = 0
         slots = []
-        for name, spec, fixed, per_token in sizes:
+
+        def place(name, spec, nbytes, shape, source, encoded):
+            nonlocal offset
             offset = -(-offset // ALIGN_BYTES) * ALIGN_BYTES
-            nbytes = fixed + per_token * num_tokens
-            shape = (num_tokens, *spec.shape) if spec.per_token else spec.shape
-            slots.append(TensorSlot(name, spec, offset, nbytes, shape))
+            slots.append(TensorSlot(name, spec, offset, nbytes, shape, source, encoded))
             offset += nbytes
+
+        for name, spec, fixed, per_token in sizes:
+            if encodes(codec, spec):
+                for part in codec.parts(num_tokens, *geometry(spec.shape)):
+                    part_spec = TensorSpec(part.shape, part.dtype)
+                    place(name + part.suffix, part_spec, part_spec.nbytes(0), part.shape, name, True)
+            else:
+                shape = (num_tokens, *spec.shape) if spec.per_token else spec.shape
+                place(name, spec, fixed + per_token * num_tokens, shape, name, False)
         return LayerPlan(tuple(slots), offset)
 
-    def wire_bytes(self, num_tokens: int) -> int:
-        """Bytes of a request's layer streams (tensors plus alignment padding)."""
-        return sum(plan.nbytes for plan in self.plans(num_tokens))
+    def wire_bytes(self, num_tokens: int, codec: str = "none") -> int:
+        """Bytes of a request's layer streams (wire arrays plus alignment padding)."""
+        return sum(plan.nbytes for plan in self.plans(num_tokens, codec))
+
+    def receive_bytes(self, num_tokens: int, codec: str = "none") -> int:
+        """Most receiver memory a request can take: its wire arrays, plus the decoded
+        tensors when a codec is used (the budget a receiver checks at open)."""
+        return self.wire_bytes(num_tokens, codec) + (self.nbytes(num_tokens) if codec != "none" else 0)
+
+    def check_codec(self, codec: str) -> None:
+        """ValueError if some tensor of this layout cannot travel with ``codec``."""
+        instance = get_codec(codec)
+        for i, layer in enumerate(self.layers):
+            for name, spec in layer.items():
+                if encodes(instance, spec):
+                    instance.check(*geometry(spec.shape), f"layer {i} tensor {name!r}")
 
     def nbytes(self, num_tokens: int) -> int:
         """Tensor bytes of a whole request (what an engine holds, without padding)."""

@@ -17,7 +17,9 @@ from typing import Mapping
 
 import numpy as np
 
+from . import paged
 from .arrays import as_bytes
+from .codecs import bits_to_float32, encodes, geometry, get_codec
 from .dtypes import ITEMSIZE, exportable, numpy_dtype
 from .errors import KVWireError, TransferAborted, TransferTimeout
 from .layout import ALIGN_BYTES, KVLayout
@@ -57,7 +59,8 @@ class Transfer:
         self.deadline = self.opened_at + timeout_s
         self._sender = sender
         self._layout = layout
-        self._plans = layout.plans(num_tokens)
+        self._plans = layout.plans(num_tokens, codec)
+        self._codec = get_codec(codec)
         self.num_layers = len(self._plans)
         self.num_chunks = [max(1, -(-plan.nbytes // chunk_bytes)) for plan in self._plans]
         self._segments: list[list[tuple[int, int, object]] | None] = [None] * self.num_layers
@@ -72,13 +75,17 @@ class Transfer:
 
     # -- engine API ---------------------------------------------------------------------
 
-    def send_layer(self, layer: int, tensors: Mapping[str, object]) -> None:
+    def send_layer(self, layer: int, tensors: Mapping[str, object], *, block_ids=None) -> None:
         """Queue ``layer``'s tensors for sending and return at once.
 
         The arrays are borrowed, not copied: do not modify or free them until
-        ``finish()`` returns (or ``layer_sent(layer)`` is True). Raises ValueError naming
-        the layer and tensor on a wrong name, shape or dtype, and the request's error if
-        it has already failed. Blocks only while the sender's queue is full.
+        ``finish()`` returns (or ``layer_sent(layer)`` is True). With ``block_ids``, each
+        per-token tensor is the engine's paged pool ``[num_blocks, block_size, ...]`` and
+        the request's tokens are gathered from those blocks (and encoded, with a lossy
+        codec) before this returns. Raises ValueError naming the layer and tensor on a
+        wrong name, shape, dtype or block id, ValueError on NaN/Inf under a lossy codec,
+        and the request's error if it has already failed. Blocks only while the sender's
+        queue is full.
         """
         if self.error is not None:
             raise self.error
@@ -86,9 +93,46 @@ class Transfer:
             raise ValueError(f"request {self.request_id!r}: layer {layer} out of range (layout has {self.num_layers})")
         if self._segments[layer] is not None:
             raise ValueError(f"request {self.request_id!r}: layer {layer} was already sent")
+        if self._codec is not None or block_ids is not None:
+            tensors = self._prepare(layer, tensors, block_ids)
         self._segments[layer] = self._segments_of(layer, tensors)
         self._starts[layer] = [segment[0] for segment in self._segments[layer]]
         self._sender._enqueue(self, layer, self.num_chunks[layer])
+
+    def _prepare(self, layer: int, tensors: Mapping[str, object], block_ids) -> dict[str, object]:
+        """Gather paged tensors and encode those the codec applies to: the wire arrays."""
+        self._check_names(layer, tensors)
+        wire: dict[str, object] = {}
+        for name, spec in self._layout.layers[layer].items():
+            where = f"request {self.request_id!r} layer {layer} tensor {name!r}"
+            array = tensors[name]
+            if block_ids is not None and spec.per_token:
+                if paged.is_device_array(array):
+                    wire.update(device_gather_encode(array, block_ids, self.num_tokens, spec, self._codec, name, where))
+                    continue
+                array = paged.gather(array, block_ids, self.num_tokens, spec, where)
+                array = array.view(numpy_dtype(spec.dtype)).reshape(spec.full_shape(self.num_tokens))
+            if not encodes(self._codec, spec):
+                wire[name] = array
+                continue
+            flat, shape, dtype = as_bytes(array)
+            if shape != spec.full_shape(self.num_tokens) or dtype != spec.dtype:
+                raise ValueError(
+                    f"{where}: expected {spec.dtype}{list(spec.full_shape(self.num_tokens))}, got {dtype}{list(shape)}"
+                )
+            heads, dim = geometry(spec.shape)
+            x = bits_to_float32(flat, dtype).reshape(self.num_tokens, heads, dim)
+            codes, scales = self._codec.encode(x, where)
+            wire[name], wire[name + ".scales"] = codes, scales
+        return wire
+
+    def _check_names(self, layer: int, tensors: Mapping[str, object]) -> None:
+        names = self._layout.layers[layer].keys()
+        if tensors.keys() != names:
+            raise ValueError(
+                f"request {self.request_id!r} layer {layer}: missing tensors {sorted(names - tensors.keys())}, "
+                f"unexpected tensors {sorted(tensors.keys() - names)}"
+            )
 
     def layer_sent(self, layer: int) -> bool:
         """True once every byte of ``layer`` is in the kernel: its arrays may be reused."""
@@ -144,11 +188,7 @@ class Transfer:
     def _segments_of(self, layer: int, tensors: Mapping[str, object]) -> list[tuple[int, int, object]]:
         plan = self._plans[layer]
         if len(tensors) != len(plan.slots) or any(slot.name not in tensors for slot in plan.slots):
-            names = {slot.name for slot in plan.slots}
-            raise ValueError(
-                f"request {self.request_id!r} layer {layer}: missing tensors {sorted(names - set(tensors))}, "
-                f"unexpected tensors {sorted(set(tensors) - names)}"
-            )
+            self._check_names(layer, tensors)
         segments: list[tuple[int, int, object]] = []
         position = 0
         for slot in plan.slots:
@@ -228,3 +268,24 @@ class Transfer:
             self._sender._aborted(self, error)
 
 
+
+
+def device_gather_encode(pool, block_ids, num_tokens: int, spec, codec, name: str, where: str) -> dict[str, np.ndarray]:
+    """Fused gather (+quantize) of a CUDA pool with kvwire's kernels; host copies of the
+    wire arrays, identical to what the CPU path makes from the same pool."""
+    from .cuda import ops
+
+    num_blocks, block_size = paged.pool_geometry(tuple(pool.shape), spec, where)
+    rows = paged.token_rows(block_ids, block_size, num_tokens, num_blocks, where)
+    bits = ops.device_rows(pool, num_blocks * block_size, spec.dtype, encoded=encodes(codec, spec))
+    device_rows = ops.to_device(rows)
+    if not encodes(codec, spec):
+        gathered = ops.gather_rows(bits, device_rows).copy_to_host()
+        return {name: gathered.view(numpy_dtype(spec.dtype)).reshape(spec.full_shape(num_tokens))}
+    heads, dim = geometry(spec.shape)
+    codes, scales = ops.gather_quantize(bits, spec.dtype, device_rows, codec.name, heads, dim)
+    code_part, scale_part = codec.parts(num_tokens, heads, dim)
+    return {
+        name: codes.copy_to_host().view(numpy_dtype(code_part.dtype)).reshape(code_part.shape),
+        name + ".scales": scales.copy_to_host().view(numpy_dtype(scale_part.dtype)).reshape(scale_part.shape),
+    }

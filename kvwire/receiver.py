@@ -28,6 +28,7 @@ from .errors import (
     kind_of,
 )
 from .inbound import InboundRequest, ReceivedRequest
+from .placement import Expectation
 from .layout import KVLayout
 from .metrics import PeerCounters, PeerMetrics
 from .transport import Connection, get_backend
@@ -120,7 +121,7 @@ class Receiver:
         self._lock = threading.Condition()
         self._requests: dict[str, InboundRequest] = {}
         self._failures: collections.OrderedDict[str, KVWireError] = collections.OrderedDict()
-        self._expected: dict[str, Mapping[int, Mapping[str, object]]] = {}
+        self._expected: dict[str, Expectation] = {}
         self._sessions: dict[bytes, _Session] = {}
         self._bytes_in_use = 0
         self._closed = False
@@ -131,15 +132,27 @@ class Receiver:
 
     # -- engine API ---------------------------------------------------------------------
 
-    def expect(self, request_id: str, buffers: Mapping[int, Mapping[str, object]] | Sequence[Mapping[str, object]]) -> None:
-        """Have ``request_id``'s tensors land in the engine's own arrays, with no copy.
+    def expect(
+        self,
+        request_id: str,
+        buffers: Mapping[int, Mapping[str, object]] | Sequence[Mapping[str, object]] | None = None,
+        *,
+        block_ids=None,
+        keep_quantized: bool = False,
+    ) -> None:
+        """Say, before the sender opens ``request_id``, where its tensors should land.
 
         ``buffers`` maps layer index (or is a list by layer) to ``{tensor name: array}``;
         layers or tensors left out get receiver-owned memory. Per-token arrays may hold
-        more tokens than the request (the first ``num_tokens`` rows are written). Call it
-        before the sender opens the request; a misfit buffer fails that request with
-        RequestRejected on both sides. The arrays must stay alive until ``release``.
+        more tokens than the request (the first ``num_tokens`` rows are written). With
+        ``block_ids``, per-token arrays are the engine's paged pools
+        ``[num_blocks, block_size, ...]`` and the tokens are scattered into those blocks.
+        ``keep_quantized=True`` hands back a lossy codec's codes and scales
+        (``name`` and ``name + ".scales"``) instead of decoding them. A misfit buffer fails
+        the request with RequestRejected on both sides. Arrays must stay alive until
+        ``release``; their content is undefined if the request fails.
         """
+        buffers = buffers or {}
         if not isinstance(buffers, Mapping):
             buffers = dict(enumerate(buffers))
         for layer, tensors in buffers.items():
@@ -151,7 +164,7 @@ class Receiver:
         with self._lock:
             if request_id in self._requests:
                 raise ValueError(f"expect({request_id!r}): the request is already open")
-            self._expected[request_id] = buffers
+            self._expected[request_id] = Expectation(buffers, block_ids, keep_quantized)
 
     def wait(self, request_id: str, timeout: float | None = None) -> ReceivedRequest:
         """A handle on ``request_id`` as soon as a sender has opened it (not completed it).
@@ -330,8 +343,10 @@ class Receiver:
         self._tell(stream, Abort(msg.rid, "rejected", str(refusal)))
 
     def _admit(self, msg: Open, session: _Session) -> InboundRequest:
-        if msg.codec != "none":
-            raise RequestRejected(f"request {msg.request_id!r}: codec {msg.codec!r} is not supported by this receiver")
+        try:
+            self.layout.check_codec(msg.codec)
+        except ValueError as exc:
+            raise RequestRejected(f"request {msg.request_id!r}: {exc}") from None
         timeout_s = min(msg.timeout_s, self._max_request_timeout_s)
         with self._lock:
             if self._closed:
@@ -339,14 +354,14 @@ class Receiver:
             if msg.request_id in self._requests:
                 raise RequestRejected(f"request id {msg.request_id!r} is already in flight on this receiver")
             expected = self._expected.pop(msg.request_id, None)
-            need = self.layout.wire_bytes(msg.num_tokens)
+            need = self.layout.receive_bytes(msg.num_tokens, msg.codec)
             if self._bytes_in_use + need > self._max_bytes:
                 raise RequestRejected(
                     f"request {msg.request_id!r} needs {need} bytes; receiver budget has "
                     f"{self._max_bytes - self._bytes_in_use} of {self._max_bytes} free"
                 )
             state = InboundRequest(
-                msg.request_id, msg.num_tokens, self.layout, msg.chunk_bytes, timeout_s, session.peer, expected
+                msg.request_id, msg.num_tokens, self.layout, msg.codec, msg.chunk_bytes, timeout_s, session.peer, expected
             )
             state.rid, state.session = msg.rid, session
             self._bytes_in_use += state.nbytes
@@ -385,7 +400,12 @@ class Receiver:
             )
         if state.chunk_completes_layer(msg.layer):
             self._tell(stream, Ack(msg.rid, msg.layer))  # before the engine may act on it and exit
-        if state.chunk_verified(msg.layer, msg.chunk):
+        try:
+            completed = state.chunk_verified(msg.layer, msg.chunk)
+        except Exception as exc:  # decoding or scattering failed: the layer must not show up as ready
+            log.exception("finishing layer %d of request %r failed", msg.layer, state.request_id)
+            return self._fail(session, state, KVWireError(f"request {state.request_id!r} layer {msg.layer}: {exc}"))
+        if completed:
             if state.done:
                 session.counters.completed(state.nbytes, state.finished_at - state.opened_at)
 

@@ -27,6 +27,7 @@ from .errors import (
     error_from_kind,
     kind_of,
 )
+from .codecs import CODECS, choose_codec
 from .layout import KVLayout
 from .metrics import PeerCounters, PeerMetrics
 from .outbound import Transfer
@@ -150,21 +151,27 @@ class Sender:
 
     # -- engine API ---------------------------------------------------------------------
 
-    def open(self, request_id: str, num_tokens: int, *, codec: str = "none", timeout: float = 60.0) -> Transfer:
+    def open(
+        self, request_id: str, num_tokens: int, *, codec: str = "none", timeout: float = 60.0, prefill_s: float | None = None
+    ) -> Transfer:
         """Start sending a request of ``num_tokens`` tokens; returns its Transfer.
 
-        ``timeout`` is the request's deadline in seconds: both sides give up on it
-        (TransferTimeout) if it has not completed by then.
+        ``codec``: "none" (bit-exact), "fp8", "int8", "int4" (see kvwire.codecs), or
+        "auto", which picks the least lossy codec that keeps this peer's measured goodput
+        from becoming the bottleneck for KV produced over ``prefill_s`` seconds (see
+        ``choose_codec``). ``timeout`` is the request's deadline in seconds: both sides
+        give up on it (TransferTimeout) if it has not completed by then.
         """
         if not isinstance(request_id, str) or not 0 < len(request_id) <= 256:
             raise ValueError(f"request_id must be a non-empty str of at most 256 characters, got {request_id!r}")
         if not isinstance(num_tokens, int) or num_tokens < 0:
             raise ValueError(f"num_tokens must be a non-negative int, got {num_tokens!r}")
-        if codec != "none":
-            raise ValueError(f"codec {codec!r} is not available; this build supports 'none'")
         if not 0 < timeout <= 7 * 24 * 3600:
             raise ValueError(f"timeout must be in (0, 604800] seconds, got {timeout}")
-        need = self.layout.wire_bytes(num_tokens)
+        if codec == "auto":
+            codec = self.choose_codec(num_tokens, prefill_s)
+        self.layout.check_codec(codec)
+        need = self.layout.receive_bytes(num_tokens, codec)
         if need > self.max_request_bytes:
             raise RequestRejected(
                 f"request {request_id!r} needs {need} bytes, more than the receiver's budget of {self.max_request_bytes}"
@@ -182,6 +189,17 @@ class Sender:
                 stream.control.append(opening)
             self._cv.notify_all()
         return xfer
+
+    def choose_codec(self, num_tokens: int, prefill_s: float | None) -> str:
+        """The codec ``codec="auto"`` would pick now for a request of ``num_tokens``."""
+        if prefill_s is None:
+            raise ValueError("codec='auto' needs prefill_s: the seconds over which the prefill produces this KV")
+        metrics = self.metrics()
+        goodput = metrics.goodput_bps or sum(link.delivery_rate_bps for link in metrics.links)
+        wire = {name: self.layout.wire_bytes(num_tokens, name) for name in CODECS}
+        name, reason = choose_codec(wire, prefill_s, goodput)
+        log.info("codec for %d tokens to %s: %s (%s)", num_tokens, self.address, name, reason)
+        return name
 
     def metrics(self) -> PeerMetrics:
         """Bytes, goodput EWMA, and each live connection's TCP_INFO (rtt, retransmits)."""

@@ -1,5 +1,8 @@
 import logging
 import os
+
+# Kernels run on numba's CUDA simulator in tests (no GPU here or in CI); set before numba loads.
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 import signal
 import subprocess
 import sys

@@ -1,0 +1,153 @@
+"""Where a received layer's bytes land, and what turns them into the engine's tensors.
+
+Three cases per tensor, chosen once when the request opens:
+- direct: a lossless tensor with an ``expect()`` buffer; bytes land in it, no copy.
+- staged: bytes land in receiver memory (one contiguous buffer per layer when nothing
+  lands directly, which makes every chunk a single ``recv_into``).
+- finished on arrival: after the layer verifies, encoded tensors are decoded into the
+  layout dtype, and paged tensors are scattered into the engine's pool block ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import numpy as np
+
+from . import arrays, dtypes, paged
+from .codecs import float32_to_bits, geometry, get_codec
+from .errors import RequestRejected
+from .layout import ALIGN_BYTES, LayerPlan
+
+
+@dataclass
+class Expectation:
+    """What ``Receiver.expect`` was told about a request before it opened."""
+
+    buffers: Mapping[int, Mapping[str, object]] = field(default_factory=dict)
+    block_ids: object = None
+    keep_quantized: bool = False
+
+
+@dataclass
+class PlacedLayer:
+    segments: list[tuple[int, np.ndarray]]  # (offset in the layer's byte stream, memory)
+    outputs: list[tuple[str, np.ndarray, str, tuple[int, ...]]]  # what wait_layer returns: name, bytes, dtype, shape
+    finishers: list[Callable[[], None]]  # run once the layer has verified
+    own_bytes: int  # receiver memory this layer holds
+
+
+def place_layer(
+    index: int, plan: LayerPlan, layout_layer: Mapping, num_tokens: int, codec: str, expectation: Expectation | None
+) -> PlacedLayer:
+    expectation = expectation or Expectation()
+    buffers = expectation.buffers.get(index, {})
+    is_paged = expectation.block_ids is not None
+    where = f"expect() buffer for layer {index} tensor"
+
+    def lands_directly(slot) -> bool:
+        spec = layout_layer[slot.source]
+        return not slot.encoded and slot.source in buffers and not (is_paged and spec.per_token)
+
+    direct = {
+        slot.name: _destination_bytes(f"{where} {slot.name!r}", slot, buffers[slot.name], num_tokens)
+        for slot in plan.slots
+        if lands_directly(slot)
+    }
+    segments, wire, own = _segments(plan, direct)
+    outputs: list[tuple[str, np.ndarray, str, tuple[int, ...]]] = []
+    finishers: list[Callable[[], None]] = []
+    slots = {slot.name: slot for slot in plan.slots}
+    for name, spec in layout_layer.items():
+        slot = slots[name]
+        target = buffers.get(name)
+        if not slot.encoded:
+            if is_paged and spec.per_token and target is not None:
+                finishers.append(_scatter(wire[name], target, expectation.block_ids, num_tokens, spec, f"{where} {name!r}"))
+            outputs.append((name, wire[name], spec.dtype, slot.shape))
+            continue
+        scales = slots[name + ".scales"]
+        if expectation.keep_quantized:
+            outputs.append((name, wire[name], slot.spec.dtype, slot.shape))
+            outputs.append((scales.name, wire[scales.name], scales.spec.dtype, scales.shape))
+            continue
+        shape = spec.full_shape(num_tokens)
+        if target is not None and not (is_paged and spec.per_token):
+            decoded = _destination_bytes(f"{where} {name!r}", slot._replace(spec=spec, nbytes=spec.nbytes(num_tokens)), target, num_tokens)
+        else:
+            decoded = np.empty(spec.nbytes(num_tokens), dtype=np.uint8)
+            own += decoded.nbytes
+        finishers.append(_decode(codec, spec, num_tokens, wire[name], slot, wire[scales.name], scales, decoded))
+        if is_paged and spec.per_token and target is not None:
+            finishers.append(_scatter(decoded, target, expectation.block_ids, num_tokens, spec, f"{where} {name!r}"))
+        outputs.append((name, decoded, spec.dtype, shape))
+    return PlacedLayer(segments, outputs, finishers, own)
+
+
+def _segments(plan: LayerPlan, direct: Mapping[str, np.ndarray]):
+    """Receive memory for the layer's byte stream: one buffer, or per-slot pieces."""
+    if not direct:
+        storage = np.empty(plan.nbytes, dtype=np.uint8)
+        wire = {s.name: storage[s.offset : s.offset + s.nbytes] for s in plan.slots}
+        return [(0, storage)], wire, plan.nbytes
+    pad = np.empty(ALIGN_BYTES, dtype=np.uint8)  # alignment gaps land here
+    segments, wire, own, position = [], {}, 0, 0
+    for slot in plan.slots:
+        if slot.offset > position:
+            segments.append((position, pad[: slot.offset - position]))
+        flat = direct.get(slot.name)
+        if flat is None:
+            flat = np.empty(slot.nbytes, dtype=np.uint8)
+            own += slot.nbytes
+        if slot.nbytes:
+            segments.append((slot.offset, flat))
+        wire[slot.name] = flat
+        position = slot.offset + slot.nbytes
+    return segments, wire, own
+
+
+def _decode(codec_name, spec, num_tokens, codes_bytes, codes_slot, scale_bytes, scale_slot, out: np.ndarray):
+    codec = get_codec(codec_name)
+    heads, dim = geometry(spec.shape)
+
+    def finish() -> None:
+        codes = codes_bytes.view(dtypes.numpy_dtype(codes_slot.spec.dtype)).reshape(codes_slot.shape)
+        scales = scale_bytes.view(dtypes.numpy_dtype(scale_slot.spec.dtype)).reshape(scale_slot.shape)
+        out[:] = float32_to_bits(codec.decode([codes, scales], num_tokens, heads, dim), spec.dtype)
+
+    return finish
+
+
+def _scatter(source: np.ndarray, pool, block_ids, num_tokens: int, spec, where: str):
+    try:
+        rows_view, num_blocks, block_size = paged.pool_rows_view(pool, spec, where)
+        rows = paged.token_rows(block_ids, block_size, num_tokens, num_blocks, where)
+    except ValueError as exc:
+        raise RequestRejected(str(exc)) from None
+
+    def finish() -> None:
+        rows_view[rows] = source.reshape(num_tokens, -1)
+
+    return finish
+
+
+def _destination_bytes(where: str, slot, array, num_tokens: int) -> np.ndarray:
+    """The leading ``slot.nbytes`` of an engine buffer, after checking it fits the slot."""
+    try:
+        flat, shape, dtype = arrays.writable_bytes(array)
+    except ValueError as exc:
+        raise RequestRejected(f"{where}: {exc}") from None
+    spec = slot.spec
+    if dtype != spec.dtype:
+        raise RequestRejected(f"{where}: dtype {dtype}, layout says {spec.dtype}")
+    fits = shape[1:] == spec.shape and shape[0] >= num_tokens if spec.per_token else shape == spec.shape
+    if not fits:
+        raise RequestRejected(f"{where}: shape {shape} cannot hold {spec.describe()} with T={num_tokens}")
+    return flat[: slot.nbytes]
+
+
+def typed(flat: np.ndarray, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    return flat[: int(np.prod(shape, dtype=np.int64)) * dtypes.ITEMSIZE[dtype]].view(dtypes.numpy_dtype(dtype)).reshape(shape)
+
+
