@@ -42,6 +42,7 @@ class InboundRequest:
         self.num_chunks = [max(1, -(-plan.nbytes // chunk_bytes)) for plan in self.plans]
         self._seen = [bytearray(n) for n in self.num_chunks]
         self._missing = list(self.num_chunks)
+        self._missing_total = sum(self.num_chunks)
         self.ready = [False] * self.num_layers
         self.num_ready = 0
         self.error: KVWireError | None = None
@@ -101,18 +102,22 @@ class InboundRequest:
         with self.cv:
             return self.cv.wait_for(lambda: self._active_writes == 0, timeout_s)
 
-    def chunk_completes_layer(self, layer: int) -> bool:
-        """Whether the chunk being verified is the last one ``layer`` was missing."""
-        return self._missing[layer] == 1
-
-    def chunk_verified(self, layer: int, chunk: int) -> bool:
-        """Record a verified chunk; True when it completed its layer, which is then
-        finished (decoded, scattered into the engine's pool) and marked ready."""
+    def record_chunk(self, layer: int, chunk: int) -> bool:
+        """Record a verified chunk; True if it was the last one its layer missed."""
         with self.cv:
             self._seen[layer][chunk] = 1
             self._missing[layer] -= 1
-            if self._missing[layer]:
-                return False
+            self._missing_total -= 1
+            return self._missing[layer] == 0
+
+    @property
+    def has_all_chunks(self) -> bool:
+        """Every byte arrived and verified (layers may still be finishing)."""
+        return self._missing_total == 0
+
+    def finish_layer(self, layer: int) -> bool:
+        """Decode/scatter a complete layer, then mark it ready; True if that completed
+        the whole request."""
         for finish in self._layers[layer].finishers:
             finish()
         with self.cv:
@@ -123,7 +128,7 @@ class InboundRequest:
             if self.num_ready == self.num_layers:
                 self.finished_at = time.monotonic()
             self.cv.notify_all()
-            return True
+            return self.num_ready == self.num_layers
 
     def fail(self, error: KVWireError) -> bool:
         """Fail the request unless it already completed or failed; True if this call did."""

@@ -297,7 +297,8 @@ class Receiver:
             if not session.streams:
                 self._sessions.pop(session.session_id, None)
         with session.lock:
-            in_flight = [r for r in session.requests.values() if not r.done and r.error is None]
+            # a request whose bytes all arrived does not need the connection any more
+            in_flight = [r for r in session.requests.values() if not r.has_all_chunks and r.error is None]
         if in_flight and not isinstance(reason, PeerLostError):
             log.warning("closing connection from %s: %s: %s", stream.conn.peer, type(reason).__name__, reason)
         for state in in_flight:
@@ -398,16 +399,16 @@ class Receiver:
                     f"checksum mismatch, the data was corrupted in transit",
                 ),
             )
-        if state.chunk_completes_layer(msg.layer):
-            self._tell(stream, Ack(msg.rid, msg.layer))  # before the engine may act on it and exit
+        if not state.record_chunk(msg.layer, msg.chunk):
+            return
+        self._tell(stream, Ack(msg.rid, msg.layer))  # before the engine may act on the layer (and exit)
         try:
-            completed = state.chunk_verified(msg.layer, msg.chunk)
+            completed = state.finish_layer(msg.layer)
         except Exception as exc:  # decoding or scattering failed: the layer must not show up as ready
             log.exception("finishing layer %d of request %r failed", msg.layer, state.request_id)
             return self._fail(session, state, KVWireError(f"request {state.request_id!r} layer {msg.layer}: {exc}"))
         if completed:
-            if state.done:
-                session.counters.completed(state.nbytes, state.finished_at - state.opened_at)
+            session.counters.completed(state.nbytes, state.finished_at - state.opened_at)
 
     @staticmethod
     def _receive_chunk(stream: _Stream, state: InboundRequest, msg: Data) -> bool:
@@ -521,7 +522,7 @@ class Receiver:
             now = time.monotonic()
             for session in sessions:
                 with session.lock:
-                    late = [s for s in session.requests.values() if s.deadline < now and not s.done]
+                    late = [s for s in session.requests.values() if s.deadline < now and not s.has_all_chunks]
                 for state in late:
                     error = TransferTimeout(
                         f"request {state.request_id!r} from {state.peer} missed its deadline "
