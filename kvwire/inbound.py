@@ -110,6 +110,9 @@ class InboundRequest:
             self._missing_total -= 1
             return self._missing[layer] == 0
 
+    def layer_complete(self, layer: int) -> bool:
+        return self._missing[layer] == 0
+
     @property
     def has_all_chunks(self) -> bool:
         """Every byte arrived and verified (layers may still be finishing)."""

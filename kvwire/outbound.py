@@ -41,6 +41,7 @@ class TransferStats:
     codec: str
     layers: int
     seconds: float
+    resent_bytes: int = 0  # wire bytes sent again after a dropped connection
 
     @property
     def goodput_gbps(self) -> float:
@@ -66,7 +67,8 @@ class Transfer:
         self.num_chunks = [max(1, -(-plan.nbytes // chunk_bytes)) for plan in self._plans]
         self._segments: list[list[tuple[int, int, object]] | None] = [None] * self.num_layers
         self._starts: list[list[int]] = [[] for _ in self._plans]
-        self._unsent = list(self.num_chunks)
+        self._resent_bytes = 0
+        self.opening = None  # the Open message, re-sent on a resumed connection
         self._acked = [False] * self.num_layers
         self._num_acked = 0
         self._wire_bytes = 0
@@ -136,8 +138,9 @@ class Transfer:
             )
 
     def layer_sent(self, layer: int) -> bool:
-        """True once every byte of ``layer`` is in the kernel: its arrays may be reused."""
-        return self._segments[layer] is not None and self._unsent[layer] == 0
+        """True once the receiver has verified ``layer``: its arrays may be reused. (Not
+        merely once written to a socket: a dropped connection re-sends un-acked layers.)"""
+        return self._acked[layer]
 
     def finish(self, timeout: float | None = None) -> TransferStats:
         """Block until the receiver has verified every layer; return the stats.
@@ -168,7 +171,7 @@ class Transfer:
     def stats(self) -> TransferStats:
         end = self._finished_at or time.monotonic()
         raw = self._layout.nbytes(self.num_tokens)
-        return TransferStats(raw, self._wire_bytes, self.codec, self.num_layers, end - self.opened_at)
+        return TransferStats(raw, self._wire_bytes, self.codec, self.num_layers, end - self.opened_at, self._resent_bytes)
 
     @property
     def done(self) -> bool:
@@ -241,10 +244,15 @@ class Transfer:
             i += 1
         return pieces, end - start
 
-    def _chunk_written(self, layer: int, nbytes: int) -> None:
+    def _chunk_written(self, layer: int, nbytes: int, resend: bool = False) -> None:
         with self._cv:
-            self._unsent[layer] -= 1
             self._wire_bytes += nbytes
+            if resend:
+                self._resent_bytes += nbytes
+
+    def _unacked_layers(self) -> list[int]:
+        with self._cv:
+            return [i for i, seg in enumerate(self._segments) if seg is not None and not self._acked[i]]
 
     def _layer_acked(self, layer: int) -> bool:
         """Record the receiver's ack; True when the whole request is confirmed."""

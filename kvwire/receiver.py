@@ -35,7 +35,7 @@ from .transport import Connection, get_backend
 from .wire import framing
 from .wire.checksum import frame_checksum
 from .wire.handshake import send_message, server_handshake
-from .wire.messages import Abort, Ack, Data, Open
+from .wire.messages import Abort, Ack, Data, Open, Welcome
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,9 @@ class _Session:
     streams: list[_Stream] = field(default_factory=list)
     requests: dict[int, InboundRequest] = field(default_factory=dict)
     max_rid: int = -1
+    orphaned_at: float | None = None  # when its last connection closed (it may still resume)
+    lost_peer: str = ""
+    lost_cause: str = ""
     counters: PeerCounters = field(default_factory=PeerCounters)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -96,6 +99,9 @@ class Receiver:
         Memory budget for requests held at once; an Open beyond it is refused.
     max_request_timeout_s : float
         Cap on the deadline a sender may ask for.
+    resume_grace_s : float
+        How long a sender that lost every connection has to reconnect and resume its
+        requests before they fail with PeerLostError.
     """
 
     def __init__(
@@ -109,6 +115,7 @@ class Receiver:
         max_bytes: int = 16 << 30,
         max_request_timeout_s: float = 600.0,
         handshake_timeout_s: float = 10.0,
+        resume_grace_s: float = 2.0,
         transport_options=None,
     ):
         self.layout = layout
@@ -116,6 +123,7 @@ class Receiver:
         self._max_bytes = max_bytes
         self._max_request_timeout_s = max_request_timeout_s
         self._handshake_timeout_s = handshake_timeout_s
+        self._resume_grace_s = resume_grace_s
         self._listener = get_backend(backend).listen(listen, ssl_context=ssl_context, options=transport_options)
         self.address: str = self._listener.address
         self._lock = threading.Condition()
@@ -261,7 +269,7 @@ class Receiver:
         try:
             conn = self._listener.start_tls(conn, self._handshake_timeout_s)
             conn.set_timeout(self._handshake_timeout_s)
-            hello = server_handshake(conn, layout=self.layout, secret=self._secret, max_request_bytes=self._max_bytes)
+            hello = server_handshake(conn, layout=self.layout, secret=self._secret, welcome=self._welcome)
             conn.set_timeout(None)
         except KVWireError as exc:
             log.warning("refused connection from %s: %s: %s", conn.peer, type(exc).__name__, exc)
@@ -276,6 +284,10 @@ class Receiver:
         finally:
             self._stream_closed(stream, reason)
 
+    def _welcome(self, hello) -> Welcome:
+        with self._lock:
+            return Welcome(self._max_bytes, session_known=hello.session_id in self._sessions)
+
     def _join(self, hello, conn: Connection) -> _Stream:
         with self._lock:
             session = self._sessions.get(hello.session_id)
@@ -283,30 +295,47 @@ class Receiver:
                 session = self._sessions[hello.session_id] = _Session(hello.session_id, conn.peer)
             stream = _Stream(conn, session)
             session.streams.append(stream)
+            session.orphaned_at = None
             if self._closed:
                 conn.close()
-        log.debug("stream %d/%d of %s joined", hello.stream_index + 1, hello.num_streams, conn.peer)
+        verb = "resumed" if hello.resume else "joined"
+        log.log(logging.INFO if hello.resume else logging.DEBUG, "stream %d/%d of %s %s", hello.stream_index + 1, hello.num_streams, conn.peer, verb)
         return stream
 
     def _stream_closed(self, stream: _Stream, reason: KVWireError) -> None:
+        """A connection ended. Its session's requests wait for the sender to resume
+        (re-sending what was not acked, on its other or on new connections); once the
+        session has had no connection for ``resume_grace_s``, they fail."""
         stream.alive = False
         stream.conn.close()
         session = stream.session
         with self._lock:
             session.streams.remove(stream)
             if not session.streams:
-                self._sessions.pop(session.session_id, None)
-        with session.lock:
-            # a request whose bytes all arrived does not need the connection any more
-            in_flight = [r for r in session.requests.values() if not r.has_all_chunks and r.error is None]
-        if in_flight and not isinstance(reason, PeerLostError):
+                session.orphaned_at = time.monotonic()
+                session.lost_peer, session.lost_cause = stream.conn.peer, str(reason)
+        if not isinstance(reason, PeerLostError):
             log.warning("closing connection from %s: %s: %s", stream.conn.peer, type(reason).__name__, reason)
-        for state in in_flight:
-            error = PeerLostError(
-                f"request {state.request_id!r}: connection from {stream.conn.peer} lost "
-                f"with {state.num_ready}/{state.num_layers} layers arrived ({reason})"
-            )
-            self._fail(session, state, error, tell_sender=False)
+
+    def _expire_orphans(self, now: float) -> None:
+        with self._lock:
+            expired = [
+                s for s in self._sessions.values()
+                if s.orphaned_at is not None and now - s.orphaned_at >= self._resume_grace_s
+            ]
+            for session in expired:
+                del self._sessions[session.session_id]
+        for session in expired:
+            with session.lock:
+                # a request whose bytes all arrived does not need the connection any more
+                in_flight = [r for r in session.requests.values() if not r.has_all_chunks and r.error is None]
+            for state in in_flight:
+                error = PeerLostError(
+                    f"request {state.request_id!r}: connection from {session.lost_peer} lost with "
+                    f"{state.num_ready}/{state.num_layers} layers arrived ({session.lost_cause}); "
+                    f"no reconnect within {self._resume_grace_s}s"
+                )
+                self._fail(session, state, error, tell_sender=False)
 
     def _read_frames(self, stream: _Stream) -> None:
         conn = stream.conn
@@ -378,6 +407,13 @@ class Receiver:
             if msg.rid > session.max_rid:
                 raise ProtocolError(f"data for request number {msg.rid} before its Open")
             return self._drain(stream.conn, msg.nbytes)
+        if msg.layer < state.num_layers and msg.chunk < state.num_chunks[msg.layer] and state.is_duplicate(msg.layer, msg.chunk):
+            # a resumed sender re-sends what it had no ack for: keep what we verified,
+            # and repeat the ack of a complete layer (the first one may have been lost)
+            self._drain(stream.conn, msg.nbytes)
+            if state.layer_complete(msg.layer):
+                self._tell(stream, Ack(msg.rid, msg.layer))
+            return
         problem = self._check_frame(state, msg)
         if problem is not None:
             self._drain(stream.conn, msg.nbytes)
@@ -441,8 +477,6 @@ class Receiver:
             return f"layer {msg.layer} chunk {msg.chunk} out of range ({state.num_chunks[msg.layer]} chunks)"
         if msg.nbytes != state.chunk_size(msg.layer, msg.chunk):
             return f"layer {msg.layer} chunk {msg.chunk} has {msg.nbytes} bytes, expected {state.chunk_size(msg.layer, msg.chunk)}"
-        if state.is_duplicate(msg.layer, msg.chunk):
-            return f"layer {msg.layer} chunk {msg.chunk} arrived twice"
         return None
 
     def _on_abort(self, stream: _Stream, msg: Abort) -> None:
@@ -520,6 +554,7 @@ class Receiver:
                 self._lock.wait(0.1)
                 sessions = list(self._sessions.values())
             now = time.monotonic()
+            self._expire_orphans(now)
             for session in sessions:
                 with session.lock:
                     late = [s for s in session.requests.values() if s.deadline < now and not s.has_all_chunks]

@@ -74,6 +74,11 @@ class Sender:
         Frame payload size; each frame is checksummed and acked per layer.
     max_queued_chunks : int
         Bound on chunks waiting for a connection (``send_layer`` blocks beyond it).
+    resume_window_s : float
+        How long to keep reconnecting a dropped connection. Meanwhile requests go on over
+        the other connections, and everything not yet acked is re-sent, so a drop costs
+        at most the un-acked layers, not the request. A receiver that refuses the
+        connection (process gone) fails requests at once, when no connection is left.
     """
 
     def __init__(
@@ -88,6 +93,7 @@ class Sender:
         timeout: float = 10.0,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         max_queued_chunks: int = 4096,
+        resume_window_s: float = 10.0,
         transport_options=None,
     ):
         if not 1 <= streams <= 1024:
@@ -104,38 +110,53 @@ class Sender:
         self._next_rid = 0
         self._closing = False
         self._counters = PeerCounters()
-        conns, welcome = self._connect(get_backend(backend), streams, secret, ssl_context, timeout, transport_options)
+        self._backend = get_backend(backend)
+        self._secret, self._ssl_context, self._timeout, self._options = secret, ssl_context, timeout, transport_options
+        self._resume_window_s = resume_window_s
+        self._session_id = os.urandom(16)
+        self._num_streams = streams
+        self._reconnecting: set[int] = set()
+        self._threads: list[threading.Thread] = []
+        conns, welcome = self._connect_all()
         self.max_request_bytes = welcome.max_request_bytes
         self._streams = [_Stream(i, conn) for i, conn in enumerate(conns)]
-        self._threads = []
+        self._conns = [s.conn for s in self._streams]  # every connection ever made, for the finalizer
         for stream in self._streams:
-            for role, target in (("tx", self._write_loop), ("ack", self._read_loop)):
-                thread = threading.Thread(target=target, args=(stream,), name=f"kvwire-{role}{stream.index}", daemon=True)
-                thread.start()
-                self._threads.append(thread)
-        self._finalizer = weakref.finalize(self, Sender._shutdown, [s.conn for s in self._streams])
+            self._start_threads(stream)
+        self._finalizer = weakref.finalize(self, Sender._shutdown, self._conns)
 
-    def _connect(self, backend, num_streams, secret, ssl_context, timeout, options):
-        session_id = os.urandom(16)
-        results: list = [None] * num_streams
+    def _start_threads(self, stream: _Stream) -> None:
+        for role, target in (("tx", self._write_loop), ("ack", self._read_loop)):
+            thread = threading.Thread(target=target, args=(stream,), name=f"kvwire-{role}{stream.index}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _dial(self, index: int, *, resume: bool):
+        """Connect and handshake stream ``index``; (connection, Welcome) or a kvwire error."""
+        conn = self._backend.connect(self.address, timeout_s=self._timeout, ssl_context=self._ssl_context, options=self._options)
+        try:
+            conn.set_timeout(self._timeout)
+            welcome = client_handshake(
+                conn, layout=self.layout, secret=self._secret, session_id=self._session_id,
+                stream_index=index, num_streams=self._num_streams, resume=resume,
+            )
+            conn.set_timeout(None)
+        except KVWireError:
+            conn.close()
+            raise
+        return conn, welcome
+
+    def _connect_all(self):
+        """All streams at once (a WAN handshake costs round trips; do them in parallel)."""
+        results: list = [None] * self._num_streams
 
         def one(index: int) -> None:
-            conn = None
             try:
-                conn = backend.connect(self.address, timeout_s=timeout, ssl_context=ssl_context, options=options)
-                conn.set_timeout(timeout)
-                welcome = client_handshake(
-                    conn, layout=self.layout, secret=secret, session_id=session_id,
-                    stream_index=index, num_streams=num_streams,
-                )
-                conn.set_timeout(None)
-                results[index] = (conn, welcome)
+                results[index] = self._dial(index, resume=False)
             except KVWireError as exc:
-                if conn is not None:
-                    conn.close()
                 results[index] = exc
 
-        threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(num_streams)]
+        threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(self._num_streams)]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -184,7 +205,7 @@ class Sender:
             self._next_rid += 1
             xfer = Transfer(self, request_id, rid, num_tokens, self.layout, codec, self._chunk_bytes, timeout)
             self._transfers[rid] = xfer
-            opening = Open(rid, request_id, num_tokens, codec, self._chunk_bytes, timeout)
+            opening = xfer.opening = Open(rid, request_id, num_tokens, codec, self._chunk_bytes, timeout)
             for stream in live:
                 stream.control.append(opening)
             self._cv.notify_all()
@@ -234,7 +255,7 @@ class Sender:
 
     @staticmethod
     def _shutdown(conns: list) -> None:
-        for conn in conns:
+        for conn in list(conns):
             conn.close()
 
     # -- queue and I/O threads ----------------------------------------------------------
@@ -250,7 +271,7 @@ class Sender:
                     raise xfer.error
                 if not ok:
                     raise TransferTimeout(f"request {xfer.request_id!r}: send queue stayed full until the deadline")
-                self._queue.append((xfer, layer, chunk))
+                self._queue.append((xfer, layer, chunk, False))
                 self._cv.notify_all()
 
     def _aborted(self, xfer: Transfer, error: KVWireError) -> None:
@@ -280,8 +301,8 @@ class Sender:
             except KVWireError as exc:
                 return self._stream_lost(stream, exc)
 
-    def _send_chunk(self, stream: _Stream, xfer: Transfer, layer: int, chunk: int) -> None:
-        if xfer.error is not None:
+    def _send_chunk(self, stream: _Stream, xfer: Transfer, layer: int, chunk: int, resend: bool) -> None:
+        if xfer.error is not None or xfer.layer_sent(layer):
             return
         try:
             pieces, nbytes = xfer.chunk(layer, chunk)
@@ -291,7 +312,7 @@ class Sender:
             xfer._abort(KVWireError(f"request {xfer.request_id!r}: internal error building a frame: {exc!r}"))
             return
         stream.conn.send([framing.encode(Data(xfer.rid, layer, chunk, nbytes, checksum)), *pieces])
-        xfer._chunk_written(layer, nbytes)
+        xfer._chunk_written(layer, nbytes, resend)
         self._counters.add_bytes(nbytes)
 
     def _read_loop(self, stream: _Stream) -> None:
@@ -329,19 +350,89 @@ class Sender:
                 self._counters.failed()
 
     def _stream_lost(self, stream: _Stream, reason: KVWireError) -> None:
+        """A connection broke: re-send everything not acked, and reconnect it."""
         with self._cv:
             if not stream.alive:
                 return
             stream.alive = False
             closing = self._closing
-            transfers = list(self._transfers.values())
-            self._transfers.clear()
             self._cv.notify_all()
         stream.conn.close()
         if closing:
             return
-        log.warning("connection %d to %s lost: %s", stream.index, self.address, reason)
+        log.warning("connection %d to %s lost: %s; resuming", stream.index, self.address, reason)
+        if self.num_streams:
+            self._requeue_unacked()  # the other connections carry it now
+        with self._cv:
+            if stream.index in self._reconnecting:
+                return
+            self._reconnecting.add(stream.index)
+        thread = threading.Thread(
+            target=self._reconnect, args=(stream.index, reason), name=f"kvwire-reconnect{stream.index}", daemon=True
+        )
+        thread.start()
+        self._threads.append(thread)
+
+    def _requeue_unacked(self) -> None:
+        """Put every chunk of every sent-but-unacked layer back at the head of the queue:
+        the receiver keeps what it verified and ignores repeats, so nothing restarts."""
+        with self._cv:
+            unacked = {(xfer, layer) for xfer in self._transfers.values() if xfer.error is None for layer in xfer._unacked_layers()}
+            kept = [item for item in self._queue if (item[0], item[1]) not in unacked]
+            items = [
+                (xfer, layer, chunk, True)
+                for xfer, layer in sorted(unacked, key=lambda pair: (pair[0].rid, pair[1]))
+                for chunk in range(xfer.num_chunks[layer])
+            ]
+            self._queue.clear()
+            self._queue.extend(items + kept)
+            self._cv.notify_all()
+
+    def _reconnect(self, index: int, reason: KVWireError) -> None:
+        deadline = time.monotonic() + self._resume_window_s
+        delay = 0.05
+        try:
+            while not self._closing and time.monotonic() < deadline:
+                try:
+                    conn, welcome = self._dial(index, resume=True)
+                except (AuthenticationError, LayoutMismatchError, ProtocolError) as exc:
+                    return self._fail_in_flight(f"connection {index} to {self.address} lost ({reason}); reconnecting was refused: {exc}")
+                except KVWireError as exc:
+                    if self.num_streams == 0 and "refused" in str(exc):
+                        self._fail_in_flight(f"connection {index} to {self.address} lost ({reason}); the receiver refuses connections")
+                    time.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+                    continue
+                if not welcome.session_known:
+                    self._fail_in_flight(f"receiver at {self.address} no longer holds this sender's requests (restarted?)")
+                self._resumed(index, conn)
+                return
+            if self.num_streams == 0:
+                self._fail_in_flight(f"connection {index} to {self.address} lost ({reason}); no reconnect within {self._resume_window_s}s")
+        finally:
+            with self._cv:
+                self._reconnecting.discard(index)
+
+    def _resumed(self, index: int, conn: Connection) -> None:
+        with self._cv:
+            if self._closing:
+                conn.close()
+                return
+            stream = _Stream(index, conn)
+            stream.control = [xfer.opening for xfer in self._transfers.values()]  # Opens precede data on every stream
+            self._streams[index] = stream
+            self._conns.append(conn)
+            self._cv.notify_all()
+        log.info("connection %d to %s resumed", index, self.address)
+        self._start_threads(stream)
+        if self.num_streams == 1:  # nothing carried the un-acked layers while all were down
+            self._requeue_unacked()
+
+    def _fail_in_flight(self, why: str) -> None:
+        with self._cv:
+            transfers = list(self._transfers.values())
+            self._transfers.clear()
+            self._cv.notify_all()
         for xfer in transfers:
-            error = PeerLostError(f"request {xfer.request_id!r}: connection {stream.index} to {self.address} lost ({reason})")
-            if xfer._fail(error):
+            if xfer._fail(PeerLostError(f"request {xfer.request_id!r}: {why}")):
                 self._counters.failed()

@@ -83,7 +83,9 @@ def _handshake(client_layout, server_layout, client_secret, server_secret):
 
     def serve():
         try:
-            outcome["server"] = server_handshake(server, layout=server_layout, secret=server_secret, max_request_bytes=99)
+            outcome["server"] = server_handshake(
+                server, layout=server_layout, secret=server_secret, welcome=lambda hello: Welcome(99)
+            )
         except Exception as exc:  # noqa: BLE001 - the test inspects it
             outcome["server"] = exc
 

@@ -19,6 +19,7 @@ class Fault:
     flip_bit_at: int | None = None  # xor 0x01 into this byte
     cut_at: int | None = None  # close both sides once this many bytes went through
     stall_at: int | None = None  # stop forwarding (but keep the sockets open) from here
+    connections: int | None = None  # only the first this-many connections are faulty (None: all)
 
 
 class FaultyRelay:
@@ -29,6 +30,7 @@ class FaultyRelay:
         self._server = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self._server.getsockname()[1]}"
         self._sockets: list[socket.socket] = []
+        self.num_connections = 0
         self._lock = threading.Lock()
         self._closed = False
         self.stalled = threading.Event()
@@ -44,7 +46,9 @@ class FaultyRelay:
             upstream = socket.create_connection(self._target)
             with self._lock:
                 self._sockets += [client, upstream]
-            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+                self.num_connections += 1
+                faulty = self.fault.connections is None or self.num_connections <= self.fault.connections
+            threading.Thread(target=self._pump, args=(client, upstream, faulty), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket, faulty: bool) -> None:

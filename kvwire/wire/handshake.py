@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+from typing import Callable
 
 from ..errors import (
     AuthenticationError,
@@ -54,10 +55,17 @@ def _raise_if_reject(message) -> None:
 
 
 def client_handshake(
-    conn: Connection, *, layout: KVLayout, secret: bytes | None, session_id: bytes, stream_index: int, num_streams: int
+    conn: Connection,
+    *,
+    layout: KVLayout,
+    secret: bytes | None,
+    session_id: bytes,
+    stream_index: int,
+    num_streams: int,
+    resume: bool = False,
 ) -> Welcome:
     """Run the sender's side; raises AuthenticationError, LayoutMismatchError, ..."""
-    hello = Hello(PROTOCOL_VERSION, session_id, stream_index, num_streams, layout.fingerprint, os.urandom(32))
+    hello = Hello(PROTOCOL_VERSION, session_id, stream_index, num_streams, layout.fingerprint, os.urandom(32), resume)
     send_message(conn, hello)
     challenge = read_handshake_message(conn, framing.MAX_STREAM_HEADER_BYTES)
     _raise_if_reject(challenge)
@@ -76,8 +84,11 @@ def client_handshake(
     return framing.expect(reply, Welcome)
 
 
-def server_handshake(conn: Connection, *, layout: KVLayout, secret: bytes | None, max_request_bytes: int) -> Hello:
-    """Run the receiver's side; refuses the peer (telling it why) and raises on failure."""
+def server_handshake(
+    conn: Connection, *, layout: KVLayout, secret: bytes | None, welcome: Callable[[Hello], Welcome]
+) -> Hello:
+    """Run the receiver's side; refuses the peer (telling it why) and raises on failure.
+    ``welcome`` makes the accepting reply once the peer is authenticated."""
     hello = framing.expect(read_handshake_message(conn, framing.MAX_STREAM_HEADER_BYTES), Hello)
     if hello.protocol != PROTOCOL_VERSION:
         _refuse(conn, ProtocolError(f"protocol version {hello.protocol} not supported (receiver speaks {PROTOCOL_VERSION})"))
@@ -95,7 +106,7 @@ def server_handshake(conn: Connection, *, layout: KVLayout, secret: bytes | None
             _refuse(conn, AuthenticationError("sender's proof of the shared secret is wrong (different secret)"))
     if hello.fingerprint != layout.fingerprint:
         _refuse(conn, LayoutMismatchError(_layout_difference(layout, auth)))
-    send_message(conn, Welcome(max_request_bytes))
+    send_message(conn, welcome(hello))
     return hello
 
 

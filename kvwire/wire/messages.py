@@ -50,6 +50,7 @@ class Hello(_Message, tag="hello"):
     num_streams: Annotated[int, Meta(ge=1, le=1024)]
     fingerprint: Annotated[str, Meta(max_length=64)]
     nonce: Nonce
+    resume: bool = False  # replaces a lost stream of a session the receiver may still hold
 
 
 class Challenge(_Message, tag="challenge"):
@@ -69,9 +70,11 @@ class Auth(_Message, tag="auth"):
 
 
 class Welcome(_Message, tag="welcome"):
-    """Handshake accepted; the receiver's limits, so the sender can refuse early."""
+    """Handshake accepted; the receiver's limits, so the sender can refuse early, and
+    whether it still holds the session (the requests a resumed stream continues)."""
 
     max_request_bytes: Count
+    session_known: bool = False
 
 
 class Reject(_Message, tag="reject"):
