@@ -139,3 +139,44 @@ def test_wrong_secret_is_checked_before_the_layout():
     client, server = _handshake(hybrid_layout(state_dim=32), hybrid_layout(state_dim=16), None, b"k")
     assert isinstance(client, AuthenticationError)
     assert isinstance(server, AuthenticationError)
+
+
+def _serve_bytes(data: bytes, secret):
+    """Feed ``data`` to a receiver's handshake as if a peer had sent it; what comes out."""
+    client, server = _pair()
+    client.sock.sendall(data)
+    client.sock.shutdown(socket.SHUT_WR)
+    server.set_timeout(2)
+    try:
+        return server_handshake(server, layout=hybrid_layout(), secret=secret, welcome=lambda hello: Welcome(1))
+    except Exception as exc:  # noqa: BLE001 - inspected by the caller
+        return exc
+    finally:
+        client.close()
+        server.close()
+
+
+def _valid_opening() -> bytes:
+    return framing.encode(Hello(1, b"s" * 16, 0, 1, hybrid_layout().fingerprint, b"n" * 32))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.binary(max_size=512))
+def test_handshake_given_random_bytes_only_raises_kvwire_errors(data):
+    from kvwire import KVWireError
+
+    outcome = _serve_bytes(data, b"k")
+    assert isinstance(outcome, KVWireError), repr(outcome)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(min_value=0), st.integers(min_value=0, max_value=255), st.binary(max_size=64))
+def test_handshake_given_a_mutated_hello_only_raises_kvwire_errors(position, value, tail):
+    from kvwire import KVWireError
+
+    opening = bytearray(_valid_opening())
+    opening[position % len(opening)] = value
+    outcome = _serve_bytes(bytes(opening) + tail, b"k")
+    assert isinstance(outcome, (KVWireError, Hello)), repr(outcome)
+    if isinstance(outcome, Hello):  # a mutation that still decodes must not get past the proof
+        raise AssertionError("handshake accepted a peer that never proved the secret")
