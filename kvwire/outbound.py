@@ -22,7 +22,7 @@ from . import paged
 from .arrays import as_bytes
 from .codecs import bits_to_float32, encodes, geometry, get_codec
 from .dtypes import ITEMSIZE, exportable, numpy_dtype
-from .errors import KVWireError, TransferAborted, TransferTimeout
+from .errors import KVWireError, PeerLostError, TransferAborted, TransferTimeout
 from .layout import ALIGN_BYTES, KVLayout, LayerPlan
 
 _PAD = memoryview(bytes(ALIGN_BYTES))
@@ -156,9 +156,11 @@ class Transfer:
         with self._cv:
             self._cv.wait_for(lambda: self.error is not None or self._num_acked == self.num_layers, max(0.0, wait_s))
         if self.error is None and self._num_acked < self.num_layers:
-            self._abort(TransferTimeout(
-                f"request {self.request_id!r}: receiver confirmed {self._num_acked}/{self.num_layers} layers within {wait_s:.3g}s"
-            ))
+            confirmed = f"receiver confirmed {self._num_acked}/{self.num_layers} layers within {wait_s:.3g}s"
+            if self._sender.num_streams == 0:  # the real cause: the connection is gone and not back
+                self._abort(PeerLostError(f"request {self.request_id!r}: connection lost and not re-established; {confirmed}"))
+            else:
+                self._abort(TransferTimeout(f"request {self.request_id!r}: {confirmed}"))
         if self.error is not None:
             raise self.error
         return self.stats

@@ -142,7 +142,8 @@ def test_a_link_that_keeps_dropping_fails_by_the_deadline_on_both_sides(layout, 
             for i, tensors in enumerate(random_kv(layout, 4000)):
                 xfer.send_layer(i, tensors)
             start = time.monotonic()
-            with pytest.raises(TransferTimeout):
+            # PeerLostError when the deadline finds the connection down, else TransferTimeout
+            with pytest.raises((TransferTimeout, PeerLostError)):
                 xfer.finish()
             assert time.monotonic() - start < 3
     with pytest.raises((TransferTimeout, PeerLostError)):

@@ -34,6 +34,7 @@ class FaultyRelay:
         self._lock = threading.Lock()
         self._closed = False
         self.stalled = threading.Event()
+        self.fired = threading.Event()  # set once any fault was actually applied
         self._stop = threading.Event()
         threading.Thread(target=self._accept, daemon=True, name="relay-accept").start()
 
@@ -43,7 +44,11 @@ class FaultyRelay:
                 client, _ = self._server.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(self._target)
+            try:
+                upstream = socket.create_connection(self._target)
+            except OSError:  # nothing behind the relay any more: hang up, as a proxy would
+                client.close()
+                continue
             with self._lock:
                 self._sockets += [client, upstream]
                 self.num_connections += 1
@@ -64,11 +69,14 @@ class FaultyRelay:
                     if fault.stall_at is not None and end > fault.stall_at:
                         dst.sendall(data[: max(0, fault.stall_at - position)])
                         self.stalled.set()
+                        self.fired.set()
                         self._stop.wait()  # hold the connection open, forward nothing
                     if fault.flip_bit_at is not None and position <= fault.flip_bit_at < end:
                         data[fault.flip_bit_at - position] ^= 0x01
+                        self.fired.set()
                     if fault.cut_at is not None and end >= fault.cut_at:
                         dst.sendall(data[: fault.cut_at - position])
+                        self.fired.set()
                         break
                     position = end
                 dst.sendall(data)
