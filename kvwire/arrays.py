@@ -30,7 +30,6 @@ def _numpy_bytes(array: np.ndarray) -> tuple[np.ndarray, tuple[int, ...], str]:
     return array.reshape(-1).view(np.uint8), array.shape, dtypes.name_of_numpy(array.dtype)
 
 
-
 def as_bytes(obj) -> tuple[np.ndarray, tuple[int, ...], str]:
     """(flat uint8 view of the data, logical shape, layout dtype name) of an array-like."""
     if type(obj) is np.ndarray:

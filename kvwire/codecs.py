@@ -272,7 +272,9 @@ def encodes(codec: Codec | None, spec) -> bool:
     return codec is not None and spec.per_token and spec.dtype in LOSSY_DTYPES
 
 
-def choose_codec(wire_bytes: dict[str, int], prefill_s: float, goodput_bps: float, headroom: float = 0.9) -> tuple[str, str]:
+def choose_codec(
+    wire_bytes: dict[str, int], prefill_s: float, goodput_bps: float, headroom: float = 0.9
+) -> tuple[str, str]:
     """The least lossy codec whose wire bytes the link carries as fast as prefill makes them.
 
     A prefill emits its KV over ``prefill_s`` seconds; layer-wise sending overlaps the
@@ -291,6 +293,12 @@ def choose_codec(wire_bytes: dict[str, int], prefill_s: float, goodput_bps: floa
     for name in order:
         rate = wire_bytes[name] / prefill_s
         if rate <= link:
-            return name, f"{rate * 8 / 1e9:.3g} Gbit/s of KV fits {headroom:.0%} of {goodput_bps / 1e9:.3g} Gbit/s goodput"
+            return (
+                name,
+                f"{rate * 8 / 1e9:.3g} Gbit/s of KV fits {headroom:.0%} of {goodput_bps / 1e9:.3g} Gbit/s goodput",
+            )
     smallest = min(wire_bytes, key=wire_bytes.get)
-    return smallest, f"even {smallest} needs {wire_bytes[smallest] * 8 / prefill_s / 1e9:.3g} Gbit/s, more than {goodput_bps / 1e9:.3g}"
+    return (
+        smallest,
+        f"even {smallest} needs {wire_bytes[smallest] * 8 / prefill_s / 1e9:.3g} Gbit/s, more than {goodput_bps / 1e9:.3g}",
+    )

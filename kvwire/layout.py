@@ -214,5 +214,7 @@ class KVLayout:
                 return f"layer {i}: tensors only on {mine}: {only_a}, only on {theirs}: {only_b}"
             for name in a:
                 if a[name] != b[name]:
-                    return f"layer {i} tensor {name!r}: {mine} has {a[name].describe()}, {theirs} has {b[name].describe()}"
+                    return (
+                        f"layer {i} tensor {name!r}: {mine} has {a[name].describe()}, {theirs} has {b[name].describe()}"
+                    )
         return "layouts are identical"

@@ -51,7 +51,17 @@ class TransferStats:
 class Transfer:
     """One request being sent, layer by layer. Made by ``Sender.open``."""
 
-    def __init__(self, sender, request_id: str, rid: int, num_tokens: int, layout: KVLayout, codec: str, chunk_bytes: int, timeout_s: float):
+    def __init__(
+        self,
+        sender,
+        request_id: str,
+        rid: int,
+        num_tokens: int,
+        layout: KVLayout,
+        codec: str,
+        chunk_bytes: int,
+        timeout_s: float,
+    ):
         self.request_id = request_id
         self.rid = rid
         self.num_tokens = num_tokens
@@ -158,7 +168,9 @@ class Transfer:
         if self.error is None and self._num_acked < self.num_layers:
             confirmed = f"receiver confirmed {self._num_acked}/{self.num_layers} layers within {wait_s:.3g}s"
             if self._sender.num_streams == 0:  # the real cause: the connection is gone and not back
-                self._abort(PeerLostError(f"request {self.request_id!r}: connection lost and not re-established; {confirmed}"))
+                self._abort(
+                    PeerLostError(f"request {self.request_id!r}: connection lost and not re-established; {confirmed}")
+                )
             else:
                 self._abort(TransferTimeout(f"request {self.request_id!r}: {confirmed}"))
         if self.error is not None:
@@ -173,7 +185,9 @@ class Transfer:
     def stats(self) -> TransferStats:
         end = self._finished_at or time.monotonic()
         raw = self._layout.nbytes(self.num_tokens)
-        return TransferStats(raw, self._wire_bytes, self.codec, self.num_layers, end - self.opened_at, self._resent_bytes)
+        return TransferStats(
+            raw, self._wire_bytes, self.codec, self.num_layers, end - self.opened_at, self._resent_bytes
+        )
 
     @property
     def done(self) -> bool:
@@ -281,8 +295,6 @@ class Transfer:
     def _abort(self, error: KVWireError) -> None:
         if self._fail(error):
             self._sender._aborted(self, error)
-
-
 
 
 _shape_of = operator.attrgetter("shape")

@@ -22,7 +22,9 @@ def token_rows(block_ids, block_size: int, num_tokens: int, num_blocks: int, whe
     ids = np.asarray(block_ids, dtype=np.int64).reshape(-1)
     needed = -(-num_tokens // block_size) if block_size else 0
     if len(ids) != needed:
-        raise ValueError(f"{where}: {num_tokens} tokens in blocks of {block_size} need {needed} block ids, got {len(ids)}")
+        raise ValueError(
+            f"{where}: {num_tokens} tokens in blocks of {block_size} need {needed} block ids, got {len(ids)}"
+        )
     if len(ids) and (ids.min() < 0 or ids.max() >= num_blocks):
         raise ValueError(f"{where}: block ids must be in [0, {num_blocks}), got {ids.min()}..{ids.max()}")
     return (ids[:, None] * block_size + np.arange(block_size, dtype=np.int64)).reshape(-1)[:num_tokens]

@@ -64,7 +64,9 @@ def place_layer(
         target = buffers.get(name)
         if not slot.encoded:
             if is_paged and spec.per_token and target is not None:
-                finishers.append(_scatter(wire[name], target, expectation.block_ids, num_tokens, spec, f"{where} {name!r}"))
+                finishers.append(
+                    _scatter(wire[name], target, expectation.block_ids, num_tokens, spec, f"{where} {name!r}")
+                )
             outputs.append((name, wire[name], spec.dtype, slot.shape))
             continue
         scales = slots[name + ".scales"]
@@ -74,7 +76,9 @@ def place_layer(
             continue
         shape = spec.full_shape(num_tokens)
         if target is not None and not (is_paged and spec.per_token):
-            decoded = _destination_bytes(f"{where} {name!r}", slot._replace(spec=spec, nbytes=spec.nbytes(num_tokens)), target, num_tokens)
+            decoded = _destination_bytes(
+                f"{where} {name!r}", slot._replace(spec=spec, nbytes=spec.nbytes(num_tokens)), target, num_tokens
+            )
         else:
             decoded = np.empty(spec.nbytes(num_tokens), dtype=np.uint8)
             own += decoded.nbytes
@@ -148,6 +152,8 @@ def _destination_bytes(where: str, slot, array, num_tokens: int) -> np.ndarray:
 
 
 def typed(flat: np.ndarray, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
-    return flat[: int(np.prod(shape, dtype=np.int64)) * dtypes.ITEMSIZE[dtype]].view(dtypes.numpy_dtype(dtype)).reshape(shape)
-
-
+    return (
+        flat[: int(np.prod(shape, dtype=np.int64)) * dtypes.ITEMSIZE[dtype]]
+        .view(dtypes.numpy_dtype(dtype))
+        .reshape(shape)
+    )

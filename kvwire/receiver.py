@@ -34,7 +34,7 @@ from .metrics import PeerCounters, PeerMetrics
 from .transport import Connection, get_backend
 from .wire import framing
 from .wire.checksum import frame_checksum
-from .wire.handshake import send_message, server_handshake
+from .wire.handshake import server_handshake
 from .wire.messages import Abort, Ack, Data, Open, Welcome
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,9 @@ class Receiver:
             buffers = dict(enumerate(buffers))
         for layer, tensors in buffers.items():
             if not 0 <= layer < self.layout.num_layers:
-                raise ValueError(f"expect({request_id!r}): layer {layer} out of range (layout has {self.layout.num_layers})")
+                raise ValueError(
+                    f"expect({request_id!r}): layer {layer} out of range (layout has {self.layout.num_layers})"
+                )
             unknown = set(tensors) - set(self.layout.layers[layer])
             if unknown:
                 raise ValueError(f"expect({request_id!r}): layer {layer} has no tensors {sorted(unknown)}")
@@ -299,7 +301,14 @@ class Receiver:
             if self._closed:
                 conn.close()
         verb = "resumed" if hello.resume else "joined"
-        log.log(logging.INFO if hello.resume else logging.DEBUG, "stream %d/%d of %s %s", hello.stream_index + 1, hello.num_streams, conn.peer, verb)
+        log.log(
+            logging.INFO if hello.resume else logging.DEBUG,
+            "stream %d/%d of %s %s",
+            hello.stream_index + 1,
+            hello.num_streams,
+            conn.peer,
+            verb,
+        )
         return stream
 
     def _stream_closed(self, stream: _Stream, reason: KVWireError) -> None:
@@ -320,7 +329,8 @@ class Receiver:
     def _expire_orphans(self, now: float) -> None:
         with self._lock:
             expired = [
-                s for s in self._sessions.values()
+                s
+                for s in self._sessions.values()
                 if s.orphaned_at is not None and now - s.orphaned_at >= self._resume_grace_s
             ]
             for session in expired:
@@ -391,7 +401,14 @@ class Receiver:
                     f"{self._max_bytes - self._bytes_in_use} of {self._max_bytes} free"
                 )
             state = InboundRequest(
-                msg.request_id, msg.num_tokens, self.layout, msg.codec, msg.chunk_bytes, timeout_s, session.peer, expected
+                msg.request_id,
+                msg.num_tokens,
+                self.layout,
+                msg.codec,
+                msg.chunk_bytes,
+                timeout_s,
+                session.peer,
+                expected,
             )
             state.rid, state.session = msg.rid, session
             self._bytes_in_use += state.nbytes
@@ -407,7 +424,11 @@ class Receiver:
             if msg.rid > session.max_rid:
                 raise ProtocolError(f"data for request number {msg.rid} before its Open")
             return self._drain(stream.conn, msg.nbytes)
-        if msg.layer < state.num_layers and msg.chunk < state.num_chunks[msg.layer] and state.is_duplicate(msg.layer, msg.chunk):
+        if (
+            msg.layer < state.num_layers
+            and msg.chunk < state.num_chunks[msg.layer]
+            and state.is_duplicate(msg.layer, msg.chunk)
+        ):
             # a resumed sender re-sends what it had no ack for: keep what we verified,
             # and repeat the ack of a complete layer (the first one may have been lost)
             self._drain(stream.conn, msg.nbytes)

@@ -133,12 +133,19 @@ class Sender:
 
     def _dial(self, index: int, *, resume: bool):
         """Connect and handshake stream ``index``; (connection, Welcome) or a kvwire error."""
-        conn = self._backend.connect(self.address, timeout_s=self._timeout, ssl_context=self._ssl_context, options=self._options)
+        conn = self._backend.connect(
+            self.address, timeout_s=self._timeout, ssl_context=self._ssl_context, options=self._options
+        )
         try:
             conn.set_timeout(self._timeout)
             welcome = client_handshake(
-                conn, layout=self.layout, secret=self._secret, session_id=self._session_id,
-                stream_index=index, num_streams=self._num_streams, resume=resume,
+                conn,
+                layout=self.layout,
+                secret=self._secret,
+                session_id=self._session_id,
+                stream_index=index,
+                num_streams=self._num_streams,
+                resume=resume,
             )
             conn.set_timeout(None)
         except KVWireError:
@@ -173,7 +180,13 @@ class Sender:
     # -- engine API ---------------------------------------------------------------------
 
     def open(
-        self, request_id: str, num_tokens: int, *, codec: str = "none", timeout: float = 60.0, prefill_s: float | None = None
+        self,
+        request_id: str,
+        num_tokens: int,
+        *,
+        codec: str = "none",
+        timeout: float = 60.0,
+        prefill_s: float | None = None,
     ) -> Transfer:
         """Start sending a request of ``num_tokens`` tokens; returns its Transfer.
 
@@ -345,7 +358,9 @@ class Sender:
         with self._cv:
             xfer = self._transfers.pop(msg.rid, None)
         if xfer is not None:
-            error = error_from_kind(msg.kind, f"receiver at {self.address} failed request {xfer.request_id!r}: {msg.reason}")
+            error = error_from_kind(
+                msg.kind, f"receiver at {self.address} failed request {xfer.request_id!r}: {msg.reason}"
+            )
             if xfer._fail(error):
                 self._counters.failed()
 
@@ -377,7 +392,12 @@ class Sender:
         """Put every chunk of every sent-but-unacked layer back at the head of the queue:
         the receiver keeps what it verified and ignores repeats, so nothing restarts."""
         with self._cv:
-            unacked = {(xfer, layer) for xfer in self._transfers.values() if xfer.error is None for layer in xfer._unacked_layers()}
+            unacked = {
+                (xfer, layer)
+                for xfer in self._transfers.values()
+                if xfer.error is None
+                for layer in xfer._unacked_layers()
+            }
             kept = [item for item in self._queue if (item[0], item[1]) not in unacked]
             items = [
                 (xfer, layer, chunk, True)
@@ -396,19 +416,27 @@ class Sender:
                 try:
                     conn, welcome = self._dial(index, resume=True)
                 except (AuthenticationError, LayoutMismatchError, ProtocolError) as exc:
-                    return self._fail_in_flight(f"connection {index} to {self.address} lost ({reason}); reconnecting was refused: {exc}")
+                    return self._fail_in_flight(
+                        f"connection {index} to {self.address} lost ({reason}); reconnecting was refused: {exc}"
+                    )
                 except KVWireError as exc:
                     if self.num_streams == 0 and "refused" in str(exc):
-                        self._fail_in_flight(f"connection {index} to {self.address} lost ({reason}); the receiver refuses connections")
+                        self._fail_in_flight(
+                            f"connection {index} to {self.address} lost ({reason}); the receiver refuses connections"
+                        )
                     time.sleep(delay)
                     delay = min(delay * 2, 1.0)
                     continue
                 if not welcome.session_known:
-                    self._fail_in_flight(f"receiver at {self.address} no longer holds this sender's requests (restarted?)")
+                    self._fail_in_flight(
+                        f"receiver at {self.address} no longer holds this sender's requests (restarted?)"
+                    )
                 self._resumed(index, conn)
                 return
             if self.num_streams == 0:
-                self._fail_in_flight(f"connection {index} to {self.address} lost ({reason}); no reconnect within {self._resume_window_s}s")
+                self._fail_in_flight(
+                    f"connection {index} to {self.address} lost ({reason}); no reconnect within {self._resume_window_s}s"
+                )
         finally:
             with self._cv:
                 self._reconnecting.discard(index)

@@ -26,8 +26,14 @@ from kvwire.codecs import bits_to_float32, float32_to_bits, geometry, get_codec
 
 BLOCK = 16
 LAYERS = {
-    "mla": {"latent": TensorSpec((1, 512), "bfloat16", per_token=True), "rope": TensorSpec((1, 64), "bfloat16", per_token=True)},
-    "gqa": {"k": TensorSpec((8, 128), "bfloat16", per_token=True), "v": TensorSpec((8, 128), "bfloat16", per_token=True)},
+    "mla": {
+        "latent": TensorSpec((1, 512), "bfloat16", per_token=True),
+        "rope": TensorSpec((1, 64), "bfloat16", per_token=True),
+    },
+    "gqa": {
+        "k": TensorSpec((8, 128), "bfloat16", per_token=True),
+        "v": TensorSpec((8, 128), "bfloat16", per_token=True),
+    },
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -45,7 +51,9 @@ def bench_layer(layer: str, tokens: int, codec_name: str, repeats: int, rng) -> 
     specs = LAYERS[layer]
     num_blocks = -(-tokens // BLOCK)
     ids = rng.permutation(num_blocks * 2)[:num_blocks]  # scattered through a pool twice the size
-    pools = {n: rng.standard_normal((num_blocks * 2, BLOCK, *s.shape)).astype(ml_dtypes.bfloat16) for n, s in specs.items()}
+    pools = {
+        n: rng.standard_normal((num_blocks * 2, BLOCK, *s.shape)).astype(ml_dtypes.bfloat16) for n, s in specs.items()
+    }
     dest_pools = {n: np.zeros_like(p) for n, p in pools.items()}
     dest_ids = rng.permutation(num_blocks * 2)[:num_blocks]
     codec = get_codec(codec_name)
@@ -72,7 +80,9 @@ def bench_layer(layer: str, tokens: int, codec_name: str, repeats: int, rng) -> 
                 bits = float32_to_bits(codec.decode(wire[name], tokens, heads, dim), "bfloat16")
             rows_view[rows] = bits.reshape(tokens, -1)
 
-    source = np.concatenate([p.reshape(-1).view(np.uint8)[: s.nbytes(tokens)] for p, s in zip(pools.values(), specs.values())])
+    source = np.concatenate(
+        [p.reshape(-1).view(np.uint8)[: s.nbytes(tokens)] for p, s in zip(pools.values(), specs.values())]
+    )
     target = np.empty_like(source)
     memcpy_s = best(lambda: np.copyto(target, source), repeats)
     encode_s = best(encode, repeats)
@@ -86,9 +96,13 @@ def bench_layer(layer: str, tokens: int, codec_name: str, repeats: int, rng) -> 
         sent = pools[name].reshape(-1, *spec.shape)[src_rows].astype(np.float32)
         err = max(err, float(np.abs(got - sent).max()))
     return {
-        "layer": layer, "tokens": tokens, "codec": codec_name,
-        "encode_gbps": round(raw / encode_s / 1e9, 3), "decode_gbps": round(raw / decode_s / 1e9, 3),
-        "memcpy_gbps": round(raw / memcpy_s / 1e9, 3), "wire_ratio": round(wire_bytes / raw, 4),
+        "layer": layer,
+        "tokens": tokens,
+        "codec": codec_name,
+        "encode_gbps": round(raw / encode_s / 1e9, 3),
+        "decode_gbps": round(raw / decode_s / 1e9, 3),
+        "memcpy_gbps": round(raw / memcpy_s / 1e9, 3),
+        "wire_ratio": round(wire_bytes / raw, 4),
         "max_abs_err": err,
     }
 
@@ -129,10 +143,13 @@ def main(argv=None) -> None:
     rng = np.random.default_rng(0)
     rows = [
         bench_layer(layer, tokens, codec, args.repeats, rng)
-        for layer in LAYERS for tokens in args.tokens for codec in ("none", "int8", "fp8", "int4")
+        for layer in LAYERS
+        for tokens in args.tokens
+        for codec in ("none", "int8", "fp8", "int4")
     ]
     result = {
-        "benchmark": "codec", "rows": rows,
+        "benchmark": "codec",
+        "rows": rows,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "note": "CPU path (numpy); the CUDA kernels need a GPU machine: see kvwire/cuda and perf/gpu_check.sh",
     }

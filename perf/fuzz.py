@@ -91,17 +91,27 @@ def _worker(target: str, libfuzzer_args: list[str]) -> None:
             assert got.layer(0)["s"].sum() == 16
             got.release()
 
-    atheris.Setup([sys.argv[0], *libfuzzer_args], {"decoders": decoders, "handshake": handshake, "receiver": receiver}[target])
+    atheris.Setup(
+        [sys.argv[0], *libfuzzer_args], {"decoders": decoders, "handshake": handshake, "receiver": receiver}[target]
+    )
     atheris.Fuzz()
 
 
 def run(target: str, runs: int, seconds: int) -> dict:
     with tempfile.TemporaryDirectory() as corpus:
-        args = [f"-runs={runs}", f"-max_total_time={seconds}", f"-artifact_prefix={corpus}/", "-print_final_stats=1", corpus]
+        args = [
+            f"-runs={runs}",
+            f"-max_total_time={seconds}",
+            f"-artifact_prefix={corpus}/",
+            "-print_final_stats=1",
+            corpus,
+        ]
         start = time.monotonic()
         done = subprocess.run(
             [sys.executable, "-m", "perf.fuzz", "--worker", target, "--", *args],
-            capture_output=True, text=True, timeout=seconds + 120,
+            capture_output=True,
+            text=True,
+            timeout=seconds + 120,
         )
         elapsed = time.monotonic() - start
     log = done.stdout + done.stderr

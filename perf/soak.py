@@ -58,10 +58,21 @@ def soak_layouts():
     from kvwire import KVLayout, TensorSpec
 
     kimi = [{"conv": TensorSpec((96, 4), "float32"), "recurrent": TensorSpec((2, 32, 32), "float32")}] * 3
-    kimi.append({"latent": TensorSpec((1, 64), "bfloat16", per_token=True), "rope": TensorSpec((1, 16), "bfloat16", per_token=True)})
+    kimi.append(
+        {
+            "latent": TensorSpec((1, 64), "bfloat16", per_token=True),
+            "rope": TensorSpec((1, 16), "bfloat16", per_token=True),
+        }
+    )
     qwen = [{"conv": TensorSpec((64, 4), "bfloat16"), "recurrent": TensorSpec((4, 16, 16), "float32")}] * 3
-    qwen.append({"k": TensorSpec((2, 32), "bfloat16", per_token=True), "v": TensorSpec((2, 32), "bfloat16", per_token=True)})
-    odd = [{"s": TensorSpec((3, 5), "float8_e4m3fn")}, {"k": TensorSpec((7,), "int8", per_token=True)}, {"z": TensorSpec((), "float16")}]
+    qwen.append(
+        {"k": TensorSpec((2, 32), "bfloat16", per_token=True), "v": TensorSpec((2, 32), "bfloat16", per_token=True)}
+    )
+    odd = [
+        {"s": TensorSpec((3, 5), "float8_e4m3fn")},
+        {"k": TensorSpec((7,), "int8", per_token=True)},
+        {"z": TensorSpec((), "float16")},
+    ]
     return [KVLayout(kimi), KVLayout(qwen), KVLayout(odd)]
 
 
@@ -123,7 +134,9 @@ def receiver_main() -> None:
     for line in sys.stdin:
         command = json.loads(line)
         if command["op"] == "watch":
-            threading.Thread(target=watch, args=(command["layout"], command["id"], command["tokens"]), daemon=True).start()
+            threading.Thread(
+                target=watch, args=(command["layout"], command["id"], command["tokens"]), daemon=True
+            ).start()
         elif command["op"] == "stats":
             _reply({"stats": process_stats(), "in_use": sum(rx.bytes_in_use for rx in receivers)})
         elif command["op"] == "quit":
@@ -145,7 +158,9 @@ def sender_main() -> None:
         layout = layouts[job["layout"]]
         start = time.monotonic()
         try:
-            with Sender(layout, job["address"], secret=SECRET, streams=job["streams"], chunk_bytes=16384, timeout=5) as tx:
+            with Sender(
+                layout, job["address"], secret=SECRET, streams=job["streams"], chunk_bytes=16384, timeout=5
+            ) as tx:
                 xfer = tx.open(job["id"], job["tokens"], timeout=DEADLINE_S)
                 for i, tensors in enumerate(kv_data(layout, job["id"], job["tokens"])):
                     if job["pace_s"]:
@@ -169,7 +184,11 @@ class Child:
     def __init__(self, role: str):
         env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "perf.soak", "--role", role], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+            [sys.executable, "-m", "perf.soak", "--role", role],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
         )
         self.lines: list = []
         self.cv = threading.Condition()
@@ -238,7 +257,16 @@ def soak(num_transfers: int, seed: int) -> dict:
         if not victim:
             receiver.send({"op": "watch", "layout": layout, "id": request_id, "tokens": tokens})
         pace = 1.6 if fault == "delay" else 0.15 if fault.startswith("kill") else 0.0
-        sender.send({"layout": layout, "address": relay.address, "id": request_id, "tokens": tokens, "streams": rng.choice([1, 2, 3]), "pace_s": pace})
+        sender.send(
+            {
+                "layout": layout,
+                "address": relay.address,
+                "id": request_id,
+                "tokens": tokens,
+                "streams": rng.choice([1, 2, 3]),
+                "pace_s": pace,
+            }
+        )
         limit = DEADLINE_S + GRACE_S + 5
         if fault == "kill_sender":
             if sender.wait_for(lambda m: m.get("id") == request_id and "sending" in m, limit):
@@ -289,7 +317,9 @@ def soak(num_transfers: int, seed: int) -> dict:
         "corrupted_reported_ready": corrupted,
         "leaked_fds": after["stats"]["fds"] - before["stats"]["fds"] if after and before else None,
         "leaked_threads": after["stats"]["threads"] - before["stats"]["threads"] if after and before else None,
-        "rss_growth_mib": round(after["stats"]["rss_mib"] - before["stats"]["rss_mib"], 1) if after and before else None,
+        "rss_growth_mib": round(after["stats"]["rss_mib"] - before["stats"]["rss_mib"], 1)
+        if after and before
+        else None,
         "receiver_bytes_in_use_after": after["in_use"] if after else None,
         "receiver_alive_after": alive,
     }
@@ -311,7 +341,10 @@ def main(argv=None) -> int:
         return 0
     result = soak(40 if args.quick else args.transfers, args.seed)
     print(json.dumps(result) if args.json else json.dumps(result, indent=1))
-    ok = not (result["hangs"] or result["corrupted_reported_ready"] or result["wrong_error_class"]) and result["receiver_alive_after"]
+    ok = (
+        not (result["hangs"] or result["corrupted_reported_ready"] or result["wrong_error_class"])
+        and result["receiver_alive_after"]
+    )
     return 0 if ok else 1
 
 

@@ -120,16 +120,33 @@ def main(argv=None) -> None:
     ap.add_argument("--small-blocks", action="store_true", help="65,536 tensors of 1 KiB in one request")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--chunk-kib", type=int, default=4096)
-    ap.add_argument("--into", choices=["expect", "own"], default="expect",
-                    help="receive into preallocated engine buffers (rx.expect) or receiver-allocated memory")
+    ap.add_argument(
+        "--into",
+        choices=["expect", "own"],
+        default="expect",
+        help="receive into preallocated engine buffers (rx.expect) or receiver-allocated memory",
+    )
     ap.add_argument("--json", action="store_true", help="print only the JSON result")
     ap.add_argument("--role", choices=["sender", "receiver"], default="sender", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.role == "receiver":
         return run_receiver(args)
 
-    child_args = [sys.executable, "-m", "perf.transfer", "--role", "receiver", "--backend", args.backend,
-                  "--mib", str(args.mib), "--repeats", str(args.repeats), "--into", args.into] + (["--small-blocks"] if args.small_blocks else [])
+    child_args = [
+        sys.executable,
+        "-m",
+        "perf.transfer",
+        "--role",
+        "receiver",
+        "--backend",
+        args.backend,
+        "--mib",
+        str(args.mib),
+        "--repeats",
+        str(args.repeats),
+        "--into",
+        args.into,
+    ] + (["--small-blocks"] if args.small_blocks else [])
     child = subprocess.Popen(child_args, stdout=subprocess.PIPE, text=True)
     try:
         ports = json.loads(child.stdout.readline())
@@ -138,8 +155,14 @@ def main(argv=None) -> None:
         total = sum(a.nbytes for t in data for a in t.values())
 
         kv_times, queue_times = [], []
-        with Sender(layout, ports["kvwire"], backend=args.backend, streams=args.streams, secret=b"bench",
-                    chunk_bytes=args.chunk_kib * 1024) as tx:
+        with Sender(
+            layout,
+            ports["kvwire"],
+            backend=args.backend,
+            streams=args.streams,
+            secret=b"bench",
+            chunk_bytes=args.chunk_kib * 1024,
+        ) as tx:
             for rep in range(args.repeats):
                 if child.stdout.readline().strip() != "ready":  # receiver posted expect() and verified the last
                     raise SystemExit("receiver process failed")

@@ -20,14 +20,18 @@ def hybrid_layout(linear_layers: int = 3, state_dim: int = 32) -> KVLayout:
     """Kimi-Linear-like: three linear-attention layers (conv + recurrent state), then MLA."""
     layers = []
     for _ in range(linear_layers):
-        layers.append({
-            "conv": TensorSpec((4 * state_dim, 4), "float32"),
-            "recurrent": TensorSpec((2, state_dim, state_dim), "float32"),
-        })
-    layers.append({
-        "latent": TensorSpec((1, 64), "bfloat16", per_token=True),
-        "rope": TensorSpec((1, 16), "bfloat16", per_token=True),
-    })
+        layers.append(
+            {
+                "conv": TensorSpec((4 * state_dim, 4), "float32"),
+                "recurrent": TensorSpec((2, state_dim, state_dim), "float32"),
+            }
+        )
+    layers.append(
+        {
+            "latent": TensorSpec((1, 64), "bfloat16", per_token=True),
+            "rope": TensorSpec((1, 16), "bfloat16", per_token=True),
+        }
+    )
     return KVLayout(layers)
 
 

@@ -9,16 +9,21 @@ from kvwire.codecs import bits_to_float32, float32_to_bits, get_codec
 
 from .conftest import assert_same_bytes
 
-LAYOUT = KVLayout([
-    {"conv": TensorSpec((16, 4), "float32"), "recurrent": TensorSpec((2, 8, 8), "float32")},
-    {"k": TensorSpec((2, 128), "bfloat16", per_token=True), "v": TensorSpec((2, 128), "bfloat16", per_token=True)},
-])
+LAYOUT = KVLayout(
+    [
+        {"conv": TensorSpec((16, 4), "float32"), "recurrent": TensorSpec((2, 8, 8), "float32")},
+        {"k": TensorSpec((2, 128), "bfloat16", per_token=True), "v": TensorSpec((2, 128), "bfloat16", per_token=True)},
+    ]
+)
 RNG = np.random.default_rng(5)
 
 
 def make_kv(tokens):
     return [
-        {"conv": RNG.standard_normal((16, 4)).astype(np.float32), "recurrent": RNG.standard_normal((2, 8, 8)).astype(np.float32)},
+        {
+            "conv": RNG.standard_normal((16, 4)).astype(np.float32),
+            "recurrent": RNG.standard_normal((2, 8, 8)).astype(np.float32),
+        },
         {n: RNG.standard_normal((tokens, 2, 128)).astype(ml_dtypes.bfloat16) for n in ("k", "v")},
     ]
 
@@ -29,7 +34,9 @@ def codec_round_trip(codec, array):
     x = bits_to_float32(array.reshape(-1).view(np.uint8), "bfloat16").reshape(tokens, 2, 128)
     c = get_codec(codec)
     parts = c.encode(x)
-    return float32_to_bits(c.decode(parts, tokens, 2, 128), "bfloat16").view(ml_dtypes.bfloat16).reshape(array.shape), parts
+    return float32_to_bits(c.decode(parts, tokens, 2, 128), "bfloat16").view(ml_dtypes.bfloat16).reshape(
+        array.shape
+    ), parts
 
 
 @pytest.fixture
@@ -91,9 +98,13 @@ def test_paged_blocks_are_gathered_and_scattered_into_other_block_ids(pair, code
     got = rx.wait("paged", timeout=5)
     got.wait_done(timeout=5)
     for name in ("k", "v"):
-        sent = send_pool[name].reshape(-1, 2, 128)[(np.array(send_ids)[:, None] * block_size + np.arange(block_size)).reshape(-1)[:tokens]]
+        sent = send_pool[name].reshape(-1, 2, 128)[
+            (np.array(send_ids)[:, None] * block_size + np.arange(block_size)).reshape(-1)[:tokens]
+        ]
         expected = sent if codec == "none" else codec_round_trip(codec, sent)[0]
-        landed = recv_pool[name].reshape(-1, 2, 128)[(np.array(recv_ids)[:, None] * block_size + np.arange(block_size)).reshape(-1)[:tokens]]
+        landed = recv_pool[name].reshape(-1, 2, 128)[
+            (np.array(recv_ids)[:, None] * block_size + np.arange(block_size)).reshape(-1)[:tokens]
+        ]
         assert landed.tobytes() == expected.tobytes()
         assert got.layer(1)[name].tobytes() == expected.tobytes()
         untouched = np.delete(recv_pool[name], recv_ids, axis=0)
@@ -110,7 +121,9 @@ def test_paged_send_errors_name_the_tensor_and_the_problem(pair):
         xfer.send_layer(1, pool, block_ids=[0, 1, 2])
     with pytest.raises(ValueError, match=r"layer 1 tensor 'k': block ids must be in \[0, 4\), got 1..4"):
         xfer.send_layer(1, pool, block_ids=[1, 4])
-    with pytest.raises(ValueError, match=r"layer 1 tensor 'k': a paged pool must be \[num_blocks, block_size, \*\[2, 128\]\]"):
+    with pytest.raises(
+        ValueError, match=r"layer 1 tensor 'k': a paged pool must be \[num_blocks, block_size, \*\[2, 128\]\]"
+    ):
         xfer.send_layer(1, {"k": np.zeros((4, 16, 3, 128), ml_dtypes.bfloat16), "v": pool["v"]}, block_ids=[0, 1])
     xfer.abort()
 

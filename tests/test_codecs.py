@@ -74,12 +74,15 @@ def test_zeros_round_trip_exactly_and_nan_or_inf_is_refused(name):
     for bad in (np.nan, np.inf):
         x = kv(5, 2, 128)
         x[3, 1, 7] = bad
-        with pytest.raises(ValueError, match="layer 3 tensor 'k': NaN or Inf in the input; a lossy codec cannot scale it"):
+        with pytest.raises(
+            ValueError, match="layer 3 tensor 'k': NaN or Inf in the input; a lossy codec cannot scale it"
+        ):
             codec.encode(x, "layer 3 tensor 'k'")
 
 
 @pytest.mark.parametrize(
-    "heads, dim, limits", [(8, 128, {"fp8": 0.52, "int8": 0.52, "int4": 0.27}), (1, 512, {"fp8": 0.52, "int8": 0.52, "int4": 0.27})]
+    "heads, dim, limits",
+    [(8, 128, {"fp8": 0.52, "int8": 0.52, "int4": 0.27}), (1, 512, {"fp8": 0.52, "int8": 0.52, "int4": 0.27})],
 )
 def test_wire_size_targets_against_bfloat16_scales_included(heads, dim, limits):
     tokens = 4096

@@ -58,7 +58,9 @@ def test_wrong_or_missing_secret_is_refused_on_both_sides(layout, receiver, capl
 
 def test_receiver_without_secret_is_refused_by_a_sender_with_one(layout):
     with Receiver(layout) as open_rx:
-        with pytest.raises(AuthenticationError, match="failed to prove the shared secret \\(it has no secret configured\\)"):
+        with pytest.raises(
+            AuthenticationError, match="failed to prove the shared secret \\(it has no secret configured\\)"
+        ):
             Sender(layout, open_rx.address, secret=SECRET)
 
 
@@ -191,7 +193,8 @@ def test_sender_killed_mid_transfer_fails_fast_and_frees_everything(layout, rece
         kill(proc)
         start = time.monotonic()
         with pytest.raises(
-            PeerLostError, match=r"request 'victim': connection from .* lost with 1/4 layers arrived .*no reconnect within 2.0s"
+            PeerLostError,
+            match=r"request 'victim': connection from .* lost with 1/4 layers arrived .*no reconnect within 2.0s",
         ):
             got.wait_layer(3, timeout=10)
         assert time.monotonic() - start < 4  # the resume grace (2 s), then at once
@@ -236,10 +239,26 @@ def tls_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tls")
     for name in ("ca", "other"):
         subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-             "-addext", "subjectAltName=IP:127.0.0.1",
-             "-keyout", str(folder / f"{name}.key"), "-out", str(folder / f"{name}.pem")],
-            check=True, capture_output=True,
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+                "-keyout",
+                str(folder / f"{name}.key"),
+                "-out",
+                str(folder / f"{name}.pem"),
+            ],
+            check=True,
+            capture_output=True,
         )
     return folder
 
@@ -254,7 +273,9 @@ def _contexts(folder, client_trusts="ca"):
     return server, client
 
 
-@pytest.mark.skipif(not __import__("shutil").which("openssl"), reason="needs the openssl CLI to make a test certificate")
+@pytest.mark.skipif(
+    not __import__("shutil").which("openssl"), reason="needs the openssl CLI to make a test certificate"
+)
 def test_tls_transfer_round_trips_and_an_untrusted_certificate_is_refused(layout, tls_files, caplog):
     server_ctx, client_ctx = _contexts(tls_files)
     kv = random_kv(layout, 300)

@@ -6,8 +6,12 @@ from kvwire.layout import ALIGN_BYTES
 
 
 def test_tensor_order_in_a_layer_does_not_matter():
-    a = KVLayout([{"k": TensorSpec((2, 8), "float16", per_token=True), "v": TensorSpec((2, 8), "float16", per_token=True)}])
-    b = KVLayout([{"v": TensorSpec((2, 8), "float16", per_token=True), "k": TensorSpec((2, 8), "float16", per_token=True)}])
+    a = KVLayout(
+        [{"k": TensorSpec((2, 8), "float16", per_token=True), "v": TensorSpec((2, 8), "float16", per_token=True)}]
+    )
+    b = KVLayout(
+        [{"v": TensorSpec((2, 8), "float16", per_token=True), "k": TensorSpec((2, 8), "float16", per_token=True)}]
+    )
     assert a.fingerprint == b.fingerprint
     assert a == b
 
@@ -27,14 +31,20 @@ def test_any_difference_changes_the_fingerprint():
 
 
 def test_difference_names_layer_tensor_and_both_specs():
-    mine = KVLayout([{"conv": TensorSpec((8, 4), "float32")}, {"latent": TensorSpec((1, 80), "bfloat16", per_token=True)}])
-    theirs = KVLayout([{"conv": TensorSpec((8, 4), "float32")}, {"latent": TensorSpec((1, 64), "bfloat16", per_token=True)}])
+    mine = KVLayout(
+        [{"conv": TensorSpec((8, 4), "float32")}, {"latent": TensorSpec((1, 80), "bfloat16", per_token=True)}]
+    )
+    theirs = KVLayout(
+        [{"conv": TensorSpec((8, 4), "float32")}, {"latent": TensorSpec((1, 64), "bfloat16", per_token=True)}]
+    )
     assert mine.difference(theirs) == (
         "layer 1 tensor 'latent': receiver has bfloat16[T, 1, 80], sender has bfloat16[T, 1, 64]"
     )
     fewer = KVLayout([{"conv": TensorSpec((8, 4), "float32")}])
     assert mine.difference(fewer) == "receiver has 2 layers, sender has 1"
-    renamed = KVLayout([{"conv": TensorSpec((8, 4), "float32")}, {"kv": TensorSpec((1, 80), "bfloat16", per_token=True)}])
+    renamed = KVLayout(
+        [{"conv": TensorSpec((8, 4), "float32")}, {"kv": TensorSpec((1, 80), "bfloat16", per_token=True)}]
+    )
     assert mine.difference(renamed) == "layer 1: tensors only on receiver: ['latent'], only on sender: ['kv']"
 
 

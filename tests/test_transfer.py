@@ -21,7 +21,7 @@ from kvwire import (
     TransferTimeout,
 )
 
-from .conftest import assert_same_bytes, hybrid_layout, random_kv
+from .conftest import assert_same_bytes, random_kv
 
 
 def wait_until(condition, timeout=10.0):
@@ -39,10 +39,12 @@ def send_all(tx, request_id, kv, num_tokens, **open_args):
 
 
 def test_the_issue_example_round_trips_exactly():
-    layout = KVLayout([
-        {"conv": TensorSpec((768, 4), "float32"), "recurrent": TensorSpec((4, 64, 64), "float32")},
-        {"latent": TensorSpec((1, 80), "bfloat16", per_token=True)},
-    ])
+    layout = KVLayout(
+        [
+            {"conv": TensorSpec((768, 4), "float32"), "recurrent": TensorSpec((4, 64, 64), "float32")},
+            {"latent": TensorSpec((1, 80), "bfloat16", per_token=True)},
+        ]
+    )
     kv = random_kv(layout, 4096, seed=7)
     with Receiver(layout, listen="127.0.0.1:0", backend="tcp", secret=b"...") as rx:
         with Sender(layout, rx.address, backend="tcp", streams=4, secret=b"...") as tx:
@@ -67,14 +69,18 @@ tensor_specs = st.builds(
     per_token=st.booleans(),
 )
 layouts = st.lists(
-    st.dictionaries(st.sampled_from(["k", "v", "conv", "state", "latent", "rope"]), tensor_specs, min_size=1, max_size=4),
+    st.dictionaries(
+        st.sampled_from(["k", "v", "conv", "state", "latent", "rope"]), tensor_specs, min_size=1, max_size=4
+    ),
     min_size=1,
     max_size=5,
 ).map(KVLayout)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(layout=layouts, num_tokens=st.sampled_from([0, 1, 2, 17, 300]), streams=st.integers(1, 3), seed=st.integers(0, 99))
+@given(
+    layout=layouts, num_tokens=st.sampled_from([0, 1, 2, 17, 300]), streams=st.integers(1, 3), seed=st.integers(0, 99)
+)
 def test_random_hybrid_layouts_round_trip_bit_exactly(layout, num_tokens, streams, seed):
     kv = random_kv(layout, num_tokens, seed)
     with Receiver(layout) as rx, Sender(layout, rx.address, streams=streams, chunk_bytes=4096) as tx:
@@ -86,7 +92,9 @@ def test_random_hybrid_layouts_round_trip_bit_exactly(layout, num_tokens, stream
 
 
 def test_torch_bfloat16_and_float8_round_trip_bit_exactly():
-    layout = KVLayout([{"k": TensorSpec((2, 8), "bfloat16", per_token=True), "q8": TensorSpec((5, 3), "float8_e4m3fn")}])
+    layout = KVLayout(
+        [{"k": TensorSpec((2, 8), "bfloat16", per_token=True), "q8": TensorSpec((5, 3), "float8_e4m3fn")}]
+    )
     k = torch.randn(33, 2, 8).to(torch.bfloat16)
     k[0, 0, 0] = float("nan")
     q8 = torch.randn(5, 3).to(torch.float8_e4m3fn)
@@ -170,7 +178,10 @@ def test_expect_lands_bytes_in_the_engine_buffers(layout, receiver, sender):
 
 def test_expect_buffer_too_small_fails_the_request_on_both_sides(layout, receiver, sender):
     receiver.expect("small", {3: {"latent": np.zeros((10, 1, 64), dtype=ml_dtypes.bfloat16)}})
-    with pytest.raises(RequestRejected, match=r"layer 3 tensor 'latent': shape \(10, 1, 64\) cannot hold bfloat16\[T, 1, 64\] with T=50"):
+    with pytest.raises(
+        RequestRejected,
+        match=r"layer 3 tensor 'latent': shape \(10, 1, 64\) cannot hold bfloat16\[T, 1, 64\] with T=50",
+    ):
         send_all(sender, "small", random_kv(layout, 50), 50)
     with pytest.raises(TransferTimeout):
         receiver.wait("small", timeout=0.2)
@@ -179,11 +190,17 @@ def test_expect_buffer_too_small_fails_the_request_on_both_sides(layout, receive
 def test_wrong_tensor_shape_dtype_or_names_are_value_errors(layout, sender):
     kv = random_kv(layout, 10)
     xfer = sender.open("bad", 10)
-    with pytest.raises(ValueError, match=r"request 'bad' layer 0 tensor 'conv': expected float32\[128, 4\], got float32\[128, 5\]"):
+    with pytest.raises(
+        ValueError, match=r"request 'bad' layer 0 tensor 'conv': expected float32\[128, 4\], got float32\[128, 5\]"
+    ):
         xfer.send_layer(0, {**kv[0], "conv": np.zeros((128, 5), np.float32)})
-    with pytest.raises(ValueError, match=r"layer 3 tensor 'latent': expected bfloat16\[10, 1, 64\], got float32\[10, 1, 64\]"):
+    with pytest.raises(
+        ValueError, match=r"layer 3 tensor 'latent': expected bfloat16\[10, 1, 64\], got float32\[10, 1, 64\]"
+    ):
         xfer.send_layer(3, {**kv[3], "latent": np.zeros((10, 1, 64), np.float32)})
-    with pytest.raises(ValueError, match=r"layer 1: missing tensors \['recurrent'\], unexpected tensors \['recurent'\]"):
+    with pytest.raises(
+        ValueError, match=r"layer 1: missing tensors \['recurrent'\], unexpected tensors \['recurent'\]"
+    ):
         xfer.send_layer(1, {"conv": kv[1]["conv"], "recurent": kv[1]["recurrent"]})
     with pytest.raises(ValueError, match="layer 9 out of range"):
         xfer.send_layer(9, kv[0])
@@ -296,5 +313,7 @@ def test_open_validates_its_arguments(layout, sender):
         sender.open("r", -1)
     with pytest.raises(ValueError, match="request_id must be a non-empty str"):
         sender.open("", 1)
-    with pytest.raises(ValueError, match=r"unknown codec 'zstd'; known codecs: \['fp8', 'int4', 'int8', 'none'\] and 'auto'"):
+    with pytest.raises(
+        ValueError, match=r"unknown codec 'zstd'; known codecs: \['fp8', 'int4', 'int8', 'none'\] and 'auto'"
+    ):
         sender.open("r", 1, codec="zstd")

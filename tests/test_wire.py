@@ -113,15 +113,24 @@ def test_handshake_succeeds_with_equal_secret_and_layout():
 @pytest.mark.parametrize(
     "client_secret, server_secret, client_says, server_says",
     [
-        (b"a", b"b", "receiver at receiver-side failed to prove the shared secret (it has a different secret)",
-         "refused us: sender: receiver's proof is wrong"),
-        (None, b"b", "sender sent no proof, but this receiver requires a secret",
-         "sender sent no proof, but this receiver requires a secret"),
-        (b"a", None, "failed to prove the shared secret (it has no secret configured)",
-         "refused us"),
+        (
+            b"a",
+            b"b",
+            "receiver at receiver-side failed to prove the shared secret (it has a different secret)",
+            "refused us: sender: receiver's proof is wrong",
+        ),
+        (
+            None,
+            b"b",
+            "sender sent no proof, but this receiver requires a secret",
+            "sender sent no proof, but this receiver requires a secret",
+        ),
+        (b"a", None, "failed to prove the shared secret (it has no secret configured)", "refused us"),
     ],
 )
-def test_handshake_refuses_wrong_or_missing_secret_on_both_sides(client_secret, server_secret, client_says, server_says):
+def test_handshake_refuses_wrong_or_missing_secret_on_both_sides(
+    client_secret, server_secret, client_says, server_says
+):
     layout = hybrid_layout()
     client, server = _handshake(layout, layout, client_secret, server_secret)
     assert isinstance(client, AuthenticationError) and client_says in str(client)

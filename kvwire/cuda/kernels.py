@@ -137,7 +137,9 @@ def group_of(codec, group_index, tokens, heads, dim, block_tokens, group):
 
 
 @cuda.jit
-def gather_quantize(src, kind, rows, codec, tokens, heads, dim, block_tokens, group, codes, scales_f32, scales_f16, error):
+def gather_quantize(
+    src, kind, rows, codec, tokens, heads, dim, block_tokens, group, codes, scales_f32, scales_f16, error
+):
     """One block per scale group: reduce max|x|, write the scale, then the codes."""
     g = cuda.blockIdx.x
     t0, nt, h, d0, nd = group_of(codec, g, tokens, heads, dim, block_tokens, group)

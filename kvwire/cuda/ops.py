@@ -42,8 +42,19 @@ def gather_quantize(pool2d, dtype: str, rows, codec: str, heads: int, dim: int, 
     error = cuda.to_device(np.zeros(1, dtype=np.int32))
     if groups:
         kernels.gather_quantize[groups, threads](
-            pool2d, KINDS[dtype], rows, CODEC_IDS[codec], tokens, heads, dim, FP8_BLOCK_TOKENS, group,
-            codes, scales_f32, scales_f16, error,
+            pool2d,
+            KINDS[dtype],
+            rows,
+            CODEC_IDS[codec],
+            tokens,
+            heads,
+            dim,
+            FP8_BLOCK_TOKENS,
+            group,
+            codes,
+            scales_f32,
+            scales_f16,
+            error,
         )
     status = int(error.copy_to_host()[0])
     if status == 1:
@@ -54,7 +65,9 @@ def gather_quantize(pool2d, dtype: str, rows, codec: str, heads: int, dim: int, 
     return codes, scales[:groups]
 
 
-def dequantize_scatter(codes, scales, codec: str, heads: int, dim: int, rows, pool2d, dtype: str, *, threads: int = kernels.THREADS):
+def dequantize_scatter(
+    codes, scales, codec: str, heads: int, dim: int, rows, pool2d, dtype: str, *, threads: int = kernels.THREADS
+):
     """Write ``code * scale`` of every element into pool rows ``rows`` in the pool's dtype."""
     tokens = len(rows)
     group = min(INT4_GROUP, dim)
@@ -64,8 +77,18 @@ def dequantize_scatter(codes, scales, codec: str, heads: int, dim: int, rows, po
     total = tokens * heads * dim
     if total:
         kernels.dequantize_scatter[-(-total // threads), threads](
-            codes, scales_f32, scales_f16, CODEC_IDS[codec], tokens, heads, dim, FP8_BLOCK_TOKENS, group,
-            rows, pool2d, KINDS[dtype],
+            codes,
+            scales_f32,
+            scales_f16,
+            CODEC_IDS[codec],
+            tokens,
+            heads,
+            dim,
+            FP8_BLOCK_TOKENS,
+            group,
+            rows,
+            pool2d,
+            KINDS[dtype],
         )
 
 

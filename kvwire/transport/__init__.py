@@ -32,6 +32,20 @@ def _tcp() -> Backend:
     return TcpBackend()
 
 
+def _ucx() -> Backend:
+    from .ucx import UcxBackend
+
+    return UcxBackend()
+
+
+def _auto() -> Backend:
+    from .auto import AutoBackend
+
+    return AutoBackend()
+
+
 register("tcp", _tcp)
+register("ucx", _ucx)
+register("auto", _auto)
 
 __all__ = ["Backend", "Connection", "LinkStats", "Listener", "get_backend", "register"]

@@ -91,9 +91,13 @@ def server_handshake(
     ``welcome`` makes the accepting reply once the peer is authenticated."""
     hello = framing.expect(read_handshake_message(conn, framing.MAX_STREAM_HEADER_BYTES), Hello)
     if hello.protocol != PROTOCOL_VERSION:
-        _refuse(conn, ProtocolError(f"protocol version {hello.protocol} not supported (receiver speaks {PROTOCOL_VERSION})"))
+        _refuse(
+            conn, ProtocolError(f"protocol version {hello.protocol} not supported (receiver speaks {PROTOCOL_VERSION})")
+        )
     nonce = os.urandom(32)
-    send_message(conn, Challenge(PROTOCOL_VERSION, nonce, _proof(secret, _RECEIVER_LABEL, hello, nonce), layout.fingerprint))
+    send_message(
+        conn, Challenge(PROTOCOL_VERSION, nonce, _proof(secret, _RECEIVER_LABEL, hello, nonce), layout.fingerprint)
+    )
     auth = read_handshake_message(conn, framing.MAX_HANDSHAKE_HEADER_BYTES)
     if isinstance(auth, Reject):
         raise AuthenticationError(f"sender at {conn.peer} refused us: {auth.reason}")
