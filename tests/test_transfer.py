@@ -105,6 +105,28 @@ def test_torch_bfloat16_and_float8_round_trip_bit_exactly():
     assert torch.equal(torch.from_numpy(got["q8"].view(np.uint8)), q8.view(torch.uint8))
 
 
+class DLPackOnly:
+    """An array from some other library: all kvwire may use is the DLPack protocol."""
+
+    def __init__(self, array):
+        self._array = array
+
+    def __dlpack__(self, **kwargs):
+        return self._array.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self._array.__dlpack_device__()
+
+
+def test_dlpack_inputs_are_accepted():
+    layout = KVLayout([{"a": TensorSpec((3, 4), "float32", per_token=True)}])
+    a = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    with Receiver(layout) as rx, Sender(layout, rx.address) as tx:
+        send_all(tx, "dl", [{"a": DLPackOnly(a)}], 2)
+        got = rx.wait("dl", timeout=10).layer(0)
+    np.testing.assert_array_equal(got["a"], a)
+
+
 def test_non_contiguous_and_buffer_protocol_inputs_are_accepted():
     layout = KVLayout([{"a": TensorSpec((4, 3), "float32"), "b": TensorSpec((6,), "uint8")}])
     base = np.arange(24, dtype=np.float32).reshape(4, 6)
