@@ -53,6 +53,15 @@ def check_name(name: str) -> str:
     return name
 
 
+def accepts(expected: str, found: str) -> bool:
+    """Whether an array of dtype ``found`` may stand for layout dtype ``expected``.
+
+    Exact names only, except that without ml_dtypes the same-width unsigned integer
+    stands for bfloat16/fp8 (the raw bits), the form receivers hand such data back in.
+    """
+    return found == expected or (found == _NUMPY[expected].name and expected in _EXTENSION_TYPES)
+
+
 def numpy_dtype(name: str) -> np.dtype:
     """The numpy dtype that receive buffers of this layout dtype are viewed as."""
     return _NUMPY[check_name(name)]

@@ -21,7 +21,7 @@ import numpy as np
 from . import paged
 from .arrays import as_bytes
 from .codecs import bits_to_float32, encodes, geometry, get_codec
-from .dtypes import ITEMSIZE, exportable, numpy_dtype
+from .dtypes import ITEMSIZE, accepts, exportable, numpy_dtype
 from .errors import KVWireError, PeerLostError, TransferAborted, TransferTimeout
 from .layout import ALIGN_BYTES, KVLayout, LayerPlan
 
@@ -129,7 +129,7 @@ class Transfer:
                 wire[name] = array
                 continue
             flat, shape, dtype = as_bytes(array)
-            if shape != spec.full_shape(self.num_tokens) or dtype != spec.dtype:
+            if shape != spec.full_shape(self.num_tokens) or not accepts(spec.dtype, dtype):
                 raise ValueError(
                     f"{where}: expected {spec.dtype}{list(spec.full_shape(self.num_tokens))}, got {dtype}{list(shape)}"
                 )
@@ -222,13 +222,13 @@ class Transfer:
             if (
                 type(array) is np.ndarray
                 and array.shape == slot.shape
-                and _NUMPY_NAMES.get(array.dtype) == slot.spec.dtype
+                and array.dtype == numpy_dtype(slot.spec.dtype)
                 and array.flags.c_contiguous
             ):
                 buffer = array if array.dtype in _BUFFER_DTYPES else exportable(array)
             else:
                 buffer, shape, dtype = as_bytes(array)
-                if shape != slot.shape or dtype != slot.spec.dtype:
+                if shape != slot.shape or not accepts(slot.spec.dtype, dtype):
                     raise ValueError(
                         f"request {self.request_id!r} layer {layer} tensor {slot.name!r}: expected "
                         f"{slot.spec.dtype}{list(slot.shape)}, got {dtype}{list(shape)}"

@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from . import arrays
+from . import arrays, dtypes
 
 
 def token_rows(block_ids, block_size: int, num_tokens: int, num_blocks: int, where: str) -> np.ndarray:
@@ -47,7 +47,7 @@ def is_device_array(obj) -> bool:
 def gather(pool, block_ids, num_tokens: int, spec, where: str) -> np.ndarray:
     """The request's tokens from a host pool, contiguous, in the layout's dtype bits."""
     flat, shape, dtype = arrays.as_bytes(pool)
-    if dtype != spec.dtype:
+    if not dtypes.accepts(spec.dtype, dtype):
         raise ValueError(f"{where}: pool dtype {dtype}, layout says {spec.dtype}")
     num_blocks, block_size = pool_geometry(shape, spec, where)
     rows = token_rows(block_ids, block_size, num_tokens, num_blocks, where)
@@ -59,7 +59,7 @@ def gather(pool, block_ids, num_tokens: int, spec, where: str) -> np.ndarray:
 def pool_rows_view(pool, spec, where: str) -> tuple[np.ndarray, int, int]:
     """A writable (rows, bytes per token) uint8 view of a host pool, and its geometry."""
     flat, shape, dtype = arrays.writable_bytes(pool)
-    if dtype != spec.dtype:
+    if not dtypes.accepts(spec.dtype, dtype):
         raise ValueError(f"{where}: pool dtype {dtype}, layout says {spec.dtype}")
     num_blocks, block_size = pool_geometry(shape, spec, where)
     return flat.reshape(num_blocks * block_size, spec.nbytes(1)), num_blocks, block_size

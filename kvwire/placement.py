@@ -143,7 +143,7 @@ def _destination_bytes(where: str, slot, array, num_tokens: int) -> np.ndarray:
     except ValueError as exc:
         raise RequestRejected(f"{where}: {exc}") from None
     spec = slot.spec
-    if dtype != spec.dtype:
+    if not dtypes.accepts(spec.dtype, dtype):
         raise RequestRejected(f"{where}: dtype {dtype}, layout says {spec.dtype}")
     fits = shape[1:] == spec.shape and shape[0] >= num_tokens if spec.per_token else shape == spec.shape
     if not fits:
