@@ -48,6 +48,7 @@ class InboundRequest:
         self.error: KVWireError | None = None
         self.finished_at: float | None = None
         self.released = False
+        self.claimed = False  # an engine asked for it (Receiver.wait)
         self.cv = threading.Condition()
         self._active_writes = 0
         self.rid = -1  # the sender session's number for it, and that session (set by the receiver)

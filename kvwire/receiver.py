@@ -102,6 +102,9 @@ class Receiver:
     resume_grace_s : float
         How long a sender that lost every connection has to reconnect and resume its
         requests before they fail with PeerLostError.
+    claim_timeout_s : float, optional
+        Free a request that completed this long ago but that nobody ``wait()``-ed for
+        (its engine-side consumer vanished); None keeps it until ``release``.
     """
 
     def __init__(
@@ -116,6 +119,7 @@ class Receiver:
         max_request_timeout_s: float = 600.0,
         handshake_timeout_s: float = 10.0,
         resume_grace_s: float = 2.0,
+        claim_timeout_s: float | None = None,
         transport_options=None,
     ):
         self.layout = layout
@@ -124,6 +128,7 @@ class Receiver:
         self._max_request_timeout_s = max_request_timeout_s
         self._handshake_timeout_s = handshake_timeout_s
         self._resume_grace_s = resume_grace_s
+        self._claim_timeout_s = claim_timeout_s
         self._listener = get_backend(backend).listen(listen, ssl_context=ssl_context, options=transport_options)
         self.address: str = self._listener.address
         self._lock = threading.Condition()
@@ -186,7 +191,9 @@ class Receiver:
         with self._lock:
             while True:
                 if request_id in self._requests:
-                    return ReceivedRequest(self._requests[request_id], self._release_state)
+                    state = self._requests[request_id]
+                    state.claimed = True
+                    return ReceivedRequest(state, self._release_state)
                 if request_id in self._failures:
                     raise self._failures[request_id]
                 if self._closed:
@@ -325,6 +332,19 @@ class Receiver:
                 session.lost_peer, session.lost_cause = stream.conn.peer, str(reason)
         if not isinstance(reason, PeerLostError):
             log.warning("closing connection from %s: %s: %s", stream.conn.peer, type(reason).__name__, reason)
+
+    def _release_unclaimed(self, now: float) -> None:
+        if self._claim_timeout_s is None:
+            return
+        with self._lock:
+            stale = [
+                s
+                for s in self._requests.values()
+                if not s.claimed and s.finished_at is not None and now - s.finished_at > self._claim_timeout_s
+            ]
+        for state in stale:
+            log.warning("releasing request %r: complete for %.0fs and never claimed", state.request_id, now - state.finished_at)
+            self._release_state(state)
 
     def _expire_orphans(self, now: float) -> None:
         with self._lock:
@@ -576,6 +596,7 @@ class Receiver:
                 sessions = list(self._sessions.values())
             now = time.monotonic()
             self._expire_orphans(now)
+            self._release_unclaimed(now)
             for session in sessions:
                 with session.lock:
                     late = [s for s in session.requests.values() if s.deadline < now and not s.has_all_chunks]

@@ -366,3 +366,15 @@ def test_without_ml_dtypes_bfloat16_and_fp8_travel_as_their_raw_bits():
     proc = run_in_subprocess(WITHOUT_ML_DTYPES)
     out, err = proc.communicate(timeout=60)
     assert out.strip() == "ok", err
+
+
+def test_a_completed_request_nobody_claims_is_freed_after_claim_timeout(layout):
+    with Receiver(layout, claim_timeout_s=0.3) as rx, Sender(layout, rx.address) as tx:
+        send_all(tx, "orphaned", random_kv(layout, 10), 10)
+        assert rx.bytes_in_use > 0
+        wait_until(lambda: rx.bytes_in_use == 0, timeout=5)
+        send_all(tx, "claimed", random_kv(layout, 10), 10)
+        got = rx.wait("claimed", timeout=5)
+        time.sleep(0.6)
+        assert got.layer(0)  # claimed requests stay until released
+        got.release()

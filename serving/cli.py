@@ -1,0 +1,184 @@
+"""``kvwire-serve``: start a decode worker, a prefill worker, a router, or the demo.
+
+This is the one place that reads the environment and sets up logging. Each worker prints
+one JSON line on stdout once it is listening (``{"ready": role, "url": ..., ...}``), so a
+launcher can start it on port 0 and learn where it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+log = logging.getLogger("serving")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format=f"%(asctime)s {args.command} %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    return args.run(args)
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="kvwire-serve", description=__doc__.splitlines()[0])
+    top.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    commands = top.add_subparsers(dest="command", required=True)
+
+    decode = commands.add_parser("decode", help="a decode worker: receives KV over kvwire, streams tokens")
+    _worker_arguments(decode)
+    decode.add_argument("--kv-listen", required=True, metavar="HOST:PORT", help="where kvwire KV arrives (port 0: any)")
+    decode.add_argument("--kv-advertise", metavar="HOST:PORT", help="the KV address prefill workers should dial")
+    decode.add_argument("--kv-wait", type=float, default=30.0, metavar="S", help="seconds to wait for a request's KV")
+    decode.set_defaults(run=run_decode)
+
+    prefill = commands.add_parser("prefill", help="a prefill worker: runs prompts, streams KV layer by layer")
+    _worker_arguments(prefill)
+    prefill.add_argument("--streams", type=int, default=4, help="kvwire connections per decode worker")
+    prefill.set_defaults(run=run_prefill)
+
+    router = commands.add_parser("router", help="the OpenAI completions endpoint in front of the workers")
+    router.add_argument("--prefill", action="append", required=True, metavar="URL", help="a prefill worker (repeat)")
+    router.add_argument("--decode", action="append", required=True, metavar="URL", help="a decode worker (repeat)")
+    router.add_argument("--host", default="127.0.0.1")
+    router.add_argument("--port", type=int, required=True)
+    router.add_argument("--kv-fallback", choices=["recompute", "error"], default="recompute",
+                        help="on a failed KV transfer: the decode worker recomputes the prefill, or the client gets the error")
+    router.add_argument("--timeout", type=float, default=120.0, metavar="S", help="prefill timeout; also the token gap limit")
+    router.set_defaults(run=run_router)
+
+    demo = commands.add_parser("demo", help="run decode, prefill and router here and check tokens against generate()")
+    demo.add_argument("--model", metavar="DIR", help="a local checkpoint (default: a seeded tiny Kimi-Linear)")
+    demo.add_argument("--max-tokens", type=int, default=16)
+    demo.add_argument("--prompt-lengths", default="16,200,1000", help="comma-separated prompt lengths in tokens")
+    demo.set_defaults(run=run_demo)
+    return top
+
+
+def _worker_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--model", required=True, metavar="DIR", help="a save_pretrained() checkpoint folder")
+    command.add_argument("--dtype", choices=["float32", "bfloat16"], help="override the checkpoint's dtype")
+    command.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
+    command.add_argument("--port", type=int, required=True, help="HTTP port (0: any)")
+    command.add_argument("--kv-backend", choices=["tcp", "ucx", "auto"], default="tcp")
+    command.add_argument("--secret-file", type=Path, help="shared kvwire secret (both workers must use the same)")
+
+
+def _backend(name: str) -> str:
+    """'auto' is ucx where this build has it, tcp otherwise."""
+    from kvwire.transport import get_backend
+
+    try:
+        get_backend("ucx" if name == "auto" else name)
+        return "ucx" if name == "auto" else name
+    except ValueError as exc:
+        if name == "auto":
+            return "tcp"
+        raise SystemExit(f"kvwire-serve: --kv-backend {name}: {exc}") from None
+
+
+def _secret(path: Path | None) -> bytes | None:
+    if path is None:
+        log.warning("no --secret-file: kvwire peers are not authenticated")
+        return None
+    try:
+        secret = path.read_bytes().strip()
+    except OSError as exc:
+        raise SystemExit(f"kvwire-serve: cannot read --secret-file: {exc}") from None
+    if not secret:
+        raise SystemExit(f"kvwire-serve: secret file {path} is empty")
+    return secret
+
+
+def _quiet_transformers() -> None:
+    from .model import block_gpu_kernels
+
+    block_gpu_kernels()  # before anything imports a modeling module
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _load(args):
+    from .model import load
+
+    try:
+        return load(args.model, dtype=args.dtype)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"kvwire-serve {args.command}: cannot load --model {args.model}: {exc}") from None
+
+
+def _announce(role: str, **fields):
+    def on_ready(url: str) -> None:
+        print(json.dumps({"ready": role, "url": url, **fields}), flush=True)
+        log.info("%s listening on %s %s", role, url, fields or "")
+
+    return on_ready
+
+
+def _serve(app, host: str, port: int, on_ready) -> int:
+    from .http import serve_forever
+
+    async def run() -> None:
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, task.cancel)
+        await serve_forever(app, host, port, on_ready)
+
+    try:
+        asyncio.run(run())
+    except asyncio.CancelledError:
+        pass
+    return 0
+
+
+def run_decode(args) -> int:
+    from .decode import DecodeOptions, DecodeWorker
+
+    _quiet_transformers()
+    options = DecodeOptions(kv_listen=args.kv_listen, kv_advertise=args.kv_advertise, backend=_backend(args.kv_backend),
+                            secret=_secret(args.secret_file), kv_wait_s=args.kv_wait)
+    worker = DecodeWorker(_load(args), options)
+    try:
+        return _serve(worker.app(), args.host, args.port, _announce("decode", kv_address=worker.kv_address))
+    finally:
+        worker.close()
+
+
+def run_prefill(args) -> int:
+    from .prefill import PrefillOptions, PrefillWorker
+
+    _quiet_transformers()
+    options = PrefillOptions(backend=_backend(args.kv_backend), secret=_secret(args.secret_file), streams=args.streams)
+    worker = PrefillWorker(_load(args), options)
+    try:
+        return _serve(worker.app(), args.host, args.port, _announce("prefill"))
+    finally:
+        worker.close()
+
+
+def run_router(args) -> int:
+    from .router import Router, RouterOptions
+
+    options = RouterOptions(tuple(args.prefill), tuple(args.decode), kv_fallback=args.kv_fallback,
+                            prefill_timeout_s=args.timeout, token_timeout_s=args.timeout)
+    return _serve(Router(options).app(), args.host, args.port, _announce("router"))
+
+
+def run_demo(args) -> int:
+    from .demo import run
+
+    _quiet_transformers()
+    lengths = [int(n) for n in args.prompt_lengths.split(",") if n]
+    return run(model_dir=args.model, max_tokens=args.max_tokens, prompt_lengths=lengths)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

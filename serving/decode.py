@@ -1,0 +1,210 @@
+"""The decode worker: receives a request's KV, rebuilds the cache, streams tokens.
+
+A kvwire Receiver serves ``--kv-listen`` in the background. ``POST /internal/decode``
+names a request the router had prefilled elsewhere; the worker rebuilds the transformers
+cache from the received layers (copying, then releasing the receiver's memory) and
+decodes one token per step on its model thread, interleaving concurrent requests.
+
+If the KV cannot be had (the transfer failed or timed out), the worker recomputes the
+prefill itself, so a failed transfer never yields wrong tokens; the stream's first line
+says which source the cache came from, and the metrics count recomputations.
+
+The answer is NDJSON: ``{"kv_source", "kv_error", "rebuild_s"}``, then one
+``{"token", "text"}`` per token (the prefill's first token included), then
+``{"finish_reason", "num_tokens", "decode_s"}`` (or ``{"error": {...}}``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from kvwire import KVWireError, Receiver
+
+from .http import INVALID_REQUEST, BadRequest, base_app, describe, json_error
+from .hybrid_cache import kv_layout, new_cache, rebuild_layer
+from .metrics import Registry, render_peers
+from .model import LoadedModel
+from .prompts import check_prompt_shape, parse_max_tokens, parse_sampling
+from .steps import decode_step, pick_token, prefill, warm_up
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """Where the worker receives KV, and how long it waits for it."""
+
+    kv_listen: str = "127.0.0.1:0"
+    kv_advertise: str | None = None
+    backend: str = "tcp"
+    secret: bytes | None = None
+    kv_wait_s: float = 30.0
+    max_kv_bytes: int = 4 << 30
+
+
+class DecodeWorker:
+    """Decodes requests whose cache arrives over kvwire (or is recomputed on failure)."""
+
+    def __init__(self, loaded: LoadedModel, options: DecodeOptions = DecodeOptions()):
+        self.loaded = loaded
+        self.options = options
+        self.layout = kv_layout(loaded.config, loaded.dtype_name)
+        warm_up(loaded.model)
+        self.receiver = Receiver(
+            self.layout, listen=options.kv_listen, backend=options.backend, secret=options.secret,
+            max_bytes=options.max_kv_bytes, claim_timeout_s=120.0,  # KV whose router never came back
+        )
+        self.kv_address = options.kv_advertise or _reachable(self.receiver.address)
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="decode-model")
+        self._io = ThreadPoolExecutor(16, thread_name_prefix="decode-io")
+        self.registry = Registry()
+        self.num_requests = self.registry.counter("decode_requests", "Decode requests by KV source", ("kv_source",))
+        self.num_failed = self.registry.counter("decode_failed", "Decode requests answered with an error", ("error",))
+        self.num_recomputed = self.registry.counter(
+            "kv_recomputed", "Requests whose prefill the decode worker recomputed, by the KV error", ("error",)
+        )
+        self.num_tokens = self.registry.counter("decode_generated_tokens", "Tokens streamed (first token included)")
+        self.kv_bytes = self.registry.counter("decode_kv_bytes_received", "KV tensor bytes rebuilt into caches")
+
+    # -- getting the cache ----------------------------------------------------------------
+
+    def receive(self, request_id: str, timeout_s: float):
+        """(I/O thread) Wait for every layer of ``request_id`` and rebuild its cache."""
+        deadline = time.monotonic() + timeout_s
+        with self.receiver.wait(request_id, timeout=timeout_s) as got:
+            cache = new_cache(self.loaded.config)
+            for i in range(got.num_layers):
+                rebuild_layer(cache, i, got.wait_layer(i, timeout=max(0.0, deadline - time.monotonic())))
+            self.kv_bytes.inc(self.layout.nbytes(got.num_tokens))
+            return cache
+
+    def recompute(self, token_ids: list[int], sampling, generator):
+        """(model thread) The prefill, done here; returns (cache, first token)."""
+        logits, cache = prefill(self.loaded.model, token_ids)
+        return cache, pick_token(logits, sampling, generator)
+
+    async def cache_for(self, body: dict, sampling, generator) -> tuple[object, int, str, str | None]:
+        """(cache, first token, kv_source, kv_error) for a decode request."""
+        loop = asyncio.get_running_loop()
+        first_token = body.get("first_token")
+        kv_error = body.get("kv_error")
+        if first_token is not None:
+            try:
+                cache = await loop.run_in_executor(
+                    self._io, self.receive, str(body["request_id"]), float(body.get("timeout_s", self.options.kv_wait_s))
+                )
+                return cache, int(first_token), "transfer", None
+            except KVWireError as exc:
+                kv_error = describe(exc)
+                if body.get("fallback", "recompute") != "recompute":
+                    raise
+                log.warning("request %s: KV not received (%s); recomputing the prefill here", body["request_id"], kv_error)
+        # Whatever did arrive under this id will never be claimed: free it now.
+        self.receiver.release(str(body["request_id"]))
+        self.num_recomputed.inc(1, (kv_error or "none").split(":")[0])
+        cache, first = await loop.run_in_executor(
+            self._model_thread, self.recompute, body["prompt_token_ids"], sampling, generator
+        )
+        return cache, first, "recomputed", kv_error
+
+    # -- HTTP -----------------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = base_app("decode", self.registry, self._health, self._peer_metrics)
+        app.router.add_post("/internal/decode", self.handle_decode)
+        return app
+
+    def _health(self) -> dict:
+        return {"model": self.loaded.path, "architecture": self.loaded.architecture, "dtype": self.loaded.dtype_name,
+                "kv_address": self.kv_address, "layout_fingerprint": self.layout.fingerprint}
+
+    def _peer_metrics(self) -> list[str]:
+        return render_peers("decode", self.receiver.metrics())
+
+    async def handle_decode(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await request.json()
+            check_prompt_shape(body["prompt_token_ids"])
+            if not isinstance(body["prompt_token_ids"], list):
+                raise BadRequest("`prompt_token_ids` must be a list of token ids")
+            max_tokens = parse_max_tokens(body)
+            sampling = parse_sampling(body)
+        except (BadRequest, KeyError, TypeError, ValueError) as exc:
+            return json_error(400, INVALID_REQUEST, str(exc) if isinstance(exc, BadRequest) else describe(exc))
+        generator = sampling.generator()
+        started = time.perf_counter()
+        try:
+            cache, first_token, kv_source, kv_error = await self.cache_for(body, sampling, generator)
+        except KVWireError as exc:
+            self.num_failed.inc(1, type(exc).__name__)
+            return json_error(502, type(exc).__name__, str(exc))
+        except Exception as exc:  # a bug must answer, not hang the router
+            log.exception("request %s: getting the cache failed", body.get("request_id"))
+            self.num_failed.inc(1, type(exc).__name__)
+            return json_error(500, "internal_error", describe(exc))
+        self.num_requests.inc(1, kv_source)
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        await _line(response, {"kv_source": kv_source, "kv_error": kv_error, "rebuild_s": time.perf_counter() - started})
+        try:
+            await self._stream_tokens(response, cache, first_token, max_tokens, sampling, generator)
+        except (ConnectionError, asyncio.CancelledError):
+            raise  # the router went away: nothing to tell it
+        except Exception as exc:
+            log.exception("request %s: decoding failed", body.get("request_id"))
+            self.num_failed.inc(1, type(exc).__name__)
+            await _line(response, {"error": {"type": "internal_error", "message": describe(exc)}})
+        await response.write_eof()
+        return response
+
+    async def _stream_tokens(self, response, cache, token: int, max_tokens: int, sampling, generator) -> None:
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        tokens: list[int] = []
+        text = ""
+        finish_reason = "length"
+        while True:
+            tokens.append(token)
+            self.num_tokens.inc()
+            piece, text = self._text_delta(tokens, text)
+            await _line(response, {"token": token, "text": piece})
+            if token in self.loaded.eos_token_ids:
+                finish_reason = "stop"
+                break
+            if len(tokens) >= max_tokens:
+                break
+            logits = await loop.run_in_executor(self._model_thread, decode_step, self.loaded.model, cache, token)
+            token = pick_token(logits, sampling, generator)
+        await _line(response, {"finish_reason": finish_reason, "num_tokens": len(tokens),
+                               "decode_s": time.perf_counter() - started})
+
+    def _text_delta(self, tokens: list[int], text: str) -> tuple[str, str]:
+        if self.loaded.tokenizer is None:
+            return "", text
+        full = self.loaded.tokenizer.decode(tokens, skip_special_tokens=True)
+        return full[len(text):], full
+
+    def close(self) -> None:
+        self.receiver.close()
+        self._model_thread.shutdown(wait=False, cancel_futures=True)
+        self._io.shutdown(wait=False, cancel_futures=True)
+
+
+async def _line(response: web.StreamResponse, message: dict) -> None:
+    await response.write(json.dumps(message).encode() + b"\n")
+
+
+def _reachable(address: str) -> str:
+    """The receiver's address as another host would dial it (not 0.0.0.0)."""
+    host, _, port = address.rpartition(":")
+    if host in ("0.0.0.0", "", "::", "[::]"):
+        host = socket.getfqdn()
+    return f"{host}:{port}"

@@ -1,0 +1,73 @@
+"""What every serving process shares over HTTP: error bodies, /health, /metrics, startup.
+
+Errors use the OpenAI shape ``{"error": {"type", "message"}}``; a kvwire failure keeps
+its class name as the type (``PeerLostError``...) so the client sees what broke.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable
+
+from aiohttp import web
+
+from .metrics import Registry
+
+log = logging.getLogger(__name__)
+
+INVALID_REQUEST = "invalid_request_error"
+
+
+class BadRequest(ValueError):
+    """A client mistake: answered with 400 and this message."""
+
+
+def error_body(error_type: str, message: str, **extra) -> dict:
+    return {"error": {"type": error_type, "message": message, **extra}}
+
+
+def json_error(status: int, error_type: str, message: str, **extra) -> web.Response:
+    return web.json_response(error_body(error_type, message, **extra), status=status)
+
+
+def describe(exc: BaseException) -> str:
+    """``"ClassName: message"``, the form errors travel in between processes."""
+    return f"{type(exc).__name__}: {exc}"
+
+
+def base_app(role: str, registry: Registry, health: Callable[[], dict], extra_metrics: Callable[[], list]) -> web.Application:
+    """An aiohttp app with GET /health and GET /metrics for ``role``."""
+    app = web.Application(client_max_size=64 << 20)
+
+    async def get_health(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "role": role, **health()})
+
+    async def get_metrics(request: web.Request) -> web.Response:
+        text = registry.render(extra_metrics())
+        return web.Response(text=text, content_type="text/plain", charset="utf-8", headers={"X-Role": role})
+
+    app.router.add_get("/health", get_health)
+    app.router.add_get("/metrics", get_metrics)
+    return app
+
+
+async def start(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, str]:
+    """Serve ``app``; return the runner and the bound base URL (port 0 picks one)."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound = runner.addresses[0][1]
+    url_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    return runner, f"http://{url_host}:{bound}"
+
+
+async def serve_forever(app: web.Application, host: str, port: int, on_ready: Callable[[str], None]) -> None:
+    """Serve until cancelled, calling ``on_ready(url)`` once listening."""
+    runner, url = await start(app, host, port)
+    on_ready(url)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()

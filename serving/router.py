@@ -1,0 +1,365 @@
+"""The router: an OpenAI completions endpoint in front of prefill and decode workers.
+
+For each request it picks the least busy prefill and decode workers, has the prefill
+worker run the prompt and stream the KV to the decode worker's kvwire address, then
+relays the decode worker's tokens to the client (JSON, or SSE with ``stream: true``).
+
+Every upstream call has a timeout, and every failure becomes an HTTP error whose
+``error.type`` names what broke (the kvwire error class for transfer failures). When the
+KV transfer fails but the decode worker is alive, it recomputes the prefill (unless
+``kv_fallback="error"``): the response's ``kvwire.kv_source`` says which happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from .http import INVALID_REQUEST, BadRequest, base_app, describe, error_body, json_error
+from .metrics import Registry
+from .prompts import check_prompt_shape, parse_max_tokens, parse_sampling
+
+log = logging.getLogger(__name__)
+
+UNAVAILABLE = "worker_unavailable"
+
+
+@dataclass(frozen=True)
+class RouterOptions:
+    """Workers and timeouts. ``kv_fallback``: "recompute" (on decode) or "error"."""
+
+    prefill_urls: tuple[str, ...]
+    decode_urls: tuple[str, ...]
+    kv_fallback: str = "recompute"
+    connect_timeout_s: float = 3.0
+    prefill_timeout_s: float = 120.0
+    token_timeout_s: float = 60.0
+
+
+class UpstreamError(Exception):
+    """A worker answered with an error, or could not be reached: becomes our HTTP error."""
+
+    def __init__(self, status: int, error_type: str, message: str, prompt_token_ids=None):
+        super().__init__(message)
+        self.status = status
+        self.error_type = error_type
+        self.prompt_token_ids = prompt_token_ids
+
+    def response(self) -> web.Response:
+        return json_error(self.status, self.error_type, str(self))
+
+
+class Router:
+    """Routes completions over prefill/decode worker pairs."""
+
+    def __init__(self, options: RouterOptions):
+        if not options.prefill_urls or not options.decode_urls:
+            raise ValueError("the router needs at least one --prefill and one --decode worker URL")
+        if options.kv_fallback not in ("recompute", "error"):
+            raise ValueError(f"kv_fallback must be 'recompute' or 'error', got {options.kv_fallback!r}")
+        self.options = options
+        self._session: aiohttp.ClientSession | None = None
+        self._kv_addresses: dict[str, str] = {}
+        self._model_names: dict[str, str] = {}
+        self._in_flight = {url: 0 for url in (*options.prefill_urls, *options.decode_urls)}
+        self.registry = Registry()
+        self.num_requests = self.registry.counter("router_requests", "Completions by HTTP status", ("status",))
+        self.num_fallbacks = self.registry.counter(
+            "router_kv_fallbacks", "Requests whose KV transfer failed, by kvwire error class", ("error",)
+        )
+        self.num_tokens = self.registry.counter("router_completion_tokens", "Completion tokens returned")
+        self.ttft_seconds = self.registry.counter("router_ttft_seconds", "Sum of time to first token")
+        self.kv_bytes = self.registry.counter("router_kv_bytes", "KV bytes moved for routed requests")
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = base_app("router", self.registry, self._health, list)
+        app.router.add_post("/v1/completions", self.handle_completions)
+        app.on_startup.append(self._startup)
+        app.on_cleanup.append(self._cleanup)
+        return app
+
+    async def _startup(self, app) -> None:
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=self.options.connect_timeout_s))
+        for url in self.options.decode_urls:
+            try:
+                await self.kv_address(url)
+            except UpstreamError as exc:
+                log.warning("decode worker %s not ready yet: %s", url, exc)
+
+    async def _cleanup(self, app) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def _health(self) -> dict:
+        return {"prefill": list(self.options.prefill_urls), "decode": list(self.options.decode_urls),
+                "kv_addresses": dict(self._kv_addresses)}
+
+    # -- workers --------------------------------------------------------------------------
+
+    def pick(self, urls: tuple[str, ...]) -> str:
+        """The worker with the fewest requests in flight (first listed on ties)."""
+        return min(urls, key=lambda url: self._in_flight[url])
+
+    async def kv_address(self, decode_url: str) -> str:
+        """The kvwire address of ``decode_url``, asked once from its /health."""
+        if decode_url not in self._kv_addresses:
+            health = await self._get_json(decode_url, "/health", "decode worker")
+            self._kv_addresses[decode_url] = health["kv_address"]
+            self._model_names[decode_url] = health.get("model", "")
+        return self._kv_addresses[decode_url]
+
+    async def _get_json(self, url: str, path: str, role: str) -> dict:
+        try:
+            timeout = aiohttp.ClientTimeout(total=self.options.connect_timeout_s * 2)
+            async with self._session.get(url + path, timeout=timeout) as response:
+                return await response.json()
+        except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as exc:
+            raise UpstreamError(502, UNAVAILABLE, f"{role} {url} is unreachable: {_client_error(exc)}") from None
+
+    async def prefill(self, url: str, payload: dict) -> dict:
+        """The prefill worker's answer; UpstreamError carrying its error type otherwise."""
+        timeout = aiohttp.ClientTimeout(total=self.options.prefill_timeout_s, connect=self.options.connect_timeout_s)
+        try:
+            async with self._session.post(url + "/internal/prefill", json=payload, timeout=timeout) as response:
+                body = await response.json()
+        except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as exc:
+            raise UpstreamError(502, UNAVAILABLE, f"prefill worker {url} is unreachable: {_client_error(exc)}") from None
+        if response.status != 200:
+            error = body.get("error", {})
+            raise UpstreamError(response.status, error.get("type", UNAVAILABLE), error.get("message", str(body)),
+                                error.get("prompt_token_ids"))
+        return body
+
+    # -- the endpoint ---------------------------------------------------------------------
+
+    async def handle_completions(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await request.json()
+            if not isinstance(body, dict):
+                raise BadRequest("the request body must be a JSON object")
+            job = _parse(body)
+        except (BadRequest, json.JSONDecodeError) as exc:
+            self.num_requests.inc(1, "400")
+            return json_error(400, INVALID_REQUEST, str(exc) if isinstance(exc, BadRequest) else f"invalid JSON: {exc}")
+        prefill_url, decode_url = self.pick(self.options.prefill_urls), self.pick(self.options.decode_urls)
+        for url in (prefill_url, decode_url):
+            self._in_flight[url] += 1
+        try:
+            return await self._complete(request, job, prefill_url, decode_url)
+        finally:
+            for url in (prefill_url, decode_url):
+                self._in_flight[url] -= 1
+
+    async def _complete(self, request, job: dict, prefill_url: str, decode_url: str) -> web.StreamResponse:
+        started = time.perf_counter()
+        info = {"request_id": job["id"], "prefill_worker": prefill_url, "decode_worker": decode_url}
+        try:
+            decode_job = await self._prefill_step(job, prefill_url, decode_url, info)
+            upstream = await self._open_decode(decode_url, decode_job, info)
+        except UpstreamError as exc:
+            self.num_requests.inc(1, str(exc.status))
+            return exc.response()
+        try:
+            try:
+                header = await _next_line(upstream, self.options.token_timeout_s)
+            except UpstreamError as exc:
+                self.num_requests.inc(1, str(exc.status))
+                return exc.response()
+            info.update(kv_source=header["kv_source"], kv_error=header["kv_error"], rebuild_s=header["rebuild_s"])
+            if job["stream"]:
+                return await self._stream(request, job, upstream, info, started)
+            return await self._collect(job, upstream, info, started, decode_url)
+        finally:
+            upstream.release()
+
+    async def _prefill_step(self, job: dict, prefill_url: str, decode_url: str, info: dict) -> dict:
+        """Prefill and ship the KV; the decode worker's job (with first_token None on failure)."""
+        decode_job = {
+            "request_id": job["id"], "max_tokens": job["max_tokens"], "temperature": job["temperature"],
+            "seed": job["seed"], "fallback": self.options.kv_fallback, "first_token": None, "kv_error": None,
+            "prompt_token_ids": job["prompt"] if isinstance(job["prompt"], list) else None,
+        }
+        try:
+            kv_address = await self.kv_address(decode_url)
+            result = await self.prefill(prefill_url, {
+                "request_id": job["id"], "prompt": job["prompt"], "kv_address": kv_address,
+                "temperature": job["temperature"], "seed": job["seed"], "timeout_s": self.options.prefill_timeout_s,
+            })
+        except UpstreamError as exc:
+            if exc.status == 400:
+                raise
+            kv_error = f"{exc.error_type}: {exc}"
+            self.num_fallbacks.inc(1, exc.error_type)
+            self._kv_addresses.pop(decode_url, None)  # ask again: the worker may have restarted elsewhere
+            if exc.prompt_token_ids is not None:
+                decode_job["prompt_token_ids"] = exc.prompt_token_ids
+            if self.options.kv_fallback == "error" or decode_job["prompt_token_ids"] is None:
+                raise
+            log.warning("request %s: KV transfer failed (%s); the decode worker will recompute", job["id"], kv_error)
+            decode_job["kv_error"] = kv_error
+            info["kv_error_type"] = exc.error_type
+            return decode_job
+        decode_job.update(prompt_token_ids=result["prompt_token_ids"], first_token=result["first_token"])
+        info.update(prefill_s=result["prefill_s"], prompt_tokens=len(result["prompt_token_ids"]), kv=result["kv"])
+        return decode_job
+
+    async def _open_decode(self, decode_url: str, decode_job: dict, info: dict) -> aiohttp.ClientResponse:
+        timeout = aiohttp.ClientTimeout(total=None, connect=self.options.connect_timeout_s,
+                                        sock_read=self.options.token_timeout_s)
+        try:
+            response = await self._session.post(decode_url + "/internal/decode", json=decode_job, timeout=timeout)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            message = f"decode worker {decode_url} is unreachable: {_client_error(exc)}"
+            if decode_job["kv_error"]:
+                message += f"; the KV transfer had failed with {decode_job['kv_error']}"
+            raise UpstreamError(502, info.get("kv_error_type", UNAVAILABLE), message) from None
+        if response.status != 200:
+            try:
+                error = (await response.json()).get("error", {})
+            except (aiohttp.ClientError, json.JSONDecodeError, asyncio.TimeoutError):
+                error = {}
+            response.release()
+            raise UpstreamError(response.status, error.get("type", UNAVAILABLE),
+                                error.get("message", f"decode worker {decode_url} answered HTTP {response.status}"))
+        info["prompt_tokens"] = len(decode_job["prompt_token_ids"])
+        return response
+
+    async def _collect(self, job: dict, upstream, info: dict, started: float, decode_url: str) -> web.Response:
+        tokens, text, final = [], [], None
+        try:
+            while final is None:
+                line = await _next_line(upstream, self.options.token_timeout_s)
+                if "error" in line:
+                    raise UpstreamError(502, line["error"]["type"], line["error"]["message"])
+                if "token" in line:
+                    if not tokens:
+                        info["ttft_s"] = time.perf_counter() - started
+                    tokens.append(line["token"])
+                    text.append(line["text"])
+                else:
+                    final = line
+        except UpstreamError as exc:
+            self.num_requests.inc(1, str(exc.status))
+            return exc.response()
+        choice = {"index": 0, "text": "".join(text), "logprobs": None, "finish_reason": final["finish_reason"]}
+        if job["return_token_ids"]:
+            choice["token_ids"] = tokens
+        self._account(info, len(tokens), "200")
+        return web.json_response({
+            "id": job["id"], "object": "text_completion", "created": job["created"],
+            "model": job["model"] or self._model_names.get(decode_url, ""), "choices": [choice],
+            "usage": _usage(info["prompt_tokens"], len(tokens)), "kvwire": _extension(info, final, started),
+        })
+
+    async def _stream(self, request, job: dict, upstream, info: dict, started: float) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        num_tokens = 0
+        try:
+            while True:
+                line = await _next_line(upstream, self.options.token_timeout_s)
+                if "error" in line:
+                    raise UpstreamError(502, line["error"]["type"], line["error"]["message"])
+                if "token" not in line:
+                    break
+                if num_tokens == 0:
+                    info["ttft_s"] = time.perf_counter() - started
+                num_tokens += 1
+                choice = {"index": 0, "text": line["text"], "logprobs": None, "finish_reason": None}
+                if job["return_token_ids"]:
+                    choice["token_ids"] = [line["token"]]
+                await _event(response, _chunk(job, [choice]))
+        except UpstreamError as exc:
+            self._account(info, num_tokens, str(exc.status))
+            await _event(response, error_body(exc.error_type, str(exc)))
+            await response.write_eof()
+            return response
+        final_choice = {"index": 0, "text": "", "logprobs": None, "finish_reason": line["finish_reason"]}
+        if job["return_token_ids"]:
+            final_choice["token_ids"] = []
+        chunk = _chunk(job, [final_choice])
+        chunk.update(usage=_usage(info["prompt_tokens"], num_tokens), kvwire=_extension(info, line, started))
+        await _event(response, chunk)
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        self._account(info, num_tokens, "200")
+        return response
+
+    def _account(self, info: dict, num_tokens: int, status: str) -> None:
+        self.num_requests.inc(1, status)
+        self.num_tokens.inc(num_tokens)
+        self.ttft_seconds.inc(info.get("ttft_s", 0.0))
+        self.kv_bytes.inc(info.get("kv", {}).get("raw_bytes", 0))
+
+
+def _parse(body: dict) -> dict:
+    """The request's fields, checked; BadRequest names the first bad one."""
+    if "prompt" not in body:
+        raise BadRequest("`prompt` is required")
+    check_prompt_shape(body["prompt"])
+    for flag in ("stream", "return_token_ids"):
+        if not isinstance(body.get(flag, False), bool):
+            raise BadRequest(f"`{flag}` must be true or false, got {body[flag]!r}")
+    if body.get("n", 1) != 1:
+        raise BadRequest(f"`n` must be 1, got {body['n']!r}")
+    sampling = parse_sampling(body)
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.get("model"),
+        "prompt": body["prompt"], "max_tokens": parse_max_tokens(body), "temperature": sampling.temperature,
+        "seed": sampling.seed, "stream": body.get("stream", False), "return_token_ids": body.get("return_token_ids", False),
+    }
+
+
+async def _next_line(upstream: aiohttp.ClientResponse, timeout_s: float) -> dict:
+    """The next NDJSON message from a decode worker; UpstreamError if the stream broke."""
+    try:
+        line = await asyncio.wait_for(upstream.content.readline(), timeout_s)
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        raise UpstreamError(502, UNAVAILABLE, f"decode stream from {upstream.url.origin()} broke: {_client_error(exc)}") from None
+    if not line:
+        raise UpstreamError(502, UNAVAILABLE, f"decode worker {upstream.url.origin()} closed the stream early")
+    return json.loads(line)
+
+
+def _chunk(job: dict, choices: list) -> dict:
+    return {"id": job["id"], "object": "text_completion", "created": job["created"], "model": job["model"] or "",
+            "choices": choices}
+
+
+async def _event(response: web.StreamResponse, message: dict) -> None:
+    await response.write(b"data: " + json.dumps(message).encode() + b"\n\n")
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _extension(info: dict, final: dict, started: float) -> dict:
+    """The ``kvwire`` field: where the KV came from and what moving it cost."""
+    kv = info.get("kv", {})
+    return {
+        "request_id": info["request_id"], "kv_source": info.get("kv_source"), "kv_error": info.get("kv_error"),
+        "prefill_worker": info["prefill_worker"], "decode_worker": info["decode_worker"],
+        "ttft_s": info.get("ttft_s"), "prefill_s": info.get("prefill_s"), "rebuild_s": info.get("rebuild_s"),
+        "decode_s": final.get("decode_s"), "total_s": time.perf_counter() - started,
+        "kv_bytes": kv.get("raw_bytes", 0), "kv_wire_bytes": kv.get("wire_bytes", 0),
+        "kv_transfer_s": kv.get("transfer_s"), "kv_after_prefill_s": kv.get("after_prefill_s"),
+        "kv_goodput_bps": kv.get("goodput_bps"), "link_goodput_bps": kv.get("link_goodput_bps"),
+        "link_rtt_ms": kv.get("rtt_ms"), "link_retransmits": kv.get("retransmits"),
+    }
+
+
+def _client_error(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    return describe(exc)

@@ -1,0 +1,96 @@
+"""The two model steps a worker runs: a prefill (with per-layer export) and decode steps.
+
+Both call the transformers model exactly as ``generate()`` does (the same ``cache=``,
+``use_cache`` and ``logits_to_keep=1``), which is what makes disaggregated greedy tokens
+identical to monolithic ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+from .hybrid_cache import layer_hooks, new_cache
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is picked: greedy at ``temperature == 0``."""
+
+    temperature: float = 0.0
+    seed: int | None = None
+
+    def generator(self):
+        import torch
+
+        if self.temperature == 0:
+            return None
+        generator = torch.Generator()
+        generator.manual_seed(self.seed if self.seed is not None else torch.seed())
+        return generator
+
+
+def pick_token(logits, sampling: Sampling, generator) -> int:
+    """The next token from a row of logits."""
+    import torch
+
+    if sampling.temperature == 0:
+        return int(torch.argmax(logits, dim=-1))
+    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def prefill(model, token_ids: Sequence[int], on_layer: Callable | None = None):
+    """Run the prompt; return (last-position logits, cache).
+
+    ``on_layer(i, tensors)`` is called as soon as layer i's cache entry is complete.
+    """
+    import torch
+
+    cache = new_cache(model.config)
+    ids = torch.tensor([list(token_ids)], dtype=torch.long)
+    with torch.no_grad():
+        if on_layer is None:
+            out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+        else:
+            with layer_hooks(model, cache, on_layer):
+                out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[0, -1], cache
+
+
+def decode_step(model, cache, token: int):
+    """Feed one token; return the logits of the next position."""
+    import torch
+
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([[token]], dtype=torch.long), cache=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[0, -1]
+
+
+def decode(
+    model, cache, first_token: int, max_new_tokens: int, sampling: Sampling, eos_token_ids: frozenset[int], generator=None
+) -> Iterator[int]:
+    """Tokens 2..max_new_tokens after ``first_token`` (the prefill's), stopping after an EOS."""
+    token = first_token
+    for _ in range(max_new_tokens - 1):
+        if token in eos_token_ids:
+            return
+        token = pick_token(decode_step(model, cache, token), sampling, generator)
+        yield token
+
+
+def warm_up(model) -> None:
+    """One short prefill and decode step, so the first request does not pay for lazy setup."""
+    ids = [3 + i % (model.config.vocab_size - 3) for i in range(8)]
+    logits, cache = prefill(model, ids)
+    decode_step(model, cache, int(logits.argmax()))
+
+
+def generate_monolithic(model, token_ids: Sequence[int], max_new_tokens: int) -> list[int]:
+    """Greedy tokens from transformers' own ``generate()``: the reference output."""
+    import torch
+
+    ids = torch.tensor([list(token_ids)], dtype=torch.long)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, min_new_tokens=0)
+    return out[0, len(token_ids):].tolist()
