@@ -241,6 +241,11 @@ class Sender:
         return self._counters.snapshot(self.address, links)
 
     @property
+    def backend_names(self) -> list[str]:
+        """The backend carrying each live connection ("tcp" or "ucx"); differs under backend="auto"."""
+        return [getattr(s.conn, "backend_name", "tcp") for s in self._streams if s.alive]
+
+    @property
     def num_streams(self) -> int:
         """Connections still alive."""
         return sum(s.alive for s in self._streams)

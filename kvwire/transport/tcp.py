@@ -79,6 +79,8 @@ def _configure(sock: socket.socket, options: TcpOptions) -> None:
 class TcpConnection:
     """One socket. All OS errors are mapped to kvwire errors here and nowhere else."""
 
+    backend_name = "tcp"
+
     def __init__(self, sock: socket.socket, peer: str):
         self.sock = sock
         self.peer = peer

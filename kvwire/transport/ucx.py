@@ -1,0 +1,824 @@
+"""UCX backend over ucxx: kvwire's byte stream carried by UCX tag messages.
+
+Why it looks the way it does:
+
+- **Bootstrap over TCP.** ``listen("HOST:PORT")`` opens a plain TCP port. A client connects,
+  both sides swap their UCX worker addresses (msgspec, bounded), create an endpoint to the
+  other's worker, and ping each other over UCX before the connection is handed up. The TCP
+  socket then stays open, idle, as the *liveness channel*: the kernel closes it when the
+  peer process dies, which wakes any thread waiting on UCX (see "shared memory").
+- **Shared memory.** UCX's default error-handling mode ("peer") refuses sm/posix/cma, and
+  without error handling UCX never reports a dead peer. So: peers on the same host (same
+  hostname, boot id and pid namespace) get endpoints *without* error handling, so UCX may
+  use shared memory / CMA / cuda_ipc, and a peer's death is seen through the liveness
+  socket; peers on other hosts get error handling "peer" (tcp, RDMA), and UCX's own
+  errors (connection reset, endpoint timeout) are mapped too. ``UcxOptions(shared_memory=
+  False)`` forces error handling on everywhere.
+- **Byte stream over tag messages.** Each ``send(buffers)`` becomes one small control
+  message (buffers under ``inline_bytes`` copied into it, and the lengths of the others)
+  followed by one tag message per large buffer, sent straight from the caller's memory
+  (UCX rendezvous: CMA on one host, zero-copy on RDMA, GPU memory as is). ``send`` returns
+  while up to ``send_window_bytes`` of them are still in flight (as a TCP send returns once
+  the kernel holds the bytes), keeping the buffers referenced until UCX is done. The receiver
+  posts each large message's receive straight into the destination ``recv_into`` was
+  given, so bulk bytes land in place with no Python copy. Tags are ``(connection id << 32)
+  | sequence number``, so many connections share one worker.
+- **Threads drive progress.** One UCX worker per process, progressed by whichever thread
+  is waiting on it (no progress thread, no event loop): measured on loopback this moves
+  64 MiB at 12.6 GB/s over shared memory against 10.4 GB/s with ucxx's progress thread,
+  and 1.5 against 1.0 GB/s over tcp. One waiting thread at a time leads: it blocks in epoll
+  (GIL released) on the worker's event fd, every connection's liveness socket and a kick
+  eventfd, progresses the worker and wakes the others; nothing spins while idle.
+- **Peer death without error handling.** A waiter learns of it from the liveness socket
+  (EOF or reset) after one more progress, so bytes the peer sent before dying still count;
+  on any failure the endpoint is closed (which cancels its requests) and ``recv_into`` /
+  ``send`` return only once UCX has let go of the caller's buffers (or, if UCX never
+  completes the cancel, those buffers are kept referenced forever rather than reused).
+
+All UCX errors become kvwire errors in ``_map_error`` and nowhere else.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import os
+import select
+import socket
+import struct
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import msgspec
+import numpy as np
+
+from ..errors import KVWireError, PeerLostError, ProtocolError, TransferTimeout
+from .base import LinkStats
+from .tcp import TcpOptions, _configure, format_address, parse_address
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"\x00\x00\x00\x00kvwire-ucx/1"  # a zero TCP frame length: a TCP-only receiver refuses it at once
+_HELLO_LIMIT_BYTES = 64 * 1024
+_CTRL_BYTES = 256 * 1024
+_MAX_SEGMENTS = 4096
+_MAX_STAGING_BYTES = 1 << 30
+_SEGMENT = struct.Struct("<I")
+_IDLE_WAIT_S = 0.1  # the longest a waiter sleeps before re-checking its deadline and flags
+_CLOSE_GRACE_S = 2.0
+
+
+@dataclass(frozen=True)
+class UcxOptions:
+    """Settings of the UCX backend.
+
+    ``shared_memory``: let peers on the same host use shared memory / CMA / cuda_ipc (their
+    endpoints run without UCX error handling; the liveness socket catches a dead peer).
+    ``inline_bytes``: buffers smaller than this travel inside the control message.
+    ``send_window_bytes``: bytes a connection's ``send`` may leave in flight before it waits
+    (0: every send waits until the peer has taken its bytes).
+    ``peer_timeout_s``: keepalive of the liveness socket, and the limit of the UCX ping.
+    ``ucx_config``: ``(("TLS", "tcp"), ...)`` UCX settings for the process's UCX context,
+    applied when the first UCX connection of the process is made.
+    """
+
+    shared_memory: bool = True
+    inline_bytes: int = 16 * 1024
+    send_window_bytes: int = 16 << 20
+    peer_timeout_s: float = 30.0
+    ucx_config: tuple[tuple[str, str], ...] = ()
+
+
+class _Hello(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    worker_address: bytes
+    host_id: str
+    tag_prefix: int
+    shared_memory: bool
+
+
+_hello_decoder = msgspec.msgpack.Decoder(_Hello)
+
+
+# -- errors -----------------------------------------------------------------------------
+
+
+def _map_error(exc: BaseException, peer: str) -> KVWireError:
+    """The one place where UCX errors become kvwire errors."""
+    if isinstance(exc, KVWireError):
+        return exc
+    api = _ucxx()[0]
+    if isinstance(exc, (api.UCXEndpointTimeoutError, api.UCXTimedOutError)):
+        return TransferTimeout(f"UCX connection to {peer} timed out: {exc}")
+    if isinstance(exc, api.UCXMessageTruncatedError):
+        return ProtocolError(f"UCX message from {peer} larger than announced: {exc}")
+    if isinstance(exc, api.UCXCanceledError):
+        return PeerLostError(f"UCX connection to {peer} was closed")
+    return PeerLostError(f"UCX connection to {peer} lost: {type(exc).__name__}: {exc}")
+
+
+def ucx_available() -> bool:
+    """Whether ucxx can be imported here (it is an optional dependency: the ``ucx`` extra)."""
+    try:
+        _ucxx()
+    except ImportError:
+        return False
+    return True
+
+
+def _ucxx():
+    try:
+        import ucxx._lib.libucxx as api
+        from ucxx._lib.arr import Array
+    except ImportError as exc:
+        raise ImportError(f"the ucx backend needs ucxx (pip install 'kvwire[ucx]'): {exc}") from exc
+    return api, Array
+
+
+# -- the process's UCX worker -----------------------------------------------------------
+
+
+def _host_id() -> str:
+    """Equal for two processes that can share memory: hostname, boot id, pid namespace."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = "?"
+    try:
+        pidns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        pidns = 0
+    return f"{socket.gethostname()}/{boot}/{pidns}"
+
+
+class _Hub:
+    """The process's UCX context and worker, shared by every connection."""
+
+    _instance: _Hub | None = None
+    _lock = threading.Lock()
+
+    def __init__(self, options: UcxOptions):
+        self.api, self.Array = _ucxx()
+        # ucxx writes UCX_* variables into os.environ when imported; UCX would then warn
+        # about those this machine does not use (no CUDA), which is noise for our users.
+        config = {"WARN_UNUSED_ENV_VARS": "n", **dict(options.ucx_config)}
+        self.context = self.api.UCXContext(config, feature_flags=(self.api.Feature.TAG, self.api.Feature.WAKEUP))
+        self.worker = self.api.UCXWorker(self.context)
+        self.worker.init_blocking_progress_mode()
+        self.epoll_fd = self.worker.epoll_file_descriptor
+        self.address = bytes(self.worker.address)
+        self.host_id = _host_id()
+        self.cuda = bool(self.context.cuda_support)
+        self._ids = itertools.count(int.from_bytes(os.urandom(2), "little") << 16)
+        self.cond = threading.Condition()
+        self.leader: int | None = None
+        self.kick_fd = os.eventfd(0, os.EFD_NONBLOCK)
+        self.epoll = select.epoll()
+        self.epoll.register(self.epoll_fd, select.EPOLLIN)
+        self.epoll.register(self.kick_fd, select.EPOLLIN)
+        self.watched: dict[int, UcxConnection] = {}
+        self._id_lock = threading.Lock()
+        self.zombies: list = []  # requests UCX would not cancel: their buffers must outlive them
+
+    @classmethod
+    def get(cls, options: UcxOptions) -> _Hub:
+        with cls._lock:
+            if cls._instance is None:
+                cls._instance = cls(options)
+            return cls._instance
+
+    def new_prefix(self) -> int:
+        with self._id_lock:
+            return next(self._ids) & 0xFFFFFFFF
+
+    def progress(self) -> None:
+        self.worker.progress()
+
+    # One waiting thread at a time (the leader) progresses the worker and blocks in epoll on
+    # its event fd, every connection's liveness socket and a kick eventfd; the others wait
+    # on a condition that the leader notifies after each round. No thread spins, and no
+    # completion is missed because another thread happened to progress it.
+
+    def watch(self, conn: UcxConnection) -> None:
+        with self.cond:
+            fd = conn._sock.fileno()
+            self.epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR)
+            self.watched[fd] = conn
+
+    def unwatch(self, conn: UcxConnection, fd: int) -> None:
+        with self.cond:
+            if self.watched.get(fd) is conn:
+                del self.watched[fd]
+                try:
+                    self.epoll.unregister(fd)
+                except OSError:
+                    pass
+            self.cond.notify_all()
+        self.kick()
+
+    def kick(self) -> None:
+        """Wake the leader (new requests were posted, or a connection closed)."""
+        if self.leader is not None and self.leader != threading.get_ident():
+            os.eventfd_write(self.kick_fd, 1)
+
+    def wait(self, conn: UcxConnection, requests: list, deadline: float | None) -> None:
+        me = threading.get_ident()
+        self.kick()  # a leader blocked in epoll must progress what this thread just posted
+        with self.cond:
+            try:
+                while True:
+                    if all(r.completed for r in requests):
+                        for r in requests:
+                            r.check_error()
+                        return
+                    conn._raise_if_broken(deadline)
+                    if self.leader is None:
+                        self.leader = me
+                    if self.leader == me:
+                        self.cond.release()
+                        try:
+                            self._round(requests, deadline)
+                        finally:
+                            self.cond.acquire()
+                        self.cond.notify_all()
+                    else:
+                        self.cond.wait(self._slice(deadline))
+            finally:
+                if self.leader == me:
+                    self.leader = None
+                    self.cond.notify_all()
+
+    @staticmethod
+    def _slice(deadline: float | None) -> float:
+        if deadline is None:
+            return _IDLE_WAIT_S
+        return max(0.0, min(_IDLE_WAIT_S, deadline - time.monotonic()))
+
+    def _round(self, requests: list, deadline: float | None) -> None:
+        self.worker.progress()  # (spinning here before sleeping measured slower on 2 busy cores)
+        if all(r.completed for r in requests) or not self.worker.arm():
+            return
+        for fd, _events in self.epoll.poll(self._slice(deadline)):
+            if fd == self.kick_fd:
+                try:
+                    os.eventfd_read(self.kick_fd)
+                except BlockingIOError:
+                    pass
+            elif fd != self.epoll_fd:
+                conn = self.watched.get(fd)
+                if conn is not None:
+                    conn._check_socket()
+        self.worker.progress()  # so data a peer sent before closing is in before anyone sees it gone
+
+
+# -- bootstrap (over the liveness socket) -----------------------------------------------
+
+
+def _send_hello(sock: socket.socket, hello: _Hello, *, with_magic: bool) -> None:
+    body = msgspec.msgpack.encode(hello)
+    sock.sendall((MAGIC if with_magic else b"") + struct.pack(">I", len(body)) + body)
+
+
+def _recv_exact(sock: socket.socket, nbytes: int, peer: str) -> bytes:
+    buf = bytearray(nbytes)
+    view = memoryview(buf)
+    while view:
+        n = sock.recv_into(view)
+        if n == 0:
+            raise PeerLostError(f"{peer} closed the connection during the UCX bootstrap")
+        view = view[n:]
+    return bytes(buf)
+
+
+def _recv_hello(sock: socket.socket, peer: str) -> _Hello:
+    (length,) = struct.unpack(">I", _recv_exact(sock, 4, peer))
+    if not 0 < length <= _HELLO_LIMIT_BYTES:
+        raise ProtocolError(f"UCX bootstrap from {peer}: hello of {length} bytes is outside 1..{_HELLO_LIMIT_BYTES}")
+    try:
+        return _hello_decoder.decode(_recv_exact(sock, length, peer))
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+        raise ProtocolError(f"UCX bootstrap from {peer}: invalid hello: {exc}") from None
+
+
+def _bootstrap(sock: socket.socket, peer: str, options: UcxOptions, *, client: bool, timeout_s: float) -> UcxConnection:
+    """Swap worker addresses over ``sock``, create the endpoint and ping over UCX."""
+    sock.settimeout(timeout_s)
+    try:
+        hub = _Hub.get(options)
+        mine = _Hello(hub.address, hub.host_id, hub.new_prefix(), options.shared_memory)
+        if client:
+            _send_hello(sock, mine, with_magic=True)
+            theirs = _recv_hello(sock, peer)
+        else:
+            theirs = _recv_hello(sock, peer)
+            _send_hello(sock, mine, with_magic=False)
+    except OSError as exc:
+        raise PeerLostError(f"UCX bootstrap with {peer} failed: {exc}") from None
+    local = theirs.host_id == hub.host_id and theirs.shared_memory and options.shared_memory
+    try:
+        address = hub.api.UCXAddress.create_from_buffer(theirs.worker_address)
+        ep = hub.api.UCXEndpoint.create_from_worker_address(hub.worker, address, not local)
+    except Exception as exc:  # noqa: BLE001 - any UCX failure here means "not reachable over UCX"
+        raise _map_error(exc, peer) from None
+    conn = UcxConnection(
+        hub, sock, ep, peer, send_prefix=theirs.tag_prefix, recv_prefix=mine.tag_prefix, local=local, options=options
+    )
+    try:
+        conn.set_timeout(min(timeout_s, options.peer_timeout_s))
+        _ping(conn, client)
+        conn.set_timeout(None)
+    except KVWireError:
+        conn.close()
+        raise
+    sock.settimeout(None)
+    sock.setblocking(False)
+    return conn
+
+
+def _ping(conn: UcxConnection, client: bool) -> None:
+    """One round trip over UCX, so an unreachable fabric fails here (and ``auto`` falls back)."""
+    probe = memoryview(bytearray(8))
+    if client:
+        conn.send([b"kvw-ping"])
+        conn.recv_into(probe)
+    else:
+        conn.recv_into(probe)
+        conn.send([b"kvw-ping"])
+    if bytes(probe) != b"kvw-ping":
+        raise ProtocolError(f"UCX ping with {conn.peer} returned {bytes(probe)!r}")
+
+
+# -- the connection -----------------------------------------------------------------------
+
+
+def _is_cuda(obj) -> bool:
+    return hasattr(obj, "__cuda_array_interface__") and not isinstance(obj, (memoryview, bytes, bytearray))
+
+
+def _device_bytes(obj):
+    """A CUDA array as a flat uint8 array of the same memory, so byte offsets slice it."""
+    if type(obj).__module__.startswith("torch"):
+        import torch
+
+        return obj.detach().reshape(-1).view(torch.uint8)
+    if hasattr(obj, "ravel") and hasattr(obj, "view"):  # cupy
+        return obj.ravel().view("uint8")
+    return obj
+
+
+def _copy_into_device(dest, data: memoryview) -> None:
+    """Host bytes into a CUDA byte array (only for the few small inline bytes)."""
+    import torch
+
+    torch.as_tensor(dest, device="cuda").copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+
+
+class UcxConnection:
+    """One byte stream over a UCX endpoint; see the module docstring for the framing."""
+
+    backend_name = "ucx"
+
+    def __init__(
+        self,
+        hub: _Hub,
+        sock: socket.socket,
+        ep,
+        peer: str,
+        *,
+        send_prefix: int,
+        recv_prefix: int,
+        local: bool,
+        options: UcxOptions,
+    ):
+        self.peer = peer
+        self.transport = "ucx-local" if local else "ucx-net"
+        self._hub = hub
+        self._sock = sock
+        self._ep = ep
+        self._send_prefix = send_prefix << 32
+        self._recv_prefix = recv_prefix << 32
+        self._send_seq = 0
+        self._recv_seq = 0
+        self._send_lock = threading.Lock()
+        self._recv_lock = threading.Lock()
+        self._post_lock = threading.Lock()  # posting and closing the endpoint never overlap
+        self._segments: collections.deque = collections.deque()  # memoryview (inline bytes) or int (bulk length)
+        self._ctrl_req = None
+        self._ctrl_bufs = [np.zeros(_CTRL_BYTES, dtype=np.uint8) for _ in range(2)]
+        self._ctrl_arrays = {id(b): hub.Array(b) for b in self._ctrl_bufs}
+        self._ctrl_buf: np.ndarray | None = None
+        self._timeout_s: float | None = None
+        self._closed = False
+        self._peer_gone = False
+        self._error: KVWireError | None = None
+        self._ep_closed = False
+        self._inline_bytes = options.inline_bytes
+        self._window_bytes = options.send_window_bytes
+        self._inflight: collections.deque = collections.deque()  # (requests, buffers, bytes) of sends
+        self._inflight_bytes = 0
+        self._sock_fd = sock.fileno()
+        hub.watch(self)
+
+    # -- Connection interface ------------------------------------------------------------
+
+    def send(self, buffers: Sequence) -> None:
+        """Write all buffers in order: small ones inline in a control message, large ones as is."""
+        with self._send_lock:
+            self._check()
+            requests, keep = [], []
+            segments, inline, inline_bytes = [], [], 0
+            bulks = []
+            for buf in buffers:
+                if _is_cuda(buf):
+                    nbytes = self._hub.Array(buf).nbytes
+                    view = buf
+                else:
+                    view = memoryview(buf)
+                    if view.format != "B" or view.ndim != 1:
+                        view = view.cast("B")
+                    nbytes = view.nbytes
+                if not nbytes:
+                    continue
+                if not _is_cuda(view) and nbytes < self._inline_bytes:
+                    if inline_bytes + nbytes > _CTRL_BYTES - 8 * _MAX_SEGMENTS or len(segments) >= _MAX_SEGMENTS:
+                        self._post_group(segments, inline, bulks, requests, keep)
+                        segments, inline, inline_bytes, bulks = [], [], 0, []
+                    segments.append(nbytes)
+                    inline.append(view)
+                    inline_bytes += nbytes
+                else:
+                    if len(segments) >= _MAX_SEGMENTS:
+                        self._post_group(segments, inline, bulks, requests, keep)
+                        segments, inline, inline_bytes, bulks = [], [], 0, []
+                    segments.append(-nbytes)
+                    bulks.append(view)
+            if segments:
+                self._post_group(segments, inline, bulks, requests, keep)
+            nbytes = sum(a.nbytes for a in keep)
+            self._inflight.append((requests, keep, nbytes))
+            self._inflight_bytes += nbytes
+            self._reap(self._window_bytes)
+
+    def _reap(self, limit_bytes: int) -> None:
+        """Forget completed sends; wait for the oldest while more than ``limit_bytes`` are in flight.
+
+        Sends return before their large messages are taken (so the next chunk is on its way
+        while the peer receives this one); the buffers stay referenced here until UCX is
+        done with them. kvwire's Sender never reuses a buffer before the receiver acks it.
+        """
+        while self._inflight:
+            requests, keep, nbytes = self._inflight[0]
+            if self._inflight_bytes > limit_bytes and not all(r.completed for r in requests):
+                self._wait(requests, keep)
+            elif not all(r.completed for r in requests):
+                return
+            try:
+                for r in requests:
+                    r.check_error()
+            except Exception as exc:  # noqa: BLE001
+                raise self._fail(_map_error(exc, self.peer), requests, keep) from None
+            self._inflight.popleft()
+            self._inflight_bytes -= nbytes
+
+    def recv_into(self, view) -> None:
+        """Fill ``view`` exactly; large messages are received straight into it."""
+        cuda = _is_cuda(view)
+        if cuda:
+            view = _device_bytes(view)
+        else:
+            view = memoryview(view)
+            if view.format != "B" or view.ndim != 1:
+                view = view.cast("B")
+        total = self._hub.Array(view).nbytes if cuda else view.nbytes
+        with self._recv_lock:
+            self._check()
+            pos = 0
+            while pos < total:
+                if not self._segments:
+                    self._next_control()
+                    continue
+                head = self._segments[0]
+                if isinstance(head, memoryview):
+                    take = min(len(head), total - pos)
+                    if cuda:
+                        _copy_into_device(view[pos : pos + take], head[:take])
+                    else:
+                        view[pos : pos + take] = head[:take]
+                    if take == len(head):
+                        self._segments.popleft()
+                    else:
+                        self._segments[0] = head[take:]
+                    pos += take
+                elif head <= total - pos:
+                    pos = self._recv_bulks(view, pos, total)
+                else:
+                    self._stage(head)
+
+    def set_timeout(self, seconds: float | None) -> None:
+        self._timeout_s = seconds
+
+    def link_stats(self) -> LinkStats | None:
+        return None
+
+    def close(self) -> None:
+        """Close now; threads waiting in send/recv_into wake with PeerLostError."""
+        self._closed = True
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes our waiters (their epoll sees it) and tells the peer
+        except OSError:
+            pass
+        self._close_endpoint()
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def _tag(self, prefix: int, seq: int):
+        return self._hub.api.UCXXTag(prefix | (seq & 0xFFFFFFFF))
+
+    def _post_group(self, segments, inline, bulks, requests, keep) -> None:
+        ctrl = b"".join([_SEGMENT.pack(len(segments)), struct.pack(f"<{len(segments)}q", *segments), *inline])
+        posts = [np.frombuffer(ctrl, dtype=np.uint8)]
+        posts.extend(bulks)
+        try:
+            with self._post_lock:
+                self._check()
+                for item in posts:
+                    array = self._hub.Array(item)
+                    keep.append(array)
+                    requests.append(self._ep.tag_send(array, self._tag(self._send_prefix, self._send_seq)))
+                    self._send_seq += 1
+        except Exception as exc:  # noqa: BLE001
+            raise self._fail(_map_error(exc, self.peer), requests, keep) from None
+
+    # -- receiving -------------------------------------------------------------------------
+
+    def _post_control(self) -> None:
+        # Two control buffers take turns: when the next control message is needed, every
+        # inline segment of the one before it has been consumed.
+        self._ctrl_bufs.reverse()
+        self._ctrl_buf = self._ctrl_bufs[0]
+        self._ctrl_req = self._post_recv(self._ctrl_arrays[id(self._ctrl_buf)], self._recv_seq)
+        self._recv_seq += 1
+
+    def _post_recv(self, array, seq: int):
+        try:
+            with self._post_lock:
+                self._check()
+                return self._ep.tag_recv(array, self._tag(self._recv_prefix, seq))
+        except Exception as exc:  # noqa: BLE001
+            raise self._fail(_map_error(exc, self.peer), [], []) from None
+
+    def _next_control(self) -> None:
+        if self._ctrl_req is None:
+            self._post_control()
+        buf, req = self._ctrl_buf, self._ctrl_req
+        self._wait([req], [buf])
+        self._ctrl_req = None
+        (count,) = _SEGMENT.unpack_from(buf, 0)
+        if count > _MAX_SEGMENTS:
+            raise self._fail(ProtocolError(f"UCX control message from {self.peer} lists {count} segments"), [], [])
+        lengths = struct.unpack_from(f"<{count}q", buf, _SEGMENT.size)
+        position = _SEGMENT.size + 8 * count
+        data = memoryview(buf)
+        num_bulks = 0
+        for length in lengths:
+            if length > 0:
+                if position + length > _CTRL_BYTES:
+                    raise self._fail(ProtocolError(f"UCX control message from {self.peer} is malformed"), [], [])
+                self._segments.append(data[position : position + length])
+                position += length
+            elif length < 0:
+                self._segments.append(-length)
+                num_bulks += 1
+            else:
+                raise self._fail(ProtocolError(f"UCX control message from {self.peer} is malformed"), [], [])
+        # Bulk messages take the sequence numbers after their control message; the next
+        # control message's receive is posted now, so it lands without a wait.
+        self._bulk_seq = self._recv_seq
+        self._recv_seq += num_bulks
+        self._post_control()
+
+    def _recv_bulks(self, view, pos: int, total: int) -> int:
+        """Post receives for the consecutive large messages that fit in ``view``; wait for all."""
+        requests, keep = [], []
+        while self._segments and isinstance(self._segments[0], int) and self._segments[0] <= total - pos:
+            length = self._segments.popleft()
+            array = self._hub.Array(view[pos : pos + length])
+            keep.append(array)
+            requests.append(self._post_recv(array, self._bulk_seq))
+            self._bulk_seq += 1
+            pos += length
+        self._wait(requests, keep)
+        return pos
+
+    def _stage(self, length: int) -> None:
+        """A large message longer than what the caller reads now: receive it aside."""
+        if length > _MAX_STAGING_BYTES:
+            raise self._fail(ProtocolError(f"UCX message of {length} bytes from {self.peer} exceeds the limit"), [], [])
+        staging = np.empty(length, dtype=np.uint8)
+        self._segments.popleft()
+        self._segments.appendleft(length)  # _recv_bulks pops it again
+        self._recv_bulks(memoryview(staging), 0, length)
+        self._segments.appendleft(memoryview(staging))
+
+    # -- waiting, failure, close -----------------------------------------------------------
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise type(self._error)(str(self._error))
+        if self._closed:
+            raise PeerLostError(f"UCX connection to {self.peer} was closed")
+
+    def _wait(self, requests: list, keep: list) -> None:
+        """Until ``requests`` complete (this thread may progress the worker for everyone), or fail."""
+        deadline = None if self._timeout_s is None else time.monotonic() + self._timeout_s
+        try:
+            self._hub.wait(self, requests, deadline)
+        except Exception as exc:  # noqa: BLE001 - UCX errors and ours alike end the connection
+            raise self._fail(_map_error(exc, self.peer), requests, keep) from None
+
+    def _raise_if_broken(self, deadline: float | None) -> None:
+        if self._closed:
+            raise PeerLostError(f"UCX connection to {self.peer} was closed")
+        if self._peer_gone:
+            raise PeerLostError(f"UCX connection to {self.peer} closed by the peer")
+        if deadline is not None and time.monotonic() >= deadline:
+            raise TransferTimeout(f"UCX connection to {self.peer} timed out")
+
+    def _check_socket(self) -> None:
+        """The liveness socket is readable: the peer closed it, died, or we shut it down."""
+        try:
+            data = self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._peer_gone = True  # the next loop progresses once more first: data sent before the close still counts
+
+    def _fail(self, error: KVWireError, requests: list, keep: list) -> KVWireError:
+        """Break the connection and make sure UCX no longer touches the caller's buffers."""
+        if self._error is None:
+            self._error = error if not self._closed else PeerLostError(f"UCX connection to {self.peer} was closed")
+        self._closed = True
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._close_endpoint()
+        for pending, buffers, _ in self._inflight:
+            requests, keep = requests + pending, keep + buffers
+        deadline = time.monotonic() + _CLOSE_GRACE_S
+        while not all(r.completed for r in requests) and time.monotonic() < deadline:
+            self._hub.progress()
+            time.sleep(0.0005)
+        if not all(r.completed for r in requests):
+            log.warning("UCX requests to %s did not cancel; keeping their buffers alive", self.peer)
+            self._hub.zombies.append((requests, keep))
+        return self._error
+
+    def _close_endpoint(self) -> None:
+        with self._post_lock:
+            if self._ep_closed:
+                return
+            self._ep_closed = True
+            try:
+                self._ep.close()  # cancels this endpoint's requests, pre-posted control receive included
+            except Exception as exc:  # noqa: BLE001
+                log.debug("closing the UCX endpoint to %s: %s", self.peer, exc)
+        ctrl = self._ctrl_req
+        if ctrl is not None and not ctrl.completed:
+            self._hub.zombies.append(([ctrl], [self._ctrl_buf]))
+        self._hub.unwatch(self, self._sock_fd)
+        self._sock.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001, S110 - interpreter teardown: the process is going away
+            pass
+
+
+# -- listener and backend -----------------------------------------------------------------
+
+
+def peek_magic(sock: socket.socket, timeout_s: float) -> bool:
+    """Whether an accepted socket starts with a UCX bootstrap (the bytes stay unread)."""
+    sock.settimeout(timeout_s)
+    try:
+        head = sock.recv(len(MAGIC), socket.MSG_PEEK | socket.MSG_WAITALL)
+    except OSError:
+        return False
+    return head == MAGIC
+
+
+def accept_bootstrap(sock: socket.socket, peer: str, options: UcxOptions, timeout_s: float) -> UcxConnection:
+    """Server side of the bootstrap on an accepted socket; closes it on failure."""
+    try:
+        sock.settimeout(timeout_s)
+        magic = _recv_exact(sock, len(MAGIC), peer)
+        if magic != MAGIC:
+            raise ProtocolError(f"{peer} did not start a kvwire UCX bootstrap")
+        return _bootstrap(sock, peer, options, client=False, timeout_s=timeout_s)
+    except OSError as exc:
+        sock.close()
+        raise PeerLostError(f"UCX bootstrap with {peer} failed: {exc}") from None
+    except KVWireError:
+        sock.close()
+        raise
+
+
+class _Pending:
+    """An accepted TCP connection whose UCX bootstrap runs later, in its own thread."""
+
+    backend_name = "ucx"
+
+    def __init__(self, sock: socket.socket, peer: str):
+        self.sock = sock
+        self.peer = peer
+
+    def set_timeout(self, seconds: float | None) -> None:
+        self.sock.settimeout(seconds)
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+class UcxListener:
+    """A TCP port for bootstraps; ``start_tls`` (per connection thread) does the UCX part."""
+
+    def __init__(self, address: str, options: UcxOptions):
+        host, port = parse_address(address)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._sock = socket.socket(family, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, port))
+        self._sock.listen(256)
+        self.address = format_address(host, self._sock.getsockname()[1])
+        self._options = options
+        self._closed = False
+        _Hub.get(options)  # fail at listen(), not at the first peer, when UCX cannot start
+
+    def accept(self) -> _Pending | None:
+        while True:
+            try:
+                sock, addr = self._sock.accept()
+            except OSError:
+                if self._closed:
+                    return None
+                continue
+            _configure(sock, TcpOptions(peer_timeout_s=self._options.peer_timeout_s))
+            return _Pending(sock, format_address(addr[0], addr[1]))
+
+    def start_tls(self, conn: _Pending, timeout_s: float) -> UcxConnection:
+        """Run the UCX bootstrap of an accepted connection (no TLS over UCX)."""
+        return accept_bootstrap(conn.sock, conn.peer, self._options, timeout_s)
+
+    def close(self) -> None:
+        self._closed = True
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+
+
+def _options(options) -> UcxOptions:
+    if options is None:
+        return UcxOptions()
+    if not isinstance(options, UcxOptions):
+        raise TypeError(f"the ucx backend takes UcxOptions, got {type(options).__name__}")
+    return options
+
+
+class UcxBackend:
+    """``backend="ucx"``: host and CUDA memory over UCX; no TLS (use ``tcp`` across sites)."""
+
+    name = "ucx"
+
+    def connect(self, address: str, *, timeout_s: float, ssl_context=None, options=None) -> UcxConnection:
+        if ssl_context is not None:
+            raise ValueError("the ucx backend has no TLS; use backend='tcp' (or 'auto') with an ssl_context")
+        options = _options(options)
+        host, port = parse_address(address)
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout_s)
+        except OSError as exc:
+            raise PeerLostError(f"cannot connect to {address}: {exc}") from None
+        _configure(sock, TcpOptions(peer_timeout_s=options.peer_timeout_s))
+        try:
+            return _bootstrap(sock, address, options, client=True, timeout_s=timeout_s)
+        except KVWireError:
+            sock.close()
+            raise
+
+    def listen(self, address: str, *, ssl_context=None, options=None) -> UcxListener:
+        if ssl_context is not None:
+            raise ValueError("the ucx backend has no TLS; use backend='tcp' (or 'auto') with an ssl_context")
+        return UcxListener(address, _options(options))

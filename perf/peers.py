@@ -1,0 +1,524 @@
+"""kvwire next to raw sockets, raw ucxx, NIXL and Mooncake on loopback, in one run.
+
+    python -m perf.peers --json
+    python -m perf.peers --sizes 1,16 --peers-python /tmp/peers-venv/bin/python
+
+Every case moves the same bytes between two processes: a target that owns a receive
+buffer (allocated and touched before timing) and an initiator that owns a send buffer of
+a fixed random pattern. A transfer is timed from its first byte until the initiator knows
+the bytes have landed:
+
+- ``raw_socket``: one TCP socket, ``sendall`` into ``recv_into(MSG_WAITALL)``, one-byte ack.
+- ``raw_ucxx``: ucxx tag send into a posted tag receive, one-byte ack; same endpoint setup
+  as kvwire's UCX backend (worker addresses; shared memory on one host) and the same way of
+  waiting (the waiting thread progresses the worker).
+- ``kvwire_tcp`` / ``kvwire_ucx``: ``send_layer`` + ``finish()`` (the receiver has verified
+  the checksums and acked) into ``rx.expect`` buffers.
+- ``nixl_ucx``: NIXL WRITE with its UCX backend (error handling "none", so it may use shared
+  memory too) until ``check_xfer_state`` says DONE.
+- ``mooncake_tcp``: Mooncake Transfer Engine ``transfer_sync_write`` over its TCP transport
+  (P2PHANDSHAKE metadata, no etcd).
+
+NIXL and Mooncake are benchmark-only peers: they run as subprocesses from a separate venv
+(``--peers-python``) and are never imported by kvwire. After each size the target compares
+every byte with the pattern. Results are GB/s (1e9 B/s), best of the repeats, and each
+case's ratio to ``raw_socket``. The CPUs may be shared with other work: the load average
+is reported next to the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+GB = 1e9
+MIB = 1 << 20
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CASES = ["raw_socket", "raw_ucxx", "kvwire_tcp", "kvwire_ucx", "nixl_ucx", "mooncake_tcp"]
+PEER_CASES = {"nixl_ucx", "mooncake_tcp"}
+TOKEN_BYTES = 1024
+CHUNK_KIB = [4096]  # kvwire's chunk size (Sender default 4 MiB); set by --chunk-kib
+
+
+def repeats_for(nbytes: int) -> int:
+    return 20 if nbytes <= MIB else 8 if nbytes <= 16 * MIB else 4
+
+
+def pattern(nbytes: int) -> np.ndarray:
+    return np.random.default_rng(12345).integers(0, 256, size=nbytes, dtype=np.uint8)
+
+
+# -- the control channel between a target and its initiator --------------------------------
+
+
+class Control:
+    """JSON lines over a TCP socket."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.file = sock.makefile("rwb", buffering=0)
+
+    def send(self, **message) -> None:
+        self.file.write(json.dumps(message).encode() + b"\n")
+
+    def recv(self) -> dict:
+        line = self.file.readline()
+        if not line:
+            raise SystemExit("control channel closed")
+        return json.loads(line)
+
+
+def serve_control() -> tuple[socket.socket, int]:
+    lsock = socket.create_server(("127.0.0.1", 0))
+    return lsock, lsock.getsockname()[1]
+
+
+def target_loop(control: Control, buf: np.ndarray, expected: np.ndarray, on_message=None) -> None:
+    """Answer the initiator: 'prep' (case hook), 'verify' (compare, then zero), 'bye'."""
+    while True:
+        msg = control.recv()
+        if msg["op"] == "verify":
+            n = msg["nbytes"]
+            ok = bool(np.array_equal(buf[:n], expected[:n]))
+            buf[:n] = 0
+            control.send(ok=ok)
+        elif msg["op"] == "bye":
+            control.send(ok=True)
+            return
+        else:
+            control.send(**(on_message(msg) or {}))
+
+
+# -- targets (receivers) ---------------------------------------------------------------------
+
+
+def target(case: str, max_bytes: int) -> None:
+    buf = np.zeros(max_bytes, dtype=np.uint8)  # zeros writes every page: touched before timing
+    expected = pattern(max_bytes)
+    lsock, cport = serve_control()
+    info = {"control": cport}
+    hook = None
+    if case == "raw_socket":
+        data_l, info["data"] = serve_control()
+    elif case == "raw_ucxx":
+        ucx = RawUcxx()
+        info["address"] = ucx.address.hex()
+    elif case.startswith("kvwire_"):
+        from kvwire import Receiver
+
+        rx = Receiver(kv_layout(), "127.0.0.1:0", backend=case.split("_")[1], secret=b"peers")
+        info["address"] = rx.address
+    elif case == "nixl_ucx":
+        agent, _ = nixl_agent("target", buf)
+        info["meta"] = agent.get_agent_metadata().hex()
+        info["addr"] = buf.ctypes.data
+    elif case == "mooncake_tcp":
+        engine = mooncake_engine(buf)
+        info["segment"] = f"127.0.0.1:{engine.get_rpc_port()}"
+        info["addr"] = buf.ctypes.data
+    print(json.dumps(info), flush=True)
+    csock, _ = lsock.accept()
+    control = Control(csock)
+
+    if case == "raw_socket":
+        dsock, _ = data_l.accept()
+
+        def hook(msg):
+            n = msg["nbytes"]
+            for _ in range(msg["repeats"]):
+                view = memoryview(buf)[:n]
+                while len(view):
+                    got = dsock.recv_into(view, len(view), socket.MSG_WAITALL)
+                    if not got:
+                        raise SystemExit("initiator vanished")
+                    view = view[got:]
+                dsock.sendall(b"k")
+
+    elif case == "raw_ucxx":
+
+        def hook(msg):
+            if msg["op"] == "connect":
+                ucx.connect(bytes.fromhex(msg["address"]))
+            else:
+                ucx.serve(buf[: msg["nbytes"]], msg["repeats"])
+
+    elif case.startswith("kvwire_"):
+
+        def hook(msg):
+            if msg["op"] == "expect":
+                rx.expect(msg["rid"], [{"x": buf[: msg["nbytes"]].reshape(-1, TOKEN_BYTES)}])
+            else:  # "wait": the sender's clock has stopped; free the request for the next one
+                with rx.wait(msg["rid"], timeout=60) as got:
+                    got.wait_done(timeout=60)
+
+    target_loop(control, buf, expected, hook)
+    os._exit(0)  # NIXL's target may crash in interpreter teardown, after the data has arrived
+
+
+# -- initiators (senders) ----------------------------------------------------------------------
+
+
+def initiator(case: str, info: dict, sizes: list[int], streams: int) -> None:
+    src = pattern(max(sizes))
+    control = Control(socket.create_connection(("127.0.0.1", info["control"])))
+    seconds: dict[str, list[float]] = {}
+    verified = True
+    send_one = setup_sender(case, info, src, control, streams)
+    for n in sizes:
+        times = []
+        repeats = repeats_for(n)
+        send_one.prepare(n, repeats)
+        for rep in range(repeats):
+            times.append(send_one(n, rep))
+        send_one.finish_size(n)
+        control.send(op="verify", nbytes=n)
+        verified &= control.recv()["ok"]
+        seconds[str(n)] = times
+    send_one.close()
+    control.send(op="bye")
+    control.recv()
+    print(json.dumps({"seconds": seconds, "verified": verified}), flush=True)
+    os._exit(0)
+
+
+class Sending:
+    """Base of each case's timed transfer: ``__call__(nbytes, rep) -> seconds``."""
+
+    def prepare(self, nbytes: int, repeats: int) -> None: ...
+
+    def finish_size(self, nbytes: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def setup_sender(case: str, info: dict, src: np.ndarray, control: Control, streams: int) -> Sending:
+    if case == "raw_socket":
+        return SocketSending(info, src, control)
+    if case == "raw_ucxx":
+        return UcxxSending(info, src, control)
+    if case.startswith("kvwire_"):
+        return KvwireSending(case.split("_")[1], info, src, control, streams)
+    if case == "nixl_ucx":
+        return NixlSending(info, src)
+    if case == "mooncake_tcp":
+        return MooncakeSending(info, src)
+    raise SystemExit(f"unknown case {case}")
+
+
+class SocketSending(Sending):
+    def __init__(self, info, src, control):
+        self.src, self.control = src, control
+        self.sock = socket.create_connection(("127.0.0.1", info["data"]))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def prepare(self, nbytes, repeats):
+        self.control.send(op="recv", nbytes=nbytes, repeats=repeats)  # answered after all repeats
+
+    def __call__(self, nbytes, rep):
+        t0 = time.perf_counter()
+        self.sock.sendall(memoryview(self.src)[:nbytes])
+        if self.sock.recv(1) != b"k":
+            raise SystemExit("raw socket target did not confirm")
+        return time.perf_counter() - t0
+
+    def finish_size(self, nbytes):
+        self.control.recv()
+
+
+class RawUcxx:
+    """ucxx's core API the way kvwire uses it: worker-address endpoints, self-progress."""
+
+    def __init__(self):
+        import ucxx._lib.libucxx as api
+        from ucxx._lib.arr import Array
+
+        self.api, self.Array = api, Array
+        self.context = api.UCXContext(
+            {"WARN_UNUSED_ENV_VARS": "n"}, feature_flags=(api.Feature.TAG, api.Feature.WAKEUP)
+        )
+        self.worker = api.UCXWorker(self.context)
+        self.worker.init_blocking_progress_mode()
+        self.address = bytes(self.worker.address)
+        self.ack = np.zeros(1, dtype=np.uint8)
+
+    def connect(self, peer: bytes) -> None:
+        address = self.api.UCXAddress.create_from_buffer(peer)
+        self.ep = self.api.UCXEndpoint.create_from_worker_address(self.worker, address, False)
+
+    def wait(self, request) -> None:
+        while not request.completed:
+            self.worker.progress_worker_event(1)
+        request.check_error()
+
+    def serve(self, view: np.ndarray, repeats: int) -> None:
+        array = self.Array(view)
+        for _ in range(repeats):
+            self.wait(self.ep.tag_recv(array, self.api.UCXXTag(1)))
+            self.wait(self.ep.tag_send(self.Array(self.ack), self.api.UCXXTag(2)))
+
+
+class UcxxSending(Sending):
+    def __init__(self, info, src, control):
+        self.ucx, self.src, self.control = RawUcxx(), src, control
+        self.ucx.connect(bytes.fromhex(info["address"]))
+        control.send(op="connect", address=self.ucx.address.hex())
+        control.recv()
+        self.ack = np.zeros(1, dtype=np.uint8)
+
+    def prepare(self, nbytes, repeats):
+        self.control.send(op="recv", nbytes=nbytes, repeats=repeats)
+
+    def __call__(self, nbytes, rep):
+        u = self.ucx
+        t0 = time.perf_counter()
+        send = u.ep.tag_send(u.Array(self.src[:nbytes]), u.api.UCXXTag(1))
+        ack = u.ep.tag_recv(u.Array(self.ack), u.api.UCXXTag(2))
+        u.wait(send)
+        u.wait(ack)
+        return time.perf_counter() - t0
+
+    def finish_size(self, nbytes):
+        self.control.recv()
+
+
+def kv_layout():
+    from kvwire import KVLayout, TensorSpec
+
+    return KVLayout([{"x": TensorSpec((TOKEN_BYTES,), "uint8", per_token=True)}])
+
+
+class KvwireSending(Sending):
+    def __init__(self, backend, info, src, control, streams):
+        from kvwire import Sender
+
+        self.src, self.control = src, control
+        self.tx = Sender(
+            kv_layout(),
+            info["address"],
+            backend=backend,
+            streams=streams,
+            secret=b"peers",
+            chunk_bytes=CHUNK_KIB[0] * 1024,
+        )
+
+    def __call__(self, nbytes, rep):
+        rid = f"r{nbytes}-{rep}"
+        self.control.send(op="expect", rid=rid, nbytes=nbytes)
+        self.control.recv()
+        tensor = self.src[:nbytes].reshape(-1, TOKEN_BYTES)
+        t0 = time.perf_counter()
+        xfer = self.tx.open(rid, nbytes // TOKEN_BYTES)
+        xfer.send_layer(0, {"x": tensor})
+        xfer.finish(timeout=120)
+        elapsed = time.perf_counter() - t0
+        self.control.send(op="wait", rid=rid)
+        self.control.recv()
+        return elapsed
+
+    def close(self):
+        self.tx.close()
+
+
+def nixl_agent(name: str, buf: np.ndarray):
+    from nixl_cu12._api import nixl_agent as agent_class
+    from nixl_cu12._api import nixl_agent_config
+
+    agent = agent_class(name, nixl_agent_config(backends=[]))
+    agent.create_backend("UCX", {"ucx_error_handling_mode": "none"})
+    reg = agent.register_memory([(buf.ctypes.data, buf.nbytes, 0, "")], "DRAM")
+    return agent, reg
+
+
+class NixlSending(Sending):
+    def __init__(self, info, src):
+        self.agent, self.reg = nixl_agent("initiator", src)
+        self.remote = self.agent.add_remote_agent(bytes.fromhex(info["meta"]))
+        self.src, self.raddr = src, info["addr"]
+        self.handles = {}
+
+    def prepare(self, nbytes, repeats):
+        local = self.agent.get_xfer_descs([(self.src.ctypes.data, nbytes, 0)], "DRAM")
+        remote = self.agent.get_xfer_descs([(self.raddr, nbytes, 0)], "DRAM")
+        self.handle = self.agent.initialize_xfer("WRITE", local, remote, self.remote, b"n")
+
+    def __call__(self, nbytes, rep):
+        t0 = time.perf_counter()
+        state = self.agent.transfer(self.handle)
+        while state == "PROC":
+            state = self.agent.check_xfer_state(self.handle)
+        if state != "DONE":
+            raise SystemExit(f"NIXL transfer failed: {state}")
+        return time.perf_counter() - t0
+
+
+def mooncake_engine(buf: np.ndarray):
+    from mooncake.engine import TransferEngine
+
+    engine = TransferEngine()
+    if engine.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") != 0:
+        raise SystemExit("Mooncake initialize failed")
+    if engine.register_memory(buf.ctypes.data, buf.nbytes) != 0:
+        raise SystemExit("Mooncake register_memory failed")
+    return engine
+
+
+class MooncakeSending(Sending):
+    def __init__(self, info, src):
+        self.engine, self.src = mooncake_engine(src), src
+        self.segment, self.raddr = info["segment"], info["addr"]
+
+    def __call__(self, nbytes, rep):
+        t0 = time.perf_counter()
+        if self.engine.transfer_sync_write(self.segment, self.src.ctypes.data, self.raddr, nbytes) != 0:
+            raise SystemExit("Mooncake transfer failed")
+        return time.perf_counter() - t0
+
+
+# -- the coordinator ---------------------------------------------------------------------------
+
+
+def role_command(python: str, case: str, role: str) -> list[str]:
+    if case in PEER_CASES:  # the peers' venv has no kvwire: run this file as a script
+        return [python, os.path.abspath(__file__), "--role", role, "--case", case]
+    return [python, "-m", "perf.peers", "--role", role, "--case", case]
+
+
+def run_case(case: str, sizes: list[int], python: str, streams: int, timeout_s: float) -> dict:
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    common = [
+        "--sizes",
+        ",".join(str(n // MIB) for n in sizes),
+        "--streams",
+        str(streams),
+        "--chunk-kib",
+        str(CHUNK_KIB[0]),
+    ]
+    tgt = subprocess.Popen(
+        role_command(python, case, "target") + common,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    ini = None
+    try:
+        line = tgt.stdout.readline()
+        while line and not line.startswith("{"):  # NIXL logs to stdout
+            line = tgt.stdout.readline()
+        if not line:
+            return {"error": f"target did not start: {tgt.stderr.read()[-800:]}"}
+        ini = subprocess.Popen(
+            role_command(python, case, "initiator") + common + ["--info", line.strip()],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
+        out, err = ini.communicate(timeout=timeout_s)
+        lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+        if not lines:
+            return {"error": f"initiator failed (rc {ini.returncode}): {err[-800:]}"}
+        return json.loads(lines[-1])
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s}s"}
+    finally:
+        for proc in (ini, tgt):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def summarize(raw: dict, sizes: list[int]) -> dict:
+    out = {}
+    for case, result in raw.items():
+        if "error" in result:
+            out[case] = {"error": result["error"]}
+            continue
+        out[case] = {"verified": result["verified"]}
+        for n in sizes:
+            best = min(result["seconds"][str(n)])
+            out[case][f"{n // MIB}MiB"] = {"gbps": round(n / best / GB, 3), "best_seconds": round(best, 6)}
+    base = out.get("raw_socket", {})
+    for case, result in out.items():
+        for key, cell in result.items():
+            if isinstance(cell, dict) and "gbps" in base.get(key, {}):
+                cell["ratio_to_raw_socket"] = round(cell["gbps"] / base[key]["gbps"], 3)
+    return out
+
+
+def table(summary: dict, sizes: list[int]) -> str:
+    keys = [f"{n // MIB}MiB" for n in sizes]
+    lines = [f"{'case':<14}" + "".join(f"{k + ' GB/s':>14}{'x raw':>8}" for k in keys)]
+    for case, result in summary.items():
+        if "error" in result:
+            lines.append(f"{case:<14}  unavailable: {result['error'][:100]}")
+            continue
+        row = f"{case:<14}"
+        for k in keys:
+            row += f"{result[k]['gbps']:>14.3f}{result[k].get('ratio_to_raw_socket', float('nan')):>8.2f}"
+        lines.append(row + ("" if result["verified"] else "  (NOT VERIFIED)"))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", action="store_true", help="print the JSON only")
+    ap.add_argument("--sizes", default="1,16,256", help="MiB, comma-separated")
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--streams", type=int, default=2, help="kvwire connections per Sender")
+    ap.add_argument("--chunk-kib", type=int, default=4096, help="kvwire chunk size")
+    ap.add_argument(
+        "--peers-python",
+        default="/tmp/peers-venv/bin/python",
+        help="a python with nixl-cu12 and mooncake-transfer-engine-non-cuda installed",
+    )
+    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per case")
+    ap.add_argument("--role", choices=["target", "initiator"], help=argparse.SUPPRESS)
+    ap.add_argument("--case", help=argparse.SUPPRESS)
+    ap.add_argument("--info", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    sizes = [int(s) * MIB for s in args.sizes.split(",")]
+    CHUNK_KIB[0] = args.chunk_kib
+    if args.role == "target":
+        return target(args.case, max(sizes))
+    if args.role == "initiator":
+        return initiator(args.case, json.loads(args.info), sizes, args.streams)
+
+    load_before = os.getloadavg()
+    raw = {}
+    for case in args.cases.split(","):
+        python = args.peers_python if case in PEER_CASES else sys.executable
+        if case in PEER_CASES and not os.path.exists(python):
+            raw[case] = {"error": f"{python} not found (see --peers-python)"}
+            continue
+        raw[case] = run_case(case, sizes, python, args.streams, args.timeout)
+    summary = summarize(raw, sizes)
+    result = {
+        "benchmark": "peers",
+        "units": "GB/s (1e9 bytes/s), best of repeats; ratio_to_raw_socket per size",
+        "transport": "loopback, two processes",
+        "repeats": {f"{n // MIB}MiB": repeats_for(n) for n in sizes},
+        "kvwire_streams": args.streams,
+        "kvwire_chunk_bytes": args.chunk_kib * 1024,
+        "results": summary,
+        "load_average_before_after": [round(x, 2) for x in (*load_before, *os.getloadavg())],
+        "caveat": "the CPUs may be shared with other work; compare cases from the same run only",
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+    }
+    if not args.json:
+        print(table(summary, sizes))
+    print(json.dumps(result, indent=None if args.json else 2))
+
+
+if __name__ == "__main__":
+    main()

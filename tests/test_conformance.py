@@ -1,0 +1,284 @@
+"""One behaviour for every backend: the same API, bytes, errors and failure times over each.
+
+Each test runs once per backend. A backend that cannot run here (ucxx not installed) is
+skipped with the reason; on a GPU machine, ``KVWIRE_TEST_DEVICE=cuda`` sends CUDA tensors.
+"""
+
+import os
+import threading
+import time
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+
+from kvwire import (
+    AuthenticationError,
+    KVLayout,
+    LayoutMismatchError,
+    PeerLostError,
+    Receiver,
+    Sender,
+    TensorSpec,
+    TransferTimeout,
+)
+
+from .conftest import assert_same_bytes, hybrid_layout, kill, random_kv, run_in_subprocess
+
+SECRET = b"conformance"
+BACKENDS = ["tcp", "ucx"]
+DEVICE = os.environ.get("KVWIRE_TEST_DEVICE", "cpu")
+
+
+def _ucx_missing() -> str | None:
+    try:
+        from kvwire.transport.ucx import ucx_available
+    except ImportError as exc:
+        return str(exc)
+    return None if ucx_available() else "ucxx is not importable (install kvwire[ucx])"
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    if request.param == "ucx" and (why := _ucx_missing()):
+        pytest.skip(f"ucx backend: {why}")
+    return request.param
+
+
+@pytest.fixture
+def layout():
+    return hybrid_layout()
+
+
+@pytest.fixture
+def receiver(layout, backend):
+    rx = Receiver(layout, "127.0.0.1:0", backend=backend, secret=SECRET)
+    yield rx
+    rx.close()
+
+
+@pytest.fixture
+def sender(layout, receiver, backend):
+    tx = Sender(layout, receiver.address, backend=backend, streams=3, secret=SECRET)
+    yield tx
+    tx.close()
+
+
+def on_device(kv):
+    """The layers' tensors on the test device (numpy stays numpy on the CPU)."""
+    if DEVICE == "cpu":
+        return kv
+    return [
+        {n: torch.from_numpy(a.view(np.uint8).copy()).view(_torch_dtype(a.dtype)).to(DEVICE) for n, a in t.items()}
+        for t in kv
+    ]
+
+
+def _torch_dtype(dtype):
+    if dtype == ml_dtypes.bfloat16:
+        return torch.bfloat16
+    return {
+        np.dtype("float32"): torch.float32,
+        np.dtype("float16"): torch.float16,
+        np.dtype("int8"): torch.int8,
+        np.dtype("uint8"): torch.uint8,
+    }[np.dtype(dtype)]
+
+
+def send_all(tx, request_id, kv, num_tokens, **open_args):
+    xfer = tx.open(request_id, num_tokens, **open_args)
+    for i, tensors in enumerate(on_device(kv)):
+        xfer.send_layer(i, tensors)
+    return xfer.finish(timeout=30)
+
+
+def wait_until(condition, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+# -- bytes --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_tokens", [0, 1, 300, 5000])
+def test_round_trip_is_bit_exact(layout, receiver, sender, num_tokens):
+    kv = random_kv(layout, num_tokens, seed=num_tokens)
+    stats = send_all(sender, f"rt{num_tokens}", kv, num_tokens)
+    with receiver.wait(f"rt{num_tokens}", timeout=10) as got:
+        assert got.num_tokens == num_tokens
+        for i, tensors in enumerate(kv):
+            assert_same_bytes(got.layer(i, timeout=10), tensors)
+        assert got.layer(3)["latent"].dtype == ml_dtypes.bfloat16
+        assert got.layer(3)["latent"].shape == (num_tokens, 1, 64)
+    assert stats.raw_bytes == layout.nbytes(num_tokens)
+    wait_until(lambda: receiver.bytes_in_use == 0)
+
+
+def test_torch_bfloat16_with_nan_and_many_small_tensors_round_trip(backend):
+    layout = KVLayout(
+        [
+            {"k": TensorSpec((2, 8), "bfloat16", per_token=True), "q8": TensorSpec((5, 3), "float8_e4m3fn")},
+            {f"b{j}": TensorSpec((256,), "float32") for j in range(64)},  # received whole, then scattered
+        ]
+    )
+    k = torch.randn(33, 2, 8).to(torch.bfloat16)
+    k[0, 0, 0] = float("nan")
+    q8 = torch.randn(5, 3).to(torch.float8_e4m3fn)
+    blocks = {f"b{j}": torch.randn(256) for j in range(64)}
+    with Receiver(layout, backend=backend) as rx, Sender(layout, rx.address, backend=backend, streams=2) as tx:
+        xfer = tx.open("t", 33)
+        xfer.send_layer(0, {"k": k.to(DEVICE), "q8": q8.to(DEVICE)})
+        xfer.send_layer(1, {n: t.to(DEVICE) for n, t in blocks.items()})
+        xfer.finish(timeout=10)
+        with rx.wait("t", timeout=10) as got:
+            layer0, layer1 = got.layer(0, timeout=10), got.layer(1, timeout=10)
+            assert torch.equal(torch.from_numpy(layer0["k"].view(np.uint16)), k.view(torch.uint16))
+            assert torch.equal(torch.from_numpy(layer0["q8"].view(np.uint8)), q8.view(torch.uint8))
+            for name, tensor in blocks.items():
+                assert torch.equal(torch.from_numpy(layer1[name]), tensor)
+
+
+def test_receiving_into_engine_buffers(layout, receiver, sender):
+    kv = random_kv(layout, 200, seed=5)
+    targets = [{n: np.zeros_like(a) for n, a in t.items()} for t in kv]
+    receiver.expect("into", targets)
+    send_all(sender, "into", kv, 200)
+    with receiver.wait("into", timeout=10) as got:
+        got.wait_all(timeout=10)
+        for expected, target in zip(kv, targets):
+            assert_same_bytes(target, expected)
+
+
+# -- streaming and concurrency -------------------------------------------------------------
+
+
+def test_a_layer_is_usable_before_the_request_finishes(layout, receiver, sender):
+    kv = random_kv(layout, 64)
+    xfer = sender.open("early", 64)
+    xfer.send_layer(0, on_device(kv)[0])
+    got = receiver.wait("early", timeout=10)
+    assert_same_bytes(got.wait_layer(0, timeout=10), kv[0])
+    assert not got.is_ready(1) and not got.done
+    for i in range(1, len(kv)):
+        xfer.send_layer(i, on_device(kv)[i])
+    xfer.finish(timeout=10)
+    got.wait_done(timeout=10)
+    got.release()
+
+
+def test_concurrent_requests_share_the_connections(layout, receiver, sender):
+    kvs = {f"c{i}": (random_kv(layout, 100 + 50 * i, seed=i), 100 + 50 * i) for i in range(8)}
+    errors = []
+
+    def run(rid):
+        try:
+            send_all(sender, rid, *kvs[rid])
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(rid,)) for rid in kvs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    for rid, (kv, num_tokens) in kvs.items():
+        with receiver.wait(rid, timeout=10) as got:
+            for i, tensors in enumerate(kv):
+                assert_same_bytes(got.layer(i), tensors)
+    assert sender.metrics().requests_completed == 8
+
+
+# -- refusals ------------------------------------------------------------------------------
+
+
+def test_wrong_layout_is_refused_naming_layer_and_tensor(backend, receiver, caplog):
+    with pytest.raises(LayoutMismatchError) as info:
+        Sender(hybrid_layout(state_dim=16), receiver.address, backend=backend, secret=SECRET)
+    assert str(info.value) == (
+        "KV layout mismatch: layer 0 tensor 'conv': receiver has float32[128, 4], sender has float32[64, 4]"
+    )
+    wait_until(lambda: "LayoutMismatchError" in caplog.text)
+
+
+@pytest.mark.parametrize("secret", [b"wrong", None], ids=["wrong", "missing"])
+def test_wrong_secret_is_refused(backend, layout, receiver, secret, caplog):
+    with pytest.raises(AuthenticationError):
+        Sender(layout, receiver.address, backend=backend, secret=secret)
+    wait_until(lambda: "AuthenticationError" in caplog.text)
+
+
+def test_a_missed_deadline_is_transfer_timeout_on_both_sides(layout, receiver, sender):
+    kv = random_kv(layout, 64)
+    xfer = sender.open("late", 64, timeout=0.5)
+    xfer.send_layer(0, on_device(kv)[0])  # the other layers never come
+    start = time.monotonic()
+    wait_until(lambda: xfer.error is not None, timeout=5)
+    assert time.monotonic() - start < 2
+    with pytest.raises(TransferTimeout):
+        xfer.finish()
+    with pytest.raises(TransferTimeout, match="missed its deadline"):
+        receiver.wait("late", timeout=5).wait_layer(3, timeout=5)
+    wait_until(lambda: receiver.bytes_in_use == 0)
+
+
+# -- dead peers (real processes, SIGKILL) ---------------------------------------------------
+
+SENDER_PROCESS = """
+import sys, time
+from kvwire import Sender
+from tests.conftest import hybrid_layout, random_kv
+layout = hybrid_layout()
+tx = Sender(layout, sys.argv[1], backend=sys.argv[2], secret=b"conformance", streams=2)
+xfer = tx.open("victim", 64)
+xfer.send_layer(0, random_kv(layout, 64)[0])
+print("sent", flush=True)
+time.sleep(60)
+"""
+
+RECEIVER_PROCESS = """
+import sys, time
+from kvwire import Receiver
+from tests.conftest import hybrid_layout
+rx = Receiver(hybrid_layout(), backend=sys.argv[1], secret=b"conformance")
+print(rx.address, flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_killed_sender_fails_the_receiver_fast(layout, receiver, backend):
+    proc = run_in_subprocess(SENDER_PROCESS, receiver.address, backend)
+    try:
+        assert proc.stdout.readline().strip() == "sent", proc.stderr.read()
+        got = receiver.wait("victim", timeout=10)
+        got.wait_layer(0, timeout=10)
+        kill(proc)
+        start = time.monotonic()
+        with pytest.raises(PeerLostError):
+            got.wait_layer(3, timeout=10)
+        assert time.monotonic() - start < 4  # a resume grace, if the core has one, then at once
+    finally:
+        kill(proc)
+    wait_until(lambda: receiver.bytes_in_use == 0)
+
+
+def test_a_killed_receiver_fails_the_sender_fast(layout, backend):
+    proc = run_in_subprocess(RECEIVER_PROCESS, backend)
+    try:
+        address = proc.stdout.readline().strip()
+        assert address, proc.stderr.read()
+        with Sender(layout, address, backend=backend, secret=SECRET, streams=2) as tx:
+            xfer = tx.open("lost", 64)
+            xfer.send_layer(0, random_kv(layout, 64)[0])
+            wait_until(lambda: xfer.layer_sent(0))
+            kill(proc)
+            start = time.monotonic()
+            wait_until(lambda: xfer.error is not None)
+            assert time.monotonic() - start < 4  # a resume grace, if the core has one, then at once
+            with pytest.raises(PeerLostError):
+                xfer.finish(timeout=10)
+    finally:
+        kill(proc)

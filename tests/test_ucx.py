@@ -1,0 +1,252 @@
+"""The UCX backend's own guarantees, and ``backend="auto"``: choice, fallback, one port for both.
+
+Behaviour shared with TCP (bytes, errors, dead peers) is in test_conformance.py.
+"""
+
+import logging
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from kvwire import PeerLostError, ProtocolError, Receiver, Sender, TransferTimeout
+from kvwire.transport import get_backend
+
+from .conftest import assert_same_bytes, kill, random_kv, run_in_subprocess
+
+ucx = pytest.importorskip("kvwire.transport.ucx")
+if not ucx.ucx_available():
+    pytest.skip("ucxx is not importable (install kvwire[ucx])", allow_module_level=True)
+
+from kvwire.transport import auto
+
+SECRET = b"test-secret"
+
+
+def pair(options=None):
+    """(client, server) UcxConnections over loopback."""
+    backend = get_backend("ucx")
+    listener = backend.listen("127.0.0.1:0", options=options)
+    accepted = {}
+
+    def serve():
+        accepted["conn"] = listener.start_tls(listener.accept(), 5.0)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    client = backend.connect(listener.address, timeout_s=5.0, options=options)
+    thread.join(10)
+    listener.close()
+    return client, accepted["conn"]
+
+
+def round_trip(layout, address, backend, num_tokens=120):
+    kv = random_kv(layout, num_tokens, seed=11)
+    with Sender(layout, address, backend=backend, streams=2, secret=SECRET) as tx:
+        names = [getattr(s.conn, "backend_name", "tcp") for s in tx._streams]
+        xfer = tx.open("auto-rt", num_tokens)
+        for i, tensors in enumerate(kv):
+            xfer.send_layer(i, tensors)
+        xfer.finish(timeout=10)
+    return kv, names
+
+
+# -- the byte stream ----------------------------------------------------------------------
+
+
+def test_reads_need_not_match_writes():
+    client, server = pair()
+    try:
+        big = np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8)
+        small = [
+            bytes([i % 256]) * (i % 200 + 1) for i in range(3000)
+        ]  # more inline bytes than one control message holds
+        payload = b"".join(small)
+        writer = threading.Thread(target=lambda: client.send([b"head", big, *small, memoryview(big)[:100]]))
+        writer.start()
+        got = np.empty(4 + len(big) + len(payload) + 100, dtype=np.uint8)
+        view = memoryview(got)
+        for step in (4, 1000, 1 << 20, 7):  # smaller than the large message: it is staged
+            server.recv_into(view[:step])
+            view = view[step:]
+        server.recv_into(view)
+        writer.join(10)
+        assert got.tobytes() == b"head" + big.tobytes() + payload + big[:100].tobytes()
+    finally:
+        client.close()
+        server.close()
+
+
+def test_close_wakes_a_blocked_reader_with_peer_lost():
+    client, server = pair()
+    errors = []
+
+    def reader():
+        try:
+            server.recv_into(memoryview(bytearray(10)))
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    time.sleep(0.2)
+    start = time.monotonic()
+    server.close()
+    thread.join(5)
+    assert not thread.is_alive() and time.monotonic() - start < 2
+    assert isinstance(errors[0], PeerLostError)
+    client.close()
+
+
+def test_the_peer_closing_fails_a_reader_but_delivers_what_was_sent_first():
+    client, server = pair()
+    client.send([b"last words"])
+    client.close()
+    buf = memoryview(bytearray(10))
+    server.recv_into(buf)
+    assert bytes(buf) == b"last words"
+    with pytest.raises(PeerLostError):
+        server.recv_into(buf)
+    server.close()
+
+
+def test_a_read_times_out_with_transfer_timeout():
+    client, server = pair()
+    server.set_timeout(0.3)
+    start = time.monotonic()
+    with pytest.raises(TransferTimeout):
+        server.recv_into(memoryview(bytearray(10)))
+    assert time.monotonic() - start < 1.5
+    with pytest.raises((PeerLostError, TransferTimeout)):  # the stream is broken after a timeout
+        server.recv_into(memoryview(bytearray(10)))
+    client.close()
+    server.close()
+
+
+NET_SENDER = """
+import sys
+from kvwire import Sender
+from kvwire.transport.ucx import UcxOptions
+from tests.conftest import hybrid_layout, random_kv
+layout = hybrid_layout()
+with Sender(layout, sys.argv[1], backend="ucx", secret=b"test-secret", streams=2) as tx:
+    xfer = tx.open("net", 300)
+    for i, tensors in enumerate(random_kv(layout, 300, seed=4)):
+        xfer.send_layer(i, tensors)
+    xfer.finish(timeout=20)
+    print(",".join(s.conn.transport for s in tx._streams), flush=True)
+"""
+
+
+def test_same_host_peers_use_shared_memory_unless_told_not_to(layout):
+    client, server = pair()
+    assert client.transport == server.transport == "ucx-local"
+    client.close()
+    server.close()
+    # Either side can insist on UCX error handling (no shared memory).
+    client, server = pair(ucx.UcxOptions(shared_memory=False))
+    writer = threading.Thread(target=client.send, args=([b"x" * 100_000],))  # returns once taken
+    writer.start()
+    buf = memoryview(bytearray(100_000))
+    server.recv_into(buf)
+    writer.join(10)
+    assert bytes(buf) == b"x" * 100_000 and client.transport == server.transport == "ucx-net"
+    client.close()
+    server.close()
+    # and across processes
+    options = ucx.UcxOptions(shared_memory=False)
+    with Receiver(layout, backend="ucx", secret=SECRET, transport_options=options) as rx:
+        proc = run_in_subprocess(NET_SENDER, rx.address)
+        try:
+            out, err = proc.communicate(timeout=60)
+        finally:
+            kill(proc)
+        assert out.strip() == "ucx-net,ucx-net", err
+        with rx.wait("net", timeout=10) as got:
+            for i, tensors in enumerate(random_kv(layout, 300, seed=4)):
+                assert_same_bytes(got.layer(i), tensors)
+
+
+def test_ucx_errors_map_to_kvwire_errors():
+    api, _ = ucx._ucxx()
+    assert isinstance(ucx._map_error(api.UCXConnectionResetError("reset"), "p"), PeerLostError)
+    assert isinstance(ucx._map_error(api.UCXEndpointTimeoutError("timeout"), "p"), TransferTimeout)
+    assert isinstance(ucx._map_error(api.UCXCanceledError("canceled"), "p"), PeerLostError)
+    assert isinstance(ucx._map_error(api.UCXMessageTruncatedError("truncated"), "p"), ProtocolError)
+
+
+def test_tls_is_refused_by_the_ucx_backend():
+    import ssl
+
+    with pytest.raises(ValueError, match="no TLS"):
+        get_backend("ucx").listen("127.0.0.1:0", ssl_context=ssl.create_default_context())
+
+
+# -- receivers ------------------------------------------------------------------------------
+
+
+def test_garbage_on_a_ucx_port_is_refused_and_the_receiver_keeps_serving(layout, caplog):
+    with Receiver(layout, backend="ucx", secret=SECRET) as rx:
+        host, port = rx.address.rsplit(":", 1)
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            try:
+                assert sock.recv(10) == b""
+            except ConnectionResetError:
+                pass
+        deadline = time.monotonic() + 5
+        while "refused connection" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert "refused connection" in caplog.text
+        kv, names = round_trip(layout, rx.address, "ucx")
+        assert names == ["ucx", "ucx"]
+        with rx.wait("auto-rt", timeout=10) as got:
+            assert_same_bytes(got.layer(3), kv[3])
+
+
+# -- auto -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rx_backend", ["auto", "ucx"])
+def test_auto_uses_ucx_when_the_receiver_offers_it(layout, rx_backend, caplog):
+    with Receiver(layout, backend=rx_backend, secret=SECRET) as rx:
+        kv, names = round_trip(layout, rx.address, "auto")
+        with rx.wait("auto-rt", timeout=10) as got:
+            for i, tensors in enumerate(kv):
+                assert_same_bytes(got.layer(i), tensors)
+    assert names == ["ucx", "ucx"]
+    assert caplog.text.count(f"{rx.address} uses ucx") == 1  # logged once for both connections
+
+
+def test_auto_falls_back_to_tcp_for_a_tcp_only_receiver(layout, caplog):
+    with Receiver(layout, backend="tcp", secret=SECRET) as rx:
+        kv, names = round_trip(layout, rx.address, "auto")
+        with rx.wait("auto-rt", timeout=10) as got:
+            assert_same_bytes(got.layer(3), kv[3])
+    assert names == ["tcp", "tcp"]
+    assert caplog.text.count(f"{rx.address} uses tcp (not reachable over UCX") == 1
+
+
+def test_auto_uses_tcp_when_ucxx_is_missing(layout, caplog, monkeypatch):
+    monkeypatch.setattr(auto, "_ucx_module", lambda: None)
+    with Receiver(layout, backend="auto", secret=SECRET) as rx:
+        kv, names = round_trip(layout, rx.address, "auto")
+        with rx.wait("auto-rt", timeout=10) as got:
+            assert_same_bytes(got.layer(0), kv[0])
+    assert names == ["tcp", "tcp"]
+    assert f"{rx.address} uses tcp (ucxx is not installed)" in caplog.text
+
+
+def test_an_auto_receiver_serves_tcp_senders_too(layout):
+    with Receiver(layout, backend="auto", secret=SECRET) as rx:
+        kv, _ = round_trip(layout, rx.address, "tcp")
+        with rx.wait("auto-rt", timeout=10) as got:
+            assert_same_bytes(got.layer(3), kv[3])
+
+
+@pytest.fixture(autouse=True)
+def _auto_log(caplog):
+    caplog.set_level(logging.INFO, logger="kvwire")
+    auto._logged.clear()
