@@ -13,7 +13,9 @@
 # 2. runs the conformance suite with CUDA tensors (KVWIRE_TEST_DEVICE=cuda) over tcp and ucx;
 # 3. moves CUDA tensors between two processes on the one GPU over kvwire's UCX connection
 #    (send / recv_into straight from and into device memory: cuda_ipc / cuda_copy), checks
-#    every byte on the GPU, and prints GB/s next to a device-to-device copy of the same size.
+#    every byte on the GPU, and prints GB/s next to a device-to-device copy of the same size;
+# 4. runs the codec kernels on the GPU (perf/gpu_codec.py): bit-identical to the CPU path,
+#    and their throughput next to a device-to-device copy.
 # It takes a few minutes at most; each step has a timeout.
 set -u
 cd "$(dirname "$0")/.."
@@ -111,7 +113,11 @@ else
 fi
 wait "$rx_pid" 2>/dev/null
 
+echo "== codec kernels (fused gather+quantize, dequantize+scatter) vs device-to-device copy" >&2
+codec_json=$(timeout 300 "$PY" -m perf.gpu_codec --json 2>"$OUT/kvwire_gpu_codec.txt" | tail -1)
+[ -n "$codec_json" ] || codec_json="{\"error\": $(tail -c 600 "$OUT/kvwire_gpu_codec.txt" | "$PY" -c 'import json,sys; print(json.dumps(sys.stdin.read()))')}"
+
 conformance_tail=$(tail -3 "$OUT/kvwire_gpu_conformance.txt" | "$PY" -c 'import json,sys; print(json.dumps(sys.stdin.read()))')
 cat <<EOF
-{"gpu_check": "kvwire ucx", "install_rc": $install_rc, "conformance_rc": $conformance_rc, "conformance_tail": $conformance_tail, "transfer": $transfer_json}
+{"gpu_check": "kvwire ucx", "install_rc": $install_rc, "conformance_rc": $conformance_rc, "conformance_tail": $conformance_tail, "transfer": $transfer_json, "codec_kernels": $codec_json}
 EOF
