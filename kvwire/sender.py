@@ -14,7 +14,7 @@ import os
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .errors import (
     AuthenticationError,
@@ -32,6 +32,7 @@ from .layout import KVLayout
 from .metrics import PeerCounters, PeerMetrics
 from .outbound import Transfer
 from .transport import Connection, get_backend
+from .transport.tuning import HostLimits, LinkEstimate, Tuning, choose, resolve_congestion_control
 from .wire import framing
 from .wire.checksum import frame_checksum
 from .wire.handshake import client_handshake
@@ -40,6 +41,7 @@ from .wire.messages import Abort, Ack, Data, Open
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_BYTES = 4 << 20
+UNTUNED_STREAMS = 4  # streams=None on a backend that reports no RTT
 
 
 @dataclass(eq=False)
@@ -61,9 +63,15 @@ class Sender:
         The receiver's ``"HOST:PORT"`` (``Receiver.address``).
     backend : str
         ``"tcp"`` (more with the optional extras).
-    streams : int
+    streams : int, optional
         Connections to open; frames stripe across them. Several streams fill long fat
-        links that one TCP stream cannot.
+        links that one TCP stream cannot. None (the default): the first connection
+        measures the RTT, and ``kvwire.transport.tuning.choose`` decides how many to open
+        from it, ``link_bandwidth_bps``, ``link_loss`` and this host's TCP limits (the
+        decision and its reason: ``Sender.tuning``).
+    link_bandwidth_bps, link_loss : float, optional
+        What is known of the path, for ``streams=None`` (unknown: 10 Gbit/s, 0.1% loss).
+        ``transport_options=TcpOptions(congestion_control="auto")`` also lets it pick bbr.
     secret : bytes, optional
         Shared secret for the mutual HMAC handshake; AuthenticationError on mismatch.
     ssl_context : ssl.SSLContext, optional
@@ -87,7 +95,7 @@ class Sender:
         address: str,
         *,
         backend: str = "tcp",
-        streams: int = 4,
+        streams: int | None = None,
         secret: bytes | None = None,
         ssl_context=None,
         timeout: float = 10.0,
@@ -95,8 +103,10 @@ class Sender:
         max_queued_chunks: int = 4096,
         resume_window_s: float = 10.0,
         transport_options=None,
+        link_bandwidth_bps: float | None = None,
+        link_loss: float | None = None,
     ):
-        if not 1 <= streams <= 1024:
+        if streams is not None and not 1 <= streams <= 1024:
             raise ValueError(f"streams must be in 1..1024, got {streams}")
         if not 4096 <= chunk_bytes <= 1 << 30:
             raise ValueError(f"chunk_bytes must be in 4096..2**30, got {chunk_bytes}")
@@ -117,7 +127,14 @@ class Sender:
         self._num_streams = streams
         self._reconnecting: set[int] = set()
         self._threads: list[threading.Thread] = []
-        conns, welcome = self._connect_all()
+        self.tuning: Tuning | None = None
+        host = HostLimits.read()
+        if getattr(transport_options, "congestion_control", None) == "auto":
+            self._options = replace(transport_options, congestion_control=resolve_congestion_control("auto", host))
+        if streams is None:
+            conns, welcome = self._connect_tuned(host, link_bandwidth_bps, link_loss)
+        else:
+            conns, welcome = self._connect_all()
         self.max_request_bytes = welcome.max_request_bytes
         self._streams = [_Stream(i, conn) for i, conn in enumerate(conns)]
         self._conns = [s.conn for s in self._streams]  # every connection ever made, for the finalizer
@@ -153,17 +170,44 @@ class Sender:
             raise
         return conn, welcome
 
-    def _connect_all(self):
+    def _connect_tuned(self, host: HostLimits, bandwidth_bps: float | None, loss: float | None):
+        """One connection measures the RTT; the tuning policy decides how many to open in all."""
+        self._num_streams = 1
+        first, welcome = self._connect_all()
+        stats = first[0].link_stats()
+        if stats is None:
+            self._num_streams = UNTUNED_STREAMS
+        else:
+            link = LinkEstimate(rtt_s=(stats.min_rtt_ms or stats.rtt_ms) / 1000, bandwidth_bps=bandwidth_bps, loss=loss)
+            self.tuning = choose(
+                link,
+                host,
+                buffer_bytes=getattr(self._options, "buffer_bytes", None),
+                congestion_control=getattr(self._options, "congestion_control", None),
+            )
+            log.info("streams to %s: %s", self.address, self.tuning.reason)
+            self._num_streams = self.tuning.num_streams
+            if self._options is not None and self.tuning.buffer_bytes != self._options.buffer_bytes:
+                self._options = replace(self._options, buffer_bytes=self.tuning.buffer_bytes)
+        try:
+            rest, _ = self._connect_all(first_index=1)
+        except KVWireError:
+            first[0].close()
+            raise
+        return first + rest, welcome
+
+    def _connect_all(self, first_index: int = 0):
         """All streams at once (a WAN handshake costs round trips; do them in parallel)."""
-        results: list = [None] * self._num_streams
+        indices = range(first_index, self._num_streams)
+        results: list = [None] * len(indices)
 
-        def one(index: int) -> None:
+        def one(slot: int, index: int) -> None:
             try:
-                results[index] = self._dial(index, resume=False)
+                results[slot] = self._dial(index, resume=False)
             except KVWireError as exc:
-                results[index] = exc
+                results[slot] = exc
 
-        threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(self._num_streams)]
+        threads = [threading.Thread(target=one, args=pair, daemon=True) for pair in enumerate(indices)]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -175,7 +219,7 @@ class Sender:
                     result[0].close()
             decisive = (AuthenticationError, LayoutMismatchError, ProtocolError)
             raise next((e for e in errors if isinstance(e, decisive)), errors[0])
-        return [conn for conn, _ in results], results[0][1]
+        return [conn for conn, _ in results], (results[0][1] if results else None)
 
     # -- engine API ---------------------------------------------------------------------
 

@@ -1,1 +1,1 @@
-"""Helpers for testing kvwire and code built on it: fault-injecting relays (and later WAN links)."""
+"""Helpers for testing kvwire and code built on it: a fault-injecting relay and emulated WAN links."""

@@ -1,0 +1,157 @@
+"""python -m perf <name> [--quick] [--json] [benchmark options]
+
+Runs one benchmark (or ``all``), writes ``perf/results/<name>.json`` and ``<name>.png``
+(``<name>-quick.*`` with ``--quick``) and prints the JSON.
+
+    python -m perf list
+    python -m perf transfer --json
+    python -m perf wan --json            # root: builds an emulated WAN link
+    python -m perf all --quick           # the CI smoke: every benchmark, small
+
+A benchmark is a module ``perf/<name>.py`` that provides ``run(argv) -> dict`` (or
+``main(argv)`` printing its JSON), and optionally ``QUICK_ARGS`` (arguments for
+``--quick``, default ``["--quick"]``), ``unavailable() -> str | None`` (why it cannot run
+here) and ``plot(result, png_path)``. Modules not written yet are skipped with a message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import io
+import json
+import os
+import sys
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "perf", "results")
+# name -> module; "transfer" is adapted here (a sweep over perf.transfer.main)
+BENCHMARKS = {
+    "transfer": "perf.transfer",
+    "codec": "perf.codec",
+    "peers": "perf.peers",
+    "wan": "perf.wan",
+    "ttft-wan": None,
+}
+# --quick arguments for modules that do not define QUICK_ARGS themselves
+QUICK = {"peers": ["--sizes", "1", "--cases", "raw_socket,kvwire_tcp"]}
+NOT_YET = {"ttft-wan": "needs the serving workers (prefill/decode), which are being built; not written yet"}
+
+
+class Skipped(Exception):
+    """The benchmark cannot run here; the message says why."""
+
+
+def run_transfer(argv: list[str], quick: bool) -> dict:
+    """perf.transfer over several configurations (one with ``argv`` if given)."""
+    from perf import transfer
+
+    if argv:
+        configs = [argv]
+    elif quick:
+        configs = [["--streams", "4", "--mib", "16", "--repeats", "1"]]
+    else:
+        configs = [["--streams", s, "--mib", "256", "--repeats", "3"] for s in ("1", "2", "4", "8")]
+        configs.append(["--streams", "4", "--small-blocks", "--repeats", "2"])
+    runs = [_captured_json(transfer.main, [*config, "--json"]) for config in configs]
+    from perf.plots import machine_info
+
+    return {"benchmark": "transfer", "units": runs[0]["units"], "runs": runs, "machine": machine_info()}
+
+
+def _captured_json(main, argv: list[str]) -> dict:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(argv)
+    if code not in (None, 0):
+        raise RuntimeError(f"exited with {code}")
+    lines = [line for line in out.getvalue().splitlines() if line.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"printed no JSON: {out.getvalue()[-300:]!r}")
+    return json.loads(lines[-1])
+
+
+def run_one(name: str, argv: list[str], quick: bool) -> tuple[dict, str, str]:
+    """Run benchmark ``name``; returns (result, json path, png path). Raises Skipped."""
+    if name in NOT_YET:
+        raise Skipped(NOT_YET[name])
+    module_name = BENCHMARKS.get(name) or f"perf.{name.replace('-', '_')}"
+    if name not in BENCHMARKS and importlib.util.find_spec(module_name) is None:
+        raise SystemExit(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}, all, list")
+    if importlib.util.find_spec(module_name) is None:
+        raise Skipped(f"{module_name} does not exist yet")
+    module = importlib.import_module(module_name)
+    reason = getattr(module, "unavailable", lambda: None)()
+    if reason:
+        raise Skipped(reason)
+    if name == "transfer":
+        result = run_transfer(argv, quick)
+    else:
+        quick_args = getattr(module, "QUICK_ARGS", QUICK.get(name, ["--quick"]))
+        args = [*argv, *(quick_args if quick else [])]
+        try:
+            result = module.run(args) if hasattr(module, "run") else _captured_json(module.main, [*args, "--json"])
+        except SystemExit as exc:  # argparse in a benchmark's main: a failure of that benchmark, not of the suite
+            raise RuntimeError(f"perf.{name} exited with {exc.code} for arguments {args}") from None
+    os.makedirs(RESULTS, exist_ok=True)
+    stem = os.path.join(RESULTS, name + ("-quick" if quick else ""))
+    with open(stem + ".json", "w") as f:
+        json.dump(result, f, indent=2)
+    from perf import plots
+
+    plot = plots.PLOTS.get(name) or getattr(module, "plot", None) or plots.plot_generic
+    try:
+        plot(result, stem + ".png")
+    except Exception as exc:  # noqa: BLE001 - a plot that does not fit the result must not lose the result
+        print(
+            f"perf {name}: {plot.__name__} failed ({type(exc).__name__}: {exc}); generic plot instead", file=sys.stderr
+        )
+        plots.plot_generic(result, stem + ".png")
+    return result, stem + ".json", stem + ".png"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    as_json = "--json" in rest
+    quick = "--quick" in rest
+    rest = [a for a in rest if a not in ("--json", "--quick")]
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    if name == "list":
+        print("\n".join(BENCHMARKS))
+        return 0
+    names = list(BENCHMARKS) if name == "all" else [name]
+    summary, failed = {}, False
+    for bench in names:
+        t0 = time.monotonic()
+        try:
+            result, json_path, png_path = run_one(bench, rest if name != "all" else [], quick)
+        except Skipped as exc:
+            print(f"perf {bench}: skipped: {exc}", file=sys.stderr, flush=True)
+            summary[bench] = {"status": "skipped", "reason": str(exc)}
+            continue
+        except Exception as exc:  # noqa: BLE001 - one broken benchmark must not hide the others' results
+            traceback.print_exc()
+            summary[bench] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+            failed = True
+            continue
+        seconds = round(time.monotonic() - t0, 1)
+        print(f"perf {bench}: {seconds} s -> {json_path}, {png_path}", file=sys.stderr, flush=True)
+        summary[bench] = {"status": "ok", "seconds": seconds, "json": json_path, "png": png_path}
+        if name != "all":
+            print(json.dumps(result, indent=None if as_json else 2))
+    if name == "all":
+        print(json.dumps({"benchmarks": summary}, indent=None if as_json else 2))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""The emulated WAN link (kvwire.testing.wan): does it do what was asked, and clean up?
+
+Needs root, `ip netns` and /dev/net/tun; skipped with the reason elsewhere.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from kvwire.testing.wan import LinkSpec, WanLink, measure, unavailable_reason
+
+from .conftest import ROOT
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def can_emulate():
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"WAN emulation unavailable: {reason}")
+
+
+def namespaces() -> set[str]:
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    return {line.split(" ")[0] for line in listed.splitlines() if line}
+
+
+def test_link_spec_validates():
+    with pytest.raises(ValueError, match="loss"):
+        LinkSpec(loss=1.5)
+    with pytest.raises(ValueError, match="jitter_ms"):
+        LinkSpec(rtt_ms=10, jitter_ms=6)
+    assert LinkSpec(rate_mbit=1000, rtt_ms=40).bottleneck_queue_bytes == 5_000_000
+
+
+def test_rtt_and_rate_are_what_was_asked(can_emulate):
+    with WanLink(LinkSpec(rate_mbit=200, rtt_ms=30, mtu=9000), congestion_control="bbr") as link:
+        got = measure(link, connects=8, transfer_bytes=40_000_000)
+    assert 30 <= got["rtt_ms"] <= 35, got
+    assert 0.85 * 200 <= got["rate_mbit"] <= 1.05 * 200, got  # goodput: at most 8948/9000 of the rate, plus noise
+
+
+def test_loss_and_jitter_are_what_was_asked(can_emulate):
+    spec = LinkSpec(rate_mbit=100, rtt_ms=20, jitter_ms=4, loss=0.05, mtu=1500)
+    with WanLink(spec, seed=7) as link:
+        got = measure(link, connects=16, datagrams=3000)
+    assert 0.035 <= got["loss"] <= 0.065, got  # binomial sd 0.4% at 3000 datagrams
+    # a handshake crosses the link twice, 10 +- 4 ms each way; one that lost its SYN (or
+    # SYN-ACK) to the 5% loss waited a second for the retransmission and says nothing here
+    rtts = [rtt for rtt in got["connect_rtt_ms"] if rtt < 500]
+    assert len(rtts) >= 6, got
+    assert 12 <= min(rtts) and max(rtts) <= 40, got  # 28 ms at most, plus scheduling on a busy machine
+    assert max(rtts) - min(rtts) >= 2, got
+
+
+def test_namespaces_get_congestion_control_and_buffers(can_emulate):
+    with WanLink(LinkSpec(rate_mbit=100, rtt_ms=2), congestion_control="reno", tcp_buffer_max_bytes=32 << 20) as link:
+        for side in "ab":
+            read = link.run(
+                side,
+                [
+                    "cat",
+                    "/proc/sys/net/ipv4/tcp_congestion_control",
+                    "/proc/sys/net/ipv4/tcp_rmem",
+                    "/proc/sys/net/ipv4/tcp_wmem",
+                ],
+            )
+            cc, rmem, wmem = read.stdout.split("\n")[:3]
+            assert cc == "reno" and rmem.split()[-1] == wmem.split()[-1] == str(32 << 20)
+        mtu = link.run("a", ["cat", "/sys/class/net/wan0/mtu"]).stdout.strip()
+        assert mtu == "9000"
+
+
+def test_cleans_up_on_error_and_stops_what_it_started(can_emulate):
+    before = namespaces()
+    with pytest.raises(RuntimeError, match="boom"), WanLink(LinkSpec(rate_mbit=100, rtt_ms=2)) as link:
+        sleeper = link.popen("b", ["sleep", "60"])
+        relays = link.relay_pids
+        assert set(link.namespaces.values()) <= namespaces()
+        raise RuntimeError("boom")
+    assert namespaces() == before
+    assert sleeper.poll() is not None
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in relays)  # stopped and reaped
+
+
+def test_relay_removes_the_namespaces_when_its_creator_is_killed(can_emulate):
+    code = (
+        "import sys, time; sys.path.insert(0, sys.argv[1]);"
+        "from kvwire.testing.wan import WanLink, LinkSpec;"
+        "link = WanLink(LinkSpec(rate_mbit=100, rtt_ms=2)).start();"
+        "print(' '.join(link.namespaces.values()), flush=True); time.sleep(60)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, ROOT], stdout=subprocess.PIPE, text=True)
+    try:
+        made = set(proc.stdout.readline().split())
+        assert len(made) == 2 and made <= namespaces()
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    for _ in range(50):  # the relays look for their parent once a second
+        if not made & namespaces():
+            break
+        time.sleep(0.1)
+    assert not made & namespaces()
+
+
+RECEIVER = """
+import json, sys
+import numpy as np
+from kvwire import KVLayout, Receiver, TensorSpec
+layout = KVLayout([{"kv": TensorSpec((4, 64), "float32", per_token=True)} for _ in range(4)])
+rx = Receiver(layout, sys.argv[1] + ":7800", secret=b"wan")
+print("ready", flush=True)
+got = rx.wait("r0", timeout=30)
+layers = [got.wait_layer(i, timeout=30)["kv"] for i in range(4)]
+print(json.dumps({"sums": [float(a.sum()) for a in layers]}), flush=True)
+got.release(); rx.close()
+"""
+
+SENDER = """
+import json, sys
+import numpy as np
+from kvwire import KVLayout, Sender, TensorSpec
+layout = KVLayout([{"kv": TensorSpec((4, 64), "float32", per_token=True)} for _ in range(4)])
+with Sender(layout, sys.argv[1] + ":7800", streams=4, secret=b"wan") as tx:
+    xfer = tx.open("r0", 2048, timeout=30)
+    for i in range(4):
+        xfer.send_layer(i, {"kv": np.full((2048, 4, 64), i + 1, dtype=np.float32)})
+    stats = xfer.finish(timeout=30)
+    print(json.dumps({"seconds": stats.seconds, "rtt_ms": [l.min_rtt_ms for l in tx.metrics().links]}), flush=True)
+"""
+
+
+def test_kvwire_moves_kv_across_the_link(can_emulate):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    with WanLink(LinkSpec(rate_mbit=500, rtt_ms=20, loss=0.001), congestion_control="bbr") as link:
+        rx = link.popen("b", [sys.executable, "-c", RECEIVER, link.addr_b], stdout=subprocess.PIPE, text=True, env=env)
+        assert rx.stdout.readline().strip() == "ready"
+        sent = link.run("a", [sys.executable, "-c", SENDER, link.addr_b], env=env, timeout=60)
+        assert sent.returncode == 0, sent.stderr
+        received = json.loads(rx.stdout.readline())
+    assert received["sums"] == [float((i + 1) * 2048 * 4 * 64) for i in range(4)]
+    report = json.loads(sent.stdout)
+    assert all(19 <= rtt <= 30 for rtt in report["rtt_ms"]), report
+    assert np.isfinite(report["seconds"])
