@@ -355,27 +355,30 @@ class Sender:
                 controls, stream.control = stream.control, []
                 item = self._queue.popleft() if self._queue else None
                 self._cv.notify_all()
+            frame = self._data_frame(*item) if item is not None else None
+            buffers = [framing.encode(message) for message in controls] + (frame[0] if frame else [])
             try:
-                if controls:
-                    stream.conn.send([framing.encode(message) for message in controls])
-                if item is not None:
-                    self._send_chunk(stream, *item)
+                if buffers:
+                    stream.conn.send(buffers)  # control messages and the chunk in one syscall
             except KVWireError as exc:
                 return self._stream_lost(stream, exc)
+            if frame:
+                xfer, layer, _, resend = item
+                xfer._chunk_written(layer, frame[1], resend)
+                self._counters.add_bytes(frame[1])
 
-    def _send_chunk(self, stream: _Stream, xfer: Transfer, layer: int, chunk: int, resend: bool) -> None:
+    def _data_frame(self, xfer: Transfer, layer: int, chunk: int, resend: bool) -> tuple[list, int] | None:
+        """(buffers, payload bytes) of one Data frame, or None if it need not go."""
         if xfer.error is not None or xfer.layer_sent(layer):
-            return
+            return None
         try:
             pieces, nbytes = xfer.chunk(layer, chunk)
             checksum = frame_checksum(xfer.rid, layer, chunk, pieces, nbytes)
         except Exception as exc:  # a bug must fail its request, never kill the stream silently
             log.exception("building layer %d chunk %d of request %r failed", layer, chunk, xfer.request_id)
             xfer._abort(KVWireError(f"request {xfer.request_id!r}: internal error building a frame: {exc!r}"))
-            return
-        stream.conn.send([framing.encode(Data(xfer.rid, layer, chunk, nbytes, checksum)), *pieces])
-        xfer._chunk_written(layer, nbytes, resend)
-        self._counters.add_bytes(nbytes)
+            return None
+        return [framing.encode(Data(xfer.rid, layer, chunk, nbytes, checksum)), *pieces], nbytes
 
     def _read_loop(self, stream: _Stream) -> None:
         prefix = memoryview(bytearray(framing.PREFIX_BYTES))
