@@ -153,7 +153,11 @@ class InboundRequest:
         return self.num_ready == self.num_layers
 
     def _arrays(self, layer: int) -> dict[str, np.ndarray]:
-        return {name: typed(flat, dtype, shape) for name, flat, dtype, shape in self._layers[layer].outputs}
+        placed = self._layers[layer]
+        if placed.storage is not None:
+            storage = placed.storage
+            return {s.name: typed(storage[s.offset : s.offset + s.nbytes], s.spec.dtype, s.shape) for s in self.plans[layer].slots}
+        return {name: typed(flat, dtype, shape) for name, flat, dtype, shape in placed.outputs}
 
     # -- what the engine waits on -------------------------------------------------------
 

@@ -36,6 +36,7 @@ class PlacedLayer:
     outputs: list[tuple[str, np.ndarray, str, tuple[int, ...]]]  # what wait_layer returns: name, bytes, dtype, shape
     finishers: list[Callable[[], None]]  # run once the layer has verified
     own_bytes: int  # receiver memory this layer holds
+    storage: np.ndarray | None = None  # the layer's one buffer, when outputs are plain views of it
 
 
 def place_layer(
@@ -43,6 +44,9 @@ def place_layer(
 ) -> PlacedLayer:
     expectation = expectation or Expectation()
     buffers = expectation.buffers.get(index, {})
+    if not buffers and codec == "none":  # the common case: one buffer; views are made on demand
+        storage = np.empty(plan.nbytes, dtype=np.uint8)
+        return PlacedLayer([(0, storage)], [], [], plan.nbytes, storage)
     is_paged = expectation.block_ids is not None
     where = f"expect() buffer for layer {index} tensor"
 

@@ -299,9 +299,14 @@ def soak(num_transfers: int, seed: int) -> dict:
             corrupted += outcome == "corrupted_reported_ready"
             wrong += outcome not in ALLOWED[fault] and outcome != "corrupted_reported_ready"
         counts[fault][outcome] = counts[fault].get(outcome, 0) + 1
-    time.sleep(GRACE_S + 0.5)
-    receiver.send({"op": "stats"})
-    after = receiver.wait_for(lambda m: "stats" in m, 10)
+    # connections of the last transfers close asynchronously: settle before measuring
+    deadline, after = time.monotonic() + GRACE_S + 10, None
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        receiver.send({"op": "stats"})
+        after = receiver.wait_for(lambda m: "stats" in m, 10)
+        if after is None or (before and after["stats"]["threads"] <= before["stats"]["threads"] and after["stats"]["fds"] <= before["stats"]["fds"]):
+            break
     alive = receiver.proc.poll() is None and after is not None
     receiver.send({"op": "quit"})
     sender.kill()

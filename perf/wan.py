@@ -54,6 +54,31 @@ def make_layout(num_bytes: int):
 # -- the two kvwire processes ------------------------------------------------------------------
 
 
+def _tls_context(folder: str | None, *, server: bool):
+    """TLS with the self-signed certificate in ``folder`` (cert.pem, key.pem); None: plaintext."""
+    if not folder:
+        return None
+    import ssl
+
+    if server:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem"))
+    else:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.load_verify_locations(os.path.join(folder, "cert.pem"))
+    return context
+
+
+def make_certificate(folder: str, ip: str) -> None:
+    """A self-signed certificate for ``ip`` (the receiver's address on the link)."""
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={ip}",
+         "-addext", f"subjectAltName=IP:{ip}", "-keyout", os.path.join(folder, "key.pem"),
+         "-out", os.path.join(folder, "cert.pem")],
+        check=True, capture_output=True,
+    )
+
+
 def run_receiver(args) -> None:
     import numpy as np
 
@@ -61,7 +86,10 @@ def run_receiver(args) -> None:
 
     layout, num_tokens = make_layout(args.bytes)
     destination = [{"kv": np.ones((num_tokens, *TOKEN_SHAPE), dtype=np.float16)} for _ in range(NUM_LAYERS)]
-    rx = Receiver(layout, f"{args.host}:{PORT}", secret=SECRET, max_request_timeout_s=args.timeout_s)
+    rx = Receiver(
+        layout, f"{args.host}:{args.port}", secret=SECRET, max_request_timeout_s=args.timeout_s,
+        ssl_context=_tls_context(args.tls_dir, server=True),
+    )
     print(json.dumps({"address": rx.address}), flush=True)
     for line in sys.stdin:
         command, _, rid = line.strip().partition(" ")
@@ -105,7 +133,8 @@ def run_sender(args) -> None:
         }
     elif args.sender_streams != "default":
         kwargs = {"streams": int(args.sender_streams)}
-    with Sender(layout, args.address, secret=SECRET, timeout=30, **kwargs) as tx:
+    tls = _tls_context(args.tls_dir, server=False)
+    with Sender(layout, args.address, secret=SECRET, timeout=30, ssl_context=tls, **kwargs) as tx:
         t0 = time.perf_counter()
         xfer = tx.open(args.rid, num_tokens, timeout=args.timeout_s)
         for i, tensors in enumerate(data):
@@ -141,7 +170,7 @@ def _kvwire_transfer(link, receiver, args, streams: str, rid: str, rtt_ms: float
         "--role",
         "sender",
         "--address",
-        f"{link.addr_b}:{PORT}",
+        f"{link.addr_b}:{args.port}",
         "--bytes",
         str(args.bytes),
         "--sender-streams",
@@ -158,6 +187,7 @@ def _kvwire_transfer(link, receiver, args, streams: str, rid: str, rtt_ms: float
         str(link.spec.mtu),
         "--rtt-ms",
         str(rtt_ms),
+        *(["--tls-dir", args.tls_dir] if args.tls_dir else []),
     ]
     cpu0, t0 = link.relay_cpu_seconds(), time.monotonic()
     try:
@@ -341,6 +371,8 @@ def parse(argv):
     for flag in ("--host", "--address", "--rid", "--sender-streams"):
         ap.add_argument(flag, help=argparse.SUPPRESS)
     ap.add_argument("--bytes", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, default=PORT, help=argparse.SUPPRESS)
+    ap.add_argument("--tls-dir", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--timeout-s", type=float, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.bytes is None:
@@ -361,3 +393,35 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def tls_comparison(argv: list[str] | None = None) -> dict:
+    """kvwire's default configuration with and without TLS over the same emulated link."""
+    import tempfile
+
+    from kvwire.testing.wan import LinkSpec, WanLink, measure
+
+    args = parse(argv)
+    spec = LinkSpec(rate_mbit=args.rate_mbit, rtt_ms=args.rtt_ms, loss=args.loss, mtu=args.mtu)
+    out = {"link": {"rate_mbit": spec.rate_mbit, "rtt_ms": spec.rtt_ms, "loss": spec.loss, "mtu": spec.mtu}, "runs": {}}
+    with tempfile.TemporaryDirectory() as folder, WanLink(spec, congestion_control=args.cc[0]) as link:
+        make_certificate(folder, link.addr_b)
+        rtt_ms = measure(link, connects=5)["rtt_ms"]
+        for name, tls_dir, port in (("plaintext", None, PORT), ("tls", folder, PORT + 1)):
+            args.tls_dir, args.port = tls_dir, port
+            env = dict(os.environ, PYTHONPATH=args.pythonpath)
+            receiver = link.popen(
+                "b",
+                [sys.executable, "-m", "perf.wan", "--role", "receiver", "--host", link.addr_b, "--port", str(port),
+                 "--bytes", str(args.bytes), "--timeout-s", str(args.timeout_s),
+                 *(["--tls-dir", tls_dir] if tls_dir else [])],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+            )
+            json.loads(receiver.stdout.readline())
+            runs = [_kvwire_transfer(link, receiver, args, "default", f"{name}-{i}", rtt_ms) for i in range(3)]
+            receiver.stdin.write("quit\n")
+            receiver.stdin.flush()
+            out["runs"][name] = {"mbit": [r["mbit"] for r in runs], "best_mbit": max((r["mbit"] or 0) for r in runs)}
+    out["cc"] = args.cc[0]
+    out["tls_vs_plaintext"] = round(out["runs"]["tls"]["best_mbit"] / out["runs"]["plaintext"]["best_mbit"], 3)
+    return out

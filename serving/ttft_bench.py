@@ -24,20 +24,20 @@ import time
 from kvwire import Receiver, Sender
 
 
-def _receiver(model_dir: str, secret: bytes) -> None:
+def _receiver(model_dir: str, secret: bytes, listen: str) -> None:
     """Child process: receive whole requests named on stdin, then release them."""
     from .hybrid_cache import kv_layout
     from .model import load
 
     loaded = load(model_dir)
-    with Receiver(kv_layout(loaded.config, loaded.dtype_name), secret=secret) as rx:
+    with Receiver(kv_layout(loaded.config, loaded.dtype_name), listen=listen, secret=secret) as rx:
         print(json.dumps({"address": rx.address}), flush=True)
         for line in sys.stdin:
             with rx.wait(line.strip(), timeout=120) as got:
                 got.wait_all(timeout=120)
 
 
-def _timed_prefill(loaded, prompt: list[int], sender: Sender | None, request_id: str, layerwise: bool):
+def _timed_prefill(loaded, prompt: list[int], sender: Sender | None, request_id: str, layerwise: bool, codec: str = "none"):
     """(seconds until the receiver holds the whole cache, seconds of that after the prefill)."""
     from .hybrid_cache import export_layer
     from .steps import prefill
@@ -46,7 +46,7 @@ def _timed_prefill(loaded, prompt: list[int], sender: Sender | None, request_id:
     if sender is None:
         prefill(loaded.model, prompt)
         return time.perf_counter() - started, 0.0
-    xfer = sender.open(request_id, len(prompt), timeout=300)
+    xfer = sender.open(request_id, len(prompt), timeout=300, codec=codec)
     if layerwise:
         _, cache = prefill(loaded.model, prompt, on_layer=xfer.send_layer)
     else:
@@ -60,8 +60,21 @@ def _timed_prefill(loaded, prompt: list[int], sender: Sender | None, request_id:
     return done - started, done - computed
 
 
-def measure(model_dir: str, lengths: list[int], repeats: int = 2) -> dict:
-    """The benchmark's JSON document: one point per prompt length (best of ``repeats``)."""
+def measure(
+    model_dir: str,
+    lengths: list[int],
+    repeats: int = 2,
+    *,
+    codec: str = "none",
+    receiver_prefix: list[str] | None = None,
+    listen: str = "127.0.0.1:0",
+    streams: int | None = 4,
+) -> dict:
+    """The benchmark's JSON document: one point per prompt length (best of ``repeats``).
+
+    ``receiver_prefix`` (e.g. ``ip netns exec NS``) starts the receiver elsewhere, such as
+    the far side of an emulated WAN link, listening on ``listen``.
+    """
     import numpy as np
 
     from .hybrid_cache import kv_layout
@@ -70,11 +83,11 @@ def measure(model_dir: str, lengths: list[int], repeats: int = 2) -> dict:
     loaded = load(model_dir)
     layout = kv_layout(loaded.config, loaded.dtype_name)
     secret = os.urandom(16).hex().encode()
-    child = subprocess.Popen([sys.executable, "-m", "serving.ttft_bench", "--receiver", model_dir],
+    child = subprocess.Popen([*(receiver_prefix or []), sys.executable, "-m", "serving.ttft_bench", "--receiver", model_dir, "--listen", listen],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, "KVWIRE_BENCH_SECRET": secret.decode()})
     try:
         address = json.loads(child.stdout.readline())["address"]
-        sender = Sender(layout, address, secret=secret, streams=4)
+        sender = Sender(layout, address, secret=secret, streams=streams)
         points = []
         rng = np.random.default_rng(0)
         _timed_prefill(loaded, rng.integers(3, loaded.config.vocab_size, 64).tolist(), None, "", False)  # warm-up
@@ -87,7 +100,7 @@ def measure(model_dir: str, lengths: list[int], repeats: int = 2) -> dict:
                     request_id = f"{mode}-{n}-{r}"
                     child.stdin.write(request_id + "\n")
                     child.stdin.flush()
-                    best[mode] = min(best[mode], _timed_prefill(loaded, prompt, sender, request_id, mode == "layerwise"))
+                    best[mode] = min(best[mode], _timed_prefill(loaded, prompt, sender, request_id, mode == "layerwise", codec))
             plans = layout.plans(n)
             largest_share = max(plan.nbytes for plan in plans) / sum(plan.nbytes for plan in plans)
             points.append({
@@ -97,7 +110,7 @@ def measure(model_dir: str, lengths: list[int], repeats: int = 2) -> dict:
                 "transfer_after_prefill_s": {"layerwise": best["layerwise"][1], "after_prefill": best["after"][1]},
             })
         sender.close()
-        return {"model": model_dir, "architecture": loaded.architecture, "dtype": loaded.dtype_name, "points": points}
+        return {"model": model_dir, "architecture": loaded.architecture, "dtype": loaded.dtype_name, "codec": codec, "points": points}
     finally:
         child.stdin.close()
         child.wait(30)
@@ -109,18 +122,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lengths", default="1024,4096,16384")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", action="store_true", help="print JSON (the only output format)")
+    parser.add_argument("--codec", default="none", help="KV codec on the wire (none, fp8, int8, int4)")
+    parser.add_argument("--streams", type=int, default=4, help="kvwire connections (0: tuned from the link)")
+    parser.add_argument("--receiver-netns", help="run the receiver in this network namespace")
+    parser.add_argument("--listen", default="127.0.0.1:0", help="the receiver's address")
     parser.add_argument("--receiver", metavar="DIR", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     from .cli import _quiet_transformers
 
     _quiet_transformers()
     if args.receiver:
-        _receiver(args.receiver, os.environ["KVWIRE_BENCH_SECRET"].encode())
+        _receiver(args.receiver, os.environ["KVWIRE_BENCH_SECRET"].encode(), args.listen)
         return 0
     from .demo import tiny_model_dir
 
     model_dir = args.model or str(tiny_model_dir())
-    result = measure(model_dir, [int(n) for n in args.lengths.split(",") if n], args.repeats)
+    prefix = ["ip", "netns", "exec", args.receiver_netns] if args.receiver_netns else None
+    result = measure(
+        model_dir, [int(n) for n in args.lengths.split(",") if n], args.repeats,
+        codec=args.codec, receiver_prefix=prefix, listen=args.listen, streams=args.streams or None,
+    )
     print(json.dumps(result, indent=2))
     return 0
 
