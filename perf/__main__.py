@@ -55,8 +55,9 @@ def run_transfer(argv: list[str], quick: bool) -> dict:
     elif quick:
         configs = [["--streams", "4", "--mib", "16", "--repeats", "1"]]
     else:
-        configs = [["--streams", s, "--mib", "256", "--repeats", "3"] for s in ("1", "2", "4", "8")]
-        configs.append(["--streams", "4", "--small-blocks", "--repeats", "2"])
+        configs = [["--streams", s, "--mib", "256", "--repeats", "5"] for s in ("1", "2", "4", "8")]
+        for streams, into in (("4", "own"), ("1", "own"), ("4", "expect")):
+            configs.append(["--streams", streams, "--small-blocks", "--into", into, "--repeats", "7"])
     runs = [_captured_json(transfer.main, [*config, "--json"]) for config in configs]
     from perf.plots import machine_info
 

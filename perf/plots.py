@@ -84,7 +84,11 @@ def plot_wan(result: dict, path: str) -> None:
 def plot_transfer(result: dict, path: str) -> None:
     """kvwire vs one raw socket on loopback, per configuration."""
     runs = result["runs"]
-    labels = [f"{r['case']}\n{r['streams']} streams" for r in runs]
+    labels = [
+        f"{r['case'].replace('small_blocks_65536x1KiB', '65536 x 1 KiB')}\n{r['streams']} streams"
+        + (f", {r['into']}" if r.get("into") else "")
+        for r in runs
+    ]
     xs = range(len(runs))
     fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(runs)), 4))
     width = 0.38
