@@ -33,9 +33,7 @@ import subprocess
 import sys
 import threading
 import time
-import zlib
 
-import numpy as np
 
 FAULTS = ("none", "drop", "truncate", "flip", "stall", "delay", "kill_sender", "kill_receiver")
 ALLOWED = {
@@ -77,18 +75,10 @@ def soak_layouts():
 
 
 def kv_data(layout, request_id: str, num_tokens: int):
-    from kvwire.dtypes import numpy_dtype
+    """The request's KV, reproducible on both sides from its id."""
+    from kvwire.testing.data import random_kv
 
-    rng = np.random.default_rng(zlib.crc32(request_id.encode()))
-    out = []
-    for layer in layout.layers:
-        tensors = {}
-        for name, spec in layer.items():
-            shape = spec.full_shape(num_tokens)
-            raw = rng.integers(0, 256, size=int(np.prod(shape, dtype=np.int64)) * spec.itemsize, dtype=np.uint8)
-            tensors[name] = raw.view(numpy_dtype(spec.dtype)).reshape(shape)
-        out.append(tensors)
-    return out
+    return random_kv(layout, num_tokens, request_id)
 
 
 def process_stats() -> dict:

@@ -8,10 +8,10 @@ import subprocess
 import sys
 import threading
 
-import numpy as np
 import pytest
 
 from kvwire import KVLayout, Receiver, Sender, TensorSpec
+from kvwire.testing.data import random_kv  # noqa: F401  (re-exported for the tests)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,22 +33,6 @@ def hybrid_layout(linear_layers: int = 3, state_dim: int = 32) -> KVLayout:
         }
     )
     return KVLayout(layers)
-
-
-def random_kv(layout: KVLayout, num_tokens: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """Random raw bits in every tensor (so NaN payloads and odd bit patterns travel too)."""
-    from kvwire.dtypes import numpy_dtype
-
-    rng = np.random.default_rng(seed)
-    out = []
-    for layer in layout.layers:
-        tensors = {}
-        for name, spec in layer.items():
-            shape = spec.full_shape(num_tokens)
-            raw = rng.integers(0, 256, size=int(np.prod(shape, dtype=np.int64)) * spec.itemsize, dtype=np.uint8)
-            tensors[name] = raw.view(numpy_dtype(spec.dtype)).reshape(shape)
-        out.append(tensors)
-    return out
 
 
 def assert_same_bytes(got: dict, expected: dict) -> None:
