@@ -36,6 +36,7 @@ BENCHMARKS = {
     "wan": "perf.wan",
     "ttft-wan": "perf.ttft_wan",
     "tls-wan": "perf.tls_wan",
+    "load": "perf.load",
 }
 # --quick arguments for modules that do not define QUICK_ARGS themselves
 QUICK = {"peers": ["--sizes", "1", "--cases", "raw_socket,kvwire_tcp"]}

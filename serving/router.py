@@ -88,7 +88,12 @@ class Router:
         return app
 
     async def _startup(self, app) -> None:
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=self.options.connect_timeout_s))
+        # No pool cap: a queued request must not time out waiting for a pooled connection
+        # (aiohttp's "connect" timeout counts that wait); workers bound their own work.
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.options.connect_timeout_s),
+        )
         for url in self.options.decode_urls:
             try:
                 await self.kv_address(url)
@@ -127,7 +132,7 @@ class Router:
 
     async def prefill(self, url: str, payload: dict) -> dict:
         """The prefill worker's answer; UpstreamError carrying its error type otherwise."""
-        timeout = aiohttp.ClientTimeout(total=self.options.prefill_timeout_s, connect=self.options.connect_timeout_s)
+        timeout = aiohttp.ClientTimeout(total=self.options.prefill_timeout_s, sock_connect=self.options.connect_timeout_s)
         try:
             async with self._session.post(url + "/internal/prefill", json=payload, timeout=timeout) as response:
                 body = await response.json()
@@ -213,7 +218,7 @@ class Router:
         return decode_job
 
     async def _open_decode(self, decode_url: str, decode_job: dict, info: dict) -> aiohttp.ClientResponse:
-        timeout = aiohttp.ClientTimeout(total=None, connect=self.options.connect_timeout_s,
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.options.connect_timeout_s,
                                         sock_read=self.options.token_timeout_s)
         try:
             response = await self._session.post(decode_url + "/internal/decode", json=decode_job, timeout=timeout)
