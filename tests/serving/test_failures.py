@@ -92,33 +92,41 @@ def test_dead_decode_worker_is_a_clear_error_quickly(cluster, kimi_dir, secret_f
     assert first_s < 5 and second_s < 5
 
 
-def test_prefill_worker_killed_during_a_burst_every_request_gets_right_tokens_or_a_clear_error(
-    cluster, kimi_dir, secret_file, kimi
-):
+def burst_with_kill(front, worker, prompts, max_tokens: int, kill_after_s: float, limit_s: float) -> dict:
+    """Send every prompt at once, kill -9 ``worker`` after ``kill_after_s``; all answers,
+    after asserting that none hung and all came within ``limit_s``."""
     import threading
 
-    prefill = launch.start("prefill", ["--model", str(kimi_dir), "--port", "0", "--secret-file", str(secret_file)])
-    front = router(prefill, cluster["decode"])
-    prompts = [np.random.default_rng(100 + i).integers(3, 512, 200 + 40 * i).tolist() for i in range(6)]
     results: dict[int, object] = {}
 
     def ask(i: int) -> None:
-        results[i] = client.complete(front.url, {"prompt": prompts[i], "max_tokens": 4, "return_token_ids": True}, timeout_s=60)
+        body = {"prompt": prompts[i], "max_tokens": max_tokens, "return_token_ids": True}
+        results[i] = client.complete(front.url, body, timeout_s=limit_s)
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
     started = time.monotonic()
     try:
         for thread in threads:
             thread.start()
-        time.sleep(0.3)
-        prefill.kill()  # kill -9 while the burst is in flight
+        time.sleep(kill_after_s)
+        worker.kill()
         for thread in threads:
-            thread.join(90)
+            thread.join(limit_s)
     finally:
         front.stop()
-        prefill.stop()
+        worker.stop()
     assert all(not thread.is_alive() for thread in threads), "a request hung"
-    assert time.monotonic() - started < 90
+    assert time.monotonic() - started < limit_s
+    assert len(results) == len(prompts)
+    return results
+
+
+def test_prefill_worker_killed_during_a_burst_every_request_gets_right_tokens_or_a_clear_error(
+    cluster, kimi_dir, secret_file, kimi
+):
+    prefill = launch.start("prefill", ["--model", str(kimi_dir), "--port", "0", "--secret-file", str(secret_file)])
+    prompts = [np.random.default_rng(100 + i).integers(3, 512, 200 + 40 * i).tolist() for i in range(6)]
+    results = burst_with_kill(router(prefill, cluster["decode"]), prefill, prompts, 4, kill_after_s=0.3, limit_s=90)
     sources = []
     for i, result in results.items():
         if result.status == 200:  # served: the tokens must be exactly the monolithic ones
@@ -127,37 +135,15 @@ def test_prefill_worker_killed_during_a_burst_every_request_gets_right_tokens_or
         else:  # or a clear error naming what failed
             assert result.status == 502, result.body
             assert result.body["error"]["type"] and result.body["error"]["message"]
-    assert len(results) == len(prompts)
     assert "recomputed" in sources or len(sources) < len(prompts)  # the kill was felt, and survived
 
 
 def test_decode_worker_killed_during_a_burst_fails_its_requests_fast_and_clearly(cluster, kimi_dir, secret_file, kimi):
-    import threading
-
     decode = launch.start(
         "decode", ["--model", str(kimi_dir), "--port", "0", "--kv-listen", "127.0.0.1:0", "--secret-file", str(secret_file)]
     )
-    front = router(cluster["prefill"], decode)
     prompts = [np.random.default_rng(200 + i).integers(3, 512, 100).tolist() for i in range(6)]
-    results: dict[int, object] = {}
-
-    def ask(i: int) -> None:
-        results[i] = client.complete(front.url, {"prompt": prompts[i], "max_tokens": 40, "return_token_ids": True}, timeout_s=60)
-
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
-    started = time.monotonic()
-    try:
-        for thread in threads:
-            thread.start()
-        time.sleep(0.5)
-        decode.kill()  # kill -9 while tokens are being generated
-        for thread in threads:
-            thread.join(60)
-    finally:
-        front.stop()
-        decode.stop()
-    assert all(not thread.is_alive() for thread in threads), "a request hung"
-    assert time.monotonic() - started < 60
+    results = burst_with_kill(router(cluster["prefill"], decode), decode, prompts, 40, kill_after_s=0.5, limit_s=60)
     failed = 0
     for i, result in results.items():
         if result.status == 200 and "error" not in result.body:
