@@ -37,6 +37,7 @@ BENCHMARKS = {
     "ttft-wan": "perf.ttft_wan",
     "tls-wan": "perf.tls_wan",
     "load": "perf.load",
+    "router": "perf.router",
 }
 # --quick arguments for modules that do not define QUICK_ARGS themselves
 QUICK = {"peers": ["--sizes", "1", "--cases", "raw_socket,kvwire_tcp"]}

@@ -132,4 +132,29 @@ def plot_codec(result: dict, path: str) -> None:
     codec.plot(result["rows"], path)
 
 
-PLOTS = {"wan": plot_wan, "transfer": plot_transfer, "codec": plot_codec}
+def plot_router(result: dict, path: str) -> None:
+    """Per policy: throughput (left) and TTFT P50/P90 (right)."""
+    policies = result["policies"]
+    names = list(policies)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
+    bars = left.bar(names, [policies[n]["throughput_req_s"] for n in names], color=["tab:green", "tab:blue", "tab:orange"])
+    left.bar_label(bars, fmt="%.2f", fontsize=8)
+    left.set_ylabel("requests / s")
+    left.set_title("throughput (burst)", fontsize=10)
+    xs = range(len(names))
+    for offset, key, color in ((-0.2, "ttft_p50_s", "tab:blue"), (0.2, "ttft_p90_s", "tab:red")):
+        bars = right.bar([x + offset for x in xs], [policies[n][key] or 0 for n in names], 0.4, label=key[5:8].upper(),
+                         color=color)
+        right.bar_label(bars, fmt="%.2f", fontsize=8)
+    right.set_xticks(list(xs), names)
+    right.set_ylabel("seconds")
+    right.set_title("time to first token", fontsize=10)
+    right.legend(fontsize=8)
+    link, load = result["link"], result["workload"]
+    fig.suptitle(f"perf router: {load['requests']} requests, log-normal lengths (median {load['lognormal_median']}), "
+                 f"t={load['threshold_tokens']}; PrfaaS link {link['rate_mbit']:g} Mbit/s, {link['rtt_ms']:g} ms",
+                 fontsize=9)
+    _finish(fig, left, result, path)
+
+
+PLOTS = {"wan": plot_wan, "transfer": plot_transfer, "codec": plot_codec, "router": plot_router}

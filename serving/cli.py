@@ -43,13 +43,21 @@ def parser() -> argparse.ArgumentParser:
     prefill.set_defaults(run=run_prefill)
 
     router = commands.add_parser("router", help="the OpenAI completions endpoint in front of the workers")
-    router.add_argument("--prefill", action="append", required=True, metavar="URL", help="a prefill worker (repeat)")
-    router.add_argument("--decode", action="append", required=True, metavar="URL", help="a decode worker (repeat)")
+    router.add_argument("--config", type=Path, metavar="TOML", help="pools, PrfaaS clusters and links (flags add to it)")
+    router.add_argument("--prefill", action="append", metavar="URL", help="a local PD prefill worker (repeat)")
+    router.add_argument("--decode", action="append", metavar="URL", help="a decode worker (repeat)")
+    router.add_argument("--prfaas", action="append", metavar="URL",
+                        help="a prefill worker of the PrfaaS cluster 'prfaas' (repeat); long prompts go there")
+    router.add_argument("--prfaas-threshold", type=int, default=0, metavar="TOKENS",
+                        help="offload threshold t (kvwire-plan's); the controller raises it when the link is busy")
+    router.add_argument("--prfaas-max-threshold", type=int, default=1 << 20, metavar="TOKENS")
+    router.add_argument("--egress-gbps", type=float, default=10.0, help="the PrfaaS cluster's egress link capacity")
+    router.add_argument("--control-interval", type=float, metavar="S", help="seconds between worker-state polls")
     router.add_argument("--host", default="127.0.0.1")
     router.add_argument("--port", type=int, required=True)
-    router.add_argument("--kv-fallback", choices=["recompute", "error"], default="recompute",
-                        help="on a failed KV transfer: the decode worker recomputes the prefill, or the client gets the error")
-    router.add_argument("--timeout", type=float, default=120.0, metavar="S", help="prefill timeout; also the token gap limit")
+    router.add_argument("--kv-fallback", choices=["recompute", "error"],
+                        help="on a failed KV transfer: the decode worker recomputes the prefill (default), or the client gets the error")
+    router.add_argument("--timeout", type=float, metavar="S", help="prefill timeout; also the token gap limit (default 120)")
     router.set_defaults(run=run_router)
 
     demo = commands.add_parser("demo", help="run decode, prefill and router here and check tokens against generate()")
@@ -67,6 +75,9 @@ def _worker_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--port", type=int, required=True, help="HTTP port (0: any)")
     command.add_argument("--kv-backend", choices=["tcp", "ucx", "auto"], default="tcp")
     command.add_argument("--secret-file", type=Path, help="shared kvwire secret (both workers must use the same)")
+    command.add_argument("--prefix-cache-mib", type=float, default=0.0, metavar="MIB",
+                         help="keep KV and linear states of prompt prefixes at block boundaries, LRU up to this size")
+    command.add_argument("--block-tokens", type=int, default=64, help="prefix cache block size in tokens")
 
 
 def _backend(name: str) -> str:
@@ -144,7 +155,7 @@ def run_decode(args) -> int:
 
     _quiet_transformers()
     options = DecodeOptions(kv_listen=args.kv_listen, kv_advertise=args.kv_advertise, backend=_backend(args.kv_backend),
-                            secret=_secret(args.secret_file), kv_wait_s=args.kv_wait)
+                            secret=_secret(args.secret_file), kv_wait_s=args.kv_wait, **_prefix_cache(args))
     worker = DecodeWorker(_load(args), options)
     try:
         return _serve(worker.app(), args.host, args.port, _announce("decode", kv_address=worker.kv_address))
@@ -156,7 +167,8 @@ def run_prefill(args) -> int:
     from .prefill import PrefillOptions, PrefillWorker
 
     _quiet_transformers()
-    options = PrefillOptions(backend=_backend(args.kv_backend), secret=_secret(args.secret_file), streams=args.streams)
+    options = PrefillOptions(backend=_backend(args.kv_backend), secret=_secret(args.secret_file), streams=args.streams,
+                             **_prefix_cache(args))
     worker = PrefillWorker(_load(args), options)
     try:
         return _serve(worker.app(), args.host, args.port, _announce("prefill"))
@@ -164,12 +176,35 @@ def run_prefill(args) -> int:
         worker.close()
 
 
-def run_router(args) -> int:
-    from .router import Router, RouterOptions
+def _prefix_cache(args) -> dict:
+    if args.prefix_cache_mib < 0 or args.block_tokens < 1:
+        raise SystemExit("kvwire-serve: need --prefix-cache-mib >= 0 and --block-tokens >= 1")
+    return {"prefix_cache_bytes": int(args.prefix_cache_mib * (1 << 20)), "block_tokens": args.block_tokens}
 
-    options = RouterOptions(tuple(args.prefill), tuple(args.decode), kv_fallback=args.kv_fallback,
-                            prefill_timeout_s=args.timeout, token_timeout_s=args.timeout)
-    return _serve(Router(options).app(), args.host, args.port, _announce("router"))
+
+def router_config(args):
+    """The TOML file (if any) with the flags applied on top."""
+    from . import router_config as rc
+
+    try:
+        base = rc.load(args.config) if args.config else None
+        prfaas = None
+        if args.prfaas:
+            prfaas = [{"name": "prfaas", "prefill": args.prfaas, "egress_gbps": args.egress_gbps,
+                       "threshold_tokens": args.prfaas_threshold, "max_threshold_tokens": args.prfaas_max_threshold}]
+        control = {"interval_s": args.control_interval} if args.control_interval else None
+        return rc.merge(base, prefill=args.prefill, decode=args.decode, prfaas=prfaas, kv_fallback=args.kv_fallback,
+                        prefill_timeout_s=args.timeout, token_timeout_s=args.timeout, control=control)
+    except ValueError as exc:
+        raise SystemExit(f"kvwire-serve router: {exc}") from None
+
+
+def run_router(args) -> int:
+    from .router import Router
+
+    logging.getLogger("serving.policy").setLevel(logging.INFO)  # every change of t, with its reason
+
+    return _serve(Router(router_config(args)).app(), args.host, args.port, _announce("router"))
 
 
 def run_demo(args) -> int:

@@ -9,6 +9,12 @@ If the KV cannot be had (the transfer failed or timed out), the worker recompute
 prefill itself, so a failed transfer never yields wrong tokens; the stream's first line
 says which source the cache came from, and the metrics count recomputations.
 
+With a prefix cache (``prefix_cache_bytes``) the worker keeps the KV and linear states of
+prompts at block boundaries. A request naming one of them (``cached_hash``) gets only the
+KV after it; a request with ``boundary_tokens`` is followed by the states at that
+boundary, which the worker stores in the background. Recomputed prefills use and fill
+the same cache.
+
 The answer is NDJSON: ``{"kv_source", "kv_error", "rebuild_s"}``, then one
 ``{"token", "text"}`` per token (the prefill's first token included), then
 ``{"finish_reason", "num_tokens", "decode_s"}`` (or ``{"error": {...}}``).
@@ -26,14 +32,17 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from kvwire import KVWireError, Receiver
+from kvwire import KVWireError, LayoutMismatchError, Receiver
 
 from .http import INVALID_REQUEST, BadRequest, base_app, describe, json_error
-from .hybrid_cache import kv_layout, new_cache, rebuild_layer
+from .hybrid_cache import kv_layout, new_cache, rebuild_layer, restore, snapshot, snapshot_bytes, to_torch
 from .metrics import Registry, render_peers
 from .model import LoadedModel
+from .prefix_cache import PrefixCache
+from .prefix_reuse import prefill_reusing
 from .prompts import check_prompt_shape, parse_max_tokens, parse_sampling
-from .steps import decode_step, pick_token, prefill, warm_up
+from .steps import decode_step, pick_token, warm_up
+from .worker_state import boundary_suffix, cache_info, peers_json
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +57,8 @@ class DecodeOptions:
     secret: bytes | None = None
     kv_wait_s: float = 30.0
     max_kv_bytes: int = 4 << 30
+    prefix_cache_bytes: int = 0  # 0: no prefix cache
+    block_tokens: int = 64
 
 
 class DecodeWorker:
@@ -62,6 +73,8 @@ class DecodeWorker:
             self.layout, listen=options.kv_listen, backend=options.backend, secret=options.secret,
             max_bytes=options.max_kv_bytes, claim_timeout_s=120.0,  # KV whose router never came back
         )
+        self.prefix_cache = (PrefixCache(options.prefix_cache_bytes, options.block_tokens, self.layout.fingerprint.encode())
+                             if options.prefix_cache_bytes else None)
         self.kv_address = options.kv_advertise or _reachable(self.receiver.address)
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="decode-model")
         self._io = ThreadPoolExecutor(16, thread_name_prefix="decode-io")
@@ -76,55 +89,109 @@ class DecodeWorker:
 
     # -- getting the cache ----------------------------------------------------------------
 
-    def receive(self, request_id: str, timeout_s: float):
-        """(I/O thread) Wait for every layer of ``request_id`` and rebuild its cache."""
+    def receive(self, request_id: str, timeout_s: float, base=None, num_tokens: int | None = None):
+        """(I/O thread) Wait for every layer of ``request_id`` and rebuild its cache.
+
+        ``base``: the prefix-cache hit the prefill worker was told we hold; the received
+        per-token tensors continue it.
+        """
         deadline = time.monotonic() + timeout_s
         with self.receiver.wait(request_id, timeout=timeout_s) as got:
-            cache = new_cache(self.loaded.config)
+            start = base.num_tokens if base is not None else 0
+            if num_tokens is not None and start + got.num_tokens != num_tokens:
+                raise LayoutMismatchError(f"request {request_id!r}: received KV for {got.num_tokens} tokens after "
+                                          f"{start} cached ones, but the prompt has {num_tokens}")
+            cache = restore(self.loaded.config, base.value) if base is not None else new_cache(self.loaded.config)
             for i in range(got.num_layers):
                 rebuild_layer(cache, i, got.wait_layer(i, timeout=max(0.0, deadline - time.monotonic())))
             self.kv_bytes.inc(self.layout.nbytes(got.num_tokens))
             return cache
 
+    def keep_boundary(self, request_id: str, token_ids: list[int], kv_layers: list[dict], timeout_s: float) -> None:
+        """(I/O thread) Store the prefix entry whose KV we hold once its linear states arrive."""
+        boundary = len(token_ids)
+        try:
+            with self.receiver.wait(request_id + boundary_suffix, timeout=timeout_s) as got:
+                layers = [kv if "keys" in kv else {name: to_torch(t).clone() for name, t in got.wait_layer(i).items()}
+                          for i, kv in enumerate(kv_layers)]
+        except KVWireError as exc:
+            log.warning("request %s: boundary states not received, prefix not kept: %s", request_id, describe(exc))
+            return
+        size = snapshot_bytes(layers)
+        if self.prefix_cache.can_put(size):
+            self.prefix_cache.put(token_ids[:boundary], layers, size)
+
     def recompute(self, token_ids: list[int], sampling, generator):
-        """(model thread) The prefill, done here; returns (cache, first token)."""
-        logits, cache = prefill(self.loaded.model, token_ids)
-        return cache, pick_token(logits, sampling, generator)
+        """(model thread) The prefill, done here (reusing our prefix cache); returns (cache, first token)."""
+        result = prefill_reusing(self.loaded.model, token_ids, self.prefix_cache)
+        return result.cache, pick_token(result.logits, sampling, generator)
+
+    def _base(self, body: dict):
+        """The prefix entry this request's KV continues: (hit or None, error text or None)."""
+        cached_tokens = int(body.get("cached_tokens") or 0)
+        if not cached_tokens:
+            return None, None
+        hit = self.prefix_cache.get(str(body.get("cached_hash"))) if self.prefix_cache is not None else None
+        if hit is None or hit.num_tokens != cached_tokens:
+            return None, f"PrefixEvicted: the {cached_tokens}-token prefix the KV continues is no longer cached here"
+        return hit, None
 
     async def cache_for(self, body: dict, sampling, generator) -> tuple[object, int, str, str | None]:
         """(cache, first token, kv_source, kv_error) for a decode request."""
         loop = asyncio.get_running_loop()
+        request_id = str(body["request_id"])
         first_token = body.get("first_token")
         kv_error = body.get("kv_error")
-        if first_token is not None:
+        base, base_error = self._base(body)
+        if first_token is not None and base_error is None:
+            timeout_s = float(body.get("timeout_s", self.options.kv_wait_s))
             try:
-                cache = await loop.run_in_executor(
-                    self._io, self.receive, str(body["request_id"]), float(body.get("timeout_s", self.options.kv_wait_s))
-                )
+                cache = await loop.run_in_executor(self._io, self.receive, request_id, timeout_s, base,
+                                                   len(body["prompt_token_ids"]))
+                self._keep_boundary_later(body, cache, timeout_s)
                 return cache, int(first_token), "transfer", None
             except KVWireError as exc:
                 kv_error = describe(exc)
                 if body.get("fallback", "recompute") != "recompute":
                     raise
-                log.warning("request %s: KV not received (%s); recomputing the prefill here", body["request_id"], kv_error)
+                log.warning("request %s: KV not received (%s); recomputing the prefill here", request_id, kv_error)
+        elif base_error is not None:
+            kv_error = base_error
+            log.warning("request %s: %s; recomputing the prefill here", request_id, base_error)
         # Whatever did arrive under this id will never be claimed: free it now.
-        self.receiver.release(str(body["request_id"]))
+        self.receiver.release(request_id)
+        self.receiver.release(request_id + boundary_suffix)
         self.num_recomputed.inc(1, (kv_error or "none").split(":")[0])
         cache, first = await loop.run_in_executor(
             self._model_thread, self.recompute, body["prompt_token_ids"], sampling, generator
         )
         return cache, first, "recomputed", kv_error
 
+    def _keep_boundary_later(self, body: dict, cache, timeout_s: float) -> None:
+        boundary = int(body.get("boundary_tokens") or 0)
+        if not boundary or self.prefix_cache is None:
+            return
+        kv_layers = snapshot(cache, boundary, states=[{}] * len(cache.layers))  # before decoding appends to it
+        self._io.submit(self.keep_boundary, str(body["request_id"]), body["prompt_token_ids"][:boundary], kv_layers,
+                        timeout_s)
+
     # -- HTTP -----------------------------------------------------------------------------
 
     def app(self) -> web.Application:
         app = base_app("decode", self.registry, self._health, self._peer_metrics)
         app.router.add_post("/internal/decode", self.handle_decode)
+        app.router.add_get("/internal/state", self.handle_state)
         return app
+
+    async def handle_state(self, request: web.Request) -> web.Response:
+        blocks = self.prefix_cache.block_hashes() if self.prefix_cache is not None else []
+        return web.json_response({"prefix_blocks": blocks, "prefix_cache": cache_info(self.prefix_cache),
+                                  "peers": peers_json(self.receiver.metrics().values())})
 
     def _health(self) -> dict:
         return {"model": self.loaded.path, "architecture": self.loaded.architecture, "dtype": self.loaded.dtype_name,
-                "kv_address": self.kv_address, "layout_fingerprint": self.layout.fingerprint}
+                "kv_address": self.kv_address, "layout_fingerprint": self.layout.fingerprint,
+                "prefix_cache": cache_info(self.prefix_cache)}
 
     def _peer_metrics(self) -> list[str]:
         return render_peers("decode", self.receiver.metrics())

@@ -71,11 +71,13 @@ def kv_layout(config, dtype: str) -> KVLayout:
 # -- export (prefill side) ------------------------------------------------------------------
 
 
-def export_layer(cache, index: int) -> dict[str, object]:
+def export_layer(cache, index: int, from_token: int = 0) -> dict[str, object]:
     """Layer ``index`` of a batch-1 cache as kvwire tensors (views where the layout allows).
 
-    The tensors are borrowed by ``send_layer`` until ``finish()``: nothing writes them again
-    during a prefill, and the caller keeps ``cache`` alive until then.
+    Per-token tensors start at ``from_token`` (the receiver already holds the tokens before
+    it); states are always whole. The tensors are borrowed by ``send_layer`` until
+    ``finish()``: nothing writes them again during a prefill, and the caller keeps
+    ``cache`` alive until then.
     """
     layer = cache.layers[index]
     if hasattr(layer, "recurrent_states"):
@@ -87,20 +89,20 @@ def export_layer(cache, index: int) -> dict[str, object]:
         return tensors
     # (1, heads, tokens, dim) -> (tokens, heads, dim); a copy only when heads > 1
     return {
-        "keys": layer.keys[0].transpose(0, 1).contiguous(),
-        "values": layer.values[0].transpose(0, 1).contiguous(),
+        "keys": layer.keys[0, :, from_token:].transpose(0, 1).contiguous(),
+        "values": layer.values[0, :, from_token:].transpose(0, 1).contiguous(),
     }
 
 
 @contextlib.contextmanager
-def layer_hooks(model, cache, on_layer: Callable[[int, dict[str, object]], None]) -> Iterator[None]:
+def layer_hooks(model, cache, on_layer: Callable[[int, dict[str, object]], None], from_token: int = 0) -> Iterator[None]:
     """Call ``on_layer(i, tensors)`` as each decoder layer finishes, during a forward.
 
     A forward hook on ``model.model.layers[i]`` fires once that layer's cache entry is
     complete, so the transfer of layer i overlaps the compute of layers i+1...
     """
     def hook(index: int):
-        return lambda module, args, output: on_layer(index, export_layer(cache, index))
+        return lambda module, args, output: on_layer(index, export_layer(cache, index, from_token))
 
     handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(model.model.layers)]
     try:
@@ -138,10 +140,12 @@ def probe_layout(model, num_tokens: int = 5) -> KVLayout:
 # -- rebuild (decode side) ------------------------------------------------------------------
 
 
-def to_torch(array: np.ndarray):
+def to_torch(array):
     """A torch tensor sharing ``array``'s memory (bfloat16 arrays from ml_dtypes included)."""
     import torch
 
+    if isinstance(array, torch.Tensor):
+        return array
     if array.dtype.name == "bfloat16":
         return torch.from_numpy(array.view(np.uint16)).view(torch.bfloat16)
     return torch.from_numpy(array)
@@ -170,3 +174,33 @@ def rebuild_layer(cache, index: int, tensors: Mapping[str, np.ndarray]) -> None:
     keys = to_torch(tensors["keys"]).transpose(0, 1).unsqueeze(0)
     values = to_torch(tensors["values"]).transpose(0, 1).unsqueeze(0)
     cache.update(keys, values, index)
+
+
+# -- prefix snapshots (prefix cache entries) ------------------------------------------------
+
+
+def snapshot(cache, num_tokens: int, states=None) -> list[dict[str, object]]:
+    """Owned copies of every layer at a prefix boundary: KV of the first ``num_tokens``
+    tokens, and the linear states there (``states``: per-layer dicts received for exactly
+    that boundary; default: the cache's own, which must then end at ``num_tokens``)."""
+    layers = []
+    for i in range(len(cache.layers)):
+        tensors = export_layer(cache, i)
+        if "keys" in tensors:
+            layers.append({name: t[:num_tokens].clone() for name, t in tensors.items()})
+        else:
+            source = states[i] if states is not None else tensors
+            layers.append({name: to_torch(t).clone() for name, t in source.items()})
+    return layers
+
+
+def restore(config, layers: list[Mapping[str, object]]):
+    """A new cache holding a snapshot, ready to prefill (or rebuild) the tokens after it."""
+    cache = new_cache(config)
+    for i, tensors in enumerate(layers):
+        rebuild_layer(cache, i, tensors)
+    return cache
+
+
+def snapshot_bytes(layers: list[Mapping[str, object]]) -> int:
+    return sum(t.numel() * t.element_size() for layer in layers for t in layer.values())

@@ -61,11 +61,16 @@ class Worker:
             self.process.wait(10)
 
 
-def start(role: str, args: list[str], *, timeout_s: float = 120.0, env: dict | None = None) -> Worker:
-    """Run ``python -m serving <role> <args>`` and wait for its ready line."""
+def start(role: str, args: list[str], *, timeout_s: float = 120.0, env: dict | None = None,
+          wrapper: list[str] = ()) -> Worker:
+    """Run ``python -m serving <role> <args>`` and wait for its ready line.
+
+    ``wrapper`` runs it through another command, e.g. ``ip netns exec NS`` (which execs, so
+    the Worker's pid is still the worker's own).
+    """
     stderr = tempfile.NamedTemporaryFile(prefix=f"kvwire-serve-{role}-", suffix=".log", delete=False)
     process = subprocess.Popen(
-        [sys.executable, "-m", "serving", role, *args], stdout=subprocess.PIPE, stderr=stderr, text=True,
+        [*wrapper, sys.executable, "-m", "serving", role, *args], stdout=subprocess.PIPE, stderr=stderr, text=True,
         env={**os.environ, **(env or {})},
     )
     worker = Worker(role, process, stderr_path=stderr.name)

@@ -221,6 +221,8 @@ class ThresholdConfig:
     idle_retransmit_ratio: float = 0.001
     busy_queue_depth: int = 8
     idle_queue_depth: int = 1
+    rtt_floor_ms: float = 1.0  # queueing delay below this is no congestion (loopback, one fabric)
+    rtt_min_utilization: float = 0.3  # below this load the RTT is not trusted (see _signals)
     idle_intervals: int = 3
     raise_hold_intervals: int = 1
 
@@ -251,10 +253,16 @@ class ThresholdDecision:
         return self.threshold_tokens != self.previous_tokens
 
 
-def _signals(sample: LinkSample) -> dict[str, tuple[float, str]]:
+def _signals(sample: LinkSample, cfg: ThresholdConfig) -> dict[str, tuple[float, str]]:
+    # The kernel's smoothed RTT of an app-limited connection includes delayed acks (8-10 ms
+    # measured on loopback with per-layer sends), so RTT inflation counts as queueing only
+    # on a loaded link, and only by more than a floor.
+    queueing = (sample.utilization >= cfg.rtt_min_utilization
+                and sample.rtt_ms - sample.min_rtt_ms >= cfg.rtt_floor_ms)
+    rtt_ratio = sample.rtt_ratio if queueing else 1.0
     return {
         "utilization": (sample.utilization, f"egress at {sample.utilization:.0%} of capacity"),
-        "rtt_ratio": (sample.rtt_ratio, f"rtt {sample.rtt_ratio:.2f}x its minimum"),
+        "rtt_ratio": (rtt_ratio, f"rtt {rtt_ratio:.2f}x its minimum"),
         "retransmit_ratio": (sample.retransmit_ratio, f"retransmits {sample.retransmit_ratio:.2%} of bytes"),
         "queue_depth": (sample.queue_depth, f"queue depth {sample.queue_depth}"),
     }
@@ -278,7 +286,7 @@ class ThresholdController:
 
     def observe(self, sample: LinkSample) -> ThresholdDecision:
         """Feed one interval's sample; returns the (possibly new) t and the reason."""
-        cfg, signals = self.config, _signals(sample)
+        cfg, signals = self.config, _signals(sample, self.config)
         busy = [text + f" (>= {getattr(cfg, 'busy_' + k)})" for k, (v, text) in signals.items()
                 if v >= getattr(cfg, "busy_" + k)]
         idle = all(v <= getattr(cfg, "idle_" + k) for k, (v, _) in signals.items())

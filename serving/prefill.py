@@ -5,8 +5,15 @@ requests to it. Forward passes run one at a time on a dedicated thread; waiting 
 receiver's acks happens on another, so the next prompt can prefill meanwhile.
 
 ``POST /internal/prefill`` takes ``{request_id, prompt, kv_address, temperature, seed,
-timeout_s}`` and answers ``{prompt_token_ids, first_token, prefill_s, kv: {...}}``, 400 on
-a bad prompt, or 502 with the kvwire error class as ``error.type``.
+timeout_s}`` and answers ``{prompt_token_ids, first_token, prefill_s, kv: {...}, prefix:
+{...}}``, 400 on a bad prompt, or 502 with the kvwire error class as ``error.type``.
+
+With a prefix cache (``prefix_cache_bytes``) a prompt whose prefix was seen before is
+prefilled from the cached boundary on. ``decode_cached_tokens`` says how much of the
+prompt the decode worker already holds: only the KV after it is sent. With
+``send_boundary`` the linear states at the prompt's last block boundary follow as request
+``<request_id>/boundary`` (0 tokens), so the decode worker can keep that prefix too.
+``GET /internal/state`` reports the boundaries held and the per-peer link metrics.
 """
 
 from __future__ import annotations
@@ -26,8 +33,11 @@ from .http import INVALID_REQUEST, BadRequest, base_app, describe, json_error
 from .hybrid_cache import kv_layout
 from .metrics import Registry, render_peers
 from .model import LoadedModel
+from .prefix_cache import PrefixCache
+from .prefix_reuse import prefill_reusing
 from .prompts import parse_sampling, prompt_token_ids
-from .steps import pick_token, prefill, warm_up
+from .steps import pick_token, warm_up
+from .worker_state import boundary_suffix, cache_info, peers_json
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +51,8 @@ class PrefillOptions:
     streams: int = 4
     connect_timeout_s: float = 5.0
     kv_timeout_s: float = 60.0
+    prefix_cache_bytes: int = 0  # 0: no prefix cache
+    block_tokens: int = 64
 
 
 class PrefillWorker:
@@ -51,6 +63,8 @@ class PrefillWorker:
         self.options = options
         self.layout = kv_layout(loaded.config, loaded.dtype_name)
         warm_up(loaded.model)
+        self.prefix_cache = (PrefixCache(options.prefix_cache_bytes, options.block_tokens, self.layout.fingerprint.encode())
+                             if options.prefix_cache_bytes else None)
         self._senders: dict[str, Sender] = {}
         self._senders_lock = threading.Lock()
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="prefill-model")
@@ -61,6 +75,7 @@ class PrefillWorker:
         self.prefill_seconds = self.registry.counter("prefill_seconds", "Seconds spent in prefill forward passes")
         self.kv_bytes = self.registry.counter("prefill_kv_bytes_sent", "KV tensor bytes confirmed by decode workers")
         self.kv_failures = self.registry.counter("prefill_kv_failures", "KV transfers that failed", ("error",))
+        self.reused_tokens = self.registry.counter("prefill_reused_tokens", "Prompt tokens taken from the prefix cache")
 
     # -- senders --------------------------------------------------------------------------
 
@@ -96,17 +111,29 @@ class PrefillWorker:
 
     # -- one request ----------------------------------------------------------------------
 
-    def compute(self, request_id: str, token_ids: list[int], address: str, sampling, timeout_s: float):
-        """(model thread) Prefill with per-layer sends; returns (transfer, first token, seconds, cache)."""
-        xfer = self.open(address, request_id, len(token_ids), timeout_s)
+    def compute(self, request_id: str, token_ids: list[int], address: str, sampling, timeout_s: float,
+                send_from: int = 0, send_boundary: bool = False):
+        """(model thread) Prefill with per-layer sends of the tokens from ``send_from`` on.
+
+        Returns (transfers, first token, seconds, result): the KV transfer, then the
+        boundary transfer if one was sent; finish them all before dropping ``result``.
+        """
+        xfer = self.open(address, request_id, len(token_ids) - send_from, timeout_s)
+        transfers = [xfer]
         started = time.perf_counter()
         try:
-            logits, cache = prefill(self.loaded.model, token_ids, on_layer=xfer.send_layer)
+            result = prefill_reusing(self.loaded.model, token_ids, self.prefix_cache, xfer.send_layer, send_from)
+            if send_boundary and result.boundary_tokens > send_from:
+                boundary = self.open(address, request_id + boundary_suffix, 0, timeout_s)
+                transfers.append(boundary)
+                for i, (layer, states) in enumerate(zip(result.boundary, result.boundary_states)):
+                    boundary.send_layer(i, states or {name: t[:0] for name, t in layer.items()})
         except BaseException as exc:
-            xfer.abort(f"prefill failed: {describe(exc)}")
+            for transfer in transfers:
+                transfer.abort(f"prefill failed: {describe(exc)}")
             raise
-        first_token = pick_token(logits, sampling, sampling.generator())
-        return xfer, first_token, time.perf_counter() - started, cache
+        first_token = pick_token(result.logits, sampling, sampling.generator())
+        return transfers, first_token, time.perf_counter() - started, result
 
     def close(self) -> None:
         with self._senders_lock:
@@ -121,15 +148,43 @@ class PrefillWorker:
     def app(self) -> web.Application:
         app = base_app("prefill", self.registry, self._health, self._peer_metrics)
         app.router.add_post("/internal/prefill", self.handle_prefill)
+        app.router.add_post("/internal/tokenize", self.handle_tokenize)
+        app.router.add_get("/internal/state", self.handle_state)
         return app
 
     def _health(self) -> dict:
         return {"model": self.loaded.path, "architecture": self.loaded.architecture, "dtype": self.loaded.dtype_name,
-                "layout_fingerprint": self.layout.fingerprint}
+                "layout_fingerprint": self.layout.fingerprint, "prefix_cache": cache_info(self.prefix_cache)}
+
+    def _senders_snapshot(self) -> dict[str, Sender]:
+        with self._senders_lock:
+            return dict(self._senders)
+
+    async def _finish_boundary(self, transfer, timeout_s: float) -> bool:
+        """The boundary states are an optimisation: their failure must not fail the request."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._io, transfer.finish, timeout_s)
+            return True
+        except KVWireError as exc:
+            log.warning("boundary states of %s not delivered: %s", transfer.request_id, describe(exc))
+            return False
+
+    async def handle_state(self, request: web.Request) -> web.Response:
+        """What the router's control loop reads: boundaries held, link metrics."""
+        blocks = self.prefix_cache.block_hashes() if self.prefix_cache is not None else []
+        peers = [sender.metrics() for sender in self._senders_snapshot().values()]
+        return web.json_response({"prefix_blocks": blocks, "prefix_cache": cache_info(self.prefix_cache),
+                                  "peers": peers_json(peers)})
+
+    async def handle_tokenize(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+            return web.json_response({"prompt_token_ids": prompt_token_ids(body.get("prompt"), self.loaded)})
+        except (BadRequest, AttributeError, ValueError) as exc:
+            return json_error(400, INVALID_REQUEST, str(exc) if isinstance(exc, BadRequest) else describe(exc))
 
     def _peer_metrics(self) -> list[str]:
-        with self._senders_lock:
-            senders = dict(self._senders)
+        senders = self._senders_snapshot()
         return render_peers("prefill", {address: sender.metrics() for address, sender in senders.items()})
 
     async def handle_prefill(self, request: web.Request) -> web.Response:
@@ -140,18 +195,27 @@ class PrefillWorker:
             token_ids = prompt_token_ids(body.get("prompt"), self.loaded)
             sampling = parse_sampling(body)
             timeout_s = float(body.get("timeout_s", self.options.kv_timeout_s))
+            send_from = int(body.get("decode_cached_tokens", 0))
+            send_boundary = bool(body.get("send_boundary", False))
+            if not 0 <= send_from < len(token_ids):
+                raise BadRequest(f"`decode_cached_tokens` is {send_from}, outside [0, {len(token_ids)}) for this prompt")
         except (BadRequest, KeyError, TypeError, ValueError) as exc:
             self.num_requests.inc(1, "bad_request")
             return json_error(400, INVALID_REQUEST, str(exc) if isinstance(exc, BadRequest) else describe(exc))
         loop = asyncio.get_running_loop()
         try:
-            xfer, first_token, prefill_s, cache = await loop.run_in_executor(
-                self._model_thread, self.compute, request_id, token_ids, address, sampling, timeout_s
+            transfers, first_token, prefill_s, result = await loop.run_in_executor(
+                self._model_thread, self.compute, request_id, token_ids, address, sampling, timeout_s,
+                send_from, send_boundary,
             )
             tail_started = time.perf_counter()
-            stats = await loop.run_in_executor(self._io, xfer.finish, timeout_s)
+            stats = await loop.run_in_executor(self._io, transfers[0].finish, timeout_s)
             tail_s = time.perf_counter() - tail_started
-            del cache  # the arrays send_layer borrowed may go now
+            boundary_sent = len(transfers) > 1 and await self._finish_boundary(transfers[1], timeout_s)
+            prefix = {"reused_tokens": result.reused_tokens, "computed_tokens": len(token_ids) - result.reused_tokens,
+                      "boundary_tokens": result.boundary_tokens, "sent_from_token": send_from,
+                      "boundary_sent": boundary_sent}
+            del result  # the arrays send_layer borrowed may go now
         except KVWireError as exc:
             self.num_requests.inc(1, "kv_failed")
             self.kv_failures.inc(1, type(exc).__name__)
@@ -165,12 +229,14 @@ class PrefillWorker:
         self.num_prompt_tokens.inc(len(token_ids))
         self.prefill_seconds.inc(prefill_s)
         self.kv_bytes.inc(stats.raw_bytes)
+        self.reused_tokens.inc(prefix["reused_tokens"])
         link = self.sender(address).metrics()
         return web.json_response({
             "request_id": request_id,
             "prompt_token_ids": token_ids,
             "first_token": first_token,
             "prefill_s": prefill_s,
+            "prefix": prefix,
             "kv": {
                 "raw_bytes": stats.raw_bytes, "wire_bytes": stats.wire_bytes, "layers": stats.layers,
                 "transfer_s": stats.seconds, "after_prefill_s": tail_s,

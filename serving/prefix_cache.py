@@ -146,6 +146,15 @@ class PrefixCache:
                     return Hit(entry.num_tokens, key, entry.value)
         return None
 
+    def get(self, block_hash: str) -> Hit | None:
+        """The entry for one exact boundary (None if not held); marks it recently used."""
+        with self._lock:
+            entry = self._entries.get(block_hash)
+            if entry is None:
+                return None
+            self._entries.move_to_end(block_hash)
+            return Hit(entry.num_tokens, block_hash, entry.value)
+
     def block_hashes(self) -> list[str]:
         """The boundaries held, to report to the router (least recently used first)."""
         with self._lock:

@@ -1,8 +1,12 @@
 """The router: an OpenAI completions endpoint in front of prefill and decode workers.
 
-For each request it picks the least busy prefill and decode workers, has the prefill
-worker run the prompt and stream the KV to the decode worker's kvwire address, then
-relays the decode worker's tokens to the client (JSON, or SSE with ``stream: true``).
+For each request it asks the Fleet (serving.fleet) where to go: a local PD prefill
+worker, or a PrfaaS cluster when the prompt's incremental length exceeds that cluster's
+threshold t; the workers reusing the longest cached prefix, then the least busy. The
+prefill worker runs the prompt (from its cached prefix) and streams the KV the decode
+worker lacks to its kvwire address; the router then relays the decode worker's tokens
+to the client (JSON, or SSE with ``stream: true``). The response's ``kvwire`` field says
+which route was taken and why.
 
 Every upstream call has a timeout, and every failure becomes an HTTP error whose
 ``error.type`` names what broke (the kvwire error class for transfer failures). When the
@@ -17,30 +21,20 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
 
+from .fleet import Decision, Fleet
 from .http import INVALID_REQUEST, BadRequest, base_app, describe, error_body, json_error
 from .metrics import Registry
+from .policy import NoWorkerError
+from .router_config import RouterConfig
 from .prompts import check_prompt_shape, parse_max_tokens, parse_sampling
 
 log = logging.getLogger(__name__)
 
 UNAVAILABLE = "worker_unavailable"
-
-
-@dataclass(frozen=True)
-class RouterOptions:
-    """Workers and timeouts. ``kv_fallback``: "recompute" (on decode) or "error"."""
-
-    prefill_urls: tuple[str, ...]
-    decode_urls: tuple[str, ...]
-    kv_fallback: str = "recompute"
-    connect_timeout_s: float = 3.0
-    prefill_timeout_s: float = 120.0
-    token_timeout_s: float = 60.0
 
 
 class UpstreamError(Exception):
@@ -59,24 +53,25 @@ class UpstreamError(Exception):
 class Router:
     """Routes completions over prefill/decode worker pairs."""
 
-    def __init__(self, options: RouterOptions):
-        if not options.prefill_urls or not options.decode_urls:
-            raise ValueError("the router needs at least one --prefill and one --decode worker URL")
-        if options.kv_fallback not in ("recompute", "error"):
-            raise ValueError(f"kv_fallback must be 'recompute' or 'error', got {options.kv_fallback!r}")
-        self.options = options
+    def __init__(self, config: RouterConfig):
+        self.options = config
+        self.fleet = Fleet(config)
         self._session: aiohttp.ClientSession | None = None
+        self._control: asyncio.Task | None = None
         self._kv_addresses: dict[str, str] = {}
         self._model_names: dict[str, str] = {}
-        self._in_flight = {url: 0 for url in (*options.prefill_urls, *options.decode_urls)}
         self.registry = Registry()
         self.num_requests = self.registry.counter("router_requests", "Completions by HTTP status", ("status",))
+        self.num_routed = self.registry.counter("router_routed", "Requests by prefill route (local or PrfaaS cluster)",
+                                                ("route",))
         self.num_fallbacks = self.registry.counter(
             "router_kv_fallbacks", "Requests whose KV transfer failed, by kvwire error class", ("error",)
         )
         self.num_tokens = self.registry.counter("router_completion_tokens", "Completion tokens returned")
         self.ttft_seconds = self.registry.counter("router_ttft_seconds", "Sum of time to first token")
         self.kv_bytes = self.registry.counter("router_kv_bytes", "KV bytes moved for routed requests")
+        self.reused_tokens = self.registry.counter("router_reused_prefix_tokens", "Prompt tokens not prefilled again")
+        self.threshold = self.registry.gauge("router_threshold_tokens", "Current offload threshold t", ("cluster",))
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -94,25 +89,44 @@ class Router:
             connector=aiohttp.TCPConnector(limit=0),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.options.connect_timeout_s),
         )
-        for url in self.options.decode_urls:
+        for url in self.options.decode:
             try:
                 await self.kv_address(url)
             except UpstreamError as exc:
                 log.warning("decode worker %s not ready yet: %s", url, exc)
+        await self.fleet.poll(self._session)
+        self._control = asyncio.create_task(self.fleet.run(self._session))
 
     async def _cleanup(self, app) -> None:
+        if self._control is not None:
+            self._control.cancel()
         if self._session is not None:
             await self._session.close()
 
     def _health(self) -> dict:
-        return {"prefill": list(self.options.prefill_urls), "decode": list(self.options.decode_urls),
-                "kv_addresses": dict(self._kv_addresses)}
+        for name, cluster in self.fleet.clusters.items():
+            self.threshold.set(cluster.controller.threshold_tokens, name)
+        return {"prefill": list(self.options.prefill), "decode": list(self.options.decode),
+                "prfaas": {c.name: list(c.prefill) for c in self.options.prfaas},
+                "kv_addresses": dict(self._kv_addresses), **self.fleet.health()}
 
     # -- workers --------------------------------------------------------------------------
 
-    def pick(self, urls: tuple[str, ...]) -> str:
-        """The worker with the fewest requests in flight (first listed on ties)."""
-        return min(urls, key=lambda url: self._in_flight[url])
+    async def token_ids(self, prompt) -> list[int]:
+        """The prompt as token ids: text is tokenized by a prefill worker (the router has no model)."""
+        if isinstance(prompt, list):
+            return prompt
+        url = self.options.prefill_urls[0]
+        try:
+            timeout = aiohttp.ClientTimeout(total=self.options.prefill_timeout_s, sock_connect=self.options.connect_timeout_s)
+            async with self._session.post(url + "/internal/tokenize", json={"prompt": prompt}, timeout=timeout) as response:
+                body = await response.json()
+        except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as exc:
+            raise UpstreamError(502, UNAVAILABLE, f"prefill worker {url} is unreachable: {_client_error(exc)}") from None
+        if response.status != 200:
+            error = body.get("error", {})
+            raise UpstreamError(response.status, error.get("type", UNAVAILABLE), error.get("message", str(body)))
+        return body["prompt_token_ids"]
 
     async def kv_address(self, decode_url: str) -> str:
         """The kvwire address of ``decode_url``, asked once from its /health."""
@@ -155,20 +169,31 @@ class Router:
         except (BadRequest, json.JSONDecodeError) as exc:
             self.num_requests.inc(1, "400")
             return json_error(400, INVALID_REQUEST, str(exc) if isinstance(exc, BadRequest) else f"invalid JSON: {exc}")
-        prefill_url, decode_url = self.pick(self.options.prefill_urls), self.pick(self.options.decode_urls)
-        for url in (prefill_url, decode_url):
-            self._in_flight[url] += 1
         try:
-            return await self._complete(request, job, prefill_url, decode_url)
+            token_ids = await self.token_ids(job["prompt"])
+            decision = self.fleet.decide(token_ids)
+        except UpstreamError as exc:
+            self.num_requests.inc(1, str(exc.status))
+            return exc.response()
+        except NoWorkerError as exc:
+            self.num_requests.inc(1, "503")
+            return json_error(503, UNAVAILABLE, str(exc))
+        job["prompt_token_ids"] = token_ids
+        prefill_url, decode_url = decision.route.placement.worker, decision.decode.worker
+        self.num_routed.inc(1, decision.route.cluster or "local")
+        self.fleet.acquire(prefill_url, decode_url)
+        try:
+            return await self._complete(request, job, decision)
         finally:
-            for url in (prefill_url, decode_url):
-                self._in_flight[url] -= 1
+            self.fleet.release(prefill_url, decode_url)
 
-    async def _complete(self, request, job: dict, prefill_url: str, decode_url: str) -> web.StreamResponse:
+    async def _complete(self, request, job: dict, decision: Decision) -> web.StreamResponse:
         started = time.perf_counter()
-        info = {"request_id": job["id"], "prefill_worker": prefill_url, "decode_worker": decode_url}
+        prefill_url, decode_url = decision.route.placement.worker, decision.decode.worker
+        info = {"request_id": job["id"], "prefill_worker": prefill_url, "decode_worker": decode_url,
+                "route": _route_info(decision, self.fleet)}
         try:
-            decode_job = await self._prefill_step(job, prefill_url, decode_url, info)
+            decode_job = await self._prefill_step(job, decision, info)
             upstream = await self._open_decode(decode_url, decode_job, info)
         except UpstreamError as exc:
             self.num_requests.inc(1, str(exc.status))
@@ -186,18 +211,21 @@ class Router:
         finally:
             upstream.release()
 
-    async def _prefill_step(self, job: dict, prefill_url: str, decode_url: str, info: dict) -> dict:
+    async def _prefill_step(self, job: dict, decision: Decision, info: dict) -> dict:
         """Prefill and ship the KV; the decode worker's job (with first_token None on failure)."""
+        prefill_url, decode_url = decision.route.placement.worker, decision.decode.worker
+        cached = decision.decode.cached_tokens
         decode_job = {
             "request_id": job["id"], "max_tokens": job["max_tokens"], "temperature": job["temperature"],
             "seed": job["seed"], "fallback": self.options.kv_fallback, "first_token": None, "kv_error": None,
-            "prompt_token_ids": job["prompt"] if isinstance(job["prompt"], list) else None,
+            "prompt_token_ids": job["prompt_token_ids"], "cached_tokens": 0, "cached_hash": None, "boundary_tokens": 0,
         }
         try:
-            kv_address = await self.kv_address(decode_url)
+            kv_address = decision.kv_address_override or await self.kv_address(decode_url)
             result = await self.prefill(prefill_url, {
-                "request_id": job["id"], "prompt": job["prompt"], "kv_address": kv_address,
+                "request_id": job["id"], "prompt": job["prompt_token_ids"], "kv_address": kv_address,
                 "temperature": job["temperature"], "seed": job["seed"], "timeout_s": self.options.prefill_timeout_s,
+                "decode_cached_tokens": cached, "send_boundary": decision.send_boundary,
             })
         except UpstreamError as exc:
             if exc.status == 400:
@@ -205,16 +233,18 @@ class Router:
             kv_error = f"{exc.error_type}: {exc}"
             self.num_fallbacks.inc(1, exc.error_type)
             self._kv_addresses.pop(decode_url, None)  # ask again: the worker may have restarted elsewhere
-            if exc.prompt_token_ids is not None:
-                decode_job["prompt_token_ids"] = exc.prompt_token_ids
-            if self.options.kv_fallback == "error" or decode_job["prompt_token_ids"] is None:
+            if self.options.kv_fallback == "error":
                 raise
             log.warning("request %s: KV transfer failed (%s); the decode worker will recompute", job["id"], kv_error)
             decode_job["kv_error"] = kv_error
             info["kv_error_type"] = exc.error_type
             return decode_job
-        decode_job.update(prompt_token_ids=result["prompt_token_ids"], first_token=result["first_token"])
-        info.update(prefill_s=result["prefill_s"], prompt_tokens=len(result["prompt_token_ids"]), kv=result["kv"])
+        prefix = result.get("prefix", {})
+        decode_job.update(first_token=result["first_token"], cached_tokens=cached, cached_hash=decision.decode_hash,
+                          boundary_tokens=prefix.get("boundary_tokens", 0) if prefix.get("boundary_sent") else 0)
+        self.reused_tokens.inc(prefix.get("reused_tokens", 0))
+        info.update(prefill_s=result["prefill_s"], prompt_tokens=len(result["prompt_token_ids"]), kv=result["kv"],
+                    prefix=prefix)
         return decode_job
 
     async def _open_decode(self, decode_url: str, decode_job: dict, info: dict) -> aiohttp.ClientResponse:
@@ -361,6 +391,19 @@ def _extension(info: dict, final: dict, started: float) -> dict:
         "kv_transfer_s": kv.get("transfer_s"), "kv_after_prefill_s": kv.get("after_prefill_s"),
         "kv_goodput_bps": kv.get("goodput_bps"), "link_goodput_bps": kv.get("link_goodput_bps"),
         "link_rtt_ms": kv.get("rtt_ms"), "link_retransmits": kv.get("retransmits"),
+        "route": info.get("route"), "prefix": info.get("prefix"),
+    }
+
+
+def _route_info(decision: Decision, fleet: Fleet) -> dict:
+    """Which prefill pool, why, and how much each side reuses."""
+    cluster = decision.route.cluster
+    return {
+        "prefill_pool": cluster or "local", "reason": decision.route.reason,
+        "threshold_tokens": fleet.clusters[cluster].controller.threshold_tokens if cluster else None,
+        "incremental_tokens": decision.route.placement.incremental_tokens,
+        "prefill_cached_tokens": decision.route.placement.cached_tokens,
+        "decode_cached_tokens": decision.decode.cached_tokens,
     }
 
 

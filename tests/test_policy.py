@@ -120,9 +120,19 @@ def controller(t=1000, **overrides):
     return ThresholdController(ThresholdConfig(min_tokens=1000, max_tokens=8000, **overrides), t)
 
 
+def test_rtt_counts_only_on_a_loaded_link_and_above_the_floor():
+    ctl = controller()
+    loaded = 0.4 * GBIT
+    # loopback: 0.5 ms against a 0.02 ms minimum is 25x, but no queue worth backing off for
+    assert not ctl.observe(quiet(rtt_ms=0.5, min_rtt_ms=0.02, egress_bps=loaded)).changed
+    # an app-limited link's smoothed RTT carries delayed acks: not a queue either
+    assert not ctl.observe(quiet(rtt_ms=100, egress_bps=0.1 * GBIT)).changed
+    assert ctl.observe(quiet(rtt_ms=2.5, min_rtt_ms=0.5, egress_bps=loaded)).changed
+
+
 @pytest.mark.parametrize("sample, signal", [
     (quiet(egress_bps=0.9 * GBIT), "egress at 90% of capacity"),
-    (quiet(rtt_ms=100), "rtt 2.50x its minimum"),
+    (quiet(rtt_ms=100, egress_bps=0.4 * GBIT), "rtt 2.50x its minimum"),
     (quiet(retransmit_ratio=0.02), "retransmits 2.00% of bytes"),
     (quiet(queue_depth=8), "queue depth 8"),
 ])

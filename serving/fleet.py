@@ -1,0 +1,193 @@
+"""What the router knows of its workers, and the routing decision made from it.
+
+A control loop polls every worker's ``/internal/state`` each ``control.interval_s``:
+the prefix boundaries it holds (for cache-aware placement) and, from PrfaaS prefill
+workers, kvwire's per-peer link metrics. Each PrfaaS cluster's egress goodput,
+congestion signals and queue depth become one LinkSample per interval for its
+ThresholdController (serving.policy), which raises t when the link nears its limits and
+lowers it when idle; every change is logged with its reason and kept for /health.
+
+The routing itself is serving.policy.route/place on these views: no I/O there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from kvwire.metrics import PeerMetrics
+
+from .policy import LinkSample, Placement, PrfaasCluster, Route, ThresholdConfig, ThresholdController, WorkerView
+from .policy import egress_sample, place, route
+from .prefix_cache import PromptBlocks, prompt_blocks
+from .router_config import PrfaasConfig, RouterConfig
+from .worker_state import peers_from_json
+
+log = logging.getLogger(__name__)
+
+HISTORY = 50
+
+
+@dataclass
+class WorkerState:
+    """One worker as last seen by the control loop, plus the router's own in-flight count."""
+
+    url: str
+    blocks: frozenset[str] = frozenset()
+    geometry: tuple[int, str] | None = None  # (block_tokens, salt) of its prefix cache
+    peers: list[PeerMetrics] = field(default_factory=list)
+    in_flight: int = 0
+    error: str | None = None
+
+    def view(self, geometry: tuple[int, str] | None) -> WorkerView:
+        held = self.blocks if geometry is not None and self.geometry == geometry else frozenset()
+        return WorkerView(self.url, held, float(self.in_flight))
+
+
+@dataclass
+class ClusterState:
+    """A PrfaaS cluster: its workers, threshold controller and last link sample."""
+
+    config: PrfaasConfig
+    controller: ThresholdController
+    previous_peers: list[PeerMetrics] = field(default_factory=list)
+    previous_time: float = 0.0
+    last_sample: LinkSample | None = None
+    changes: collections.deque = field(default_factory=lambda: collections.deque(maxlen=HISTORY))
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Where one request is prefilled and decoded, and what it reuses on each side."""
+
+    route: Route
+    decode: Placement
+    decode_hash: str | None  # the decode worker's boundary the KV continues (None: from token 0)
+    kv_address_override: str | None  # the decode KV address as reached from the PrfaaS cluster
+    send_boundary: bool  # the decode worker keeps prefixes: send it the boundary states
+    blocks: PromptBlocks
+
+
+class Fleet:
+    """The router's view of local PD workers and PrfaaS clusters."""
+
+    def __init__(self, config: RouterConfig):
+        self.config = config
+        urls = (*config.prefill_urls, *config.decode)
+        self.workers = {url: WorkerState(url) for url in urls}
+        self.clusters = {
+            c.name: ClusterState(c, ThresholdController(
+                ThresholdConfig(c.threshold_tokens, c.max_threshold_tokens), name=f"PrfaaS cluster {c.name}"))
+            for c in config.prfaas
+        }
+        self.geometry: tuple[int, str] | None = None
+        self.polls = 0
+
+    # -- the control loop -----------------------------------------------------------------
+
+    async def run(self, session: aiohttp.ClientSession) -> None:
+        """Poll and step the controllers forever (cancel to stop)."""
+        while True:
+            started = time.monotonic()
+            try:
+                await self.poll(session)
+            except Exception:  # the loop must outlive any one bad answer
+                log.exception("router control loop: poll failed")
+            await asyncio.sleep(max(0.0, self.config.control.interval_s - (time.monotonic() - started)))
+
+    async def poll(self, session: aiohttp.ClientSession) -> None:
+        """One round: every worker's state, then one LinkSample per PrfaaS cluster."""
+        await asyncio.gather(*(self._poll_worker(session, w) for w in self.workers.values()))
+        self.polls += 1
+        now = time.monotonic()
+        for cluster in self.clusters.values():
+            self._step(cluster, now)
+
+    async def _poll_worker(self, session: aiohttp.ClientSession, worker: WorkerState) -> None:
+        timeout = aiohttp.ClientTimeout(total=max(1.0, 2 * self.config.control.interval_s))
+        try:
+            async with session.get(worker.url + "/internal/state", timeout=timeout) as response:
+                state = await response.json()
+            cache = state.get("prefix_cache")
+            worker.geometry = (int(cache["block_tokens"]), str(cache["salt"])) if cache else None
+            worker.blocks = frozenset(state.get("prefix_blocks", ()))
+            worker.peers = [dataclasses.replace(p, peer=f"{worker.url}>{p.peer}")
+                            for p in peers_from_json(state.get("peers", []))]
+            worker.error = None
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError) as exc:
+            if worker.error is None:
+                log.warning("worker %s: state unavailable (%s); routing without its prefixes", worker.url, exc)
+            worker.error, worker.blocks = str(exc) or type(exc).__name__, frozenset()
+        if worker.geometry is not None and self.geometry is None:
+            self.geometry = worker.geometry
+        elif worker.geometry is not None and worker.geometry != self.geometry and worker.error is None:
+            worker.error = f"prefix blocks of {worker.geometry[0]} tokens / another model, unlike {self.geometry[0]}"
+            log.warning("worker %s: %s: its prefixes are ignored", worker.url, worker.error)
+
+    def _step(self, cluster: ClusterState, now: float) -> None:
+        peers = [p for url in cluster.config.prefill for p in self.workers[url].peers]
+        if cluster.previous_time:
+            queued = sum(self.workers[url].in_flight for url in cluster.config.prefill) - len(cluster.config.prefill)
+            sample = egress_sample(cluster.previous_peers, peers, now - cluster.previous_time,
+                                   cluster.config.egress_gbps * 1e9, max(0, queued))
+            cluster.last_sample = sample
+            decision = cluster.controller.observe(sample)
+            if decision.changed:
+                cluster.changes.append({"at": time.time(), "t": decision.threshold_tokens, "reason": decision.reason})
+        cluster.previous_peers, cluster.previous_time = peers, now
+
+    # -- routing --------------------------------------------------------------------------
+
+    def blocks(self, token_ids: list[int]) -> PromptBlocks:
+        if self.geometry is None:
+            return PromptBlocks(len(token_ids), 1, ())
+        block_tokens, salt = self.geometry
+        return prompt_blocks(token_ids, block_tokens, salt.encode())
+
+    def decide(self, token_ids: list[int]) -> Decision:
+        """Where to prefill and decode one request, from the last poll's views."""
+        blocks = self.blocks(token_ids)
+        views = {url: w.view(self.geometry) for url, w in self.workers.items()}
+        clusters = [PrfaasCluster(name, c.controller.threshold_tokens, tuple(views[u] for u in c.config.prefill))
+                    for name, c in self.clusters.items()]
+        chosen = route(blocks, [views[u] for u in self.config.prefill], clusters)
+        decode = place(blocks, [views[u] for u in self.config.decode])
+        num_blocks = decode.cached_tokens // blocks.block_tokens if blocks.hashes else 0
+        override = None
+        if chosen.cluster is not None:
+            override = self.clusters[chosen.cluster].config.kv_addresses.get(decode.worker)
+        return Decision(
+            route=chosen, decode=decode, decode_hash=blocks.hashes[num_blocks - 1] if num_blocks else None,
+            kv_address_override=override,
+            send_boundary=self.workers[decode.worker].geometry is not None and
+            self.workers[decode.worker].geometry == self.geometry,
+            blocks=blocks,
+        )
+
+    def acquire(self, *urls: str) -> None:
+        for url in urls:
+            self.workers[url].in_flight += 1
+
+    def release(self, *urls: str) -> None:
+        for url in urls:
+            self.workers[url].in_flight -= 1
+
+    def health(self) -> dict:
+        return {
+            "thresholds": {
+                name: {"threshold_tokens": c.controller.threshold_tokens, "egress_gbps": c.config.egress_gbps,
+                       "last_sample": dataclasses.asdict(c.last_sample) if c.last_sample else None,
+                       "changes": list(c.changes)}
+                for name, c in self.clusters.items()
+            },
+            "prefix_block_tokens": self.geometry[0] if self.geometry else None,
+            "workers": {url: {"prefix_blocks": len(w.blocks), "in_flight": w.in_flight, "error": w.error}
+                        for url, w in self.workers.items()},
+            "polls": self.polls,
+        }

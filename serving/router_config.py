@@ -1,0 +1,109 @@
+"""The router's configuration: worker pools, PrfaaS clusters and their links, timeouts.
+
+Given as a TOML file (``kvwire-serve router --config FILE``), as flags, or both (flags
+add workers and override scalars). Decoded into typed msgspec structs, so a typo or a
+wrong type is an error naming the field instead of a silently ignored setting::
+
+    decode = ["http://10.0.0.5:8200"]
+    prefill = ["http://10.0.0.5:8100"]          # local PD prefill workers
+
+    [[prfaas]]
+    name = "prfaas-east"
+    prefill = ["http://10.1.0.7:8100"]
+    egress_gbps = 100.0                          # the link's capacity, for the threshold controller
+    threshold_tokens = 20236                     # t from kvwire-plan; the controller only raises it
+    max_threshold_tokens = 131072
+    kv_addresses = { "http://10.0.0.5:8200" = "203.0.113.5:9200" }   # decode KV as seen from there
+
+    [control]
+    interval_s = 0.5
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+
+
+class PrfaasConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """One PrfaaS prefill cluster, reached over a link of ``egress_gbps``."""
+
+    name: str
+    prefill: list[str]
+    egress_gbps: float
+    threshold_tokens: int = 0
+    max_threshold_tokens: int = 1 << 20
+    kv_addresses: dict[str, str] = {}
+
+    def __post_init__(self) -> None:
+        if not self.prefill:
+            raise ValueError(f"PrfaaS cluster {self.name!r} lists no prefill worker")
+        if self.egress_gbps <= 0:
+            raise ValueError(f"PrfaaS cluster {self.name!r}: egress_gbps must be > 0, got {self.egress_gbps}")
+        if not 0 <= self.threshold_tokens <= self.max_threshold_tokens:
+            raise ValueError(f"PrfaaS cluster {self.name!r}: need 0 <= threshold_tokens <= max_threshold_tokens, "
+                             f"got {self.threshold_tokens} and {self.max_threshold_tokens}")
+
+
+class ControlConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """How often the router polls worker state and steps the threshold controllers."""
+
+    interval_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.interval_s <= 0:
+            raise ValueError(f"control.interval_s must be > 0, got {self.interval_s}")
+
+
+class RouterConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Everything the router needs; ``prefill`` are the local PD prefill workers."""
+
+    decode: list[str] = []
+    prefill: list[str] = []
+    prfaas: list[PrfaasConfig] = []
+    kv_fallback: str = "recompute"
+    connect_timeout_s: float = 3.0
+    prefill_timeout_s: float = 120.0
+    token_timeout_s: float = 60.0
+    control: ControlConfig = ControlConfig()
+
+    def __post_init__(self) -> None:
+        if not self.decode:
+            raise ValueError("the router needs at least one decode worker URL")
+        if not self.prefill and not self.prfaas:
+            raise ValueError("the router needs at least one prefill worker URL (local or in a PrfaaS cluster)")
+        if self.kv_fallback not in ("recompute", "error"):
+            raise ValueError(f"kv_fallback must be 'recompute' or 'error', got {self.kv_fallback!r}")
+        names = [c.name for c in self.prfaas]
+        if len(set(names)) != len(names):
+            raise ValueError(f"PrfaaS cluster names must be unique, got {names}")
+
+    @property
+    def prefill_urls(self) -> tuple[str, ...]:
+        """Every prefill worker, local first."""
+        return (*self.prefill, *(url for c in self.prfaas for url in c.prefill))
+
+
+def load(path: str | Path) -> RouterConfig:
+    """The config in a TOML file; ValueError naming the file and the bad field."""
+    try:
+        return msgspec.toml.decode(Path(path).read_bytes(), type=RouterConfig)
+    except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
+        raise ValueError(f"router config {path}: {exc}") from None
+
+
+def merge(base: RouterConfig | None, **overrides) -> RouterConfig:
+    """``base`` with flag values applied: lists extend it, other values replace; None is unset."""
+    fields = msgspec.structs.asdict(base) if base is not None else {}
+    for name, value in overrides.items():
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple)):
+            fields[name] = [*fields.get(name, []), *value]
+        else:
+            fields[name] = value
+    try:
+        return msgspec.convert(msgspec.to_builtins(fields), RouterConfig)
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"router config: {exc}") from None
