@@ -46,7 +46,9 @@ def arguments(argv):
     ap.add_argument("--sigma", type=float, default=1.0, help="log-normal sigma of prompt lengths")
     ap.add_argument("--min-len", type=int, default=32)
     ap.add_argument("--max-len", type=int, default=4096)
-    ap.add_argument("--threshold", type=int, default=512, help="the prfaas policy's offload threshold t (tokens)")
+    ap.add_argument("--threshold", default="plan",
+                    help="the prfaas policy's offload threshold t in tokens, or 'plan': kvwire-plan's t for a profile "
+                         "measured here (kvwire-serve profile) and this workload")
     ap.add_argument("--max-tokens", type=int, default=4, help="few: the burst should load prefill, not decode")
     ap.add_argument("--rate-mbit", type=float, default=100.0)
     ap.add_argument("--rtt-ms", type=float, default=40.0)
@@ -62,7 +64,7 @@ def prompt_lengths(args) -> list[int]:
     rng = np.random.default_rng(11)
     out: list[int] = []
     while len(out) < args.requests:
-        n = int(round(rng.lognormal(np.log(args.median_len), args.sigma)))
+        n = round(rng.lognormal(np.log(args.median_len), args.sigma))
         if args.min_len <= n <= args.max_len:
             out.append(n)
     return out
@@ -82,7 +84,7 @@ def burst(spec: dict) -> dict:
     for policy, url in spec["routers"].items():
         rows: list[dict | None] = [None] * len(prompts)
 
-        def ask(i: int) -> None:
+        def ask(i: int, url: str = url, rows: list = rows) -> None:
             answer = client.complete(url, {"prompt": prompts[i], "max_tokens": spec["max_tokens"], "return_token_ids": True},
                                      timeout_s=900)
             kv = answer.body.get("kvwire") or {}
@@ -114,6 +116,28 @@ def burst(spec: dict) -> dict:
 # -- the orchestrator ------------------------------------------------------------------------
 
 
+def plan_threshold(loaded, args) -> dict:
+    """kvwire-plan on this machine's measured profile (one torch thread, as the workers) and the workload."""
+    import math
+
+    import torch
+
+    from serving.planner import parse_workload, search
+    from serving.profile import measure
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        profile = measure(loaded, [128, 512, 2048], prfaas_instances=1, pd_instances=2,
+                          egress_gbps=args.rate_mbit / 1000, output_tokens=args.max_tokens, repeats=2)
+    finally:
+        torch.set_num_threads(threads)
+    workload = parse_workload(f"lognormal:mu={math.log(args.median_len)},sigma={args.sigma},"
+                              f"min={args.min_len},max={args.max_len}")
+    out = search(profile, workload).to_dict()
+    return {key: out[key] for key in ("t", "p", "l_long", "l_short", "lambda_max", "n_p", "n_d", "egress_gbps_needed")}
+
+
 def run(argv: list[str] | None = None) -> dict:
     args = arguments(argv)
     if args.client:
@@ -128,8 +152,10 @@ def run(argv: list[str] | None = None) -> dict:
     model_dir = tiny_model_dir()
     lengths = prompt_lengths(args)
     prompts = [make_prompts([n], 512, seed=100 + i)[0] for i, n in enumerate(lengths)]
-    model = load(model_dir).model
-    expected = [generate_monolithic(model, p, args.max_tokens) for p in prompts]
+    loaded = load(model_dir)
+    expected = [generate_monolithic(loaded.model, p, args.max_tokens) for p in prompts]
+    planned = plan_threshold(loaded, args) if args.threshold == "plan" else None
+    threshold = int(planned["t"]) if planned else int(args.threshold)
     env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     spec = LinkSpec(rate_mbit=args.rate_mbit, rtt_ms=args.rtt_ms, mtu=9000)
     with tempfile.TemporaryDirectory() as tmp, WanLink(spec, congestion_control="bbr") as link:
@@ -146,7 +172,7 @@ def run(argv: list[str] | None = None) -> dict:
             decode, local, remote = (w.url for w in workers)
             capacity = ["--egress-gbps", str(args.rate_mbit / 1000), "--control-interval", "0.25"]
             configs = {
-                "prfaas": ["--prefill", local, "--prfaas", remote, "--prfaas-threshold", str(args.threshold), *capacity],
+                "prfaas": ["--prefill", local, "--prfaas", remote, "--prfaas-threshold", str(threshold), *capacity],
                 "all-local": ["--prefill", local],
                 "offload-all": ["--prfaas", remote, "--prfaas-threshold", "0", "--prfaas-max-threshold", "0", *capacity],
             }
@@ -174,7 +200,8 @@ def run(argv: list[str] | None = None) -> dict:
         "link": {"rate_mbit": args.rate_mbit, "rtt_ms": args.rtt_ms, "mtu": 9000, "cc": "bbr"},
         "workload": {"requests": args.requests, "lognormal_median": args.median_len, "sigma": args.sigma,
                      "min": args.min_len, "max": args.max_len, "mean_len": round(sum(lengths) / len(lengths), 1),
-                     "max_tokens": args.max_tokens, "threshold_tokens": args.threshold},
+                     "max_tokens": args.max_tokens, "threshold_tokens": threshold},
+        "plan": planned,
         "policies": results,
         "workers": "prefill P in namespace a (PrfaaS); prefill L, decode D, routers, client in namespace b; "
                    "tiny Kimi-Linear, CPU, 1 torch thread each",

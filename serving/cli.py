@@ -60,6 +60,18 @@ def parser() -> argparse.ArgumentParser:
     router.add_argument("--timeout", type=float, metavar="S", help="prefill timeout; also the token gap limit (default 120)")
     router.set_defaults(run=run_router)
 
+    profile = commands.add_parser("profile", help="measure prefill time, KV bytes and decode step: a kvwire-plan profile")
+    profile.add_argument("--model", metavar="DIR", help="a local checkpoint (default: the demo's tiny Kimi-Linear)")
+    profile.add_argument("--dtype", choices=["float32", "bfloat16"])
+    profile.add_argument("--lengths", default="256,1024,4096", help="comma-separated prompt lengths")
+    profile.add_argument("--repeats", type=int, default=3)
+    profile.add_argument("--prfaas-instances", type=int, default=1)
+    profile.add_argument("--pd-instances", type=int, default=2)
+    profile.add_argument("--egress-gbps", type=float, default=1.0, help="the PrfaaS cluster's egress link")
+    profile.add_argument("--output-tokens", type=int, default=16, help="mean output length of the workload")
+    profile.add_argument("--out", type=Path, help="write the profile here (default: stdout)")
+    profile.set_defaults(run=run_profile)
+
     demo = commands.add_parser("demo", help="run decode, prefill and router here and check tokens against generate()")
     demo.add_argument("--model", metavar="DIR", help="a local checkpoint (default: a seeded tiny Kimi-Linear)")
     demo.add_argument("--max-tokens", type=int, default=16)
@@ -205,6 +217,29 @@ def run_router(args) -> int:
     logging.getLogger("serving.policy").setLevel(logging.INFO)  # every change of t, with its reason
 
     return _serve(Router(router_config(args)).app(), args.host, args.port, _announce("router"))
+
+
+def run_profile(args) -> int:
+    import msgspec
+
+    from .demo import tiny_model_dir
+    from .profile import measure
+
+    _quiet_transformers()
+    if args.model is None:
+        args.model = str(tiny_model_dir())
+    lengths = [int(n) for n in args.lengths.split(",") if n]
+    try:
+        profile = measure(_load(args), lengths, prfaas_instances=args.prfaas_instances, pd_instances=args.pd_instances,
+                          egress_gbps=args.egress_gbps, output_tokens=args.output_tokens, repeats=args.repeats)
+    except ValueError as exc:
+        raise SystemExit(f"kvwire-serve profile: {exc}") from None
+    text = msgspec.json.format(msgspec.json.encode(profile), indent=2).decode()
+    if args.out:
+        args.out.write_text(text + "\n")
+    else:
+        print(text)
+    return 0
 
 
 def run_demo(args) -> int:

@@ -23,8 +23,18 @@ import aiohttp
 
 from kvwire.metrics import PeerMetrics
 
-from .policy import LinkSample, Placement, PrfaasCluster, Route, ThresholdConfig, ThresholdController, WorkerView
-from .policy import egress_sample, place, route
+from .policy import (
+    LinkSample,
+    Placement,
+    PrfaasCluster,
+    Route,
+    ThresholdConfig,
+    ThresholdController,
+    WorkerView,
+    egress_sample,
+    place,
+    route,
+)
 from .prefix_cache import PromptBlocks, prompt_blocks
 from .router_config import PrfaasConfig, RouterConfig
 from .worker_state import peers_from_json

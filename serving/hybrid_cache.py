@@ -102,7 +102,10 @@ def layer_hooks(model, cache, on_layer: Callable[[int, dict[str, object]], None]
     complete, so the transfer of layer i overlaps the compute of layers i+1...
     """
     def hook(index: int):
-        return lambda module, args, output: on_layer(index, export_layer(cache, index, from_token))
+        def call(module, args, output) -> None:  # None: a hook's return value would replace the output
+            on_layer(index, export_layer(cache, index, from_token))
+
+        return call
 
     handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(model.model.layers)]
     try:

@@ -29,8 +29,8 @@ from .fleet import Decision, Fleet
 from .http import INVALID_REQUEST, BadRequest, base_app, describe, error_body, json_error
 from .metrics import Registry
 from .policy import NoWorkerError
-from .router_config import RouterConfig
 from .prompts import check_prompt_shape, parse_max_tokens, parse_sampling
+from .router_config import RouterConfig
 
 log = logging.getLogger(__name__)
 

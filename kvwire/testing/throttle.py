@@ -86,7 +86,7 @@ class ThrottledRelay:
         for sock in sockets:
             sock.close()
 
-    def __enter__(self) -> "ThrottledRelay":
+    def __enter__(self) -> ThrottledRelay:  # noqa: PYI034 - Python 3.10 has no typing.Self
         return self
 
     def __exit__(self, *exc) -> None:

@@ -1,0 +1,72 @@
+"""The router's Fleet: routing on what workers reported, and the control step per cluster."""
+
+from kvwire.metrics import PeerMetrics
+from serving.fleet import Fleet
+from serving.prefix_cache import block_hashes
+from serving.router_config import PrfaasConfig, RouterConfig
+
+GEOMETRY = (4, "salt")
+
+
+def fleet(threshold=10):
+    far = PrfaasConfig("far", ["p1"], egress_gbps=0.001, threshold_tokens=threshold, max_threshold_tokens=1000,
+                       kv_addresses={"d2": "wan:2"})
+    f = Fleet(RouterConfig(decode=["d1", "d2"], prefill=["l1"], prfaas=[far]))
+    f.geometry = GEOMETRY
+    for worker in f.workers.values():
+        worker.geometry = GEOMETRY
+    return f
+
+
+def holds(f, url, tokens):
+    f.workers[url].blocks = frozenset(block_hashes(tokens, 4, b"salt"))
+
+
+def test_short_prompt_stays_local_and_long_goes_far():
+    f = fleet()
+    assert f.decide(list(range(10))).route.cluster is None
+    decision = f.decide(list(range(11)))
+    assert decision.route.cluster == "far" and decision.route.placement.worker == "p1"
+    assert decision.decode.worker == "d1" and decision.kv_address_override is None and decision.send_boundary
+
+
+def test_prefix_holders_win_and_the_kv_starts_after_the_decode_prefix():
+    f = fleet()
+    prompt = list(range(30))
+    holds(f, "d2", prompt[:16])
+    holds(f, "l1", prompt[:24])
+    decision = f.decide(prompt)
+    # l on the local worker is 30 - 24 = 6 <= t: stays local even though the prompt is long
+    assert decision.route.cluster is None and decision.route.placement.cached_tokens == 24
+    assert decision.decode.worker == "d2" and decision.decode.cached_tokens == 16
+    assert decision.decode_hash == block_hashes(prompt[:16], 4, b"salt")[-1]
+
+
+def test_another_model_s_prefixes_are_ignored():
+    f = fleet()
+    prompt = list(range(30))
+    holds(f, "d2", prompt[:16])
+    f.workers["d2"].geometry = (8, "other")
+    f.workers["d1"].in_flight = 1  # without its prefix, d2 wins as the less busy
+    decision = f.decide(prompt)
+    assert decision.decode.worker == "d2" and decision.decode.cached_tokens == 0 and not decision.send_boundary
+
+
+def test_kv_address_as_reached_from_the_cluster():
+    f = fleet()
+    f.workers["d1"].in_flight = 5  # d2 is less busy
+    decision = f.decide(list(range(20)))
+    assert decision.decode.worker == "d2" and decision.kv_address_override == "wan:2"
+
+
+def test_a_busy_link_raises_t_and_records_why():
+    f = fleet()
+    cluster = f.clusters["far"]
+    f.workers["p1"].peers = [PeerMetrics("p1>d1", bytes=0, requests_completed=0, requests_failed=0, goodput_bps=0)]
+    f._step(cluster, now=100.0)
+    f.workers["p1"].peers = [PeerMetrics("p1>d1", bytes=125_000, requests_completed=1, requests_failed=0, goodput_bps=0)]
+    f._step(cluster, now=101.0)  # 1 Mbit/s on a 1 Mbit/s link
+    assert cluster.controller.threshold_tokens == 15
+    (change,) = cluster.changes
+    assert change["t"] == 15 and "egress at 100% of capacity" in change["reason"]
+    assert f.health()["thresholds"]["far"]["threshold_tokens"] == 15

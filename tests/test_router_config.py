@@ -1,0 +1,76 @@
+"""The router's TOML config and flags: typed, merged, and wrong fields named."""
+
+import pytest
+
+from serving import router_config
+from serving.cli import parser
+from serving.cli import router_config as from_args
+
+TOML = '''
+decode = ["http://d:1"]
+prefill = ["http://l:1"]
+
+[[prfaas]]
+name = "east"
+prefill = ["http://p:1", "http://p:2"]
+egress_gbps = 100.0
+threshold_tokens = 20236
+kv_addresses = { "http://d:1" = "203.0.113.5:9200" }
+
+[control]
+interval_s = 0.25
+'''
+
+
+def write(tmp_path, text):
+    path = tmp_path / "router.toml"
+    path.write_text(text)
+    return path
+
+
+def test_toml_gives_pools_clusters_and_links(tmp_path):
+    config = router_config.load(write(tmp_path, TOML))
+    assert config.decode == ["http://d:1"] and config.prefill == ["http://l:1"]
+    (east,) = config.prfaas
+    assert (east.name, east.prefill, east.egress_gbps, east.threshold_tokens) == ("east", ["http://p:1", "http://p:2"],
+                                                                                 100.0, 20236)
+    assert east.kv_addresses == {"http://d:1": "203.0.113.5:9200"}
+    assert config.control.interval_s == 0.25
+    assert config.prefill_urls == ("http://l:1", "http://p:1", "http://p:2")
+
+
+@pytest.mark.parametrize("text, message", [
+    (TOML.replace("egress_gbps", "egress_gbit"), "unknown field `egress_gbit`"),
+    (TOML.replace("100.0", '"fast"'), "Expected `float`, got `str` - at `$.prfaas[0].egress_gbps`"),
+    (TOML.replace("100.0", "0.0"), "egress_gbps must be > 0"),
+    (TOML.replace('decode = ["http://d:1"]', ""), "at least one decode worker"),
+    (TOML.replace("threshold_tokens = 20236", "threshold_tokens = 20236\nmax_threshold_tokens = 10"),
+     "need 0 <= threshold_tokens <= max_threshold_tokens"),
+    ("decode = [", "router config"),
+])
+def test_mistakes_name_the_field(tmp_path, text, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("$", r"\$").replace(".", r"\.")) as info:
+        router_config.load(write(tmp_path, text))
+    assert str(tmp_path) in str(info.value)
+
+
+def test_flags_add_workers_and_override_the_file(tmp_path):
+    args = parser().parse_args(["router", "--config", str(write(tmp_path, TOML)), "--port", "0", "--decode", "http://d:2",
+                                "--kv-fallback", "error", "--control-interval", "1"])
+    config = from_args(args)
+    assert config.decode == ["http://d:1", "http://d:2"]
+    assert config.kv_fallback == "error" and config.control.interval_s == 1.0
+    assert [c.name for c in config.prfaas] == ["east"]
+
+
+def test_prfaas_flags_make_one_cluster():
+    args = parser().parse_args(["router", "--port", "0", "--decode", "http://d", "--prfaas", "http://p",
+                                "--prfaas-threshold", "512", "--egress-gbps", "0.1"])
+    (cluster,) = from_args(args).prfaas
+    assert (cluster.name, cluster.prefill, cluster.threshold_tokens, cluster.egress_gbps) == ("prfaas", ["http://p"], 512,
+                                                                                             0.1)
+
+
+def test_no_prefill_worker_at_all_is_refused():
+    with pytest.raises(SystemExit, match="at least one prefill worker"):
+        from_args(parser().parse_args(["router", "--port", "0", "--decode", "http://d"]))
