@@ -80,5 +80,16 @@ def test_every_kernel_compiles_to_ptx_for_sm80_and_sm90():
         [sys.executable, "-m", "kvwire.cuda.ptx", "80", "90"], capture_output=True, text=True, env=env, timeout=300
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "sm_80: 6 kernels compiled" in done.stdout
-    assert "sm_90: 6 kernels compiled" in done.stdout
+    assert "sm_80: 7 kernels compiled" in done.stdout
+    assert "sm_90: 7 kernels compiled" in done.stdout
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the simulator's uint64 scalars wrap
+@pytest.mark.parametrize("nbytes", [1, 3, 4095, 4096, 4097, 3 * 4096 + 5])
+def test_gpu_blocksum_equals_the_cpu_definition(nbytes):
+    from kvwire.cuda import checksum
+    from kvwire.wire import blocksum
+
+    payload = RNG.integers(0, 256, nbytes, dtype=np.uint8)
+    assert np.array_equal(checksum.block_digests(payload), blocksum.block_digests(payload))
+    assert checksum.frame_blocksum(7, 2, 1, payload) == blocksum.frame_blocksum(7, 2, 1, [payload], nbytes)

@@ -28,6 +28,7 @@ KERNEL_SIGNATURES = {
     ],
     "gather_rows": ["void(uint8[:, :], int64[:], uint8[:, :])"],
     "scatter_rows": ["void(uint8[:, :], int64[:], uint8[:, :])"],
+    "checksum.block_digests_kernel": ["void(uint8[:], int64, uint64[:], uint64[:])"],
 }
 
 
@@ -40,13 +41,15 @@ def _targeting(cc: tuple[int, int]):
 
 def compile_all(cc: tuple[int, int]) -> dict[str, int]:
     """PTX size in characters of each kernel/signature, compiled for ``cc``."""
-    from . import kernels
+    import importlib
 
     sizes = {}
     with _targeting(cc):
         for name, signatures in KERNEL_SIGNATURES.items():
+            module, _, function = name.rpartition(".")
+            kernel = getattr(importlib.import_module(f"kvwire.cuda.{module or 'kernels'}"), function)
             for signature in signatures:
-                ptx, _ = cuda.compile_ptx(getattr(kernels, name).py_func, signature, cc=cc)
+                ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=cc)
                 if f".target sm_{cc[0]}{cc[1]}" not in ptx:
                     raise RuntimeError(f"{name}: PTX does not target sm_{cc[0]}{cc[1]}")
                 sizes[f"{name}{signature[4:]}"] = len(ptx)
