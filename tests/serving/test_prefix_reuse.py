@@ -64,3 +64,20 @@ def test_an_entry_too_big_for_the_cache_is_not_kept(kimi):
     cache = PrefixCache(1000, BLOCK)
     result = prefill_reusing(kimi.model, ids(6, 100), cache)
     assert len(cache) == 0 and result.boundary_tokens == 64  # the snapshot still serves this request's boundary
+
+
+def test_decode_worker_recomputes_when_the_prefix_the_kv_continues_is_gone(kimi):
+    from serving.decode import DecodeOptions, DecodeWorker
+
+    worker = DecodeWorker(kimi, DecodeOptions(prefix_cache_bytes=1 << 20))
+    try:
+        assert worker._base({"cached_tokens": 0}) == (None, None)
+        base, error = worker._base({"cached_tokens": 64, "cached_hash": "0" * 32})
+        assert base is None and error.startswith("PrefixEvicted: the 64-token prefix the KV continues")
+        prompt = ids(8, 100)
+        result = prefill_reusing(kimi.model, prompt, worker.prefix_cache)  # what a recompute leaves behind
+        held = worker.prefix_cache.lookup(prompt)
+        assert worker._base({"cached_tokens": 64, "cached_hash": held.block_hash})[0].num_tokens == 64
+        assert result.boundary_tokens == 64
+    finally:
+        worker.close()
