@@ -14,7 +14,6 @@ import json
 import os
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -72,13 +71,7 @@ def run(argv: list[str] | None = None) -> dict:
                     error = result.body.get("error") or {}
                     sources[i] = f"{result.status} {error.get('type')}: {str(error.get('message'))[:160]}"
 
-            threads = [threading.Thread(target=ask, args=(i,)) for i in range(args.requests)]
-            started = time.perf_counter()
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join(900)
-            wall = time.perf_counter() - started
+            wall = client.burst(ask, args.requests, timeout_s=900)
         finally:
             stop(workers)
     done = sorted(x for x in latencies if x is not None)

@@ -24,7 +24,6 @@ import json
 import os
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -91,13 +90,7 @@ def burst(spec: dict) -> dict:
             rows[i] = {"ok": answer.status == 200 and answer.token_ids == expected[i], "ttft_s": kv.get("ttft_s"),
                        "pool": (kv.get("route") or {}).get("prefill_pool"), "kv_source": kv.get("kv_source")}
 
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
-        started = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(1200)
-        wall = time.perf_counter() - started
+        wall = client.burst(ask, len(prompts))
         ttfts = [r["ttft_s"] for r in rows if r and r["ttft_s"] is not None]
         pools = [r["pool"] for r in rows if r]
         results[policy] = {

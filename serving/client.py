@@ -71,3 +71,16 @@ def get(base_url: str, path: str, timeout_s: float = 10.0) -> tuple[int, str]:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
+
+
+def burst(ask, num_requests: int, timeout_s: float = 1200.0) -> float:
+    """Call ``ask(i)`` for every i at once, one thread each; the seconds until all returned."""
+    import threading
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(num_requests)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout_s)
+    return time.perf_counter() - started
