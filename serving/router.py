@@ -40,11 +40,10 @@ UNAVAILABLE = "worker_unavailable"
 class UpstreamError(Exception):
     """A worker answered with an error, or could not be reached: becomes our HTTP error."""
 
-    def __init__(self, status: int, error_type: str, message: str, prompt_token_ids=None):
+    def __init__(self, status: int, error_type: str, message: str):
         super().__init__(message)
         self.status = status
         self.error_type = error_type
-        self.prompt_token_ids = prompt_token_ids
 
     def response(self) -> web.Response:
         return json_error(self.status, self.error_type, str(self))
@@ -113,20 +112,28 @@ class Router:
     # -- workers --------------------------------------------------------------------------
 
     async def token_ids(self, prompt) -> list[int]:
-        """The prompt as token ids: text is tokenized by a prefill worker (the router has no model)."""
+        """The prompt as token ids: text is tokenized by a prefill worker (the router has no model).
+
+        Workers are asked in order until one answers; a 400 (bad prompt) is final.
+        """
         if isinstance(prompt, list):
             return prompt
-        url = self.options.prefill_urls[0]
-        try:
-            timeout = aiohttp.ClientTimeout(total=self.options.prefill_timeout_s, sock_connect=self.options.connect_timeout_s)
-            async with self._session.post(url + "/internal/tokenize", json={"prompt": prompt}, timeout=timeout) as response:
-                body = await response.json()
-        except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as exc:
-            raise UpstreamError(502, UNAVAILABLE, f"prefill worker {url} is unreachable: {_client_error(exc)}") from None
-        if response.status != 200:
-            error = body.get("error", {})
-            raise UpstreamError(response.status, error.get("type", UNAVAILABLE), error.get("message", str(body)))
-        return body["prompt_token_ids"]
+        unreachable = None
+        for url in self.options.prefill_urls:
+            try:
+                timeout = aiohttp.ClientTimeout(total=self.options.prefill_timeout_s,
+                                                sock_connect=self.options.connect_timeout_s)
+                async with self._session.post(url + "/internal/tokenize", json={"prompt": prompt},
+                                              timeout=timeout) as response:
+                    body = await response.json()
+            except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as exc:
+                unreachable = UpstreamError(502, UNAVAILABLE, f"prefill worker {url} is unreachable: {_client_error(exc)}")
+                continue
+            if response.status != 200:
+                error = body.get("error", {})
+                raise UpstreamError(response.status, error.get("type", UNAVAILABLE), error.get("message", str(body)))
+            return body["prompt_token_ids"]
+        raise unreachable
 
     async def kv_address(self, decode_url: str) -> str:
         """The kvwire address of ``decode_url``, asked once from its /health."""
@@ -154,8 +161,7 @@ class Router:
             raise UpstreamError(502, UNAVAILABLE, f"prefill worker {url} is unreachable: {_client_error(exc)}") from None
         if response.status != 200:
             error = body.get("error", {})
-            raise UpstreamError(response.status, error.get("type", UNAVAILABLE), error.get("message", str(body)),
-                                error.get("prompt_token_ids"))
+            raise UpstreamError(response.status, error.get("type", UNAVAILABLE), error.get("message", str(body)))
         return body
 
     # -- the endpoint ---------------------------------------------------------------------
