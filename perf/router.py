@@ -91,6 +91,7 @@ def burst(spec: dict) -> dict:
                        "pool": (kv.get("route") or {}).get("prefill_pool"), "kv_source": kv.get("kv_source")}
 
         wall = client.burst(ask, len(prompts))
+        health = json.loads(client.get(url, "/health")[1])
         ttfts = [r["ttft_s"] for r in rows if r and r["ttft_s"] is not None]
         pools = [r["pool"] for r in rows if r]
         results[policy] = {
@@ -101,6 +102,8 @@ def burst(spec: dict) -> dict:
             "ttft_p50_s": round(float(np.percentile(ttfts, 50)), 3) if ttfts else None,
             "ttft_p90_s": round(float(np.percentile(ttfts, 90)), 3) if ttfts else None,
             "routed": {p: pools.count(p) for p in sorted(set(map(str, pools)))},
+            "threshold_changes": [change["reason"] for cluster in health["thresholds"].values()
+                                  for change in cluster["changes"]],
         }
         time.sleep(1.0)  # let the link drain between policies
     return results
