@@ -134,6 +134,7 @@ class Receiver:
         self._lock = threading.Condition()
         self._requests: dict[str, InboundRequest] = {}
         self._failures: collections.OrderedDict[str, KVWireError] = collections.OrderedDict()
+        self._released: collections.OrderedDict[str, None] = collections.OrderedDict()  # before they arrived
         self._expected: dict[str, Expectation] = {}
         self._sessions: dict[bytes, _Session] = {}
         self._bytes_in_use = 0
@@ -204,10 +205,18 @@ class Receiver:
                 self._lock.wait(remaining)
 
     def release(self, request_id: str) -> None:
-        """Free ``request_id``'s memory (aborting it if it is still in flight)."""
+        """Free ``request_id``'s memory (aborting it if it is still in flight).
+
+        Released before it arrived, it is refused when its sender opens it (the sender
+        gets RequestRejected), instead of waiting unclaimed for ``claim_timeout_s``.
+        """
         with self._lock:
             state = self._requests.get(request_id)
             self._expected.pop(request_id, None)
+            if state is None:
+                self._released[request_id] = None
+                while len(self._released) > _REMEMBERED_FAILURES:
+                    self._released.popitem(last=False)
         if state is not None:
             self._release_state(state)
 
@@ -413,6 +422,9 @@ class Receiver:
                 raise RequestRejected("receiver is closing")
             if msg.request_id in self._requests:
                 raise RequestRejected(f"request id {msg.request_id!r} is already in flight on this receiver")
+            if self._released.pop(msg.request_id, 0) is None:
+                raise RequestRejected(f"request {msg.request_id!r} was released by the receiving application "
+                                      "before it arrived")
             expected = self._expected.pop(msg.request_id, None)
             need = self.layout.receive_bytes(msg.num_tokens, msg.codec)
             if self._bytes_in_use + need > self._max_bytes:

@@ -48,10 +48,10 @@ def parser() -> argparse.ArgumentParser:
     router.add_argument("--decode", action="append", metavar="URL", help="a decode worker (repeat)")
     router.add_argument("--prfaas", action="append", metavar="URL",
                         help="a prefill worker of the PrfaaS cluster 'prfaas' (repeat); long prompts go there")
-    router.add_argument("--prfaas-threshold", type=int, default=0, metavar="TOKENS",
+    router.add_argument("--prfaas-threshold", type=int, metavar="TOKENS",
                         help="offload threshold t (kvwire-plan's); the controller raises it when the link is busy")
-    router.add_argument("--prfaas-max-threshold", type=int, default=1 << 20, metavar="TOKENS")
-    router.add_argument("--egress-gbps", type=float, default=10.0, help="the PrfaaS cluster's egress link capacity")
+    router.add_argument("--prfaas-max-threshold", type=int, metavar="TOKENS", help="default 1048576")
+    router.add_argument("--egress-gbps", type=float, help="the PrfaaS cluster's egress link capacity (default 10)")
     router.add_argument("--control-interval", type=float, metavar="S", help="seconds between worker-state polls")
     router.add_argument("--host", default="127.0.0.1")
     router.add_argument("--port", type=int, required=True)
@@ -201,10 +201,16 @@ def router_config(args):
     try:
         base = rc.load(args.config) if args.config else None
         prfaas = None
+        cluster_flags = {"threshold_tokens": args.prfaas_threshold, "max_threshold_tokens": args.prfaas_max_threshold,
+                         "egress_gbps": args.egress_gbps}
         if args.prfaas:
-            prfaas = [{"name": "prfaas", "prefill": args.prfaas, "egress_gbps": args.egress_gbps,
-                       "threshold_tokens": args.prfaas_threshold, "max_threshold_tokens": args.prfaas_max_threshold}]
-        control = {"interval_s": args.control_interval} if args.control_interval else None
+            defaults = {"threshold_tokens": 0, "max_threshold_tokens": 1 << 20, "egress_gbps": 10.0}
+            prfaas = [{"name": "prfaas", "prefill": args.prfaas,
+                       **{k: defaults[k] if v is None else v for k, v in cluster_flags.items()}}]
+        elif any(v is not None for v in cluster_flags.values()):
+            raise ValueError("--prfaas-threshold, --prfaas-max-threshold and --egress-gbps describe the cluster of "
+                             "--prfaas workers: give --prfaas (or set them in the config's [[prfaas]])")
+        control = {"interval_s": args.control_interval} if args.control_interval is not None else None
         return rc.merge(base, prefill=args.prefill, decode=args.decode, prfaas=prfaas, kv_fallback=args.kv_fallback,
                         prefill_timeout_s=args.timeout, token_timeout_s=args.timeout, control=control)
     except ValueError as exc:

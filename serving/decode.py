@@ -107,19 +107,32 @@ class DecodeWorker:
             self.kv_bytes.inc(self.layout.nbytes(got.num_tokens))
             return cache
 
-    def keep_boundary(self, request_id: str, token_ids: list[int], kv_layers: list[dict], timeout_s: float) -> None:
-        """(I/O thread) Store the prefix entry whose KV we hold once its linear states arrive."""
+    def keep_boundary(self, request_id: str, token_ids: list[int], cache, timeout_s: float) -> None:
+        """(I/O thread) Store the prefix entry at ``len(token_ids)`` once its linear states arrive.
+
+        Safe while ``cache`` decodes on: attention layers grow by ``torch.cat`` into new
+        tensors, so the first tokens read here are those received; the linear states,
+        updated in place, are not read from the cache but from the boundary transfer.
+        """
         boundary = len(token_ids)
+        deadline = time.monotonic() + timeout_s
         try:
+            kv_layers = snapshot(cache, boundary, states=[{}] * len(cache.layers))
             with self.receiver.wait(request_id + boundary_suffix, timeout=timeout_s) as got:
-                layers = [kv if "keys" in kv else {name: to_torch(t).clone() for name, t in got.wait_layer(i).items()}
-                          for i, kv in enumerate(kv_layers)]
+                layers = [
+                    kv if "keys" in kv else {
+                        name: to_torch(t).clone()
+                        for name, t in got.wait_layer(i, timeout=max(0.0, deadline - time.monotonic())).items()
+                    }
+                    for i, kv in enumerate(kv_layers)
+                ]
+            size = snapshot_bytes(layers)
+            if self.prefix_cache.can_put(size):
+                self.prefix_cache.put(token_ids, layers, size)
         except KVWireError as exc:
             log.warning("request %s: boundary states not received, prefix not kept: %s", request_id, describe(exc))
-            return
-        size = snapshot_bytes(layers)
-        if self.prefix_cache.can_put(size):
-            self.prefix_cache.put(token_ids[:boundary], layers, size)
+        except Exception:  # a bug here must not pass silently in an executor
+            log.exception("request %s: keeping the %d-token prefix failed", request_id, boundary)
 
     def recompute(self, token_ids: list[int], sampling, generator):
         """(model thread) The prefill, done here (reusing our prefix cache); returns (cache, first token)."""
@@ -160,7 +173,8 @@ class DecodeWorker:
             log.warning("request %s: %s; recomputing the prefill here", request_id, base_error)
         # Whatever did arrive under this id will never be claimed: free it now.
         self.receiver.release(request_id)
-        self.receiver.release(request_id + boundary_suffix)
+        if body.get("boundary_tokens"):
+            self.receiver.release(request_id + boundary_suffix)
         self.num_recomputed.inc(1, (kv_error or "none").split(":")[0])
         cache, first = await loop.run_in_executor(
             self._model_thread, self.recompute, body["prompt_token_ids"], sampling, generator
@@ -169,11 +183,13 @@ class DecodeWorker:
 
     def _keep_boundary_later(self, body: dict, cache, timeout_s: float) -> None:
         boundary = int(body.get("boundary_tokens") or 0)
-        if not boundary or self.prefix_cache is None:
+        request_id = str(body["request_id"])
+        if not boundary:
             return
-        kv_layers = snapshot(cache, boundary, states=[{}] * len(cache.layers))  # before decoding appends to it
-        self._io.submit(self.keep_boundary, str(body["request_id"]), body["prompt_token_ids"][:boundary], kv_layers,
-                        timeout_s)
+        if self.prefix_cache is None:
+            self.receiver.release(request_id + boundary_suffix)  # not wanted: refuse or free it
+            return
+        self._io.submit(self.keep_boundary, request_id, body["prompt_token_ids"][:boundary], cache, timeout_s)
 
     # -- HTTP -----------------------------------------------------------------------------
 

@@ -46,14 +46,20 @@ HISTORY = 50
 
 @dataclass
 class WorkerState:
-    """One worker as last seen by the control loop, plus the router's own in-flight count."""
+    """One worker as last seen by the control loop, plus the router's own in-flight count.
+
+    ``in_flight`` counts what the router has outstanding at the worker in its role: for a
+    prefill worker the prefills (its queue), for a decode worker whole requests.
+    """
 
     url: str
     blocks: frozenset[str] = frozenset()
     geometry: tuple[int, str] | None = None  # (block_tokens, salt) of its prefix cache
     peers: list[PeerMetrics] = field(default_factory=list)
     in_flight: int = 0
-    error: str | None = None
+    reachable: bool = True  # its last poll answered
+    error: str | None = None  # why the last poll failed
+    mismatch: str | None = None  # why its prefixes are ignored
 
     def view(self, geometry: tuple[int, str] | None) -> WorkerView:
         held = self.blocks if geometry is not None and self.geometry == geometry else frozenset()
@@ -80,7 +86,7 @@ class Decision:
     decode: Placement
     decode_hash: str | None  # the decode worker's boundary the KV continues (None: from token 0)
     kv_address_override: str | None  # the decode KV address as reached from the PrfaaS cluster
-    send_boundary: bool  # the decode worker keeps prefixes: send it the boundary states
+    send_boundary: bool  # both workers keep prefixes of the same blocks: send the boundary states
     blocks: PromptBlocks
 
 
@@ -123,27 +129,43 @@ class Fleet:
         timeout = aiohttp.ClientTimeout(total=max(1.0, 2 * self.config.control.interval_s))
         try:
             async with session.get(worker.url + "/internal/state", timeout=timeout) as response:
+                if response.status != 200:
+                    raise ValueError(f"GET /internal/state answered HTTP {response.status}")
                 state = await response.json()
+            if not isinstance(state, dict):
+                raise ValueError(f"GET /internal/state answered a {type(state).__name__}, not an object")
             cache = state.get("prefix_cache")
-            worker.geometry = (int(cache["block_tokens"]), str(cache["salt"])) if cache else None
-            worker.blocks = frozenset(state.get("prefix_blocks", ()))
-            worker.peers = [dataclasses.replace(p, peer=f"{worker.url}>{p.peer}")
-                            for p in peers_from_json(state.get("peers", []))]
-            worker.error = None
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError) as exc:
-            if worker.error is None:
-                log.warning("worker %s: state unavailable (%s); routing without its prefixes", worker.url, exc)
-            worker.error, worker.blocks = str(exc) or type(exc).__name__, frozenset()
-        if worker.geometry is not None and self.geometry is None:
-            self.geometry = worker.geometry
-        elif worker.geometry is not None and worker.geometry != self.geometry and worker.error is None:
-            worker.error = f"prefix blocks of {worker.geometry[0]} tokens / another model, unlike {self.geometry[0]}"
-            log.warning("worker %s: %s: its prefixes are ignored", worker.url, worker.error)
+            geometry = (int(cache["block_tokens"]), str(cache["salt"])) if cache else None
+            blocks = frozenset(state.get("prefix_blocks", ()))
+            peers = [dataclasses.replace(p, peer=f"{worker.url}>{p.peer}") for p in peers_from_json(state.get("peers", []))]
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            if worker.reachable:
+                log.warning("worker %s: state unavailable (%s); not routing to it until it answers", worker.url, exc)
+            worker.reachable, worker.error, worker.blocks = False, str(exc) or type(exc).__name__, frozenset()
+            return
+        if not worker.reachable:
+            log.warning("worker %s answers again", worker.url)
+        worker.reachable, worker.error = True, None
+        worker.geometry, worker.blocks, worker.peers = geometry, blocks, peers
+        if geometry is not None and self.geometry is None:
+            self.geometry = geometry
+        mismatch = None
+        if geometry is not None and geometry != self.geometry:
+            mismatch = f"prefix blocks of {geometry[0]} tokens / another model, unlike {self.geometry[0]}"
+            if worker.mismatch != mismatch:
+                log.warning("worker %s: %s: its prefixes are ignored", worker.url, mismatch)
+        worker.mismatch = mismatch
 
     def _step(self, cluster: ClusterState, now: float) -> None:
-        peers = [p for url in cluster.config.prefill for p in self.workers[url].peers]
+        """One controller sample for ``cluster``; skipped (t holds) unless every worker answered,
+        since a missing worker's bytes would read as an idle link, and its late ones as a burst."""
+        workers = [self.workers[url] for url in cluster.config.prefill]
+        if not all(w.reachable for w in workers):
+            cluster.previous_time = 0.0  # start the next sample afresh
+            return
+        peers = [p for w in workers for p in w.peers]
         if cluster.previous_time:
-            queued = sum(self.workers[url].in_flight for url in cluster.config.prefill) - len(cluster.config.prefill)
+            queued = sum(w.in_flight for w in workers) - len(workers)  # prefills beyond one running per worker
             sample = egress_sample(cluster.previous_peers, peers, now - cluster.previous_time,
                                    cluster.config.egress_gbps * 1e9, max(0, queued))
             cluster.last_sample = sample
@@ -164,10 +186,17 @@ class Fleet:
         """Where to prefill and decode one request, from the last poll's views."""
         blocks = self.blocks(token_ids)
         views = {url: w.view(self.geometry) for url, w in self.workers.items()}
-        clusters = [PrfaasCluster(name, c.controller.threshold_tokens, tuple(views[u] for u in c.config.prefill))
+
+        def answering(urls, keep_all: bool):
+            alive = [views[u] for u in urls if self.workers[u].reachable]
+            return alive or ([views[u] for u in urls] if keep_all else [])
+
+        # A PrfaaS cluster none of whose workers answers is skipped; a local pool is kept
+        # whole (its failures then surface on the request, with the fallback).
+        clusters = [PrfaasCluster(name, c.controller.threshold_tokens, tuple(answering(c.config.prefill, False)))
                     for name, c in self.clusters.items()]
-        chosen = route(blocks, [views[u] for u in self.config.prefill], clusters)
-        decode = place(blocks, [views[u] for u in self.config.decode])
+        chosen = route(blocks, answering(self.config.prefill, True), clusters)
+        decode = place(blocks, answering(self.config.decode, True))
         num_blocks = decode.cached_tokens // blocks.block_tokens if blocks.hashes else 0
         override = None
         if chosen.cluster is not None:
@@ -175,8 +204,8 @@ class Fleet:
         return Decision(
             route=chosen, decode=decode, decode_hash=blocks.hashes[num_blocks - 1] if num_blocks else None,
             kv_address_override=override,
-            send_boundary=self.workers[decode.worker].geometry is not None and
-            self.workers[decode.worker].geometry == self.geometry,
+            send_boundary=self.geometry is not None and all(
+                self.workers[url].geometry == self.geometry for url in (decode.worker, chosen.placement.worker)),
             blocks=blocks,
         )
 
@@ -197,7 +226,8 @@ class Fleet:
                 for name, c in self.clusters.items()
             },
             "prefix_block_tokens": self.geometry[0] if self.geometry else None,
-            "workers": {url: {"prefix_blocks": len(w.blocks), "in_flight": w.in_flight, "error": w.error}
+            "workers": {url: {"prefix_blocks": len(w.blocks), "in_flight": w.in_flight, "reachable": w.reachable,
+                              "error": w.error, "prefixes_ignored": w.mismatch}
                         for url, w in self.workers.items()},
             "polls": self.polls,
         }

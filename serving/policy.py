@@ -213,6 +213,7 @@ class ThresholdConfig:
     max_tokens: int
     raise_factor: float = 1.5
     lower_factor: float = 0.8
+    min_step_tokens: int = 64  # a raise adds at least this much (from t = 0, x1.5 alone would crawl)
     busy_utilization: float = 0.85
     idle_utilization: float = 0.5
     busy_rtt_ratio: float = 2.0
@@ -236,6 +237,8 @@ class ThresholdConfig:
             idle, busy = getattr(self, f"idle_{name}"), getattr(self, f"busy_{name}")
             if not idle < busy:
                 raise ValueError(f"idle_{name}={idle} must be below busy_{name}={busy}")
+        if self.min_step_tokens < 1:
+            raise ValueError(f"min_step_tokens must be >= 1, got {self.min_step_tokens}")
         if self.idle_intervals < 1 or self.raise_hold_intervals < 0:
             raise ValueError("need idle_intervals >= 1 and raise_hold_intervals >= 0")
 
@@ -308,7 +311,8 @@ class ThresholdController:
         if holding:
             return self._hold(f"busy, waiting for the last raise to take effect: {why}")
         self.num_hold = cfg.raise_hold_intervals
-        return self._move(min(cfg.max_tokens, max(t + 1, math.ceil(t * cfg.raise_factor))), f"busy: {why}")
+        return self._move(min(cfg.max_tokens, max(t + cfg.min_step_tokens, math.ceil(t * cfg.raise_factor))),
+                          f"busy: {why}")
 
     def _lower(self, why: str) -> ThresholdDecision:
         t, cfg = self.threshold_tokens, self.config

@@ -160,14 +160,16 @@ class PrefillWorker:
         with self._senders_lock:
             return dict(self._senders)
 
-    async def _finish_boundary(self, transfer, timeout_s: float) -> bool:
-        """The boundary states are an optimisation: their failure must not fail the request."""
+    @staticmethod
+    def _finish_boundary(transfer, timeout_s: float, borrowed) -> None:
+        """(I/O thread) The boundary states are an optimisation: a failure is logged, no more.
+
+        ``borrowed`` (the prefill result) keeps the tensors being sent alive until then.
+        """
         try:
-            await asyncio.get_running_loop().run_in_executor(self._io, transfer.finish, timeout_s)
-            return True
+            transfer.finish(timeout_s)
         except KVWireError as exc:
             log.warning("boundary states of %s not delivered: %s", transfer.request_id, describe(exc))
-            return False
 
     async def handle_state(self, request: web.Request) -> web.Response:
         """What the router's control loop reads: boundaries held, link metrics."""
@@ -203,28 +205,33 @@ class PrefillWorker:
             self.num_requests.inc(1, "bad_request")
             return json_error(400, INVALID_REQUEST, str(exc) if isinstance(exc, BadRequest) else describe(exc))
         loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + timeout_s  # one deadline for the prefill and the KV transfer
+        transfers = []
         try:
             transfers, first_token, prefill_s, result = await loop.run_in_executor(
                 self._model_thread, self.compute, request_id, token_ids, address, sampling, timeout_s,
                 send_from, send_boundary,
             )
             tail_started = time.perf_counter()
-            stats = await loop.run_in_executor(self._io, transfers[0].finish, timeout_s)
+            stats = await loop.run_in_executor(self._io, transfers[0].finish, max(0.0, deadline - time.monotonic()))
             tail_s = time.perf_counter() - tail_started
-            boundary_sent = len(transfers) > 1 and await self._finish_boundary(transfers[1], timeout_s)
-            prefix = {"reused_tokens": result.reused_tokens, "computed_tokens": len(token_ids) - result.reused_tokens,
-                      "boundary_tokens": result.boundary_tokens, "sent_from_token": send_from,
-                      "boundary_sent": boundary_sent}
-            del result  # the arrays send_layer borrowed may go now
         except KVWireError as exc:
+            _abort_rest(transfers, f"the KV transfer of {request_id!r} failed")
             self.num_requests.inc(1, "kv_failed")
             self.kv_failures.inc(1, type(exc).__name__)
             log.warning("request %s: KV transfer to %s failed: %s", request_id, address, describe(exc))
-            return json_error(502, type(exc).__name__, str(exc), prompt_token_ids=token_ids)
+            return json_error(502, type(exc).__name__, str(exc))
         except Exception as exc:  # a bug must answer, not hang the router
+            _abort_rest(transfers, f"prefill of {request_id!r} failed")
             log.exception("request %s: prefill failed", request_id)
             self.num_requests.inc(1, "error")
             return json_error(500, "internal_error", describe(exc))
+        prefix = {"reused_tokens": result.reused_tokens, "computed_tokens": len(token_ids) - result.reused_tokens,
+                  "boundary_tokens": result.boundary_tokens, "sent_from_token": send_from,
+                  "boundary_sent": len(transfers) > 1}
+        if len(transfers) > 1:  # the decode worker waits for it in the background: not on the TTFT path
+            self._io.submit(self._finish_boundary, transfers[1], max(0.0, deadline - time.monotonic()), result)
+        del result  # the arrays send_layer borrowed may go now (the boundary's are kept by its task)
         self.num_requests.inc(1, "ok")
         self.num_prompt_tokens.inc(len(token_ids))
         self.prefill_seconds.inc(prefill_s)
@@ -244,3 +251,9 @@ class PrefillWorker:
                 "link_goodput_bps": link.goodput_bps, "rtt_ms": link.rtt_ms, "retransmits": link.retransmits,
             },
         })
+
+
+def _abort_rest(transfers: list, reason: str) -> None:
+    """Abort the transfers after the failed first one (the boundary must not outlive it)."""
+    for transfer in transfers[1:]:
+        transfer.abort(reason)

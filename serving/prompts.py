@@ -12,6 +12,7 @@ from .steps import Sampling
 
 MAX_PROMPT_TOKENS = 1 << 20
 MAX_NEW_TOKENS = 1 << 16
+MAX_TOKEN_ID = (1 << 31) - 1  # above any vocabulary; keeps ids in the int64 the hashes and tensors use
 
 
 def check_prompt_shape(prompt) -> None:
@@ -26,8 +27,8 @@ def check_prompt_shape(prompt) -> None:
         if len(prompt) > MAX_PROMPT_TOKENS:
             raise BadRequest(f"`prompt` has {len(prompt)} tokens, more than the limit of {MAX_PROMPT_TOKENS}")
         for i, token in enumerate(prompt):
-            if type(token) is not int or token < 0:
-                raise BadRequest(f"`prompt[{i}]` is {token!r}: token ids must be non-negative integers")
+            if type(token) is not int or not 0 <= token <= MAX_TOKEN_ID:
+                raise BadRequest(f"`prompt[{i}]` is {token!r}: token ids must be integers in [0, {MAX_TOKEN_ID}]")
         return
     raise BadRequest(f"`prompt` must be a string or a list of token ids, got {type(prompt).__name__}")
 

@@ -17,6 +17,7 @@ KV transfer fails but the decode worker is alive, it recomputes the prefill (unl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -75,7 +76,7 @@ class Router:
     # -- lifecycle ------------------------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = base_app("router", self.registry, self._health, list)
+        app = base_app("router", self.registry, self._health, self._refresh_gauges)
         app.router.add_post("/v1/completions", self.handle_completions)
         app.on_startup.append(self._startup)
         app.on_cleanup.append(self._cleanup)
@@ -99,12 +100,17 @@ class Router:
     async def _cleanup(self, app) -> None:
         if self._control is not None:
             self._control.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._control
         if self._session is not None:
             await self._session.close()
 
-    def _health(self) -> dict:
+    def _refresh_gauges(self) -> list[str]:
         for name, cluster in self.fleet.clusters.items():
             self.threshold.set(cluster.controller.threshold_tokens, name)
+        return []
+
+    def _health(self) -> dict:
         return {"prefill": list(self.options.prefill), "decode": list(self.options.decode),
                 "prfaas": {c.name: list(c.prefill) for c in self.options.prfaas},
                 "kv_addresses": dict(self._kv_addresses), **self.fleet.health()}
@@ -185,13 +191,13 @@ class Router:
             self.num_requests.inc(1, "503")
             return json_error(503, UNAVAILABLE, str(exc))
         job["prompt_token_ids"] = token_ids
-        prefill_url, decode_url = decision.route.placement.worker, decision.decode.worker
+        decode_url = decision.decode.worker
         self.num_routed.inc(1, decision.route.cluster or "local")
-        self.fleet.acquire(prefill_url, decode_url)
+        self.fleet.acquire(decode_url)  # the prefill worker only while it prefills (_prefill_step)
         try:
             return await self._complete(request, job, decision)
         finally:
-            self.fleet.release(prefill_url, decode_url)
+            self.fleet.release(decode_url)
 
     async def _complete(self, request, job: dict, decision: Decision) -> web.StreamResponse:
         started = time.perf_counter()
@@ -226,6 +232,7 @@ class Router:
             "seed": job["seed"], "fallback": self.options.kv_fallback, "first_token": None, "kv_error": None,
             "prompt_token_ids": job["prompt_token_ids"], "cached_tokens": 0, "cached_hash": None, "boundary_tokens": 0,
         }
+        self.fleet.acquire(prefill_url)
         try:
             kv_address = decision.kv_address_override or await self.kv_address(decode_url)
             result = await self.prefill(prefill_url, {
@@ -245,6 +252,8 @@ class Router:
             decode_job["kv_error"] = kv_error
             info["kv_error_type"] = exc.error_type
             return decode_job
+        finally:
+            self.fleet.release(prefill_url)
         prefix = result.get("prefix", {})
         decode_job.update(first_token=result["first_token"], cached_tokens=cached, cached_hash=decision.decode_hash,
                           boundary_tokens=prefix.get("boundary_tokens", 0) if prefix.get("boundary_sent") else 0)

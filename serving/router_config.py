@@ -78,6 +78,23 @@ class RouterConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         names = [c.name for c in self.prfaas]
         if len(set(names)) != len(names):
             raise ValueError(f"PrfaaS cluster names must be unique, got {names}")
+        for name in ("connect_timeout_s", "prefill_timeout_s", "token_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        roles: dict[str, str] = {}
+        pools = [("decode", self.decode), ("prefill", self.prefill)]
+        pools += [(f"prfaas {c.name!r}", c.prefill) for c in self.prfaas]
+        for role, urls in pools:
+            for url in urls:
+                if url in roles:
+                    raise ValueError(f"worker {url} is listed twice ({roles[url]} and {role}): "
+                                     "each worker has one role")
+                roles[url] = role
+        for cluster in self.prfaas:
+            unknown = sorted(set(cluster.kv_addresses) - set(self.decode))
+            if unknown:
+                raise ValueError(f"PrfaaS cluster {cluster.name!r}: kv_addresses names {unknown}, "
+                                 f"which are not decode workers ({self.decode})")
 
     @property
     def prefill_urls(self) -> tuple[str, ...]:

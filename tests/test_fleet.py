@@ -66,7 +66,39 @@ def test_a_busy_link_raises_t_and_records_why():
     f._step(cluster, now=100.0)
     f.workers["p1"].peers = [PeerMetrics("p1>d1", bytes=125_000, requests_completed=1, requests_failed=0, goodput_bps=0)]
     f._step(cluster, now=101.0)  # 1 Mbit/s on a 1 Mbit/s link
-    assert cluster.controller.threshold_tokens == 15
+    assert cluster.controller.threshold_tokens == 74  # 10 + the minimum step of 64
     (change,) = cluster.changes
-    assert change["t"] == 15 and "egress at 100% of capacity" in change["reason"]
-    assert f.health()["thresholds"]["far"]["threshold_tokens"] == 15
+    assert change["t"] == 74 and "egress at 100% of capacity" in change["reason"]
+    assert f.health()["thresholds"]["far"]["threshold_tokens"] == 74
+
+
+def test_t_holds_while_a_worker_of_the_cluster_does_not_answer():
+    f = fleet()
+    cluster, worker = f.clusters["far"], f.workers["p1"]
+    worker.peers = [PeerMetrics("p1>d1", bytes=0, requests_completed=0, requests_failed=0, goodput_bps=0)]
+    f._step(cluster, now=100.0)
+    worker.reachable = False  # its last snapshot would read as an idle link, then as a burst
+    for now in (101.0, 102.0, 103.0, 104.0):
+        f._step(cluster, now)
+    assert cluster.controller.threshold_tokens == 10 and not cluster.changes
+    worker.reachable = True
+    worker.peers = [PeerMetrics("p1>d1", bytes=10**6, requests_completed=1, requests_failed=0, goodput_bps=0)]
+    f._step(cluster, now=105.0)  # the first answer only starts a new interval
+    assert not cluster.changes and cluster.previous_time == 105.0
+
+
+def test_a_cluster_whose_workers_do_not_answer_gets_nothing():
+    f = fleet()
+    f.workers["p1"].reachable = False
+    decision = f.decide(list(range(40)))  # l = 40 > t = 10, but the only PrfaaS worker is gone
+    assert decision.route.cluster is None and decision.route.placement.worker == "l1"
+
+
+def test_queue_depth_counts_prefills_not_decoding_requests():
+    f = fleet()
+    cluster = f.clusters["far"]
+    f.workers["d1"].in_flight = 20  # decoding: not the PrfaaS cluster's queue
+    f.workers["p1"].in_flight = 3  # one running, two waiting
+    f._step(cluster, now=1.0)
+    f._step(cluster, now=2.0)
+    assert cluster.last_sample.queue_depth == 2

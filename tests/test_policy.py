@@ -120,6 +120,11 @@ def controller(t=1000, **overrides):
     return ThresholdController(ThresholdConfig(min_tokens=1000, max_tokens=8000, **overrides), t)
 
 
+def test_a_raise_from_zero_moves_by_a_useful_step():
+    ctl = ThresholdController(ThresholdConfig(min_tokens=0, max_tokens=8000, raise_hold_intervals=0), 0)
+    assert [ctl.observe(quiet(queue_depth=9)).threshold_tokens for _ in range(3)] == [64, 128, 192]
+
+
 def test_rtt_counts_only_on_a_loaded_link_and_above_the_floor():
     ctl = controller()
     loaded = 0.4 * GBIT

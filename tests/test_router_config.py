@@ -74,3 +74,25 @@ def test_prfaas_flags_make_one_cluster():
 def test_no_prefill_worker_at_all_is_refused():
     with pytest.raises(SystemExit, match="at least one prefill worker"):
         from_args(parser().parse_args(["router", "--port", "0", "--decode", "http://d"]))
+
+
+@pytest.mark.parametrize("text, message", [
+    (TOML.replace('prefill = ["http://l:1"]', 'prefill = ["http://d:1"]'),
+     "worker http://d:1 is listed twice (decode and prefill)"),
+    (TOML.replace('"http://p:1", "http://p:2"', '"http://p:1", "http://p:1"'),
+     "worker http://p:1 is listed twice (prfaas 'east' and prfaas 'east')"),
+    (TOML.replace('{ "http://d:1" =', '{ "http://typo:1" ='), "kv_addresses names ['http://typo:1'], which are not decode"),
+    ("prefill_timeout_s = -1\n" + TOML, "prefill_timeout_s must be > 0, got -1"),
+])
+def test_inconsistent_pools_are_refused(tmp_path, text, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        router_config.load(write(tmp_path, text))
+
+
+def test_cluster_flags_without_a_cluster_are_refused():
+    with pytest.raises(SystemExit, match="give --prfaas"):
+        from_args(parser().parse_args(["router", "--port", "0", "--decode", "http://d", "--prefill", "http://l",
+                                       "--egress-gbps", "1"]))
+    with pytest.raises(SystemExit, match="control.interval_s must be > 0"):
+        from_args(parser().parse_args(["router", "--port", "0", "--decode", "http://d", "--prefill", "http://l",
+                                       "--control-interval", "0"]))

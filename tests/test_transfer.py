@@ -378,3 +378,22 @@ def test_a_completed_request_nobody_claims_is_freed_after_claim_timeout(layout):
         time.sleep(0.6)
         assert got.layer(0)  # claimed requests stay until released
         got.release()
+
+
+def test_a_request_released_before_it_arrives_is_refused():
+    """The application gave up on it (e.g. recomputed): its sender hears so, nothing waits unclaimed."""
+    from kvwire import KVLayout, Receiver, RequestRejected, Sender, TensorSpec
+
+    layout = KVLayout([{"k": TensorSpec((2, 4), "float32", per_token=True)}])
+    with Receiver(layout) as rx, Sender(layout, rx.address, streams=1) as tx:
+        rx.release("gone")
+        xfer = tx.open("gone", 3)
+        xfer.send_layer(0, {"k": np.ones((3, 2, 4), np.float32)})
+        with pytest.raises(RequestRejected, match="'gone' was released by the receiving application before it arrived"):
+            xfer.finish(timeout=10)
+        assert rx.bytes_in_use == 0
+        again = tx.open("gone", 3)  # the id may be used again afterwards
+        again.send_layer(0, {"k": np.ones((3, 2, 4), np.float32)})
+        again.finish(timeout=10)
+        with rx.wait("gone", timeout=10) as got:
+            assert got.wait_all(timeout=10)[0]["k"].sum() == 24

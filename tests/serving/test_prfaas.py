@@ -102,7 +102,7 @@ def test_repeated_prefix_is_served_from_cache_and_only_new_tokens_move(kimi, wor
     second = body["kvwire"]
     assert second["route"]["prefill_cached_tokens"] == 320 and second["route"]["decode_cached_tokens"] == 320
     assert second["route"]["incremental_tokens"] == 30
-    assert second["prefill_worker"] == workers["prfaas"].url  # the worker holding the prefix, though l < t
+    assert second["prefill_worker"] == workers["prfaas"].url  # l on the local worker is 350 > t
     assert second["prefix"]["reused_tokens"] == 320 and second["prefix"]["computed_tokens"] == 30
     assert second["prefix"]["sent_from_token"] == 320
     assert second["kv_source"] == "transfer"

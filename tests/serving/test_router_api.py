@@ -78,8 +78,9 @@ def test_concurrent_requests_do_not_mix_caches(cluster, kimi):
 @pytest.mark.parametrize("body,message", [
     ({"max_tokens": 4}, "`prompt` is required"),
     ({"prompt": [], "max_tokens": 4}, "`prompt` is an empty list"),
-    ({"prompt": [1, -2]}, "`prompt[1]` is -2: token ids must be non-negative integers"),
-    ({"prompt": [[1, 2]]}, "`prompt[0]` is [1, 2]: token ids must be non-negative integers"),
+    ({"prompt": [1, -2]}, "`prompt[1]` is -2: token ids must be integers in [0, 2147483647]"),
+    ({"prompt": [[1, 2]]}, "`prompt[0]` is [1, 2]: token ids must be integers in [0, 2147483647]"),
+    ({"prompt": [2**70]}, f"`prompt[0]` is {2**70}: token ids must be integers in [0, 2147483647]"),
     ({"prompt": 5}, "`prompt` must be a string or a list of token ids, got int"),
     ({"prompt": [1, 2], "max_tokens": 0}, "`max_tokens` must be an integer in [1, 65536], got 0"),
     ({"prompt": [1, 2], "temperature": -1}, "`temperature` must be a number in [0, 100], got -1"),
