@@ -28,7 +28,6 @@ from .policy import (
     Placement,
     PrfaasCluster,
     Route,
-    ThresholdConfig,
     ThresholdController,
     WorkerView,
     egress_sample,
@@ -98,8 +97,7 @@ class Fleet:
         urls = (*config.prefill_urls, *config.decode)
         self.workers = {url: WorkerState(url) for url in urls}
         self.clusters = {
-            c.name: ClusterState(c, ThresholdController(
-                ThresholdConfig(c.threshold_tokens, c.max_threshold_tokens), name=f"PrfaaS cluster {c.name}"))
+            c.name: ClusterState(c, ThresholdController(c.threshold_config(), name=f"PrfaaS cluster {c.name}"))
             for c in config.prfaas
         }
         self.geometry: tuple[int, str] | None = None

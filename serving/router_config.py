@@ -14,6 +14,7 @@ wrong type is an error naming the field instead of a silently ignored setting::
     threshold_tokens = 20236                     # t from kvwire-plan; the controller only raises it
     max_threshold_tokens = 131072
     kv_addresses = { "http://10.0.0.5:8200" = "203.0.113.5:9200" }   # decode KV as seen from there
+    controller = { busy_utilization = 0.9, rtt_min_utilization = 0.1 }  # serving.policy.ThresholdConfig
 
     [control]
     interval_s = 0.5
@@ -35,6 +36,22 @@ class PrfaasConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     threshold_tokens: int = 0
     max_threshold_tokens: int = 1 << 20
     kv_addresses: dict[str, str] = {}
+    controller: dict[str, float] = {}  # ThresholdConfig fields: busy_/idle_ levels, factors, rtt_floor_ms...
+
+    def threshold_config(self):
+        """The controller's settings (serving.policy.ThresholdConfig); ValueError names a bad key."""
+        from .policy import ThresholdConfig
+
+        fixed = {"min_tokens", "max_tokens"} & set(self.controller)
+        if fixed:
+            raise ValueError(f"PrfaaS cluster {self.name!r}: set {sorted(fixed)} as threshold_tokens / "
+                             "max_threshold_tokens, not in [controller]")
+        try:
+            return ThresholdConfig(self.threshold_tokens, self.max_threshold_tokens, **self.controller)
+        except TypeError as exc:
+            raise ValueError(f"PrfaaS cluster {self.name!r}: [controller] has an unknown setting ({exc})") from None
+        except ValueError as exc:
+            raise ValueError(f"PrfaaS cluster {self.name!r}: [controller]: {exc}") from None
 
     def __post_init__(self) -> None:
         if not self.prefill:
@@ -44,6 +61,7 @@ class PrfaasConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         if not 0 <= self.threshold_tokens <= self.max_threshold_tokens:
             raise ValueError(f"PrfaaS cluster {self.name!r}: need 0 <= threshold_tokens <= max_threshold_tokens, "
                              f"got {self.threshold_tokens} and {self.max_threshold_tokens}")
+        self.threshold_config()
 
 
 class ControlConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

@@ -36,6 +36,7 @@ def test_toml_gives_pools_clusters_and_links(tmp_path):
                                                                                  100.0, 20236)
     assert east.kv_addresses == {"http://d:1": "203.0.113.5:9200"}
     assert config.control.interval_s == 0.25
+    assert east.threshold_config().min_tokens == 20236
     assert config.prefill_urls == ("http://l:1", "http://p:1", "http://p:2")
 
 
@@ -83,6 +84,10 @@ def test_no_prefill_worker_at_all_is_refused():
      "worker http://p:1 is listed twice (prfaas 'east' and prfaas 'east')"),
     (TOML.replace('{ "http://d:1" =', '{ "http://typo:1" ='), "kv_addresses names ['http://typo:1'], which are not decode"),
     ("prefill_timeout_s = -1\n" + TOML, "prefill_timeout_s must be > 0, got -1"),
+    (TOML.replace("threshold_tokens = 20236", "threshold_tokens = 20236\ncontroller = { busy_utilisation = 0.9 }"),
+     "'east': [controller] has an unknown setting"),
+    (TOML.replace("threshold_tokens = 20236", "threshold_tokens = 20236\ncontroller = { idle_utilization = 0.95 }"),
+     "idle_utilization=0.95 must be below busy_utilization=0.85"),
 ])
 def test_inconsistent_pools_are_refused(tmp_path, text, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
