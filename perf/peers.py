@@ -12,7 +12,9 @@ the bytes have landed:
 - ``raw_ucxx``: ucxx tag send into a posted tag receive, one-byte ack; same endpoint setup
   as kvwire's UCX backend (worker addresses; shared memory on one host) and the same way of
   waiting (the waiting thread progresses the worker).
-- ``kvwire_tcp`` / ``kvwire_ucx``: ``send_layer`` + ``finish()`` (the receiver has verified
+- ``kvwire_tcp`` / ``kvwire_ucx`` / ``kvwire_ucx_default``: ``send_layer`` + ``finish()``
+  (``kvwire_ucx``: endpoints set up like ``raw_ucxx``, ``UcxOptions(shared_memory=True)``;
+  ``kvwire_ucx_default``: kvwire's default, UCX error handling on; the receiver has verified
   the checksums and acked) into ``rx.expect`` buffers.
 - ``nixl_ucx``: NIXL WRITE with its UCX backend (error handling "none", so it may use shared
   memory too) until ``check_xfer_state`` says DONE.
@@ -42,7 +44,7 @@ import numpy as np
 GB = 1e9
 MIB = 1 << 20
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CASES = ["raw_socket", "raw_ucxx", "kvwire_tcp", "kvwire_ucx", "nixl_ucx", "mooncake_tcp"]
+CASES = ["raw_socket", "raw_ucxx", "kvwire_tcp", "kvwire_ucx", "kvwire_ucx_default", "nixl_ucx", "mooncake_tcp"]
 PEER_CASES = {"nixl_ucx", "mooncake_tcp"}
 TOKEN_BYTES = 1024
 CHUNK_KIB = [4096]  # kvwire's chunk size (Sender default 4 MiB); set by --chunk-kib
@@ -114,7 +116,8 @@ def target(case: str, max_bytes: int) -> None:
     elif case.startswith("kvwire_"):
         from kvwire import Receiver
 
-        rx = Receiver(kv_layout(), "127.0.0.1:0", backend=case.split("_")[1], secret=b"peers")
+        backend, options = kvwire_backend(case)
+        rx = Receiver(kv_layout(), "127.0.0.1:0", backend=backend, secret=b"peers", transport_options=options)
         info["address"] = rx.address
     elif case == "nixl_ucx":
         agent, _ = nixl_agent("target", buf)
@@ -205,7 +208,7 @@ def setup_sender(case: str, info: dict, src: np.ndarray, control: Control, strea
     if case == "raw_ucxx":
         return UcxxSending(info, src, control)
     if case.startswith("kvwire_"):
-        return KvwireSending(case.split("_")[1], info, src, control, streams)
+        return KvwireSending(case, info, src, control, streams)
     if case == "nixl_ucx":
         return NixlSending(info, src)
     if case == "mooncake_tcp":
@@ -289,6 +292,21 @@ class UcxxSending(Sending):
         self.control.recv()
 
 
+def kvwire_backend(case: str):
+    """(backend, transport options) of a kvwire case.
+
+    ``kvwire_ucx`` sets its endpoints up like ``raw_ucxx`` (no UCX error handling, so shared
+    memory / CMA on one host: ``UcxOptions(shared_memory=True)``); ``kvwire_ucx_default``
+    is kvwire's default, UCX error handling everywhere (on one host: UCX's tcp transport),
+    which survives a peer killed mid-transfer.
+    """
+    if case == "kvwire_tcp":
+        return "tcp", None
+    from kvwire.transport.ucx import UcxOptions
+
+    return "ucx", (UcxOptions(shared_memory=True) if case == "kvwire_ucx" else UcxOptions())
+
+
 def kv_layout():
     from kvwire import KVLayout, TensorSpec
 
@@ -296,14 +314,16 @@ def kv_layout():
 
 
 class KvwireSending(Sending):
-    def __init__(self, backend, info, src, control, streams):
+    def __init__(self, case, info, src, control, streams):
         from kvwire import Sender
 
+        backend, options = kvwire_backend(case)
         self.src, self.control = src, control
         self.tx = Sender(
             kv_layout(),
             info["address"],
             backend=backend,
+            transport_options=options,
             streams=streams,
             secret=b"peers",
             chunk_bytes=CHUNK_KIB[0] * 1024,

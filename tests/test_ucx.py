@@ -140,24 +140,24 @@ with Sender(layout, sys.argv[1], backend="ucx", secret=b"test-secret", streams=2
 """
 
 
-def test_same_host_peers_use_shared_memory_unless_told_not_to(layout):
+def test_peers_use_ucx_error_handling_unless_shared_memory_is_asked_for(layout):
     client, server = pair()
-    assert client.transport == server.transport == "ucx-local"
-    client.close()
-    server.close()
-    # Either side can insist on UCX error handling (no shared memory).
-    client, server = pair(ucx.UcxOptions(shared_memory=False))
+    assert client.transport == server.transport == "ucx-net"
     writer = threading.Thread(target=client.send, args=([b"x" * 100_000],))  # returns once taken
     writer.start()
     buf = memoryview(bytearray(100_000))
     server.recv_into(buf)
     writer.join(10)
-    assert bytes(buf) == b"x" * 100_000 and client.transport == server.transport == "ucx-net"
+    assert bytes(buf) == b"x" * 100_000
     client.close()
     server.close()
-    # and across processes
-    options = ucx.UcxOptions(shared_memory=False)
-    with Receiver(layout, backend="ucx", secret=SECRET, transport_options=options) as rx:
+    # Both sides must opt in to shared memory (endpoints without UCX error handling).
+    client, server = pair(ucx.UcxOptions(shared_memory=True))
+    assert client.transport == server.transport == "ucx-local"
+    client.close()
+    server.close()
+    # and across processes, by default
+    with Receiver(layout, backend="ucx", secret=SECRET) as rx:
         proc = run_in_subprocess(NET_SENDER, rx.address)
         try:
             out, err = proc.communicate(timeout=60)
@@ -166,6 +166,43 @@ def test_same_host_peers_use_shared_memory_unless_told_not_to(layout):
         assert out.strip() == "ucx-net,ucx-net", err
         with rx.wait("net", timeout=10) as got:
             for i, tensors in enumerate(random_kv(layout, 300, seed=4)):
+                assert_same_bytes(got.layer(i), tensors)
+
+
+KILLED_SENDER = """
+import sys
+from kvwire import Sender
+from tests.conftest import hybrid_layout, random_kv
+layout = hybrid_layout()
+with Sender(layout, sys.argv[1], backend="ucx", secret=b"test-secret", streams=2, chunk_bytes=16384) as tx:
+    xfer = tx.open(sys.argv[2], 6000, timeout=20)
+    for i, tensors in enumerate(random_kv(layout, 6000, seed=5)):
+        xfer.send_layer(i, tensors)
+        print("sent", flush=True)
+    xfer.finish(timeout=20)
+"""
+
+
+def test_a_receiver_survives_senders_killed_mid_transfer_and_serves_the_next(layout):
+    """Regression: with shared memory and no UCX error handling, a sender SIGKILLed while the
+    receiver read its memory (CMA) made UCX abort() the receiver, and one killed while writing
+    into the receiver's shared-memory FIFO left that FIFO (and every later transfer) stuck."""
+    with Receiver(layout, backend="ucx", secret=SECRET, resume_grace_s=0.5) as rx:
+        for n in range(3):
+            proc = run_in_subprocess(KILLED_SENDER, rx.address, f"killed-{n}")
+            try:
+                assert proc.stdout.readline().strip() == "sent", proc.stderr.read()
+                time.sleep(0.003 * n)
+            finally:
+                kill(proc)
+            try:  # killed mid-transfer: PeerLostError (or, killed after its last ack, complete)
+                with rx.wait(f"killed-{n}", timeout=10) as got:
+                    got.wait_layer(3, timeout=10)
+            except PeerLostError:
+                pass
+        kv, _ = round_trip(layout, rx.address, "ucx")
+        with rx.wait("auto-rt", timeout=10) as got:
+            for i, tensors in enumerate(kv):
                 assert_same_bytes(got.layer(i), tensors)
 
 

@@ -88,6 +88,24 @@ class FaultyRelay:
             except OSError:
                 pass
 
+    def cut_now(self, connections: int | None = None) -> int:
+        """Cut the first ``connections`` relayed connections (all: None) now, whatever their
+        byte count, and keep accepting new ones; returns how many were cut. For links whose
+        bytes do not pass through the relay (UCX's data path) this kills the TCP side only."""
+        with self._lock:
+            pairs = [self._sockets[i : i + 2] for i in range(0, len(self._sockets), 2)]
+        cut = 0
+        for pair in pairs[:connections]:
+            for sock in pair:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            cut += 1
+        if cut:
+            self.fired.set()
+        return cut
+
     def close(self) -> None:
         self._stop.set()
         self._server.close()

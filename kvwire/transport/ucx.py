@@ -7,13 +7,18 @@ Why it looks the way it does:
   other's worker, and ping each other over UCX before the connection is handed up. The TCP
   socket then stays open, idle, as the *liveness channel*: the kernel closes it when the
   peer process dies, which wakes any thread waiting on UCX (see "shared memory").
-- **Shared memory.** UCX's default error-handling mode ("peer") refuses sm/posix/cma, and
-  without error handling UCX never reports a dead peer. So: peers on the same host (same
-  hostname, boot id and pid namespace) get endpoints *without* error handling, so UCX may
-  use shared memory / CMA / cuda_ipc, and a peer's death is seen through the liveness
-  socket; peers on other hosts get error handling "peer" (tcp, RDMA), and UCX's own
-  errors (connection reset, endpoint timeout) are mapped too. ``UcxOptions(shared_memory=
-  False)`` forces error handling on everywhere.
+- **Error handling on; shared memory only when asked for.** By default every endpoint runs
+  with UCX error handling ("peer"): UCX reports a dead peer itself and its errors
+  (connection reset, endpoint timeout) are mapped. In that mode UCX refuses sm/posix/cma, so
+  on one host the bytes go over UCX's tcp transport (RDMA across hosts where there is some).
+  ``UcxOptions(shared_memory=True)`` on both sides gives peers on the same host (same
+  hostname, boot id and pid namespace) endpoints *without* error handling, so UCX may use
+  shared memory / CMA / cuda_ipc (about 10x the loopback throughput here), and a peer's death
+  is seen through the liveness socket. It is not the default because UCX does not survive a
+  peer killed mid-transfer on such endpoints (found by ``perf.soak --backend ucx``): a CMA
+  read from the dead process is a FATAL UCX error, i.e. ``abort()`` of this process, and a
+  writer killed inside this process's shared-memory FIFO leaves the FIFO stuck for every
+  later peer. Opt in where peers live and die together (one job, one failure domain).
 - **Byte stream over tag messages.** Each ``send(buffers)`` becomes one small control
   message (buffers under ``inline_bytes`` copied into it, and the lengths of the others)
   followed by one tag message per large buffer, sent straight from the caller's memory
@@ -24,16 +29,21 @@ Why it looks the way it does:
   given, so bulk bytes land in place with no Python copy. Tags are ``(connection id << 32)
   | sequence number``, so many connections share one worker.
 - **Threads drive progress.** One UCX worker per process, progressed by whichever thread
-  is waiting on it (no progress thread, no event loop): measured on loopback this moves
+  is waiting on it (no ucxx progress thread, no event loop): measured on loopback this moves
   64 MiB at 12.6 GB/s over shared memory against 10.4 GB/s with ucxx's progress thread,
   and 1.5 against 1.0 GB/s over tcp. One waiting thread at a time leads: it blocks in epoll
   (GIL released) on the worker's event fd, every connection's liveness socket and a kick
-  eventfd, progresses the worker and wakes the others; nothing spins while idle.
+  eventfd, progresses the worker and wakes the others; nothing spins while idle. While no
+  thread waits, one idle daemon thread leads the same way, so UCX still closes the sockets
+  of departed peers. Every call into ucxx holds one lock (``_Hub.lock``): ucxx crashed when
+  an endpoint was closed while another thread progressed the worker.
 - **Peer death without error handling.** A waiter learns of it from the liveness socket
   (EOF or reset) after one more progress, so bytes the peer sent before dying still count;
-  on any failure the endpoint is closed (which cancels its requests) and ``recv_into`` /
-  ``send`` return only once UCX has let go of the caller's buffers (or, if UCX never
-  completes the cancel, those buffers are kept referenced forever rather than reused).
+  on any failure the endpoint is closed (a forced close that cancels its requests first
+  with error handling; otherwise each posted receive is completed by a message from the
+  worker to itself, since a flushing close can wait on it forever) and ``recv_into`` /
+  ``send`` return once UCX has let go of the caller's buffers (or, if UCX has not within
+  ``_CLOSE_GRACE_S``, those buffers are kept referenced forever rather than reused).
 
 All UCX errors become kvwire errors in ``_map_error`` and nowhere else.
 """
@@ -68,7 +78,9 @@ _MAX_SEGMENTS = 4096
 _MAX_STAGING_BYTES = 1 << 30
 _SEGMENT = struct.Struct("<I")
 _IDLE_WAIT_S = 0.1  # the longest a waiter sleeps before re-checking its deadline and flags
-_CLOSE_GRACE_S = 2.0
+_IDLE_PROGRESS_S = 1.0  # the idle thread's longest sleep (UCX events and kicks wake it sooner)
+_CLOSE_GRACE_S = 0.25  # how long a failing connection waits for UCX to let go of buffers (see _fail)
+_UNBLOCK = b"\xff\xff\xff\xff"  # what unblock() sends: a control message no peer may send (too many segments)
 
 
 @dataclass(frozen=True)
@@ -76,7 +88,9 @@ class UcxOptions:
     """Settings of the UCX backend.
 
     ``shared_memory``: let peers on the same host use shared memory / CMA / cuda_ipc (their
-    endpoints run without UCX error handling; the liveness socket catches a dead peer).
+    endpoints run without UCX error handling; the liveness socket catches a dead peer). Off
+    by default: a peer SIGKILLed mid-transfer can then abort or stall this process (see the
+    module docstring). Both sides must set it.
     ``inline_bytes``: buffers smaller than this travel inside the control message.
     ``send_window_bytes``: bytes a connection's ``send`` may leave in flight before it waits
     (0: every send waits until the peer has taken its bytes).
@@ -85,7 +99,7 @@ class UcxOptions:
     applied when the first UCX connection of the process is made.
     """
 
-    shared_memory: bool = True
+    shared_memory: bool = False
     inline_bytes: int = 16 * 1024
     send_window_bytes: int = 16 << 20
     peer_timeout_s: float = 30.0
@@ -129,6 +143,9 @@ def ucx_available() -> bool:
 
 
 def _ucxx():
+    # UCX writes its log (errors such as a dead peer's reset connection) to stdout by
+    # default, i.e. into the application's own output (the soak's JSON lines broke on it).
+    os.environ.setdefault("UCX_LOG_FILE", "stderr")
     try:
         import ucxx._lib.libucxx as api
         from ucxx._lib.arr import Array
@@ -167,6 +184,10 @@ class _Hub:
         config = {"WARN_UNUSED_ENV_VARS": "n", **dict(options.ucx_config)}
         self.context = self.api.UCXContext(config, feature_flags=(self.api.Feature.TAG, self.api.Feature.WAKEUP))
         self.worker = self.api.UCXWorker(self.context)
+        # Every call into ucxx (progress, arm, post, endpoint create/close) holds this lock:
+        # ucxx crashed (SIGSEGV) when one thread closed an endpoint, after its peer died,
+        # while another progressed the worker. The leader drops it while it sleeps in epoll.
+        self.lock = threading.RLock()
         self.worker.init_blocking_progress_mode()
         self.epoll_fd = self.worker.epoll_file_descriptor
         self.address = bytes(self.worker.address)
@@ -182,6 +203,10 @@ class _Hub:
         self.watched: dict[int, UcxConnection] = {}
         self._id_lock = threading.Lock()
         self.zombies: list = []  # requests UCX would not cancel: their buffers must outlive them
+        self._self_ep = None  # an endpoint to this worker itself, for unblock()
+        self._unblocking: list = []
+        self.waiting = 0  # threads inside wait()
+        threading.Thread(target=self._idle_loop, name="ucx-hub-idle", daemon=True).start()
 
     @classmethod
     def get(cls, options: UcxOptions) -> _Hub:
@@ -190,12 +215,32 @@ class _Hub:
                 cls._instance = cls(options)
             return cls._instance
 
+    def keep_until_done(self, requests: list, buffers: list) -> None:
+        """Keep ``buffers`` referenced until UCX completes ``requests`` (forever if it never does)."""
+        with self._id_lock:
+            self.zombies = [(r, b) for r, b in self.zombies if not all(x.completed for x in r)]
+            self.zombies.append((requests, buffers))
+
+    def unblock(self, tag) -> None:
+        """Complete this worker's receive posted with ``tag`` by sending it a message itself."""
+        with self._id_lock:
+            if self._self_ep is None:
+                address = self.api.UCXAddress.create_from_buffer(self.address)
+                with self.lock:
+                    self._self_ep = self.api.UCXEndpoint.create_from_worker_address(self.worker, address, False)
+            self._unblocking = [(r, b) for r, b in self._unblocking if not r.completed]
+            buf = self.Array(np.frombuffer(_UNBLOCK, dtype=np.uint8))
+            with self.lock:
+                self._unblocking.append((self._self_ep.tag_send(buf, tag), buf))
+        self.kick()
+
     def new_prefix(self) -> int:
         with self._id_lock:
             return next(self._ids) & 0xFFFFFFFF
 
     def progress(self) -> None:
-        self.worker.progress()
+        with self.lock:
+            self.worker.progress()
 
     # One waiting thread at a time (the leader) progresses the worker and blocks in epoll on
     # its event fd, every connection's liveness socket and a kick eventfd; the others wait
@@ -224,8 +269,12 @@ class _Hub:
         if self.leader is not None and self.leader != threading.get_ident():
             os.eventfd_write(self.kick_fd, 1)
 
-    def wait(self, conn: UcxConnection, requests: list, deadline: float | None) -> None:
+    def wait(self, conn: UcxConnection | None, requests: list, deadline: float | None) -> None:
+        """Until ``requests`` complete; raises what ``conn._raise_if_broken`` raises, or (with
+        no ``conn``) TransferTimeout at the deadline."""
         me = threading.get_ident()
+        with self.cond:
+            self.waiting += 1  # before the kick: an idle leader that wakes must not lead again
         self.kick()  # a leader blocked in epoll must progress what this thread just posted
         with self.cond:
             try:
@@ -234,20 +283,48 @@ class _Hub:
                         for r in requests:
                             r.check_error()
                         return
-                    conn._raise_if_broken(deadline)
+                    if conn is not None:
+                        conn._raise_if_broken(deadline)
+                    elif time.monotonic() >= deadline:
+                        raise TransferTimeout("UCX requests did not complete in time")
                     if self.leader is None:
                         self.leader = me
                     if self.leader == me:
                         self.cond.release()
                         try:
-                            self._round(requests, deadline)
+                            self._round(requests, self._slice(deadline))
                         finally:
                             self.cond.acquire()
                         self.cond.notify_all()
                     else:
                         self.cond.wait(self._slice(deadline))
             finally:
+                self.waiting -= 1
                 if self.leader == me:
+                    self.leader = None
+                if self.leader is None:
+                    self.cond.notify_all()
+
+    def _idle_loop(self) -> None:
+        """Progress the worker while no thread waits on it.
+
+        Without this, a process whose connections are all closed never progresses UCX
+        again, so UCX never sees its peers' sockets close: each departed peer's UCX tcp
+        socket stayed open (CLOSE-WAIT) until the next transfer. This thread leads only
+        while nobody else waits, and hands over as soon as a waiter kicks it.
+        """
+        me = threading.get_ident()
+        while True:
+            with self.cond:
+                while self.leader is not None or self.waiting:
+                    self.cond.wait()
+                self.leader = me
+            try:
+                self._round([], _IDLE_PROGRESS_S)
+            except Exception as exc:  # noqa: BLE001 - never let the idle thread die
+                log.debug("UCX idle progress: %s", exc)
+            finally:
+                with self.cond:
                     self.leader = None
                     self.cond.notify_all()
 
@@ -257,11 +334,12 @@ class _Hub:
             return _IDLE_WAIT_S
         return max(0.0, min(_IDLE_WAIT_S, deadline - time.monotonic()))
 
-    def _round(self, requests: list, deadline: float | None) -> None:
-        self.worker.progress()  # (spinning here before sleeping measured slower on 2 busy cores)
-        if all(r.completed for r in requests) or not self.worker.arm():
-            return
-        for fd, _events in self.epoll.poll(self._slice(deadline)):
+    def _round(self, requests: list, timeout: float) -> None:
+        with self.lock:
+            self.worker.progress()  # (spinning here before sleeping measured slower on 2 busy cores)
+            if (requests and all(r.completed for r in requests)) or not self.worker.arm():
+                return
+        for fd, _events in self.epoll.poll(timeout):
             if fd == self.kick_fd:
                 try:
                     os.eventfd_read(self.kick_fd)
@@ -271,7 +349,8 @@ class _Hub:
                 conn = self.watched.get(fd)
                 if conn is not None:
                     conn._check_socket()
-        self.worker.progress()  # so data a peer sent before closing is in before anyone sees it gone
+        with self.lock:
+            self.worker.progress()  # so data a peer sent before closing is in before anyone sees it gone
 
 
 # -- bootstrap (over the liveness socket) -----------------------------------------------
@@ -320,7 +399,8 @@ def _bootstrap(sock: socket.socket, peer: str, options: UcxOptions, *, client: b
     local = theirs.host_id == hub.host_id and theirs.shared_memory and options.shared_memory
     try:
         address = hub.api.UCXAddress.create_from_buffer(theirs.worker_address)
-        ep = hub.api.UCXEndpoint.create_from_worker_address(hub.worker, address, not local)
+        with hub.lock:
+            ep = hub.api.UCXEndpoint.create_from_worker_address(hub.worker, address, not local)
     except Exception as exc:  # noqa: BLE001 - any UCX failure here means "not reachable over UCX"
         raise _map_error(exc, peer) from None
     conn = UcxConnection(
@@ -419,6 +499,7 @@ class UcxConnection:
         self._window_bytes = options.send_window_bytes
         self._inflight: collections.deque = collections.deque()  # (requests, buffers, bytes) of sends
         self._inflight_bytes = 0
+        self._recvs: list = []  # (request, sequence number) of receives posted and maybe pending
         self._sock_fd = sock.fileno()
         hub.watch(self)
 
@@ -547,7 +628,8 @@ class UcxConnection:
                 for item in posts:
                     array = self._hub.Array(item)
                     keep.append(array)
-                    requests.append(self._ep.tag_send(array, self._tag(self._send_prefix, self._send_seq)))
+                    with self._hub.lock:
+                        requests.append(self._ep.tag_send(array, self._tag(self._send_prefix, self._send_seq)))
                     self._send_seq += 1
         except Exception as exc:  # noqa: BLE001
             raise self._fail(_map_error(exc, self.peer), requests, keep) from None
@@ -566,7 +648,12 @@ class UcxConnection:
         try:
             with self._post_lock:
                 self._check()
-                return self._ep.tag_recv(array, self._tag(self._recv_prefix, seq))
+                if len(self._recvs) > 64:
+                    self._recvs = [pair for pair in self._recvs if not pair[0].completed]
+                with self._hub.lock:
+                    request = self._ep.tag_recv(array, self._tag(self._recv_prefix, seq))
+                self._recvs.append((request, seq))
+                return request
         except Exception as exc:  # noqa: BLE001
             raise self._fail(_map_error(exc, self.peer), [], []) from None
 
@@ -575,6 +662,7 @@ class UcxConnection:
             self._post_control()
         buf, req = self._ctrl_buf, self._ctrl_req
         self._wait([req], [buf])
+        self._check()  # completed by close() (see _close_endpoint), not by the peer
         self._ctrl_req = None
         (count,) = _SEGMENT.unpack_from(buf, 0)
         if count > _MAX_SEGMENTS:
@@ -611,6 +699,7 @@ class UcxConnection:
             self._bulk_seq += 1
             pos += length
         self._wait(requests, keep)
+        self._check()  # completed by close() (see _close_endpoint), not by the peer
         return pos
 
     def _stage(self, length: int) -> None:
@@ -670,13 +759,13 @@ class UcxConnection:
         self._close_endpoint()
         for pending, buffers, _ in self._inflight:
             requests, keep = requests + pending, keep + buffers
-        deadline = time.monotonic() + _CLOSE_GRACE_S
-        while not all(r.completed for r in requests) and time.monotonic() < deadline:
-            self._hub.progress()
-            time.sleep(0.0005)
+        try:  # progress through the hub: two threads progressing one worker at once crash ucxx
+            self._hub.wait(None, requests, time.monotonic() + _CLOSE_GRACE_S)
+        except Exception:  # noqa: BLE001, S110 - canceled requests complete with errors; a timeout is handled below
+            pass
         if not all(r.completed for r in requests):
             log.warning("UCX requests to %s did not cancel; keeping their buffers alive", self.peer)
-            self._hub.zombies.append((requests, keep))
+            self._hub.keep_until_done(requests, keep)
         return self._error
 
     def _close_endpoint(self) -> None:
@@ -685,12 +774,29 @@ class UcxConnection:
                 return
             self._ep_closed = True
             try:
-                self._ep.close()  # cancels this endpoint's requests, pre-posted control receive included
+                with self._hub.lock:
+                    if self.transport == "ucx-net":
+                        # Error handling on: a forced close, which cancels this endpoint's
+                        # requests first and never waits on the peer. (ep.close() here
+                        # crashed ucxx with SIGSEGV once the peer had died.)
+                        self._ep.close_blocking()
+                    else:
+                        self._ep.close()
             except Exception as exc:  # noqa: BLE001
                 log.debug("closing the UCX endpoint to %s: %s", self.peer, exc)
+            # ep.close() flushes before it cancels this endpoint's requests, and over UCX's
+            # shared-memory FIFOs that flush can wait forever while a receive is posted: the
+            # pre-posted control receive would never complete and its thread (and buffer)
+            # never be let go. Tag receives belong to the worker, so a message from the
+            # worker to itself with the same tag completes each of them now; the waiters
+            # then see the connection closed.
+            for request, seq in self._recvs:
+                if not request.completed:
+                    self._hub.unblock(self._tag(self._recv_prefix, seq))
+            self._recvs.clear()
         ctrl = self._ctrl_req
         if ctrl is not None and not ctrl.completed:
-            self._hub.zombies.append(([ctrl], [self._ctrl_buf]))
+            self._hub.keep_until_done([ctrl], [self._ctrl_buf])
         self._hub.unwatch(self, self._sock_fd)
         self._sock.close()
 
