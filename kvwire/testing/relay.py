@@ -1,14 +1,17 @@
-"""A TCP relay on loopback that injects faults on purpose: bit flips, cuts, stalls.
+"""A TCP relay on loopback that injects faults on purpose: bit flips, cuts, stalls, a slow link.
 
 Put it between a Sender and a Receiver (``Sender(layout, relay.address)``) to see what
-kvwire does when the network corrupts, drops or stalls bytes. Faults apply to the
-sender-to-receiver direction of every relayed connection, counted in bytes.
+kvwire does when the network corrupts, drops, stalls or throttles bytes. Faults apply to
+the sender-to-receiver direction of every relayed connection, counted in bytes; a rate
+limit is one token bucket shared by all connections, as on a real bottleneck. For delay,
+loss and real TCP dynamics use kvwire.testing.wan (root).
 """
 
 from __future__ import annotations
 
 import socket
 import threading
+import time
 from dataclasses import dataclass
 
 
@@ -20,6 +23,31 @@ class Fault:
     cut_at: int | None = None  # close both sides once this many bytes went through
     stall_at: int | None = None  # stop forwarding (but keep the sockets open) from here
     connections: int | None = None  # only the first this-many connections are faulty (None: all)
+    rate_bytes_per_s: float | None = None  # forward at most this fast, all connections together
+
+
+class _TokenBucket:
+    """Bytes may pass at ``rate`` per second, in bursts of up to ``burst``."""
+
+    def __init__(self, rate: float, burst: int = 64 << 10):
+        if rate <= 0:
+            raise ValueError(f"rate_bytes_per_s must be > 0, got {rate}")
+        self.rate, self.burst = float(rate), burst
+        self._tokens, self._stamp = float(burst), time.monotonic()
+        self._lock = threading.Lock()
+
+    def take(self, num_bytes: int) -> None:
+        """Block until ``num_bytes`` may pass (a piece larger than the burst waits for all of it)."""
+        while True:
+            with self._lock:
+                now = time.monotonic()
+                self._tokens = min(max(self.burst, num_bytes), self._tokens + (now - self._stamp) * self.rate)
+                self._stamp = now
+                if self._tokens >= num_bytes:
+                    self._tokens -= num_bytes
+                    return
+                wait = (num_bytes - self._tokens) / self.rate
+            time.sleep(wait)
 
 
 class FaultyRelay:
@@ -36,6 +64,7 @@ class FaultyRelay:
         self.stalled = threading.Event()
         self.fired = threading.Event()  # set once any fault was actually applied
         self._stop = threading.Event()
+        self._bucket = _TokenBucket(self.fault.rate_bytes_per_s) if self.fault.rate_bytes_per_s else None
         threading.Thread(target=self._accept, daemon=True, name="relay-accept").start()
 
     def _accept(self) -> None:
@@ -53,17 +82,19 @@ class FaultyRelay:
                 self._sockets += [client, upstream]
                 self.num_connections += 1
                 faulty = self.fault.connections is None or self.num_connections <= self.fault.connections
-            threading.Thread(target=self._pump, args=(client, upstream, faulty), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(client, upstream, faulty, self._bucket), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False, None), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, faulty: bool) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, faulty: bool, bucket: _TokenBucket | None) -> None:
         position = 0
         fault = self.fault
         try:
             while True:
-                data = bytearray(src.recv(65536))
+                data = bytearray(src.recv(16384 if bucket else 65536))
                 if not data:
                     break
+                if bucket is not None:
+                    bucket.take(len(data))
                 if faulty:
                     end = position + len(data)
                     if fault.stall_at is not None and end > fault.stall_at:

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from kvwire.testing.throttle import ThrottledRelay
+from kvwire.testing.relay import Fault, FaultyRelay
 from serving import client, launch
 from serving.hybrid_cache import kv_layout
 from serving.steps import generate_monolithic
@@ -113,7 +113,7 @@ def test_repeated_prefix_is_served_from_cache_and_only_new_tokens_move(kimi, wor
 def test_throttled_link_raises_the_threshold_and_idle_lowers_it(kimi, workers, tmp_path):
     """The PrfaaS link to the decode worker is a 1 MB/s relay; declared capacity 8 Mbit/s."""
     decode_kv = health(workers["decode"].url)["kv_address"]
-    with ThrottledRelay(decode_kv, rate_bytes_per_s=1e6) as link:
+    with FaultyRelay(decode_kv, Fault(rate_bytes_per_s=1e6)) as link:
         config = tmp_path / "router.toml"
         config.write_text(f'''
 decode = ["{workers["decode"].url}"]
