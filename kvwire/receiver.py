@@ -422,7 +422,8 @@ class Receiver:
                 raise RequestRejected("receiver is closing")
             if msg.request_id in self._requests:
                 raise RequestRejected(f"request id {msg.request_id!r} is already in flight on this receiver")
-            if self._released.pop(msg.request_id, 0) is None:
+            if msg.request_id in self._released:
+                del self._released[msg.request_id]
                 raise RequestRejected(f"request {msg.request_id!r} was released by the receiving application "
                                       "before it arrived")
             expected = self._expected.pop(msg.request_id, None)

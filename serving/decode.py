@@ -38,11 +38,10 @@ from .http import INVALID_REQUEST, BadRequest, base_app, describe, json_error
 from .hybrid_cache import kv_layout, new_cache, rebuild_layer, restore, snapshot, snapshot_bytes, to_torch
 from .metrics import Registry, render_peers
 from .model import LoadedModel
-from .prefix_cache import PrefixCache
 from .prefix_reuse import prefill_reusing
 from .prompts import check_prompt_shape, parse_max_tokens, parse_sampling
 from .steps import decode_step, pick_token, warm_up
-from .worker_state import boundary_suffix, cache_info, peers_json
+from .worker_state import boundary_suffix, cache_info, new_prefix_cache, state_body
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +72,7 @@ class DecodeWorker:
             self.layout, listen=options.kv_listen, backend=options.backend, secret=options.secret,
             max_bytes=options.max_kv_bytes, claim_timeout_s=120.0,  # KV whose router never came back
         )
-        self.prefix_cache = (PrefixCache(options.prefix_cache_bytes, options.block_tokens, self.layout.fingerprint.encode())
-                             if options.prefix_cache_bytes else None)
+        self.prefix_cache = new_prefix_cache(options.prefix_cache_bytes, options.block_tokens, self.layout)
         self.kv_address = options.kv_advertise or _reachable(self.receiver.address)
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="decode-model")
         self._io = ThreadPoolExecutor(16, thread_name_prefix="decode-io")
@@ -200,9 +198,7 @@ class DecodeWorker:
         return app
 
     async def handle_state(self, request: web.Request) -> web.Response:
-        blocks = self.prefix_cache.block_hashes() if self.prefix_cache is not None else []
-        return web.json_response({"prefix_blocks": blocks, "prefix_cache": cache_info(self.prefix_cache),
-                                  "peers": peers_json(self.receiver.metrics().values())})
+        return web.json_response(state_body(self.prefix_cache, self.receiver.metrics().values()))
 
     def _health(self) -> dict:
         return {"model": self.loaded.path, "architecture": self.loaded.architecture, "dtype": self.loaded.dtype_name,

@@ -56,9 +56,12 @@ class WorkerState:
     geometry: tuple[int, str] | None = None  # (block_tokens, salt) of its prefix cache
     peers: list[PeerMetrics] = field(default_factory=list)
     in_flight: int = 0
-    reachable: bool = True  # its last poll answered
-    error: str | None = None  # why the last poll failed
+    error: str | None = None  # why its last poll failed (None: it answered)
     mismatch: str | None = None  # why its prefixes are ignored
+
+    @property
+    def reachable(self) -> bool:
+        return self.error is None
 
     def view(self, geometry: tuple[int, str] | None) -> WorkerView:
         held = self.blocks if geometry is not None and self.geometry == geometry else frozenset()
@@ -139,11 +142,11 @@ class Fleet:
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError, AttributeError) as exc:
             if worker.reachable:
                 log.warning("worker %s: state unavailable (%s); not routing to it until it answers", worker.url, exc)
-            worker.reachable, worker.error, worker.blocks = False, str(exc) or type(exc).__name__, frozenset()
+            worker.error, worker.blocks = str(exc) or type(exc).__name__, frozenset()
             return
         if not worker.reachable:
             log.warning("worker %s answers again", worker.url)
-        worker.reachable, worker.error = True, None
+        worker.error = None
         worker.geometry, worker.blocks, worker.peers = geometry, blocks, peers
         if geometry is not None and self.geometry is None:
             self.geometry = geometry

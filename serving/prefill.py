@@ -33,11 +33,10 @@ from .http import INVALID_REQUEST, BadRequest, base_app, describe, json_error
 from .hybrid_cache import kv_layout
 from .metrics import Registry, render_peers
 from .model import LoadedModel
-from .prefix_cache import PrefixCache
 from .prefix_reuse import prefill_reusing
 from .prompts import parse_sampling, prompt_token_ids
 from .steps import pick_token, warm_up
-from .worker_state import boundary_suffix, cache_info, peers_json
+from .worker_state import boundary_suffix, cache_info, new_prefix_cache, state_body
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +62,7 @@ class PrefillWorker:
         self.options = options
         self.layout = kv_layout(loaded.config, loaded.dtype_name)
         warm_up(loaded.model)
-        self.prefix_cache = (PrefixCache(options.prefix_cache_bytes, options.block_tokens, self.layout.fingerprint.encode())
-                             if options.prefix_cache_bytes else None)
+        self.prefix_cache = new_prefix_cache(options.prefix_cache_bytes, options.block_tokens, self.layout)
         self._senders: dict[str, Sender] = {}
         self._senders_lock = threading.Lock()
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="prefill-model")
@@ -173,10 +171,8 @@ class PrefillWorker:
 
     async def handle_state(self, request: web.Request) -> web.Response:
         """What the router's control loop reads: boundaries held, link metrics."""
-        blocks = self.prefix_cache.block_hashes() if self.prefix_cache is not None else []
         peers = [sender.metrics() for sender in self._senders_snapshot().values()]
-        return web.json_response({"prefix_blocks": blocks, "prefix_cache": cache_info(self.prefix_cache),
-                                  "peers": peers_json(peers)})
+        return web.json_response(state_body(self.prefix_cache, peers))
 
     async def handle_tokenize(self, request: web.Request) -> web.Response:
         try:

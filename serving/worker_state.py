@@ -27,8 +27,17 @@ def cache_info(cache: PrefixCache | None) -> dict | None:
             "used_bytes": cache.used_bytes, "entries": len(cache)}
 
 
-def peers_json(peers: Sequence[PeerMetrics]) -> list:
-    return msgspec.to_builtins(list(peers))
+def new_prefix_cache(capacity_bytes: int, block_tokens: int, layout) -> PrefixCache | None:
+    """A worker's prefix cache (None at 0 bytes), salted with its KV layout's fingerprint."""
+    if not capacity_bytes:
+        return None
+    return PrefixCache(capacity_bytes, block_tokens, layout.fingerprint.encode())
+
+
+def state_body(cache: PrefixCache | None, peers: Sequence[PeerMetrics]) -> dict:
+    """The body of ``GET /internal/state``."""
+    return {"prefix_blocks": cache.block_hashes() if cache is not None else [], "prefix_cache": cache_info(cache),
+            "peers": msgspec.to_builtins(list(peers))}
 
 
 def peers_from_json(data) -> list[PeerMetrics]:

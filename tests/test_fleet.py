@@ -77,11 +77,11 @@ def test_t_holds_while_a_worker_of_the_cluster_does_not_answer():
     cluster, worker = f.clusters["far"], f.workers["p1"]
     worker.peers = [PeerMetrics("p1>d1", bytes=0, requests_completed=0, requests_failed=0, goodput_bps=0)]
     f._step(cluster, now=100.0)
-    worker.reachable = False  # its last snapshot would read as an idle link, then as a burst
+    worker.error = "timed out"  # unreachable: its last snapshot would read as an idle link, then as a burst
     for now in (101.0, 102.0, 103.0, 104.0):
         f._step(cluster, now)
     assert cluster.controller.threshold_tokens == 10 and not cluster.changes
-    worker.reachable = True
+    worker.error = None
     worker.peers = [PeerMetrics("p1>d1", bytes=10**6, requests_completed=1, requests_failed=0, goodput_bps=0)]
     f._step(cluster, now=105.0)  # the first answer only starts a new interval
     assert not cluster.changes and cluster.previous_time == 105.0
@@ -89,7 +89,7 @@ def test_t_holds_while_a_worker_of_the_cluster_does_not_answer():
 
 def test_a_cluster_whose_workers_do_not_answer_gets_nothing():
     f = fleet()
-    f.workers["p1"].reachable = False
+    f.workers["p1"].error = "connection refused"
     decision = f.decide(list(range(40)))  # l = 40 > t = 10, but the only PrfaaS worker is gone
     assert decision.route.cluster is None and decision.route.placement.worker == "l1"
 
