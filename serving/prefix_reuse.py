@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 from .hybrid_cache import layer_hooks, new_cache, restore, snapshot, snapshot_bytes
 from .prefix_cache import PrefixCache
+from .steps import forward
 
 
 @dataclass
@@ -39,17 +40,6 @@ def last_boundary(num_tokens: int, block_tokens: int) -> int:
     return (num_tokens - 1) // block_tokens * block_tokens
 
 
-def _forward(model, cache, token_ids: Sequence[int], hooks=None):
-    import torch
-
-    ids = torch.tensor([list(token_ids)], dtype=torch.long)
-    with torch.no_grad():
-        if hooks is None:
-            return model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-        with hooks:
-            return model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-
-
 def prefill_reusing(model, token_ids: Sequence[int], prefix_cache: PrefixCache | None,
                     on_layer: Callable | None = None, send_from: int = 0) -> ReusePrefill:
     """Prefill ``token_ids``, reusing and refreshing ``prefix_cache`` (None: one plain pass).
@@ -67,7 +57,7 @@ def prefill_reusing(model, token_ids: Sequence[int], prefix_cache: PrefixCache |
     if prefix_cache is not None:
         boundary = last_boundary(n, prefix_cache.block_tokens)
         if boundary > start:
-            _forward(model, cache, token_ids[start:boundary])
+            forward(model, cache, token_ids[start:boundary])
             entry = snapshot(cache, boundary)
             size = snapshot_bytes(entry)
             if prefix_cache.can_put(size):
@@ -76,5 +66,5 @@ def prefill_reusing(model, token_ids: Sequence[int], prefix_cache: PrefixCache |
             entry = hit.value
     position = max(start, boundary)
     hooks = layer_hooks(model, cache, on_layer, send_from) if on_layer is not None else None
-    out = _forward(model, cache, token_ids[position:], hooks)
+    out = forward(model, cache, token_ids[position:], hooks)
     return ReusePrefill(out.logits[0, -1], cache, start, boundary if entry is not None else 0, entry)

@@ -40,22 +40,26 @@ def pick_token(logits, sampling: Sampling, generator) -> int:
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def forward(model, cache, token_ids: Sequence[int], hooks=None):
+    """One forward over ``token_ids`` appending to ``cache`` (inside ``hooks`` if given)."""
+    import torch
+
+    ids = torch.tensor([list(token_ids)], dtype=torch.long)
+    with torch.no_grad():
+        if hooks is None:
+            return model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+        with hooks:
+            return model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+
+
 def prefill(model, token_ids: Sequence[int], on_layer: Callable | None = None):
     """Run the prompt; return (last-position logits, cache).
 
     ``on_layer(i, tensors)`` is called as soon as layer i's cache entry is complete.
     """
-    import torch
-
     cache = new_cache(model.config)
-    ids = torch.tensor([list(token_ids)], dtype=torch.long)
-    with torch.no_grad():
-        if on_layer is None:
-            out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-        else:
-            with layer_hooks(model, cache, on_layer):
-                out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-    return out.logits[0, -1], cache
+    hooks = layer_hooks(model, cache, on_layer) if on_layer is not None else None
+    return forward(model, cache, token_ids, hooks).logits[0, -1], cache
 
 
 def decode_step(model, cache, token: int):
