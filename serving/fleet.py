@@ -89,7 +89,6 @@ class Decision:
     decode_hash: str | None  # the decode worker's boundary the KV continues (None: from token 0)
     kv_address_override: str | None  # the decode KV address as reached from the PrfaaS cluster
     send_boundary: bool  # both workers keep prefixes of the same blocks: send the boundary states
-    blocks: PromptBlocks
 
 
 class Fleet:
@@ -207,7 +206,6 @@ class Fleet:
             kv_address_override=override,
             send_boundary=self.geometry is not None and all(
                 self.workers[url].geometry == self.geometry for url in (decode.worker, chosen.placement.worker)),
-            blocks=blocks,
         )
 
     def acquire(self, *urls: str) -> None:
