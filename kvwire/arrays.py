@@ -1,6 +1,7 @@
 """Turning whatever array an engine holds into bytes kvwire can send, without copying.
 
-Accepted: numpy arrays, torch tensors (CPU; CUDA ones are staged to host for TCP),
+Accepted: numpy arrays, torch tensors (CPU; CUDA ones are staged to host here, while a
+UCX sender takes them as they are, see kvwire.device),
 objects with ``__dlpack__``, and anything with the buffer protocol. bfloat16 and fp8
 travel as their raw bits, so they round-trip exactly whatever library made them.
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import dtypes
+from . import device, dtypes
 
 
 def _torch_bytes(tensor) -> tuple[np.ndarray, tuple[int, ...], str]:
@@ -36,6 +37,9 @@ def as_bytes(obj) -> tuple[np.ndarray, tuple[int, ...], str]:
         return _numpy_bytes(obj)
     if type(obj).__module__.startswith("torch"):
         return _torch_bytes(obj)
+    if device.is_device(obj):  # cupy, numba: staged to host
+        flat, shape, name = device.device_bytes(obj)
+        return device.to_host(flat), shape, name
     if isinstance(obj, np.ndarray):
         return _numpy_bytes(obj)
     if hasattr(obj, "__dlpack__"):
@@ -47,10 +51,13 @@ def as_bytes(obj) -> tuple[np.ndarray, tuple[int, ...], str]:
 
 
 def writable_bytes(obj) -> tuple[np.ndarray, tuple[int, ...], str]:
-    """Like ``as_bytes`` but for a destination: must be writable and already contiguous."""
+    """Like ``as_bytes`` but for a destination: must be writable and already contiguous.
+    CUDA arrays give a flat device byte array (kvwire.device)."""
+    if device.is_device(obj):
+        return device.device_bytes(obj, writable=True)
     if type(obj).__module__.startswith("torch"):
         if obj.device.type != "cpu":
-            raise ValueError("destination tensors for the tcp backend must be in CPU memory")
+            raise ValueError(f"destination tensor on {obj.device} is neither CPU nor CUDA memory")
         if not obj.is_contiguous():
             raise ValueError("destination tensor must be contiguous")
         return _torch_bytes(obj)

@@ -103,9 +103,16 @@ class InboundRequest:
         with self.cv:
             return self.cv.wait_for(lambda: self._active_writes == 0, timeout_s)
 
+    def missing_only(self, layer: int, chunk: int) -> bool:
+        """Whether this chunk is the last one the request still misses."""
+        return self._missing_total == 1 and not self._seen[layer][chunk]
+
     def record_chunk(self, layer: int, chunk: int) -> bool:
-        """Record a verified chunk; True if it was the last one its layer missed."""
+        """Record a verified chunk; True if it was the last one its layer missed. A chunk
+        counts once: a resumed sender's copy may be verified while the first one still is."""
         with self.cv:
+            if self._seen[layer][chunk]:
+                return False
             self._seen[layer][chunk] = 1
             self._missing[layer] -= 1
             self._missing_total -= 1
@@ -156,8 +163,14 @@ class InboundRequest:
         placed = self._layers[layer]
         if placed.storage is not None:
             storage = placed.storage
-            return {s.name: typed(storage[s.offset : s.offset + s.nbytes], s.spec.dtype, s.shape) for s in self.plans[layer].slots}
-        return {name: typed(flat, dtype, shape) for name, flat, dtype, shape in placed.outputs}
+            return {
+                s.name: typed(storage[s.offset : s.offset + s.nbytes], s.spec.dtype, s.shape)
+                for s in self.plans[layer].slots
+            }
+        return {
+            name: placed.engine_arrays[name] if name in placed.engine_arrays else typed(flat, dtype, shape)
+            for name, flat, dtype, shape in placed.outputs
+        }
 
     # -- what the engine waits on -------------------------------------------------------
 

@@ -18,7 +18,7 @@ from typing import Mapping
 
 import numpy as np
 
-from . import paged
+from . import device, paged
 from .arrays import as_bytes
 from .codecs import bits_to_float32, encodes, geometry, get_codec
 from .dtypes import ITEMSIZE, accepts, exportable, numpy_dtype
@@ -221,9 +221,12 @@ class Transfer:
         position = 0
         for slot in plan.slots:
             array = tensors[slot.name]
+            shape = None
+            if self._sender.takes_device_memory and device.is_device(array):
+                buffer, shape, dtype = device.device_bytes(array)  # sent from where it is
             # Fast path (thousands of small tensors per layer are common): a contiguous
             # numpy array of the right dtype and shape goes out as it is.
-            if (
+            elif (
                 type(array) is np.ndarray
                 and array.shape == slot.shape
                 and array.dtype == numpy_dtype(slot.spec.dtype)
@@ -232,17 +235,21 @@ class Transfer:
                 buffer = array if array.dtype in _BUFFER_DTYPES else exportable(array)
             else:
                 buffer, shape, dtype = as_bytes(array)
-                if shape != slot.shape or not accepts(slot.spec.dtype, dtype):
-                    raise ValueError(
-                        f"request {self.request_id!r} layer {layer} tensor {slot.name!r}: expected "
-                        f"{slot.spec.dtype}{list(slot.shape)}, got {dtype}{list(shape)}"
-                    )
+            if shape is not None and (shape != slot.shape or not accepts(slot.spec.dtype, dtype)):
+                raise ValueError(
+                    f"request {self.request_id!r} layer {layer} tensor {slot.name!r}: expected "
+                    f"{slot.spec.dtype}{list(slot.shape)}, got {dtype}{list(shape)}"
+                )
             if slot.offset > position:
                 segments.append((position, slot.offset - position, _PAD[: slot.offset - position]))
             if slot.nbytes:
                 segments.append((slot.offset, slot.nbytes, buffer))
             position = slot.offset + slot.nbytes
-        if len(segments) > 8 and plan.nbytes < _SMALL_PIECE_BYTES * len(segments):
+        if (
+            len(segments) > 8
+            and plan.nbytes < _SMALL_PIECE_BYTES * len(segments)
+            and not any(device.is_device(segment[2]) for segment in segments)
+        ):
             # Many small tensors: one copy into a single buffer beats walking them per frame.
             return [(0, plan.nbytes, b"".join([segment[2] for segment in segments]))]
         return segments
@@ -259,6 +266,8 @@ class Transfer:
             lo, hi = max(start, seg_start), min(end, seg_start + seg_len)
             if hi - lo == seg_len:
                 pieces.append(buffer)
+            elif hi > lo and device.is_device(buffer):
+                pieces.append(buffer[lo - seg_start : hi - seg_start])
             elif hi > lo:
                 pieces.append(memoryview(buffer).cast("B")[lo - seg_start : hi - seg_start])
             i += 1

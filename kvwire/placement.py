@@ -15,7 +15,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from . import arrays, dtypes, paged
+from . import arrays, device, dtypes, paged
 from .codecs import float32_to_bits, geometry, get_codec
 from .errors import RequestRejected
 from .layout import ALIGN_BYTES, LayerPlan
@@ -37,6 +37,7 @@ class PlacedLayer:
     finishers: list[Callable[[], None]]  # run once the layer has verified
     own_bytes: int  # receiver memory this layer holds
     storage: np.ndarray | None = None  # the layer's one buffer, when outputs are plain views of it
+    engine_arrays: dict = field(default_factory=dict)  # CUDA expect() buffers, handed back as they are
 
 
 def place_layer(
@@ -54,6 +55,12 @@ def place_layer(
         spec = layout_layer[slot.source]
         return not slot.encoded and slot.source in buffers and not (is_paged and spec.per_token)
 
+    slots = {slot.name: slot for slot in plan.slots}
+    for name, target in buffers.items():
+        if device.is_device(target) and not lands_directly(slots[name]):
+            raise RequestRejected(
+                f"{where} {name!r}: CUDA buffers take lossless tensors only (codec 'none', no block_ids)"
+            )
     direct = {
         slot.name: _destination_bytes(f"{where} {slot.name!r}", slot, buffers[slot.name], num_tokens)
         for slot in plan.slots
@@ -62,7 +69,11 @@ def place_layer(
     segments, wire, own = _segments(plan, direct)
     outputs: list[tuple[str, np.ndarray, str, tuple[int, ...]]] = []
     finishers: list[Callable[[], None]] = []
-    slots = {slot.name: slot for slot in plan.slots}
+    engine_arrays = {
+        name: buffers[name][:num_tokens] if layout_layer[name].per_token else buffers[name]
+        for name, flat in direct.items()
+        if device.is_device(flat)
+    }
     for name, spec in layout_layer.items():
         slot = slots[name]
         target = buffers.get(name)
@@ -90,7 +101,7 @@ def place_layer(
         if is_paged and spec.per_token and target is not None:
             finishers.append(_scatter(decoded, target, expectation.block_ids, num_tokens, spec, f"{where} {name!r}"))
         outputs.append((name, decoded, spec.dtype, shape))
-    return PlacedLayer(segments, outputs, finishers, own)
+    return PlacedLayer(segments, outputs, finishers, own, engine_arrays=engine_arrays)
 
 
 def _segments(plan: LayerPlan, direct: Mapping[str, np.ndarray]):

@@ -8,6 +8,7 @@ memory, one enforces request deadlines. The engine's calls (``wait``, ``expect``
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import threading
 import time
@@ -17,6 +18,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from . import device
 from .errors import (
     KVWireError,
     PeerLostError,
@@ -33,6 +35,7 @@ from .layout import KVLayout
 from .metrics import PeerCounters, PeerMetrics
 from .transport import Connection, get_backend
 from .wire import framing
+from .wire.blocksum import frame_blocksum
 from .wire.checksum import frame_checksum
 from .wire.handshake import server_handshake
 from .wire.messages import Abort, Ack, Data, Open, Welcome
@@ -41,7 +44,46 @@ log = logging.getLogger(__name__)
 
 _DRAIN_BYTES = 1 << 20
 _SMALL_PIECE_BYTES = 64 * 1024
+_OVERLAP_MIN_BYTES = 1 << 20  # chunks at least this large are verified while the next one arrives
 _REMEMBERED_FAILURES = 4096
+
+
+class _Verifier:
+    """A thread that checks a stream's chunks while its reader receives the next one.
+
+    Receiving a chunk (a copy by the kernel or by UCX) and hashing it each take a core;
+    done one after the other in the reader thread, the link waited while the CPU hashed.
+    Jobs run in the order they were queued, so a layer's ack still follows its chunks.
+    """
+
+    def __init__(self, name: str):
+        self._jobs: collections.deque = collections.deque()
+        self._cv = threading.Condition()
+        self._closed = False
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def submit(self, job) -> None:
+        with self._cv:
+            self._jobs.append(job)
+            self._cv.notify()
+
+    def close(self) -> None:
+        """Stop once the queued jobs have run."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._jobs or self._closed)
+                if not self._jobs:
+                    return
+                job = self._jobs.popleft()
+            try:
+                job()
+            except Exception:  # a job's failure is its request's, never the thread's
+                log.exception("verifying a chunk failed")
 
 
 @dataclass(eq=False)
@@ -52,6 +94,13 @@ class _Stream:
     alive: bool = True
 
     _scratch: np.ndarray | None = None
+    _device_scratch: object = None
+    _verifier: _Verifier | None = None
+
+    def verifier(self) -> _Verifier:
+        if self._verifier is None:
+            self._verifier = _Verifier(f"kvwire-rx-verify-{self.conn.peer}")
+        return self._verifier
 
     def send(self, message) -> None:
         with self.send_lock:
@@ -62,6 +111,15 @@ class _Stream:
         if self._scratch is None or len(self._scratch) < nbytes:
             self._scratch = np.empty(nbytes, dtype=np.uint8)
         return self._scratch[:nbytes]
+
+    def landing(self, nbytes: int):
+        """Where a chunk bound for CUDA buffers is received and checked before it is copied
+        into them: device memory if the connection takes it (UCX), else host memory."""
+        if getattr(self.conn, "backend_name", "tcp") != "ucx":
+            return self.scratch(nbytes)
+        if self._device_scratch is None or len(self._device_scratch) < nbytes:
+            self._device_scratch = device.empty(nbytes)
+        return self._device_scratch[:nbytes]
 
 
 @dataclass(eq=False)
@@ -333,6 +391,8 @@ class Receiver:
         session has had no connection for ``resume_grace_s``, they fail."""
         stream.alive = False
         stream.conn.close()
+        if stream._verifier is not None:
+            stream._verifier.close()
         session = stream.session
         with self._lock:
             session.streams.remove(stream)
@@ -352,7 +412,9 @@ class Receiver:
                 if not s.claimed and s.finished_at is not None and now - s.finished_at > self._claim_timeout_s
             ]
         for state in stale:
-            log.warning("releasing request %r: complete for %.0fs and never claimed", state.request_id, now - state.finished_at)
+            log.warning(
+                "releasing request %r: complete for %.0fs and never claimed", state.request_id, now - state.finished_at
+            )
             self._release_state(state)
 
     def _expire_orphans(self, now: float) -> None:
@@ -424,8 +486,9 @@ class Receiver:
                 raise RequestRejected(f"request id {msg.request_id!r} is already in flight on this receiver")
             if msg.request_id in self._released:
                 del self._released[msg.request_id]
-                raise RequestRejected(f"request {msg.request_id!r} was released by the receiving application "
-                                      "before it arrived")
+                raise RequestRejected(
+                    f"request {msg.request_id!r} was released by the receiving application before it arrived"
+                )
             expected = self._expected.pop(msg.request_id, None)
             need = self.layout.receive_bytes(msg.num_tokens, msg.codec)
             if self._bytes_in_use + need > self._max_bytes:
@@ -474,10 +537,30 @@ class Receiver:
             return self._fail(session, state, ProtocolError(f"request {state.request_id!r}: {problem}"))
         if not state.begin_write():
             return self._drain(stream.conn, msg.nbytes)
+        views = state.targets(msg.layer, msg.chunk, msg.nbytes)
+        if (len(views) > 8 and msg.nbytes < _SMALL_PIECE_BYTES * len(views)) or any(map(device.is_device, views)):
+            try:
+                ok = self._receive_scattered(stream, msg, views)
+            finally:
+                state.end_write()
+            return self._chunk_checked(stream, state, msg, ok)
         try:
-            ok = self._receive_chunk(stream, state, msg)
+            for view in views:
+                stream.conn.recv_into(memoryview(view))
         finally:
-            state.end_write()
+            state.end_write()  # verifying only reads (and holding this while queued deadlocked _forget)
+        verify = functools.partial(self._verify_in_place, stream, state, msg, views)
+        if msg.nbytes >= _OVERLAP_MIN_BYTES and not state.missing_only(msg.layer, msg.chunk):
+            stream.verifier().submit(verify)  # more of this request follows: receive it meanwhile
+        else:
+            verify()
+
+    def _verify_in_place(self, stream: _Stream, state: InboundRequest, msg: Data, views: list) -> None:
+        self._chunk_checked(stream, state, msg, _checksum_matches(msg, views))
+
+    def _chunk_checked(self, stream: _Stream, state: InboundRequest, msg: Data, ok: bool) -> None:
+        """A chunk's bytes are in place and its checksum was compared: count, ack, finish."""
+        session = stream.session
         session.counters.add_bytes(msg.nbytes)
         if not ok:
             return self._fail(
@@ -501,26 +584,27 @@ class Receiver:
             session.counters.completed(state.nbytes, state.finished_at - state.opened_at)
 
     @staticmethod
-    def _receive_chunk(stream: _Stream, state: InboundRequest, msg: Data) -> bool:
-        """Receive a chunk's payload into place; True if its checksum verifies.
-
-        A chunk spanning many small tensors is received whole into a scratch buffer,
-        verified, then scattered: one syscall instead of one per tensor, and bytes that
-        fail verification never reach the engine's arrays.
-        """
-        views = state.targets(msg.layer, msg.chunk, msg.nbytes)
-        if len(views) <= 8 or msg.nbytes >= _SMALL_PIECE_BYTES * len(views):
-            for view in views:
-                stream.conn.recv_into(memoryview(view))
-            return frame_checksum(msg.rid, msg.layer, msg.chunk, views, msg.nbytes) == msg.checksum
-        scratch = stream.scratch(msg.nbytes)
-        stream.conn.recv_into(memoryview(scratch))
-        if frame_checksum(msg.rid, msg.layer, msg.chunk, (scratch,), msg.nbytes) != msg.checksum:
+    def _receive_scattered(stream: _Stream, msg: Data, views: list) -> bool:
+        """Receive a chunk whole into a scratch buffer, verify it, then copy it into its
+        views; True if it verified. For a chunk spanning many small tensors (one receive
+        instead of one per tensor), and for requests landing in CUDA buffers (received
+        and checked on the GPU when the connection takes device memory). Either way bytes
+        that fail verification never reach the engine's arrays."""
+        if any(device.is_device(view) for view in views):
+            landing = stream.landing(msg.nbytes)
+        else:
+            landing = stream.scratch(msg.nbytes)
+        stream.conn.recv_into(landing if device.is_device(landing) else memoryview(landing))
+        if not _checksum_matches(msg, [landing]):
             return False
         position = 0
         for view in views:
-            view[:] = scratch[position : position + len(view)]
-            position += len(view)
+            size = len(view)
+            if device.is_device(view) or device.is_device(landing):
+                device.copy(view, landing[position : position + size])
+            else:
+                view[:] = landing[position : position + size]
+            position += size
         return True
 
     @staticmethod
@@ -619,3 +703,14 @@ class Receiver:
                         f"({state.num_ready}/{state.num_layers} layers arrived)"
                     )
                     self._fail(session, state, error)
+
+
+def _checksum_matches(msg: Data, pieces: list) -> bool:
+    """Whether a received payload (host or device pieces, in order) has the frame's checksum."""
+    on_device = [device.is_device(piece) for piece in pieces]
+    if msg.algorithm == "blocksum" and len(pieces) == 1 and on_device[0]:
+        return device.frame_blocksum(msg.rid, msg.layer, msg.chunk, pieces[0]) == msg.checksum
+    if any(on_device):
+        pieces = [device.to_host(piece) if here else piece for piece, here in zip(pieces, on_device)]
+    checksum = frame_blocksum if msg.algorithm == "blocksum" else frame_checksum
+    return checksum(msg.rid, msg.layer, msg.chunk, pieces, msg.nbytes) == msg.checksum

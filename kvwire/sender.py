@@ -16,6 +16,7 @@ import time
 import weakref
 from dataclasses import dataclass, field, replace
 
+from . import device
 from .errors import (
     AuthenticationError,
     KVWireError,
@@ -285,6 +286,12 @@ class Sender:
         return self._counters.snapshot(self.address, links)
 
     @property
+    def takes_device_memory(self) -> bool:
+        """Whether CUDA tensors go out as they are (every connection is UCX); otherwise
+        they are staged to host memory first."""
+        return bool(self._streams) and all(_takes_device_memory(s.conn) for s in self._streams)
+
+    @property
     def backend_names(self) -> list[str]:
         """The backend carrying each live connection ("tcp" or "ucx"); differs under backend="auto"."""
         return [getattr(s.conn, "backend_name", "tcp") for s in self._streams if s.alive]
@@ -355,7 +362,7 @@ class Sender:
                 controls, stream.control = stream.control, []
                 item = self._queue.popleft() if self._queue else None
                 self._cv.notify_all()
-            frame = self._data_frame(*item) if item is not None else None
+            frame = self._data_frame(stream, *item) if item is not None else None
             buffers = [framing.encode(message) for message in controls] + (frame[0] if frame else [])
             try:
                 if buffers:
@@ -367,18 +374,30 @@ class Sender:
                 xfer._chunk_written(layer, frame[1], resend)
                 self._counters.add_bytes(frame[1])
 
-    def _data_frame(self, xfer: Transfer, layer: int, chunk: int, resend: bool) -> tuple[list, int] | None:
-        """(buffers, payload bytes) of one Data frame, or None if it need not go."""
+    def _data_frame(
+        self, stream: _Stream, xfer: Transfer, layer: int, chunk: int, resend: bool
+    ) -> tuple[list, int] | None:
+        """(buffers, payload bytes) of one Data frame, or None if it need not go.
+
+        A chunk of CUDA tensors is checksummed on the GPU (blocksum) and goes out from
+        device memory, or, on a connection that cannot take it (TCP after ``auto`` fell
+        back), as a host copy.
+        """
         if xfer.error is not None or xfer.layer_sent(layer):
             return None
         try:
             pieces, nbytes = xfer.chunk(layer, chunk)
-            checksum = frame_checksum(xfer.rid, layer, chunk, pieces, nbytes)
+            if any(device.is_device(piece) for piece in pieces):
+                payload = device.join(pieces, nbytes)
+                checksum, algorithm = device.frame_blocksum(xfer.rid, layer, chunk, payload), "blocksum"
+                pieces = [payload if _takes_device_memory(stream.conn) else device.to_host(payload)]
+            else:
+                checksum, algorithm = frame_checksum(xfer.rid, layer, chunk, pieces, nbytes), "xxh3"
         except Exception as exc:  # a bug must fail its request, never kill the stream silently
             log.exception("building layer %d chunk %d of request %r failed", layer, chunk, xfer.request_id)
             xfer._abort(KVWireError(f"request {xfer.request_id!r}: internal error building a frame: {exc!r}"))
             return None
-        return [framing.encode(Data(xfer.rid, layer, chunk, nbytes, checksum)), *pieces], nbytes
+        return [framing.encode(Data(xfer.rid, layer, chunk, nbytes, checksum, algorithm)), *pieces], nbytes
 
     def _read_loop(self, stream: _Stream) -> None:
         prefix = memoryview(bytearray(framing.PREFIX_BYTES))
@@ -516,3 +535,7 @@ class Sender:
         for xfer in transfers:
             if xfer._fail(PeerLostError(f"request {xfer.request_id!r}: {why}")):
                 self._counters.failed()
+
+
+def _takes_device_memory(conn) -> bool:
+    return getattr(conn, "backend_name", "tcp") == "ucx"

@@ -14,7 +14,10 @@
 # 3. moves CUDA tensors between two processes on the one GPU over kvwire's UCX connection
 #    (send / recv_into straight from and into device memory: cuda_ipc / cuda_copy), checks
 #    every byte on the GPU, and prints GB/s next to a device-to-device copy of the same size;
-# 4. runs the codec kernels on the GPU (perf/gpu_codec.py): bit-identical to the CPU path,
+# 4. a kvwire Sender with torch CUDA layers sends over UCX into a Receiver's CUDA expect()
+#    buffers (perf/gpu_kv.py): no host staging, frames checksummed on the GPU at both ends,
+#    bytes compared on the GPU; GB/s next to a device-to-device copy;
+# 5. runs the codec kernels on the GPU (perf/gpu_codec.py): bit-identical to the CPU path,
 #    and their throughput next to a device-to-device copy.
 # It takes a few minutes at most; each step has a timeout.
 set -u
@@ -113,11 +116,15 @@ else
 fi
 wait "$rx_pid" 2>/dev/null
 
+echo "== kvwire Sender/Receiver: CUDA tensors over UCX into CUDA buffers, checksummed on the GPU" >&2
+kv_json=$(timeout 240 "$PY" -m perf.gpu_kv --json 2>"$OUT/kvwire_gpu_kv.txt" | tail -1)
+[ -n "$kv_json" ] || kv_json="{\"error\": $(tail -c 600 "$OUT/kvwire_gpu_kv.txt" | "$PY" -c 'import json,sys; print(json.dumps(sys.stdin.read()))')}"
+
 echo "== codec kernels (fused gather+quantize, dequantize+scatter) vs device-to-device copy" >&2
 codec_json=$(timeout 300 "$PY" -m perf.gpu_codec --json 2>"$OUT/kvwire_gpu_codec.txt" | tail -1)
 [ -n "$codec_json" ] || codec_json="{\"error\": $(tail -c 600 "$OUT/kvwire_gpu_codec.txt" | "$PY" -c 'import json,sys; print(json.dumps(sys.stdin.read()))')}"
 
 conformance_tail=$(tail -3 "$OUT/kvwire_gpu_conformance.txt" | "$PY" -c 'import json,sys; print(json.dumps(sys.stdin.read()))')
 cat <<EOF
-{"gpu_check": "kvwire ucx", "install_rc": $install_rc, "conformance_rc": $conformance_rc, "conformance_tail": $conformance_tail, "transfer": $transfer_json, "codec_kernels": $codec_json}
+{"gpu_check": "kvwire ucx", "install_rc": $install_rc, "conformance_rc": $conformance_rc, "conformance_tail": $conformance_tail, "transfer": $transfer_json, "kvwire_device_path": $kv_json, "codec_kernels": $codec_json}
 EOF

@@ -75,6 +75,28 @@ def on_device(kv):
     ]
 
 
+def on_host(tensors):
+    """numpy copies of a layer's tensors (torch CUDA tensors come back to host)."""
+    if DEVICE == "cpu":
+        return tensors
+    return {
+        n: np.frombuffer(t.contiguous().view(torch.uint8).cpu().numpy().tobytes(), dtype=_numpy_dtype(t.dtype)).reshape(
+            tuple(t.shape)
+        )
+        for n, t in tensors.items()
+    }
+
+
+def _numpy_dtype(dtype):
+    return {
+        torch.bfloat16: ml_dtypes.bfloat16,
+        torch.float32: np.dtype("float32"),
+        torch.float16: np.dtype("float16"),
+        torch.int8: np.dtype("int8"),
+        torch.uint8: np.dtype("uint8"),
+    }[dtype]
+
+
 def _torch_dtype(dtype):
     if dtype == ml_dtypes.bfloat16:
         return torch.bfloat16
@@ -117,6 +139,19 @@ def test_round_trip_is_bit_exact(layout, receiver, sender, num_tokens):
     wait_until(lambda: receiver.bytes_in_use == 0)
 
 
+def test_many_chunks_verified_while_the_next_arrive_round_trip(layout, receiver, backend):
+    """Chunks of 1 MiB and more are checked while the next one is received (a second
+    thread): every byte still lands, in order, and each layer is acked once."""
+    kv = random_kv(layout, 40_000, seed=11)  # the MLA layer: ~5 MiB, five 1 MiB chunks
+    with Sender(layout, receiver.address, backend=backend, streams=2, secret=SECRET, chunk_bytes=1 << 20) as tx:
+        for round_ in range(2):
+            send_all(tx, f"chunks{round_}", kv, 40_000)
+            with receiver.wait(f"chunks{round_}", timeout=10) as got:
+                for i, tensors in enumerate(kv):
+                    assert_same_bytes(got.layer(i, timeout=10), tensors)
+    wait_until(lambda: receiver.bytes_in_use == 0)
+
+
 def test_torch_bfloat16_with_nan_and_many_small_tensors_round_trip(backend):
     layout = KVLayout(
         [
@@ -143,13 +178,13 @@ def test_torch_bfloat16_with_nan_and_many_small_tensors_round_trip(backend):
 
 def test_receiving_into_engine_buffers(layout, receiver, sender):
     kv = random_kv(layout, 200, seed=5)
-    targets = [{n: np.zeros_like(a) for n, a in t.items()} for t in kv]
+    targets = on_device([{n: np.zeros_like(a) for n, a in t.items()} for t in kv])  # CUDA buffers on a GPU
     receiver.expect("into", targets)
     send_all(sender, "into", kv, 200)
     with receiver.wait("into", timeout=10) as got:
         got.wait_all(timeout=10)
         for expected, target in zip(kv, targets):
-            assert_same_bytes(target, expected)
+            assert_same_bytes(on_host(target), expected)
 
 
 # -- streaming and concurrency -------------------------------------------------------------

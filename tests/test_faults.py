@@ -116,6 +116,21 @@ def test_a_flipped_bit_fails_the_request_with_integrity_error(layout, receiver, 
     still_serves(receiver, layout)
 
 
+def test_a_flipped_bit_in_a_chunk_checked_while_the_next_arrives_fails_the_request(layout, receiver):
+    big = random_kv(layout, 40_000)  # the MLA layer: ~5 MiB in 1 MiB chunks, the flip lands in its first
+    with FaultyRelay(receiver.address, Fault(flip_bit_at=100_000)) as relay:
+        with Sender(layout, relay.address, secret=SECRET, streams=1, chunk_bytes=1 << 20) as tx:
+            xfer = tx.open("flipped-early", 40_000)
+            for i, tensors in enumerate(big):
+                xfer.send_layer(i, tensors)
+            with pytest.raises(IntegrityError, match="request 'flipped-early' layer 3 chunk 0: checksum mismatch"):
+                xfer.finish(timeout=10)
+            with pytest.raises(IntegrityError, match="layer 3 chunk 0: checksum mismatch"):
+                receiver.wait("flipped-early", timeout=5).wait_layer(3, timeout=5)
+    assert receiver.bytes_in_use == 0
+    still_serves(receiver, layout)
+
+
 def test_a_dropped_connection_resumes_from_the_last_verified_layer(layout, receiver, caplog):
     kv = random_kv(layout, 4000)  # layers 0-2 are ~10 KB each, the MLA layer 640 KB
     with FaultyRelay(receiver.address, Fault(cut_at=300_000, connections=1)) as relay:

@@ -65,6 +65,7 @@ from dataclasses import dataclass
 import msgspec
 import numpy as np
 
+from .. import device
 from ..errors import KVWireError, PeerLostError, ProtocolError, TransferTimeout
 from .base import LinkStats
 from .tcp import TcpOptions, _configure, format_address, parse_address
@@ -79,6 +80,7 @@ _MAX_STAGING_BYTES = 1 << 30
 _SEGMENT = struct.Struct("<I")
 _IDLE_WAIT_S = 0.1  # the longest a waiter sleeps before re-checking its deadline and flags
 _IDLE_PROGRESS_S = 1.0  # the idle thread's longest sleep (UCX events and kicks wake it sooner)
+_IDLE_AFTER_S = 0.05  # the idle thread leads only once no thread has waited for this long (and checks this often)
 _CLOSE_GRACE_S = 0.25  # how long a failing connection waits for UCX to let go of buffers (see _fail)
 _UNBLOCK = b"\xff\xff\xff\xff"  # what unblock() sends: a control message no peer may send (too many segments)
 
@@ -206,6 +208,7 @@ class _Hub:
         self._self_ep = None  # an endpoint to this worker itself, for unblock()
         self._unblocking: list = []
         self.waiting = 0  # threads inside wait()
+        self.last_wait = time.monotonic()  # when a thread last left wait()
         threading.Thread(target=self._idle_loop, name="ucx-hub-idle", daemon=True).start()
 
     @classmethod
@@ -300,6 +303,7 @@ class _Hub:
                         self.cond.wait(self._slice(deadline))
             finally:
                 self.waiting -= 1
+                self.last_wait = time.monotonic()
                 if self.leader == me:
                     self.leader = None
                 if self.leader is None:
@@ -315,9 +319,12 @@ class _Hub:
         """
         me = threading.get_ident()
         while True:
+            # It checks on a timer rather than waiting on ``cond``: woken by every notify of
+            # a busy hub, it took the GIL from the threads moving data many times a message.
+            time.sleep(_IDLE_AFTER_S)
             with self.cond:
-                while self.leader is not None or self.waiting:
-                    self.cond.wait()
+                if self.leader is not None or self.waiting or time.monotonic() - self.last_wait < _IDLE_AFTER_S:
+                    continue
                 self.leader = me
             try:
                 self._round([], _IDLE_PROGRESS_S)
@@ -434,10 +441,6 @@ def _ping(conn: UcxConnection, client: bool) -> None:
 # -- the connection -----------------------------------------------------------------------
 
 
-def _is_cuda(obj) -> bool:
-    return hasattr(obj, "__cuda_array_interface__") and not isinstance(obj, (memoryview, bytes, bytearray))
-
-
 def _device_bytes(obj):
     """A CUDA array as a flat uint8 array of the same memory, so byte offsets slice it."""
     if type(obj).__module__.startswith("torch"):
@@ -451,9 +454,12 @@ def _device_bytes(obj):
 
 def _copy_into_device(dest, data: memoryview) -> None:
     """Host bytes into a CUDA byte array (only for the few small inline bytes)."""
-    import torch
+    if type(dest).__module__.startswith("torch"):
+        import torch
 
-    torch.as_tensor(dest, device="cuda").copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        dest.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    else:
+        device.copy(dest, np.frombuffer(data, dtype=np.uint8))
 
 
 class UcxConnection:
@@ -513,7 +519,7 @@ class UcxConnection:
             segments, inline, inline_bytes = [], [], 0
             bulks = []
             for buf in buffers:
-                if _is_cuda(buf):
+                if device.is_device(buf):
                     nbytes = self._hub.Array(buf).nbytes
                     view = buf
                 else:
@@ -523,7 +529,7 @@ class UcxConnection:
                     nbytes = view.nbytes
                 if not nbytes:
                     continue
-                if not _is_cuda(view) and nbytes < self._inline_bytes:
+                if not device.is_device(view) and nbytes < self._inline_bytes:
                     if inline_bytes + nbytes > _CTRL_BYTES - 8 * _MAX_SEGMENTS or len(segments) >= _MAX_SEGMENTS:
                         self._post_group(segments, inline, bulks, requests, keep)
                         segments, inline, inline_bytes, bulks = [], [], 0, []
@@ -566,7 +572,7 @@ class UcxConnection:
 
     def recv_into(self, view) -> None:
         """Fill ``view`` exactly; large messages are received straight into it."""
-        cuda = _is_cuda(view)
+        cuda = device.is_device(view)
         if cuda:
             view = _device_bytes(view)
         else:
@@ -746,6 +752,9 @@ class UcxConnection:
             data = b""
         if not data:
             self._peer_gone = True  # the next loop progresses once more first: data sent before the close still counts
+            self._hub.unwatch(
+                self, self._sock_fd
+            )  # a closed socket stays readable: epoll would return at once, forever
 
     def _fail(self, error: KVWireError, requests: list, keep: list) -> KVWireError:
         """Break the connection and make sure UCX no longer touches the caller's buffers."""

@@ -6,12 +6,12 @@ with a ValidationError naming the field instead of allocating without limit.
 
 from __future__ import annotations
 
-from typing import Annotated, Union
+from typing import Annotated, Literal, Union
 
 import msgspec
 from msgspec import Meta
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: Data.algorithm
 
 Name = Annotated[str, Meta(min_length=1, max_length=256)]
 Reason = Annotated[str, Meta(max_length=4096)]
@@ -105,7 +105,10 @@ class Data(_Message, tag="data"):
     layer: Index
     chunk: Index
     nbytes: Annotated[int, Meta(ge=0, le=1 << 30)]
-    checksum: int  # xxh3-64 of header fields and payload (see wire.checksum)
+    checksum: int  # of header fields and payload, by ``algorithm``
+    # "xxh3": wire.checksum, over host memory; "blocksum": wire.blocksum, which a GPU
+    # computes where the data is (a sender's CUDA tensors over UCX)
+    algorithm: Literal["xxh3", "blocksum"] = "xxh3"
 
 
 class Ack(_Message, tag="ack"):

@@ -1,0 +1,130 @@
+"""CUDA memory the way kvwire moves it: flat byte views, slices, copies, checksums.
+
+A backend that takes device memory (UCX: cuda_copy, cuda_ipc, GPUDirect RDMA) sends and
+receives CUDA tensors where they are; this module turns an engine's CUDA array (torch,
+cupy, numba, anything with ``__cuda_array_interface__``) into a flat uint8 device array
+that shares its memory, and checks frames on the GPU (kvwire.cuda.checksum), so only 8
+bytes per 4 KiB of a frame ever reach host memory. numba is imported on first use.
+
+Under numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``: CI, no GPU) device memory is
+host memory behind ``__cuda_array_interface__`` (kvwire.testing.hostcuda.HostCudaArray):
+the same kvwire code paths run, the kernels run in the simulator, and UCX moves the
+bytes as host memory. Only the few primitives below differ between the two.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from . import dtypes
+
+
+def is_device(obj) -> bool:
+    """Whether ``obj`` is CUDA memory (or, in the simulator, host memory posing as such)."""
+    return hasattr(obj, "__cuda_array_interface__") and not isinstance(obj, (memoryview, bytes, bytearray))
+
+
+def _simulated() -> bool:
+    from numba import config
+
+    return bool(config.ENABLE_CUDASIM)
+
+
+def device_bytes(obj, *, writable: bool = False):
+    """(flat uint8 device array sharing ``obj``'s memory, logical shape, layout dtype name).
+
+    A non-contiguous torch source is copied on the device first; a non-contiguous
+    destination (``writable``) is refused, since bytes written into a copy would never
+    reach it. Other non-contiguous CUDA arrays are refused.
+    """
+    if type(obj).__module__.startswith("torch"):
+        import torch
+
+        shape, name = tuple(obj.shape), dtypes.name_of_torch(obj.dtype)
+        tensor = obj.detach()
+        if not tensor.is_contiguous():
+            if writable:
+                raise ValueError("destination CUDA tensor must be contiguous")
+            tensor = tensor.contiguous()
+        flat = tensor.reshape(-1).view(torch.uint8)  # numba cannot import bfloat16 tensors directly
+        return _import(flat), shape, name
+    array = _import(obj)
+    if not array.flags["C_CONTIGUOUS"]:
+        raise ValueError("CUDA array must be C-contiguous (torch tensors are made contiguous on the device)")
+    shape, name = tuple(array.shape), dtypes.name_of_numpy(np.dtype(array.dtype))
+    flat = array.reshape(array.size)
+    if flat.dtype != np.uint8:
+        flat = flat.view(np.uint8)
+    return flat, shape, name
+
+
+def _import(obj):
+    if _simulated():
+        from .testing.hostcuda import HostCudaArray
+
+        return np.asarray(obj).view(HostCudaArray)
+    from numba import cuda
+
+    return cuda.as_cuda_array(obj)  # synchronizes with the producer's stream (CUDA array interface v3)
+
+
+def empty(nbytes: int):
+    """A new flat uint8 device array."""
+    if _simulated():
+        from .testing.hostcuda import host_cuda
+
+        return host_cuda(np.empty(nbytes, dtype=np.uint8))
+    from numba import cuda
+
+    return cuda.device_array(nbytes, dtype=np.uint8)
+
+
+def copy(dst, src) -> None:
+    """``dst[:] = src`` for any pair of host and device byte arrays of one length."""
+    if _simulated():
+        np.asarray(dst)[...] = np.frombuffer(src, np.uint8) if isinstance(src, (bytes, memoryview)) else src
+        return
+    if isinstance(src, (bytes, memoryview)):
+        src = np.frombuffer(src, dtype=np.uint8)
+    if is_device(dst):
+        _import(dst).copy_to_device(_import(src) if is_device(src) else np.ascontiguousarray(src))
+    else:
+        _import(src).copy_to_host(dst)
+
+
+def to_host(src) -> np.ndarray:
+    """A host copy of a flat device byte array."""
+    if _simulated():
+        return np.array(np.asarray(src).view(np.ndarray), copy=True)
+    return _import(src).copy_to_host()
+
+
+def join(pieces: list, nbytes: int):
+    """One device array holding ``pieces`` (device arrays, or the few host alignment pads)
+    back to back; the piece itself when there is one."""
+    if len(pieces) == 1 and is_device(pieces[0]):
+        return pieces[0]
+    out = empty(nbytes)
+    position = 0
+    for piece in pieces:
+        size = len(piece) if is_device(piece) else memoryview(piece).nbytes
+        copy(out[position : position + size], piece)
+        position += size
+    return out
+
+
+_SIMULATOR_LOCK = threading.Lock()
+
+
+def frame_blocksum(rid: int, layer: int, chunk: int, payload) -> int:
+    """The blocksum checksum of a device frame, computed on the GPU."""
+    from .cuda.checksum import frame_blocksum as on_gpu
+
+    if not _simulated():
+        return on_gpu(rid, layer, chunk, payload)
+    # The simulator swaps the kernel module's ``cuda`` global while a kernel runs, so a
+    # second thread (a sender and a receiver in one process) would find it half-replaced.
+    with _SIMULATOR_LOCK:
+        return on_gpu(rid, layer, chunk, payload)

@@ -1,0 +1,150 @@
+"""CUDA tensors over UCX without host staging, checked on the GPU: the device code paths.
+
+There is no GPU here: under numba's CUDA simulator a HostCudaArray is host memory that
+says it is CUDA memory, so kvwire takes its device paths (the blocksum kernel runs in the
+simulator, UCX moves the bytes from their address). perf/gpu_check.sh runs the same
+paths with real CUDA tensors on a GPU machine.
+"""
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from kvwire import KVLayout, Receiver, RequestRejected, Sender, TensorSpec, device
+from kvwire.testing.hostcuda import HostCudaArray, host_cuda
+
+from .conftest import assert_same_bytes, random_kv
+from .test_conformance import _ucx_missing, wait_until
+
+if not device._simulated():
+    pytest.skip("these tests pose host memory as CUDA memory (NUMBA_ENABLE_CUDASIM=1)", allow_module_level=True)
+
+SECRET = b"device"
+TOKENS = 16
+
+
+@pytest.fixture
+def layout():
+    # Small on purpose: the simulated kernel takes ~0.5 s per 4 KiB block.
+    return KVLayout(
+        [
+            {"state": TensorSpec((8, 8), "float32")},
+            {"latent": TensorSpec((1, 64), "bfloat16", per_token=True)},
+        ]
+    )
+
+
+@pytest.fixture
+def gpu_checksums(monkeypatch):
+    """Counts the frames checksummed by the GPU kernel (it still computes them)."""
+    calls = []
+    real = device.frame_blocksum
+
+    def counted(rid, layer, chunk, payload):
+        calls.append((layer, chunk))
+        return real(rid, layer, chunk, payload)
+
+    monkeypatch.setattr(device, "frame_blocksum", counted)
+    return calls
+
+
+def need_ucx():
+    if why := _ucx_missing():
+        pytest.skip(f"ucx backend: {why}")
+
+
+def on_device(kv):
+    return [{name: host_cuda(array) for name, array in tensors.items()} for tensors in kv]
+
+
+def send(tx, request_id, kv):
+    xfer = tx.open(request_id, TOKENS)
+    for i, tensors in enumerate(kv):
+        xfer.send_layer(i, tensors)
+    return xfer.finish(timeout=60)
+
+
+def test_cuda_tensors_go_over_ucx_as_they_are_into_cuda_buffers(layout, gpu_checksums):
+    need_ucx()
+    kv = random_kv(layout, TOKENS, seed=1)
+    targets = [
+        {"state": host_cuda(np.zeros((8, 8), np.float32))},
+        {"latent": host_cuda(np.zeros((TOKENS + 4, 1, 64), ml_dtypes.bfloat16))},
+    ]
+    with Receiver(layout, "127.0.0.1:0", backend="ucx", secret=SECRET) as rx:
+        rx.expect("gpu", targets)
+        with Sender(layout, rx.address, backend="ucx", streams=1, secret=SECRET) as tx:
+            assert tx.takes_device_memory
+            send(tx, "gpu", on_device(kv))
+        with rx.wait("gpu", timeout=30) as got:
+            got.wait_done(timeout=30)
+            assert got.layer(1)["latent"] is not None
+            assert isinstance(got.layer(1)["latent"], HostCudaArray)  # the engine's own buffer, first T rows
+            assert got.layer(1)["latent"].shape == (TOKENS, 1, 64)
+        assert targets[0]["state"].tobytes() == kv[0]["state"].tobytes()
+        assert targets[1]["latent"][:TOKENS].tobytes() == kv[1]["latent"].tobytes()
+        assert not targets[1]["latent"][TOKENS:].view(np.uint16).any()  # rows past T untouched
+        wait_until(lambda: rx.bytes_in_use == 0)
+    # each frame checked on the device by the sender, and again by the receiver
+    assert sorted(gpu_checksums) == [(0, 0), (0, 0), (1, 0), (1, 0)]
+
+
+def test_cuda_tensors_into_receiver_memory_are_checked_on_host(layout, gpu_checksums):
+    need_ucx()
+    kv = random_kv(layout, TOKENS, seed=2)
+    with Receiver(layout, "127.0.0.1:0", backend="ucx", secret=SECRET) as rx:
+        with Sender(layout, rx.address, backend="ucx", streams=1, secret=SECRET) as tx:
+            send(tx, "to-host", on_device(kv))
+        with rx.wait("to-host", timeout=30) as got:
+            for i, tensors in enumerate(kv):
+                assert_same_bytes(got.layer(i, timeout=30), tensors)
+    assert sorted(gpu_checksums) == [(0, 0), (1, 0)]  # the sender's; the receiver used the CPU path
+
+
+@pytest.mark.parametrize("backend", ["tcp", "ucx"])
+def test_host_tensors_into_cuda_buffers(layout, backend, gpu_checksums):
+    if backend == "ucx":
+        need_ucx()
+    kv = random_kv(layout, TOKENS, seed=3)
+    targets = [{"state": host_cuda(np.zeros((8, 8), np.float32))}, {}]
+    with Receiver(layout, "127.0.0.1:0", backend=backend, secret=SECRET) as rx:
+        rx.expect("h2d", targets)
+        with Sender(layout, rx.address, backend=backend, streams=1, secret=SECRET) as tx:
+            send(tx, "h2d", kv)
+        with rx.wait("h2d", timeout=30) as got:
+            got.wait_done(timeout=30)
+            assert_same_bytes(got.layer(1), kv[1])
+        assert targets[0]["state"].tobytes() == kv[0]["state"].tobytes()
+    assert gpu_checksums == []  # xxh3 frames: the device copy is checked on host
+
+
+def test_cuda_tensors_over_tcp_are_staged_to_host(layout, gpu_checksums):
+    kv = random_kv(layout, TOKENS, seed=4)
+    with Receiver(layout, "127.0.0.1:0", backend="tcp", secret=SECRET) as rx:
+        with Sender(layout, rx.address, backend="tcp", streams=1, secret=SECRET) as tx:
+            assert not tx.takes_device_memory
+            send(tx, "staged", on_device(kv))
+        with rx.wait("staged", timeout=30) as got:
+            for i, tensors in enumerate(kv):
+                assert_same_bytes(got.layer(i, timeout=30), tensors)
+    assert gpu_checksums == []
+
+
+def test_cuda_buffers_for_a_lossy_codec_or_non_contiguous_are_refused(layout):
+    lossy = KVLayout([{"k": TensorSpec((2, 64), "bfloat16", per_token=True)}])
+    with Receiver(lossy, "127.0.0.1:0", secret=SECRET) as rx:
+        rx.expect("int8", [{"k": host_cuda(np.zeros((TOKENS, 2, 64), ml_dtypes.bfloat16))}])
+        with Sender(lossy, rx.address, streams=1, secret=SECRET) as tx:
+            kv = {"k": np.random.default_rng(5).normal(size=(TOKENS, 2, 64)).astype(ml_dtypes.bfloat16)}
+            xfer = tx.open("int8", TOKENS, codec="int8")
+            with pytest.raises(RequestRejected, match="CUDA buffers take lossless tensors only"):
+                xfer.send_layer(0, kv)  # raises here if the refusal is back already
+                xfer.finish(timeout=10)
+    with Receiver(layout, "127.0.0.1:0", secret=SECRET) as rx:
+        strided = host_cuda(np.zeros((8, 16), np.float32))[:, ::2]
+        rx.expect("strided", [{"state": strided}, {}])
+        with (
+            Sender(layout, rx.address, streams=1, secret=SECRET) as tx,
+            pytest.raises(RequestRejected, match="tensor 'state': CUDA array must be C-contiguous"),
+        ):
+            send(tx, "strided", random_kv(layout, TOKENS))
