@@ -15,10 +15,19 @@ bytes as host memory. Only the few primitives below differ between the two.
 from __future__ import annotations
 
 import threading
+from typing import NamedTuple
 
 import numpy as np
 
 from . import dtypes
+
+
+class DeviceBytes(NamedTuple):
+    """A kernel's output on the device, with the shape and layout dtype it stands for."""
+
+    flat: object  # flat uint8 device array
+    shape: tuple[int, ...]
+    dtype: str
 
 
 def is_device(obj) -> bool:
@@ -26,7 +35,8 @@ def is_device(obj) -> bool:
     return hasattr(obj, "__cuda_array_interface__") and not isinstance(obj, (memoryview, bytes, bytearray))
 
 
-def _simulated() -> bool:
+def simulated() -> bool:
+    """Whether numba's CUDA simulator stands in for a GPU (NUMBA_ENABLE_CUDASIM=1)."""
     from numba import config
 
     return bool(config.ENABLE_CUDASIM)
@@ -49,8 +59,8 @@ def device_bytes(obj, *, writable: bool = False):
                 raise ValueError("destination CUDA tensor must be contiguous")
             tensor = tensor.contiguous()
         flat = tensor.reshape(-1).view(torch.uint8)  # numba cannot import bfloat16 tensors directly
-        return _import(flat), shape, name
-    array = _import(obj)
+        return as_device_array(flat), shape, name
+    array = as_device_array(obj)
     if not array.flags["C_CONTIGUOUS"]:
         raise ValueError("CUDA array must be C-contiguous (torch tensors are made contiguous on the device)")
     shape, name = tuple(array.shape), dtypes.name_of_numpy(np.dtype(array.dtype))
@@ -60,8 +70,9 @@ def device_bytes(obj, *, writable: bool = False):
     return flat, shape, name
 
 
-def _import(obj):
-    if _simulated():
+def as_device_array(obj):
+    """A numba device array sharing ``obj``'s memory (a HostCudaArray in the simulator)."""
+    if simulated():
         from .testing.hostcuda import HostCudaArray
 
         return np.asarray(obj).view(HostCudaArray)
@@ -70,9 +81,20 @@ def _import(obj):
     return cuda.as_cuda_array(obj)  # synchronizes with the producer's stream (CUDA array interface v3)
 
 
+def adopt(output):
+    """A kernel's output array as flat device bytes kvwire can send (in the simulator, a
+    HostCudaArray copy of numba's fake device array, which UCX cannot address)."""
+    if simulated():
+        from .testing.hostcuda import host_cuda
+
+        output = host_cuda(output.copy_to_host())
+    flat = output.reshape(output.size)
+    return flat if flat.dtype == np.uint8 else flat.view(np.uint8)
+
+
 def empty(nbytes: int):
     """A new flat uint8 device array."""
-    if _simulated():
+    if simulated():
         from .testing.hostcuda import host_cuda
 
         return host_cuda(np.empty(nbytes, dtype=np.uint8))
@@ -83,22 +105,22 @@ def empty(nbytes: int):
 
 def copy(dst, src) -> None:
     """``dst[:] = src`` for any pair of host and device byte arrays of one length."""
-    if _simulated():
+    if simulated():
         np.asarray(dst)[...] = np.frombuffer(src, np.uint8) if isinstance(src, (bytes, memoryview)) else src
         return
     if isinstance(src, (bytes, memoryview)):
         src = np.frombuffer(src, dtype=np.uint8)
     if is_device(dst):
-        _import(dst).copy_to_device(_import(src) if is_device(src) else np.ascontiguousarray(src))
+        as_device_array(dst).copy_to_device(as_device_array(src) if is_device(src) else np.ascontiguousarray(src))
     else:
-        _import(src).copy_to_host(dst)
+        as_device_array(src).copy_to_host(dst)
 
 
 def to_host(src) -> np.ndarray:
     """A host copy of a flat device byte array."""
-    if _simulated():
+    if simulated():
         return np.array(np.asarray(src).view(np.ndarray), copy=True)
-    return _import(src).copy_to_host()
+    return as_device_array(src).copy_to_host()
 
 
 def join(pieces: list, nbytes: int):
@@ -122,7 +144,7 @@ def frame_blocksum(rid: int, layer: int, chunk: int, payload) -> int:
     """The blocksum checksum of a device frame, computed on the GPU."""
     from .cuda.checksum import frame_blocksum as on_gpu
 
-    if not _simulated():
+    if not simulated():
         return on_gpu(rid, layer, chunk, payload)
     # The simulator swaps the kernel module's ``cuda`` global while a kernel runs, so a
     # second thread (a sender and a receiver in one process) would find it half-replaced.

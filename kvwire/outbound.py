@@ -124,8 +124,11 @@ class Transfer:
             where = f"request {self.request_id!r} layer {layer} tensor {name!r}"
             array = tensors[name]
             if block_ids is not None and spec.per_token:
-                if paged.is_device_array(array):
-                    wire.update(device_gather_encode(array, block_ids, self.num_tokens, spec, self._codec, name, where))
+                if device.is_device(array):
+                    keep = self._sender.takes_device_memory
+                    wire.update(
+                        device_gather_encode(array, block_ids, self.num_tokens, spec, self._codec, name, where, keep)
+                    )
                     continue
                 array = paged.gather(array, block_ids, self.num_tokens, spec, where)
                 array = array.view(numpy_dtype(spec.dtype)).reshape(spec.full_shape(self.num_tokens))
@@ -222,7 +225,9 @@ class Transfer:
         for slot in plan.slots:
             array = tensors[slot.name]
             shape = None
-            if self._sender.takes_device_memory and device.is_device(array):
+            if isinstance(array, device.DeviceBytes):  # gathered (and encoded) on the device
+                buffer, shape, dtype = array
+            elif self._sender.takes_device_memory and device.is_device(array):
                 buffer, shape, dtype = device.device_bytes(array)  # sent from where it is
             # Fast path (thousands of small tensors per layer are common): a contiguous
             # numpy array of the right dtype and shape goes out as it is.
@@ -369,9 +374,12 @@ def _uniform_expectation(plan: LayerPlan):
     return expectation
 
 
-def device_gather_encode(pool, block_ids, num_tokens: int, spec, codec, name: str, where: str) -> dict[str, np.ndarray]:
-    """Fused gather (+quantize) of a CUDA pool with kvwire's kernels; host copies of the
-    wire arrays, identical to what the CPU path makes from the same pool."""
+def device_gather_encode(
+    pool, block_ids, num_tokens: int, spec, codec, name: str, where: str, keep_on_device: bool
+) -> dict[str, object]:
+    """Fused gather (+quantize) of a CUDA pool with kvwire's kernels: the wire arrays, on
+    the device (``keep_on_device``, for a connection that sends device memory) or as host
+    copies; either way identical to what the CPU path makes from the same pool."""
     from .cuda import ops
 
     num_blocks, block_size = paged.pool_geometry(tuple(pool.shape), spec, where)
@@ -379,12 +387,19 @@ def device_gather_encode(pool, block_ids, num_tokens: int, spec, codec, name: st
     bits = ops.device_rows(pool, num_blocks * block_size, spec.dtype, encoded=encodes(codec, spec))
     device_rows = ops.to_device(rows)
     if not encodes(codec, spec):
-        gathered = ops.gather_rows(bits, device_rows).copy_to_host()
-        return {name: gathered.view(numpy_dtype(spec.dtype)).reshape(spec.full_shape(num_tokens))}
-    heads, dim = geometry(spec.shape)
-    codes, scales = ops.gather_quantize(bits, spec.dtype, device_rows, codec.name, heads, dim)
-    code_part, scale_part = codec.parts(num_tokens, heads, dim)
+        parts = [(name, ops.gather_rows(bits, device_rows), spec.full_shape(num_tokens), spec.dtype)]
+    else:
+        heads, dim = geometry(spec.shape)
+        codes, scales = ops.gather_quantize(bits, spec.dtype, device_rows, codec.name, heads, dim)
+        code_part, scale_part = codec.parts(num_tokens, heads, dim)
+        parts = [
+            (name, codes, code_part.shape, code_part.dtype),
+            (name + ".scales", scales, scale_part.shape, scale_part.dtype),
+        ]
+    if keep_on_device:
+        return {
+            wire_name: device.DeviceBytes(device.adopt(out), shape, dtype) for wire_name, out, shape, dtype in parts
+        }
     return {
-        name: codes.copy_to_host().view(numpy_dtype(code_part.dtype)).reshape(code_part.shape),
-        name + ".scales": scales.copy_to_host().view(numpy_dtype(scale_part.dtype)).reshape(scale_part.shape),
+        wire_name: out.copy_to_host().view(numpy_dtype(dtype)).reshape(shape) for wire_name, out, shape, dtype in parts
     }

@@ -40,10 +40,6 @@ def pool_geometry(shape: tuple[int, ...], spec, where: str) -> tuple[int, int]:
     return shape[0], shape[1]
 
 
-def is_device_array(obj) -> bool:
-    return hasattr(obj, "__cuda_array_interface__")
-
-
 def gather(pool, block_ids, num_tokens: int, spec, where: str) -> np.ndarray:
     """The request's tokens from a host pool, contiguous, in the layout's dtype bits."""
     flat, shape, dtype = arrays.as_bytes(pool)

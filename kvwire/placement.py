@@ -56,17 +56,22 @@ def place_layer(
         return not slot.encoded and slot.source in buffers and not (is_paged and spec.per_token)
 
     slots = {slot.name: slot for slot in plan.slots}
+    device_pools = set()  # paged CUDA pools: their wire bytes land in device memory, kernels scatter them
     for name, target in buffers.items():
-        if device.is_device(target) and not lands_directly(slots[name]):
+        if not device.is_device(target) or lands_directly(slots[name]):
+            continue
+        if not (is_paged and layout_layer[name].per_token) or expectation.keep_quantized:
             raise RequestRejected(
-                f"{where} {name!r}: CUDA buffers take lossless tensors only (codec 'none', no block_ids)"
+                f"{where} {name!r}: a CUDA buffer takes a lossless tensor, or with block_ids a paged pool "
+                "(not keep_quantized)"
             )
+        device_pools.update(slot.name for slot in plan.slots if slot.source == name)
     direct = {
         slot.name: _destination_bytes(f"{where} {slot.name!r}", slot, buffers[slot.name], num_tokens)
         for slot in plan.slots
         if lands_directly(slot)
     }
-    segments, wire, own = _segments(plan, direct)
+    segments, wire, own = _segments(plan, direct, device_pools)
     outputs: list[tuple[str, np.ndarray, str, tuple[int, ...]]] = []
     finishers: list[Callable[[], None]] = []
     engine_arrays = {
@@ -77,6 +82,14 @@ def place_layer(
     for name, spec in layout_layer.items():
         slot = slots[name]
         target = buffers.get(name)
+        if device.is_device(target) and name not in direct:  # a paged CUDA pool
+            scales = slots.get(name + ".scales")
+            finishers.append(
+                _device_scatter(codec, spec, num_tokens, wire, slot, scales, target, expectation.block_ids, where)
+            )
+            engine_arrays[name] = target
+            outputs.append((name, None, spec.dtype, slot.shape))
+            continue
         if not slot.encoded:
             if is_paged and spec.per_token and target is not None:
                 finishers.append(
@@ -104,9 +117,10 @@ def place_layer(
     return PlacedLayer(segments, outputs, finishers, own, engine_arrays=engine_arrays)
 
 
-def _segments(plan: LayerPlan, direct: Mapping[str, np.ndarray]):
-    """Receive memory for the layer's byte stream: one buffer, or per-slot pieces."""
-    if not direct:
+def _segments(plan: LayerPlan, direct: Mapping[str, np.ndarray], on_device: set = frozenset()):
+    """Receive memory for the layer's byte stream: one buffer, or per-slot pieces (device
+    memory for the slots in ``on_device``)."""
+    if not direct and not on_device:
         storage = np.empty(plan.nbytes, dtype=np.uint8)
         wire = {s.name: storage[s.offset : s.offset + s.nbytes] for s in plan.slots}
         return [(0, storage)], wire, plan.nbytes
@@ -117,7 +131,7 @@ def _segments(plan: LayerPlan, direct: Mapping[str, np.ndarray]):
             segments.append((position, pad[: slot.offset - position]))
         flat = direct.get(slot.name)
         if flat is None:
-            flat = np.empty(slot.nbytes, dtype=np.uint8)
+            flat = device.empty(slot.nbytes) if slot.name in on_device else np.empty(slot.nbytes, dtype=np.uint8)
             own += slot.nbytes
         if slot.nbytes:
             segments.append((slot.offset, flat))
@@ -147,6 +161,37 @@ def _scatter(source: np.ndarray, pool, block_ids, num_tokens: int, spec, where: 
 
     def finish() -> None:
         rows_view[rows] = source.reshape(num_tokens, -1)
+
+    return finish
+
+
+def _device_scatter(codec_name, spec, num_tokens, wire, slot, scales_slot, pool, block_ids, where):
+    """Finisher writing a layer's wire bytes (in device memory) into a paged CUDA pool's
+    blocks with kvwire's kernels: a row copy, or dequantize+scatter for a lossy codec."""
+    from .cuda import ops
+
+    where = f"{where} {slot.source!r}"
+    try:
+        _, shape, dtype = device.device_bytes(pool, writable=True)
+        if not dtypes.accepts(spec.dtype, dtype):
+            raise ValueError(f"pool dtype {dtype}, layout says {spec.dtype}")
+        num_blocks, block_size = paged.pool_geometry(shape, spec, where)
+        rows = ops.to_device(paged.token_rows(block_ids, block_size, num_tokens, num_blocks, where))
+        if slot.encoded and spec.dtype not in ops.KINDS:
+            raise ValueError(f"the device decoder takes {sorted(ops.KINDS)}, not {spec.dtype}")
+        pool_rows = ops.device_rows(pool, num_blocks * block_size, spec.dtype, encoded=slot.encoded)
+    except ValueError as exc:
+        raise RequestRejected(f"{where}: {exc}") from None
+    row_bytes = spec.nbytes(1)
+
+    def finish() -> None:
+        if not slot.encoded:
+            ops.scatter_rows(wire[slot.name].reshape(num_tokens, row_bytes), rows, pool_rows)
+            return
+        heads, dim = geometry(spec.shape)
+        codes = wire[slot.name].reshape(num_tokens, slot.nbytes // max(num_tokens, 1))
+        scales = wire[scales_slot.name].view(np.float32 if codec_name == "fp8" else np.uint16)
+        ops.dequantize_scatter(codes, scales, codec_name, heads, dim, rows, pool_rows, spec.dtype)
 
     return finish
 

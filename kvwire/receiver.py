@@ -115,7 +115,7 @@ class _Stream:
     def landing(self, nbytes: int):
         """Where a chunk bound for CUDA buffers is received and checked before it is copied
         into them: device memory if the connection takes it (UCX), else host memory."""
-        if getattr(self.conn, "backend_name", "tcp") != "ucx":
+        if not getattr(self.conn, "takes_device_memory", False):
             return self.scratch(nbytes)
         if self._device_scratch is None or len(self._device_scratch) < nbytes:
             self._device_scratch = device.empty(nbytes)

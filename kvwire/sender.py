@@ -364,15 +364,15 @@ class Sender:
                 self._cv.notify_all()
             frame = self._data_frame(stream, *item) if item is not None else None
             buffers = [framing.encode(message) for message in controls] + (frame[0] if frame else [])
+            if frame:  # counted before it goes: the receiver's ack (and finish()) may beat this thread back
+                xfer, layer, _, resend = item
+                xfer._chunk_written(layer, frame[1], resend)
+                self._counters.add_bytes(frame[1])
             try:
                 if buffers:
                     stream.conn.send(buffers)  # control messages and the chunk in one syscall
             except KVWireError as exc:
                 return self._stream_lost(stream, exc)
-            if frame:
-                xfer, layer, _, resend = item
-                xfer._chunk_written(layer, frame[1], resend)
-                self._counters.add_bytes(frame[1])
 
     def _data_frame(
         self, stream: _Stream, xfer: Transfer, layer: int, chunk: int, resend: bool
@@ -538,4 +538,4 @@ class Sender:
 
 
 def _takes_device_memory(conn) -> bool:
-    return getattr(conn, "backend_name", "tcp") == "ucx"
+    return getattr(conn, "takes_device_memory", False)

@@ -16,7 +16,7 @@ from kvwire.testing.hostcuda import HostCudaArray, host_cuda
 from .conftest import assert_same_bytes, random_kv
 from .test_conformance import _ucx_missing, wait_until
 
-if not device._simulated():
+if not device.simulated():
     pytest.skip("these tests pose host memory as CUDA memory (NUMBA_ENABLE_CUDASIM=1)", allow_module_level=True)
 
 SECRET = b"device"
@@ -130,14 +130,16 @@ def test_cuda_tensors_over_tcp_are_staged_to_host(layout, gpu_checksums):
     assert gpu_checksums == []
 
 
-def test_cuda_buffers_for_a_lossy_codec_or_non_contiguous_are_refused(layout):
+def test_an_unpaged_cuda_buffer_for_a_lossy_codec_or_a_non_contiguous_one_is_refused(layout):
     lossy = KVLayout([{"k": TensorSpec((2, 64), "bfloat16", per_token=True)}])
     with Receiver(lossy, "127.0.0.1:0", secret=SECRET) as rx:
         rx.expect("int8", [{"k": host_cuda(np.zeros((TOKENS, 2, 64), ml_dtypes.bfloat16))}])
         with Sender(lossy, rx.address, streams=1, secret=SECRET) as tx:
             kv = {"k": np.random.default_rng(5).normal(size=(TOKENS, 2, 64)).astype(ml_dtypes.bfloat16)}
             xfer = tx.open("int8", TOKENS, codec="int8")
-            with pytest.raises(RequestRejected, match="CUDA buffers take lossless tensors only"):
+            with pytest.raises(
+                RequestRejected, match="a CUDA buffer takes a lossless tensor, or with block_ids a paged pool"
+            ):
                 xfer.send_layer(0, kv)  # raises here if the refusal is back already
                 xfer.finish(timeout=10)
     with Receiver(layout, "127.0.0.1:0", secret=SECRET) as rx:
@@ -148,3 +150,66 @@ def test_cuda_buffers_for_a_lossy_codec_or_non_contiguous_are_refused(layout):
             pytest.raises(RequestRejected, match="tensor 'state': CUDA array must be C-contiguous"),
         ):
             send(tx, "strided", random_kv(layout, TOKENS))
+
+
+# -- paged CUDA pools: gathered (and quantized) by kernels on the sender, scattered by kernels on the receiver
+
+
+@pytest.fixture
+def paged_layout():
+    return KVLayout([{"k": TensorSpec((2, 64), "bfloat16", per_token=True)}])
+
+
+def pool_with(tokens, block_ids, block_size=4, num_blocks=8, seed=6):
+    """A host pool holding ``tokens`` (finite bf16) in ``block_ids``, the rest random."""
+    rng = np.random.default_rng(seed)
+    pool = rng.normal(size=(num_blocks, block_size, 2, 64)).astype(ml_dtypes.bfloat16)
+    rows = pool.reshape(num_blocks * block_size, 2, 64)
+    for t in range(len(tokens)):
+        rows[block_ids[t // block_size] * block_size + t % block_size] = tokens[t]
+    return pool
+
+
+def receive_paged(layout, backend, pool, codec, *, target=None, target_ids=None):
+    """Send TOKENS tokens of ``pool`` (blocks 5, 2, 7, 0) with ``codec``; the received layer."""
+    with Receiver(layout, "127.0.0.1:0", backend=backend, secret=SECRET) as rx:
+        if target is not None:
+            rx.expect("paged", [{"k": target}], block_ids=target_ids)
+        with Sender(layout, rx.address, backend=backend, streams=1, secret=SECRET) as tx:
+            xfer = tx.open("paged", TOKENS, codec=codec)
+            xfer.send_layer(0, {"k": pool}, block_ids=[5, 2, 7, 0])
+            xfer.finish(timeout=60)
+        with rx.wait("paged", timeout=60) as got:
+            return {k: np.array(v) for k, v in got.layer(0, timeout=60).items()}
+
+
+@pytest.mark.parametrize("codec", ["none", "int8"])
+def test_a_paged_cuda_pool_is_gathered_on_the_device_and_sent_from_it(paged_layout, codec, gpu_checksums):
+    need_ucx()
+    tokens = np.random.default_rng(7).normal(size=(TOKENS, 2, 64)).astype(ml_dtypes.bfloat16)
+    pool = pool_with(tokens, [5, 2, 7, 0])
+    reference = receive_paged(paged_layout, "tcp", pool, codec)  # host pool: the CPU path
+    assert gpu_checksums == []
+    got = receive_paged(paged_layout, "ucx", host_cuda(pool), codec)
+    assert got["k"].tobytes() == reference["k"].tobytes()
+    if codec == "none":
+        assert got["k"].tobytes() == tokens.tobytes()
+    assert gpu_checksums == [(0, 0)]  # the device frame, checked by the sender's kernel
+
+
+@pytest.mark.parametrize("codec", ["none", "int8"])
+@pytest.mark.parametrize("backend", ["tcp", "ucx"])
+def test_a_paged_cuda_pool_receives_into_its_blocks_by_kernel(paged_layout, backend, codec):
+    if backend == "ucx":
+        need_ucx()
+    tokens = np.random.default_rng(8).normal(size=(TOKENS, 2, 64)).astype(ml_dtypes.bfloat16)
+    pool = pool_with(tokens, [5, 2, 7, 0])
+    host_target = np.zeros((8, 4, 2, 64), ml_dtypes.bfloat16)
+    receive_paged(paged_layout, backend, pool, codec, target=host_target, target_ids=[1, 6, 3, 4])
+    device_target = host_cuda(np.zeros((8, 4, 2, 64), ml_dtypes.bfloat16))
+    got = receive_paged(paged_layout, backend, pool, codec, target=device_target, target_ids=[1, 6, 3, 4])
+    assert device_target.tobytes() == host_target.tobytes()  # the kernels wrote what the CPU path writes
+    assert not device_target[[0, 2, 5, 7]].view(np.uint16).any()  # blocks not named stay untouched
+    if codec == "none":
+        assert device_target.reshape(32, 2, 64)[[4 + 0, 24 + 0]].tobytes() == tokens[[0, 4]].tobytes()
+    assert np.array(got["k"]).shape == (8, 4, 2, 64)  # layer() hands back the engine's pool

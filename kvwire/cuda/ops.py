@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda
 
+from .. import device
 from ..codecs import FP8_BLOCK_TOKENS, INT4_GROUP
 from . import kernels
 
@@ -118,7 +119,8 @@ def device_rows(pool, num_rows: int, dtype: str, *, encoded: bool):
         import torch
 
         pool = pool.contiguous().view(torch.uint8)  # numba cannot import bfloat16 tensors directly
-    array = cuda.as_cuda_array(pool).reshape(-1)
+    array = device.as_device_array(pool)
+    array = array.reshape(array.size)
     if not array.dtype == np.uint8:
         array = array.view(np.uint8)
     if not encoded:

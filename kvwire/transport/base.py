@@ -28,6 +28,7 @@ class Connection(Protocol):
     """
 
     peer: str
+    takes_device_memory: bool  # CUDA arrays may be passed to send/recv_into as they are
 
     def send(self, buffers: Sequence[memoryview | bytes]) -> None:
         """Write all buffers, in order, or raise."""

@@ -80,6 +80,7 @@ class TcpConnection:
     """One socket. All OS errors are mapped to kvwire errors here and nowhere else."""
 
     backend_name = "tcp"
+    takes_device_memory = False  # CUDA arrays are staged to host before they reach a socket
 
     def __init__(self, sock: socket.socket, peer: str):
         self.sock = sock

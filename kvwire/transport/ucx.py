@@ -509,6 +509,13 @@ class UcxConnection:
         self._sock_fd = sock.fileno()
         hub.watch(self)
 
+    @property
+    def takes_device_memory(self) -> bool:
+        """Whether CUDA memory may be handed to this connection as is: UCX was built with
+        CUDA support (cuda_copy, cuda_ipc, GPUDirect RDMA), or, under numba's simulator,
+        device memory is host memory."""
+        return self._hub.cuda or device.simulated()
+
     # -- Connection interface ------------------------------------------------------------
 
     def send(self, buffers: Sequence) -> None:
