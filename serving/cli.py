@@ -93,16 +93,15 @@ def _worker_arguments(command: argparse.ArgumentParser) -> None:
 
 
 def _backend(name: str) -> str:
-    """'auto' is ucx where this build has it, tcp otherwise."""
+    """The kvwire backend name, checked: 'auto' picks per peer (UCX where it has a fabric
+    to offer, TCP otherwise; kvwire.transport.auto)."""
     from kvwire.transport import get_backend
 
     try:
-        get_backend("ucx" if name == "auto" else name)
-        return "ucx" if name == "auto" else name
+        get_backend(name)
     except ValueError as exc:
-        if name == "auto":
-            return "tcp"
         raise SystemExit(f"kvwire-serve: --kv-backend {name}: {exc}") from None
+    return name
 
 
 def _secret(path: Path | None) -> bytes | None:

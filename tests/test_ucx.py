@@ -21,6 +21,7 @@ if not ucx.ucx_available():
     pytest.skip("ucxx is not importable (install kvwire[ucx])", allow_module_level=True)
 
 from kvwire.transport import auto
+from kvwire.transport.ucx import UcxOptions
 
 SECRET = b"test-secret"
 
@@ -42,9 +43,9 @@ def pair(options=None):
     return client, accepted["conn"]
 
 
-def round_trip(layout, address, backend, num_tokens=120):
+def round_trip(layout, address, backend, num_tokens=120, options=None):
     kv = random_kv(layout, num_tokens, seed=11)
-    with Sender(layout, address, backend=backend, streams=2, secret=SECRET) as tx:
+    with Sender(layout, address, backend=backend, streams=2, secret=SECRET, transport_options=options) as tx:
         names = [getattr(s.conn, "backend_name", "tcp") for s in tx._streams]
         xfer = tx.open("auto-rt", num_tokens)
         for i, tensors in enumerate(kv):
@@ -246,20 +247,41 @@ def test_garbage_on_a_ucx_port_is_refused_and_the_receiver_keeps_serving(layout,
 # -- auto -----------------------------------------------------------------------------------
 
 
+SHARED = UcxOptions(shared_memory=True)
+
+
 @pytest.mark.parametrize("rx_backend", ["auto", "ucx"])
-def test_auto_uses_ucx_when_the_receiver_offers_it(layout, rx_backend, caplog):
-    with Receiver(layout, backend=rx_backend, secret=SECRET) as rx:
-        kv, names = round_trip(layout, rx.address, "auto")
+def test_auto_uses_ucx_when_it_brings_shared_memory(layout, rx_backend, caplog):
+    rx_options = auto.AutoOptions(ucx=SHARED) if rx_backend == "auto" else SHARED
+    with Receiver(layout, backend=rx_backend, secret=SECRET, transport_options=rx_options) as rx:
+        kv, names = round_trip(layout, rx.address, "auto", options=auto.AutoOptions(ucx=SHARED))
         with rx.wait("auto-rt", timeout=10) as got:
             for i, tensors in enumerate(kv):
                 assert_same_bytes(got.layer(i), tensors)
     assert names == ["ucx", "ucx"]
-    assert caplog.text.count(f"{rx.address} uses ucx") == 1  # logged once for both connections
+    assert caplog.text.count(f"{rx.address} uses ucx (ucx-local") == 1  # logged once for both connections
+
+
+def test_auto_prefers_tcp_where_ucx_has_no_fabric_unless_told(layout, caplog):
+    from kvwire.transport.ucx import fabrics
+
+    if fabrics():
+        pytest.skip(f"this host has UCX fabric transports {fabrics()}: auto rightly uses UCX")
+    with Receiver(layout, backend="auto", secret=SECRET) as rx:
+        kv, names = round_trip(layout, rx.address, "auto")
+        assert names == ["tcp", "tcp"]
+        assert caplog.text.count(f"{rx.address} uses tcp (UCX has no fabric here") == 1
+        rx.wait("auto-rt", timeout=10).release()
+        kv, names = round_trip(layout, rx.address, "auto", options=auto.AutoOptions(ucx_over_tcp=True))
+        assert names == ["ucx", "ucx"]
+        assert f"{rx.address} uses ucx (ucx-net, fabric: none)" in caplog.text
+        with rx.wait("auto-rt", timeout=10) as got:
+            assert_same_bytes(got.layer(3), kv[3])
 
 
 def test_auto_falls_back_to_tcp_for_a_tcp_only_receiver(layout, caplog):
     with Receiver(layout, backend="tcp", secret=SECRET) as rx:
-        kv, names = round_trip(layout, rx.address, "auto")
+        kv, names = round_trip(layout, rx.address, "auto", options=auto.AutoOptions(ucx=SHARED))  # UCX is tried
         with rx.wait("auto-rt", timeout=10) as got:
             assert_same_bytes(got.layer(3), kv[3])
     assert names == ["tcp", "tcp"]

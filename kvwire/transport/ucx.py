@@ -54,6 +54,7 @@ import collections
 import itertools
 import logging
 import os
+import re
 import select
 import socket
 import struct
@@ -135,6 +136,36 @@ def _map_error(exc: BaseException, peer: str) -> KVWireError:
     return PeerLostError(f"UCX connection to {peer} lost: {type(exc).__name__}: {exc}")
 
 
+# UCX transports that stay inside one host, or that UCX runs over plain sockets.
+_NOT_FABRICS = frozenset(
+    {
+        "self",
+        "tcp",
+        "sysv",
+        "posix",
+        "cma",
+        "knem",
+        "xpmem",
+        "cuda_copy",
+        "cuda_ipc",
+        "gdr_copy",
+        "rocm_copy",
+        "rocm_ipc",
+    }
+)
+_RESOURCE = re.compile(r"resource\s+\d+\s*:.*--\s*([\w.]+)/")
+
+
+def fabric_transports(context_info: str) -> list[str]:
+    """The fabric transports (RDMA: rc, ud, dc, ...) in a UCX context's resource list."""
+    return sorted({m.group(1) for m in _RESOURCE.finditer(context_info)} - _NOT_FABRICS)
+
+
+def fabrics(options: UcxOptions | None = None) -> list[str]:
+    """This process's UCX fabric transports (starting its UCX context if need be)."""
+    return _Hub.get(options or UcxOptions()).fabrics
+
+
 def ucx_available() -> bool:
     """Whether ucxx can be imported here (it is an optional dependency: the ``ucx`` extra)."""
     try:
@@ -195,6 +226,7 @@ class _Hub:
         self.address = bytes(self.worker.address)
         self.host_id = _host_id()
         self.cuda = bool(self.context.cuda_support)
+        self.fabrics = fabric_transports(self.context.info)
         self._ids = itertools.count(int.from_bytes(os.urandom(2), "little") << 16)
         self.cond = threading.Condition()
         self.leader: int | None = None
