@@ -92,3 +92,44 @@ def no_thread_leaks():
 @pytest.fixture(autouse=True)
 def _log_level(caplog):
     caplog.set_level(logging.INFO, logger="kvwire")
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory):
+    """A folder with two self-signed certificates for 127.0.0.1: ca.pem/key and other.pem/key."""
+    folder = tmp_path_factory.mktemp("tls")
+    for name in ("ca", "other"):
+        subprocess.run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+                "-keyout",
+                str(folder / f"{name}.key"),
+                "-out",
+                str(folder / f"{name}.pem"),
+            ],
+            check=True,
+            capture_output=True,
+        )
+    return folder
+
+
+def tls_contexts(folder, client_trusts="ca"):
+    """(server, client) SSLContexts from ``tls_files``; the client trusts ``client_trusts``."""
+    import ssl
+
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(folder / "ca.pem", folder / "ca.key")
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.load_verify_locations(folder / f"{client_trusts}.pem")
+    return server, client

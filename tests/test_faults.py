@@ -3,7 +3,6 @@
 import logging
 import os
 import socket
-import subprocess
 import time
 
 import pytest
@@ -19,7 +18,7 @@ from kvwire import (
 )
 from kvwire.testing.relay import Fault, FaultyRelay
 
-from .conftest import assert_same_bytes, hybrid_layout, kill, random_kv, run_in_subprocess
+from .conftest import assert_same_bytes, hybrid_layout, kill, random_kv, run_in_subprocess, tls_contexts
 from .test_transfer import send_all, wait_until
 
 SECRET = b"test-secret"
@@ -242,50 +241,11 @@ def test_receiver_killed_mid_transfer_fails_the_sender_fast(layout):
         kill(proc)
 
 
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tls")
-    for name in ("ca", "other"):
-        subprocess.run(
-            [
-                "openssl",
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-days",
-                "1",
-                "-subj",
-                "/CN=127.0.0.1",
-                "-addext",
-                "subjectAltName=IP:127.0.0.1",
-                "-keyout",
-                str(folder / f"{name}.key"),
-                "-out",
-                str(folder / f"{name}.pem"),
-            ],
-            check=True,
-            capture_output=True,
-        )
-    return folder
-
-
-def _contexts(folder, client_trusts="ca"):
-    import ssl
-
-    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server.load_cert_chain(folder / "ca.pem", folder / "ca.key")
-    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    client.load_verify_locations(folder / f"{client_trusts}.pem")
-    return server, client
-
-
 @pytest.mark.skipif(
     not __import__("shutil").which("openssl"), reason="needs the openssl CLI to make a test certificate"
 )
 def test_tls_transfer_round_trips_and_an_untrusted_certificate_is_refused(layout, tls_files, caplog):
-    server_ctx, client_ctx = _contexts(tls_files)
+    server_ctx, client_ctx = tls_contexts(tls_files)
     kv = random_kv(layout, 300)
     with Receiver(layout, secret=SECRET, ssl_context=server_ctx) as rx:
         with Sender(layout, rx.address, secret=SECRET, ssl_context=client_ctx, streams=2) as tx:
@@ -293,7 +253,7 @@ def test_tls_transfer_round_trips_and_an_untrusted_certificate_is_refused(layout
         with rx.wait("tls", timeout=5) as got:
             for i, tensors in enumerate(kv):
                 assert_same_bytes(got.layer(i), tensors)
-        _, untrusting = _contexts(tls_files, client_trusts="other")
+        _, untrusting = tls_contexts(tls_files, client_trusts="other")
         with pytest.raises(AuthenticationError, match="TLS certificate of .* rejected"):
             Sender(layout, rx.address, secret=SECRET, ssl_context=untrusting)
         with pytest.raises(PeerLostError):

@@ -14,7 +14,7 @@ import pytest
 from kvwire import PeerLostError, ProtocolError, Receiver, Sender, TransferTimeout
 from kvwire.transport import get_backend
 
-from .conftest import assert_same_bytes, kill, random_kv, run_in_subprocess
+from .conftest import assert_same_bytes, kill, random_kv, run_in_subprocess, tls_contexts
 
 ucx = pytest.importorskip("kvwire.transport.ucx")
 if not ucx.ucx_available():
@@ -309,3 +309,18 @@ def test_an_auto_receiver_serves_tcp_senders_too(layout):
 def _auto_log(caplog):
     caplog.set_level(logging.INFO, logger="kvwire")
     auto._logged.clear()
+
+
+def test_auto_with_tls_is_tcp_with_tls(layout, tls_files, caplog):
+    server_ctx, client_ctx = tls_contexts(tls_files)
+    with Receiver(layout, backend="auto", secret=SECRET, ssl_context=server_ctx) as rx:
+        kv = random_kv(layout, 50, seed=12)
+        with Sender(layout, rx.address, backend="auto", secret=SECRET, ssl_context=client_ctx, streams=2) as tx:
+            assert tx.backend_names == ["tcp", "tcp"]
+            xfer = tx.open("auto-tls", 50)
+            for i, tensors in enumerate(kv):
+                xfer.send_layer(i, tensors)
+            xfer.finish(timeout=10)
+        with rx.wait("auto-tls", timeout=10) as got:
+            assert_same_bytes(got.layer(3), kv[3])
+    assert f"{rx.address} uses tcp (TLS requested; UCX has no encryption)" in caplog.text
