@@ -575,11 +575,21 @@ class Receiver:
         if not state.record_chunk(msg.layer, msg.chunk):
             return
         self._tell(stream, Ack(msg.rid, msg.layer))  # before the engine may act on the layer (and exit)
+        # Decoding and scattering write engine memory: not once the request is released or
+        # failed (this may run in the verifier thread, after the reader has moved on).
+        if not state.begin_write():
+            return
         try:
             completed = state.finish_layer(msg.layer)
         except Exception as exc:  # decoding or scattering failed: the layer must not show up as ready
             log.exception("finishing layer %d of request %r failed", msg.layer, state.request_id)
-            return self._fail(session, state, KVWireError(f"request {state.request_id!r} layer {msg.layer}: {exc}"))
+            error = KVWireError(f"request {state.request_id!r} layer {msg.layer}: {exc}")
+        else:
+            error = None
+        finally:
+            state.end_write()
+        if error is not None:
+            return self._fail(session, state, error)
         if completed:
             session.counters.completed(state.nbytes, state.finished_at - state.opened_at)
 
