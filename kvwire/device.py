@@ -14,6 +14,7 @@ bytes as host memory. Only the few primitives below differ between the two.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import NamedTuple
 
@@ -30,15 +31,21 @@ class DeviceBytes(NamedTuple):
     dtype: str
 
 
+_SIMULATOR_LOCK = threading.RLock()
+
+
 def is_device(obj) -> bool:
     """Whether ``obj`` is CUDA memory (or, in the simulator, host memory posing as such)."""
     return hasattr(obj, "__cuda_array_interface__") and not isinstance(obj, (memoryview, bytes, bytearray))
 
 
 def simulated() -> bool:
-    """Whether numba's CUDA simulator stands in for a GPU (NUMBA_ENABLE_CUDASIM=1)."""
-    from numba import config
-
+    """Whether numba's CUDA simulator stands in for a GPU (NUMBA_ENABLE_CUDASIM=1); False
+    without numba (an optional dependency: the ``cuda`` extra)."""
+    try:
+        from numba import config
+    except ImportError:
+        return False
     return bool(config.ENABLE_CUDASIM)
 
 
@@ -78,7 +85,30 @@ def as_device_array(obj):
         return np.asarray(obj).view(HostCudaArray)
     from numba import cuda
 
-    return cuda.as_cuda_array(obj)  # synchronizes with the producer's stream (CUDA array interface v3)
+    if type(obj).__module__.startswith("torch"):
+        # torch's __cuda_array_interface__ names no stream, so numba cannot wait for the
+        # kernels that produced (or still read) this memory; UCX and our kernels must not
+        # touch it before they are done.
+        import torch
+
+        torch.cuda.current_stream(obj.device).synchronize()
+    return cuda.as_cuda_array(obj)
+
+
+def synchronize() -> None:
+    """Wait for kvwire's copies and kernels on the device (numba's default stream): before
+    a landing buffer is reused, and before a layer is handed to the engine as ready."""
+    if not simulated():
+        from numba import cuda
+
+        cuda.synchronize()
+
+
+def launching():
+    """Held around every kernel launch: the simulator swaps the kernels module's ``cuda``
+    global while a kernel runs, so two threads launching at once (a sender and a receiver
+    in one process) would find it half-replaced. Real CUDA needs no lock."""
+    return _SIMULATOR_LOCK if simulated() else contextlib.nullcontext()
 
 
 def adopt(output):
@@ -137,16 +167,9 @@ def join(pieces: list, nbytes: int):
     return out
 
 
-_SIMULATOR_LOCK = threading.Lock()
-
-
 def frame_blocksum(rid: int, layer: int, chunk: int, payload) -> int:
     """The blocksum checksum of a device frame, computed on the GPU."""
     from .cuda.checksum import frame_blocksum as on_gpu
 
-    if not simulated():
-        return on_gpu(rid, layer, chunk, payload)
-    # The simulator swaps the kernel module's ``cuda`` global while a kernel runs, so a
-    # second thread (a sender and a receiver in one process) would find it half-replaced.
-    with _SIMULATOR_LOCK:
+    with launching():
         return on_gpu(rid, layer, chunk, payload)

@@ -227,7 +227,7 @@ class Transfer:
             shape = None
             if isinstance(array, device.DeviceBytes):  # gathered (and encoded) on the device
                 buffer, shape, dtype = array
-            elif self._sender.takes_device_memory and device.is_device(array):
+            elif device.is_device(array) and self._sender.takes_device_memory:
                 buffer, shape, dtype = device.device_bytes(array)  # sent from where it is
             # Fast path (thousands of small tensors per layer are common): a contiguous
             # numpy array of the right dtype and shape goes out as it is.

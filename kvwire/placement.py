@@ -187,11 +187,12 @@ def _device_scatter(codec_name, spec, num_tokens, wire, slot, scales_slot, pool,
     def finish() -> None:
         if not slot.encoded:
             ops.scatter_rows(wire[slot.name].reshape(num_tokens, row_bytes), rows, pool_rows)
-            return
-        heads, dim = geometry(spec.shape)
-        codes = wire[slot.name].reshape(num_tokens, slot.nbytes // max(num_tokens, 1))
-        scales = wire[scales_slot.name].view(np.float32 if codec_name == "fp8" else np.uint16)
-        ops.dequantize_scatter(codes, scales, codec_name, heads, dim, rows, pool_rows, spec.dtype)
+        else:
+            heads, dim = geometry(spec.shape)
+            codes = wire[slot.name].reshape(num_tokens, slot.nbytes // max(num_tokens, 1))
+            scales = wire[scales_slot.name].view(np.float32 if codec_name == "fp8" else np.uint16)
+            ops.dequantize_scatter(codes, scales, codec_name, heads, dim, rows, pool_rows, spec.dtype)
+        device.synchronize()  # the pool holds the layer before it is reported ready
 
     return finish
 

@@ -573,8 +573,12 @@ class Receiver:
                 ),
             )
         if not state.record_chunk(msg.layer, msg.chunk):
+            if state.layer_complete(msg.layer):
+                # A copy (re-sent after a reconnect) was verified first and its ack may
+                # have gone to the connection that died: ack again, as for a duplicate.
+                self._ack(stream, msg)
             return
-        self._tell(stream, Ack(msg.rid, msg.layer))  # before the engine may act on the layer (and exit)
+        self._ack(stream, msg)  # before the engine may act on the layer (and exit)
         # Decoding and scattering write engine memory: not once the request is released or
         # failed (this may run in the verifier thread, after the reader has moved on).
         if not state.begin_write():
@@ -615,6 +619,8 @@ class Receiver:
             else:
                 view[:] = landing[position : position + size]
             position += size
+        if device.is_device(landing) or any(map(device.is_device, views)):
+            device.synchronize()  # the copies are done before the landing buffer is reused
         return True
 
     @staticmethod
@@ -650,6 +656,14 @@ class Receiver:
             stream.send(message)
         except KVWireError as exc:
             log.debug("could not send %s to %s: %s", type(message).__name__, stream.conn.peer, exc)
+
+    def _ack(self, stream: _Stream, msg: Data) -> None:
+        """Ack a verified layer on the stream it came by, or on a live one if that died
+        meanwhile (a chunk may be verified after its reader has moved on)."""
+        if stream.alive:
+            self._tell(stream, Ack(msg.rid, msg.layer))
+        else:
+            self._tell_session(stream.session, Ack(msg.rid, msg.layer))
 
     def _tell_session(self, session: _Session, message) -> None:
         with self._lock:

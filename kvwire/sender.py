@@ -364,7 +364,9 @@ class Sender:
                 self._cv.notify_all()
             frame = self._data_frame(stream, *item) if item is not None else None
             buffers = [framing.encode(message) for message in controls] + (frame[0] if frame else [])
-            if frame:  # counted before it goes: the receiver's ack (and finish()) may beat this thread back
+            # Counted before it goes: the receiver's ack (and finish()) may beat this thread back.
+            # A send that fails still counts, and its re-send counts again, as resent.
+            if frame:
                 xfer, layer, _, resend = item
                 xfer._chunk_written(layer, frame[1], resend)
                 self._counters.add_bytes(frame[1])

@@ -270,7 +270,7 @@ def test_auto_prefers_tcp_where_ucx_has_no_fabric_unless_told(layout, caplog):
     with Receiver(layout, backend="auto", secret=SECRET) as rx:
         kv, names = round_trip(layout, rx.address, "auto")
         assert names == ["tcp", "tcp"]
-        assert caplog.text.count(f"{rx.address} uses tcp (UCX has no fabric here") == 1
+        assert caplog.text.count(f"{rx.address} uses tcp (UCX has no fabric to this peer") == 1
         rx.wait("auto-rt", timeout=10).release()
         kv, names = round_trip(layout, rx.address, "auto", options=auto.AutoOptions(ucx_over_tcp=True))
         assert names == ["ucx", "ucx"]
@@ -324,3 +324,13 @@ def test_auto_with_tls_is_tcp_with_tls(layout, tls_files, caplog):
         with rx.wait("auto-tls", timeout=10) as got:
             assert_same_bytes(got.layer(3), kv[3])
     assert f"{rx.address} uses tcp (TLS requested; UCX has no encryption)" in caplog.text
+
+
+def test_fabric_transports_are_read_from_the_ucx_resource_list():
+    info = """#      resource 0  :  md 0  dev 0  flags -- self/memory
+#      resource 1  :  md 1  dev 1  flags -- tcp/eth0
+#      resource 2  :  md 2  dev 0  flags -- cma/memory
+#      resource 3  :  md 3  dev 2  flags -a rc_mlx5/mlx5_0:1
+#      resource 4  :  md 3  dev 2  flags s- ud_verbs/mlx5_0:1
+#      resource 5  :  md 4  dev 3  flags -- cuda_ipc/cuda"""
+    assert ucx.fabric_transports(info) == ["rc_mlx5", "ud_verbs"]

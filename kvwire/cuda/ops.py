@@ -42,21 +42,22 @@ def gather_quantize(pool2d, dtype: str, rows, codec: str, heads: int, dim: int, 
     scales_f16 = cuda.device_array(max(1, groups if codec != "fp8" else 1), dtype=np.uint16)
     error = cuda.to_device(np.zeros(1, dtype=np.int32))
     if groups:
-        kernels.gather_quantize[groups, threads](
-            pool2d,
-            KINDS[dtype],
-            rows,
-            CODEC_IDS[codec],
-            tokens,
-            heads,
-            dim,
-            FP8_BLOCK_TOKENS,
-            group,
-            codes,
-            scales_f32,
-            scales_f16,
-            error,
-        )
+        with device.launching():
+            kernels.gather_quantize[groups, threads](
+                pool2d,
+                KINDS[dtype],
+                rows,
+                CODEC_IDS[codec],
+                tokens,
+                heads,
+                dim,
+                FP8_BLOCK_TOKENS,
+                group,
+                codes,
+                scales_f32,
+                scales_f16,
+                error,
+            )
     status = int(error.copy_to_host()[0])
     if status == 1:
         raise ValueError("NaN or Inf in the input; a lossy codec cannot scale it (use codec='none')")
@@ -77,20 +78,21 @@ def dequantize_scatter(
     scales_f32, scales_f16 = (scales, dummy_f16) if codec == "fp8" else (dummy_f32, scales)
     total = tokens * heads * dim
     if total:
-        kernels.dequantize_scatter[-(-total // threads), threads](
-            codes,
-            scales_f32,
-            scales_f16,
-            CODEC_IDS[codec],
-            tokens,
-            heads,
-            dim,
-            FP8_BLOCK_TOKENS,
-            group,
-            rows,
-            pool2d,
-            KINDS[dtype],
-        )
+        with device.launching():
+            kernels.dequantize_scatter[-(-total // threads), threads](
+                codes,
+                scales_f32,
+                scales_f16,
+                CODEC_IDS[codec],
+                tokens,
+                heads,
+                dim,
+                FP8_BLOCK_TOKENS,
+                group,
+                rows,
+                pool2d,
+                KINDS[dtype],
+            )
 
 
 def gather_rows(pool_bytes2d, rows, *, threads: int = kernels.THREADS):
@@ -98,14 +100,16 @@ def gather_rows(pool_bytes2d, rows, *, threads: int = kernels.THREADS):
     out = cuda.device_array((len(rows), pool_bytes2d.shape[1]), dtype=np.uint8)
     total = out.shape[0] * out.shape[1]
     if total:
-        kernels.gather_rows[-(-total // threads), threads](pool_bytes2d, rows, out)
+        with device.launching():
+            kernels.gather_rows[-(-total // threads), threads](pool_bytes2d, rows, out)
     return out
 
 
 def scatter_rows(contiguous_bytes2d, rows, pool_bytes2d, *, threads: int = kernels.THREADS):
     total = contiguous_bytes2d.shape[0] * contiguous_bytes2d.shape[1]
     if total:
-        kernels.scatter_rows[-(-total // threads), threads](contiguous_bytes2d, rows, pool_bytes2d)
+        with device.launching():
+            kernels.scatter_rows[-(-total // threads), threads](contiguous_bytes2d, rows, pool_bytes2d)
 
 
 def to_device(array: np.ndarray):

@@ -3,7 +3,7 @@
 Connecting: with no TLS asked for and ucxx importable, try the UCX bootstrap (which ends
 with a ping over UCX); if ucxx is missing, the peer speaks only TCP, or the ping fails
 (another fabric, another datacenter), connect again over TCP. UCX is tried only where it
-has something TCP lacks: an RDMA transport on this host, or shared memory with the peer
+has something TCP lacks: an RDMA transport both ends have, or shared memory with the peer
 (``UcxOptions(shared_memory=True)`` on both sides, same host); otherwise UCX would move
 the bytes over its own tcp transport, slower than kvwire's TCP backend. TLS always means
 TCP, since UCX has no encryption. The choice is logged once per address, and every connection says
@@ -54,8 +54,8 @@ def _log_once(address: str, choice: str, why: str) -> None:
 
 
 _OVER_TCP = (
-    "UCX has no fabric here (no RDMA transport, no shared memory with this peer) and over its "
-    "tcp transport is slower than kvwire's TCP backend; AutoOptions(ucx_over_tcp=True) forces it"
+    "UCX has no fabric to this peer (no RDMA transport both ends have, no shared memory) and over "
+    "its tcp transport is slower than kvwire's TCP backend; AutoOptions(ucx_over_tcp=True) forces it"
 )
 
 
@@ -102,7 +102,10 @@ class AutoBackend:
         if ucx is None:
             return over_tcp("ucxx is not installed")
         ucx_options = options.ucx or ucx.UcxOptions()
-        fabric = ucx.fabrics(ucx_options)
+        try:
+            fabric = ucx.fabrics(ucx_options)
+        except Exception as exc:  # noqa: BLE001 - UCX cannot start here: TCP
+            return over_tcp(f"UCX cannot start here: {type(exc).__name__}: {exc}")
         if not (fabric or ucx_options.shared_memory or options.ucx_over_tcp):
             return over_tcp(_OVER_TCP)
         try:
@@ -111,10 +114,12 @@ class AutoBackend:
             )
         except KVWireError as exc:
             return over_tcp(f"not reachable over UCX: {type(exc).__name__}: {exc}")
-        if conn.transport == "ucx-net" and not fabric and not options.ucx_over_tcp:
-            conn.close()  # shared memory was offered, but the peer is on another host (or did not offer it)
+        if conn.transport == "ucx-net" and not conn.shared_fabrics and not options.ucx_over_tcp:
+            # Shared memory was offered but the peer is on another host (or did not offer
+            # it), or the two ends have no fabric transport in common.
+            conn.close()
             return over_tcp(_OVER_TCP)
-        _log_once(address, "ucx", f"{conn.transport}, fabric: {', '.join(fabric) or 'none'}")
+        _log_once(address, "ucx", f"{conn.transport}, fabric: {', '.join(conn.shared_fabrics) or 'none'}")
         return conn
 
     def listen(self, address: str, *, ssl_context=None, options=None):

@@ -62,6 +62,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Annotated
 
 import msgspec
 import numpy as np
@@ -114,6 +115,7 @@ class _Hello(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     host_id: str
     tag_prefix: int
     shared_memory: bool
+    fabrics: Annotated[list[Annotated[str, msgspec.Meta(max_length=64)]], msgspec.Meta(max_length=64)] = []
 
 
 _hello_decoder = msgspec.msgpack.Decoder(_Hello)
@@ -138,22 +140,10 @@ def _map_error(exc: BaseException, peer: str) -> KVWireError:
 
 # UCX transports that stay inside one host, or that UCX runs over plain sockets.
 _NOT_FABRICS = frozenset(
-    {
-        "self",
-        "tcp",
-        "sysv",
-        "posix",
-        "cma",
-        "knem",
-        "xpmem",
-        "cuda_copy",
-        "cuda_ipc",
-        "gdr_copy",
-        "rocm_copy",
-        "rocm_ipc",
-    }
+    {"self", "tcp", "sysv", "posix", "cma", "knem", "xpmem", "cuda_copy", "cuda_ipc", "gdr_copy"}
+    | {"rocm_copy", "rocm_ipc", "rocm_gdr", "ze_copy", "ze_ipc"}
 )
-_RESOURCE = re.compile(r"resource\s+\d+\s*:.*--\s*([\w.]+)/")
+_RESOURCE = re.compile(r"resource\s+\d+\s*:.*flags\s+\S+\s+([\w.]+)/")
 
 
 def fabric_transports(context_info: str) -> list[str]:
@@ -426,7 +416,7 @@ def _bootstrap(sock: socket.socket, peer: str, options: UcxOptions, *, client: b
     sock.settimeout(timeout_s)
     try:
         hub = _Hub.get(options)
-        mine = _Hello(hub.address, hub.host_id, hub.new_prefix(), options.shared_memory)
+        mine = _Hello(hub.address, hub.host_id, hub.new_prefix(), options.shared_memory, hub.fabrics)
         if client:
             _send_hello(sock, mine, with_magic=True)
             theirs = _recv_hello(sock, peer)
@@ -445,6 +435,7 @@ def _bootstrap(sock: socket.socket, peer: str, options: UcxOptions, *, client: b
     conn = UcxConnection(
         hub, sock, ep, peer, send_prefix=theirs.tag_prefix, recv_prefix=mine.tag_prefix, local=local, options=options
     )
+    conn.shared_fabrics = sorted(set(hub.fabrics) & set(theirs.fabrics))
     try:
         conn.set_timeout(min(timeout_s, options.peer_timeout_s))
         _ping(conn, client)
@@ -513,6 +504,7 @@ class UcxConnection:
     ):
         self.peer = peer
         self.transport = "ucx-local" if local else "ucx-net"
+        self.shared_fabrics: list[str] = []  # fabric transports both ends have (set by the bootstrap)
         self._hub = hub
         self._sock = sock
         self._ep = ep
