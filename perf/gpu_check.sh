@@ -40,7 +40,7 @@ if [ -d "$WHEELS" ]; then
 fi
 
 echo "== conformance with CUDA tensors" >&2
-timeout 300 env KVWIRE_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider tests/test_conformance.py \
+timeout 300 env KVWIRE_TEST_DEVICE=cuda NUMBA_ENABLE_CUDASIM=0 "$PY" -m pytest -q -p no:cacheprovider tests/test_conformance.py \
   > "$OUT/kvwire_gpu_conformance.txt" 2>&1
 conformance_rc=$?
 tail -5 "$OUT/kvwire_gpu_conformance.txt" >&2

@@ -1,8 +1,9 @@
 import logging
 import os
 
-# Kernels run on numba's CUDA simulator in tests (no GPU here or in CI); set before numba loads.
-os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+# Kernels run on numba's CUDA simulator in tests (no GPU here or in CI); set before numba
+# loads. KVWIRE_TEST_DEVICE=cuda (perf/gpu_check.sh, on a GPU) runs them on the real device.
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "0" if os.environ.get("KVWIRE_TEST_DEVICE") == "cuda" else "1")
 import signal
 import subprocess
 import sys
