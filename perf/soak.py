@@ -175,7 +175,7 @@ def sender_main(backend: str) -> None:
                 backend=backend,
                 secret=SECRET,
                 streams=job["streams"],
-                chunk_bytes=16384,
+                chunk_bytes=job["chunk_bytes"],
                 timeout=5,
             ) as tx:
                 xfer = tx.open(job["id"], job["tokens"], timeout=DEADLINE_S)
@@ -285,7 +285,9 @@ def soak(num_transfers: int, seed: int, backend: str = "tcp") -> dict:
             before = receiver.wait_for(lambda m: "stats" in m, 10)
         fault = "none" if n < 5 else rng.choice(faults)
         layout = rng.randrange(3)
-        tokens = rng.choice([0, 1, 17, 500, 3000, 6000])
+        tokens = rng.choice([0, 1, 17, 500, 3000, 6000, 30000])
+        # small chunks put many frames in flight; 1 MiB ones are checked while the next arrives
+        chunk_bytes = 1 << 20 if tokens == 30000 else 16384
         request_id = f"soak-{seed}-{n}"
         victim = Child("receiver", backend) if fault == "kill_receiver" else None
         target = victim.wait_for(lambda m: "addresses" in m, 60)["addresses"][layout] if victim else addresses[layout]
@@ -311,6 +313,7 @@ def soak(num_transfers: int, seed: int, backend: str = "tcp") -> dict:
                 "id": request_id,
                 "tokens": tokens,
                 "streams": rng.choice([1, 2, 3]),
+                "chunk_bytes": chunk_bytes,
                 "pace_s": pace,
             }
         )
