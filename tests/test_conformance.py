@@ -1,7 +1,10 @@
 """One behaviour for every backend: the same API, bytes, errors and failure times over each.
 
 Each test runs once per backend. A backend that cannot run here (ucxx not installed) is
-skipped with the reason; on a GPU machine, ``KVWIRE_TEST_DEVICE=cuda`` sends CUDA tensors.
+skipped with the reason; on a GPU machine, ``KVWIRE_TEST_DEVICE=cuda`` sends CUDA tensors
+(and receives into CUDA buffers where a test gives buffers); ``KVWIRE_TEST_DEVICE=sim``
+does the same with host memory posing as CUDA memory under numba's simulator
+(kvwire.testing.hostcuda), which takes kvwire's device paths on a machine without a GPU.
 """
 
 import os
@@ -22,13 +25,17 @@ from kvwire import (
     Sender,
     TensorSpec,
     TransferTimeout,
+    device,
 )
+from kvwire.testing.hostcuda import host_cuda
 
 from .conftest import assert_same_bytes, hybrid_layout, kill, random_kv, run_in_subprocess
 
 SECRET = b"conformance"
 BACKENDS = ["tcp", "ucx"]
 DEVICE = os.environ.get("KVWIRE_TEST_DEVICE", "cpu")
+if DEVICE == "sim" and not device.simulated():
+    pytest.skip("KVWIRE_TEST_DEVICE=sim needs NUMBA_ENABLE_CUDASIM=1", allow_module_level=True)
 
 
 def _ucx_missing() -> str | None:
@@ -69,16 +76,31 @@ def on_device(kv):
     """The layers' tensors on the test device (numpy stays numpy on the CPU)."""
     if DEVICE == "cpu":
         return kv
+    if DEVICE == "sim":
+        return [{n: host_cuda(a) for n, a in t.items()} for t in kv]
     return [
         {n: torch.from_numpy(a.view(np.uint8).copy()).view(_torch_dtype(a.dtype)).to(DEVICE) for n, a in t.items()}
         for t in kv
     ]
 
 
+def tensor_on_device(tensor):
+    """A torch CPU tensor on the test device (in the simulator: a HostCudaArray of its bits)."""
+    if DEVICE == "cpu":
+        return tensor
+    if DEVICE == "sim":
+        dtype = _numpy_dtype(tensor.dtype)
+        bits = tensor.contiguous().view(torch.uint8).numpy()
+        return host_cuda(bits.view(dtype).reshape(tuple(tensor.shape)))
+    return tensor.to(DEVICE)
+
+
 def on_host(tensors):
     """numpy copies of a layer's tensors (torch CUDA tensors come back to host)."""
     if DEVICE == "cpu":
         return tensors
+    if DEVICE == "sim":
+        return {n: np.asarray(t).view(np.ndarray) for n, t in tensors.items()}
     return {
         n: np.frombuffer(t.contiguous().view(torch.uint8).cpu().numpy().tobytes(), dtype=_numpy_dtype(t.dtype)).reshape(
             tuple(t.shape)
@@ -94,6 +116,7 @@ def _numpy_dtype(dtype):
         torch.float16: np.dtype("float16"),
         torch.int8: np.dtype("int8"),
         torch.uint8: np.dtype("uint8"),
+        torch.float8_e4m3fn: ml_dtypes.float8_e4m3fn,
     }[dtype]
 
 
@@ -165,8 +188,8 @@ def test_torch_bfloat16_with_nan_and_many_small_tensors_round_trip(backend):
     blocks = {f"b{j}": torch.randn(256) for j in range(64)}
     with Receiver(layout, backend=backend) as rx, Sender(layout, rx.address, backend=backend, streams=2) as tx:
         xfer = tx.open("t", 33)
-        xfer.send_layer(0, {"k": k.to(DEVICE), "q8": q8.to(DEVICE)})
-        xfer.send_layer(1, {n: t.to(DEVICE) for n, t in blocks.items()})
+        xfer.send_layer(0, {"k": tensor_on_device(k), "q8": tensor_on_device(q8)})
+        xfer.send_layer(1, {n: tensor_on_device(t) for n, t in blocks.items()})
         xfer.finish(timeout=10)
         with rx.wait("t", timeout=10) as got:
             layer0, layer1 = got.layer(0, timeout=10), got.layer(1, timeout=10)

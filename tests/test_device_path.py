@@ -42,7 +42,7 @@ def gpu_checksums(monkeypatch):
 
     def counted(rid, layer, chunk, payload):
         calls.append((layer, chunk))
-        return real(rid, layer, chunk, payload)
+        return real(rid, layer, chunk, payload, kernel=True)  # the simulated kernel itself
 
     monkeypatch.setattr(device, "frame_blocksum", counted)
     return calls
