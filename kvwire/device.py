@@ -135,11 +135,11 @@ def empty(nbytes: int):
 
 def copy(dst, src) -> None:
     """``dst[:] = src`` for any pair of host and device byte arrays of one length."""
-    if simulated():
-        np.asarray(dst)[...] = np.frombuffer(src, np.uint8) if isinstance(src, (bytes, memoryview)) else src
-        return
     if isinstance(src, (bytes, memoryview)):
         src = np.frombuffer(src, dtype=np.uint8)
+    if not (is_device(dst) or is_device(src)) or simulated():  # host to host needs no numba
+        np.asarray(dst)[...] = src
+        return
     if is_device(dst):
         as_device_array(dst).copy_to_device(as_device_array(src) if is_device(src) else np.ascontiguousarray(src))
     else:

@@ -604,22 +604,16 @@ class Receiver:
         instead of one per tensor), and for requests landing in CUDA buffers (received
         and checked on the GPU when the connection takes device memory). Either way bytes
         that fail verification never reach the engine's arrays."""
-        if any(device.is_device(view) for view in views):
-            landing = stream.landing(msg.nbytes)
-        else:
-            landing = stream.scratch(msg.nbytes)
+        to_device = any(map(device.is_device, views))
+        landing = stream.landing(msg.nbytes) if to_device else stream.scratch(msg.nbytes)
         stream.conn.recv_into(landing if device.is_device(landing) else memoryview(landing))
         if not _checksum_matches(msg, [landing]):
             return False
         position = 0
         for view in views:
-            size = len(view)
-            if device.is_device(view) or device.is_device(landing):
-                device.copy(view, landing[position : position + size])
-            else:
-                view[:] = landing[position : position + size]
-            position += size
-        if device.is_device(landing) or any(map(device.is_device, views)):
+            device.copy(view, landing[position : position + len(view)])
+            position += len(view)
+        if to_device:
             device.synchronize()  # the copies are done before the landing buffer is reused
         return True
 

@@ -19,6 +19,13 @@ KINDS = {"float32": kernels.KIND_F32, "bfloat16": kernels.KIND_BF16, "float16": 
 CODEC_IDS = {"fp8": kernels.CODEC_FP8, "int8": kernels.CODEC_INT8, "int4": kernels.CODEC_INT4}
 
 
+def _launch(kernel, blocks: int, threads: int, *args) -> None:
+    """``kernel[blocks, threads](*args)``, one launch at a time under the simulator
+    (kvwire.device.launching)."""
+    with device.launching():
+        kernel[blocks, threads](*args)
+
+
 def _num_groups(codec: str, tokens: int, heads: int, dim: int, group: int) -> int:
     if codec == "fp8":
         return -(-tokens // FP8_BLOCK_TOKENS) * heads
@@ -42,22 +49,24 @@ def gather_quantize(pool2d, dtype: str, rows, codec: str, heads: int, dim: int, 
     scales_f16 = cuda.device_array(max(1, groups if codec != "fp8" else 1), dtype=np.uint16)
     error = cuda.to_device(np.zeros(1, dtype=np.int32))
     if groups:
-        with device.launching():
-            kernels.gather_quantize[groups, threads](
-                pool2d,
-                KINDS[dtype],
-                rows,
-                CODEC_IDS[codec],
-                tokens,
-                heads,
-                dim,
-                FP8_BLOCK_TOKENS,
-                group,
-                codes,
-                scales_f32,
-                scales_f16,
-                error,
-            )
+        _launch(
+            kernels.gather_quantize,
+            groups,
+            threads,
+            pool2d,
+            KINDS[dtype],
+            rows,
+            CODEC_IDS[codec],
+            tokens,
+            heads,
+            dim,
+            FP8_BLOCK_TOKENS,
+            group,
+            codes,
+            scales_f32,
+            scales_f16,
+            error,
+        )
     status = int(error.copy_to_host()[0])
     if status == 1:
         raise ValueError("NaN or Inf in the input; a lossy codec cannot scale it (use codec='none')")
@@ -78,21 +87,23 @@ def dequantize_scatter(
     scales_f32, scales_f16 = (scales, dummy_f16) if codec == "fp8" else (dummy_f32, scales)
     total = tokens * heads * dim
     if total:
-        with device.launching():
-            kernels.dequantize_scatter[-(-total // threads), threads](
-                codes,
-                scales_f32,
-                scales_f16,
-                CODEC_IDS[codec],
-                tokens,
-                heads,
-                dim,
-                FP8_BLOCK_TOKENS,
-                group,
-                rows,
-                pool2d,
-                KINDS[dtype],
-            )
+        _launch(
+            kernels.dequantize_scatter,
+            -(-total // threads),
+            threads,
+            codes,
+            scales_f32,
+            scales_f16,
+            CODEC_IDS[codec],
+            tokens,
+            heads,
+            dim,
+            FP8_BLOCK_TOKENS,
+            group,
+            rows,
+            pool2d,
+            KINDS[dtype],
+        )
 
 
 def gather_rows(pool_bytes2d, rows, *, threads: int = kernels.THREADS):
@@ -100,16 +111,14 @@ def gather_rows(pool_bytes2d, rows, *, threads: int = kernels.THREADS):
     out = cuda.device_array((len(rows), pool_bytes2d.shape[1]), dtype=np.uint8)
     total = out.shape[0] * out.shape[1]
     if total:
-        with device.launching():
-            kernels.gather_rows[-(-total // threads), threads](pool_bytes2d, rows, out)
+        _launch(kernels.gather_rows, -(-total // threads), threads, pool_bytes2d, rows, out)
     return out
 
 
 def scatter_rows(contiguous_bytes2d, rows, pool_bytes2d, *, threads: int = kernels.THREADS):
     total = contiguous_bytes2d.shape[0] * contiguous_bytes2d.shape[1]
     if total:
-        with device.launching():
-            kernels.scatter_rows[-(-total // threads), threads](contiguous_bytes2d, rows, pool_bytes2d)
+        _launch(kernels.scatter_rows, -(-total // threads), threads, contiguous_bytes2d, rows, pool_bytes2d)
 
 
 def to_device(array: np.ndarray):

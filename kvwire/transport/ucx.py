@@ -464,27 +464,6 @@ def _ping(conn: UcxConnection, client: bool) -> None:
 # -- the connection -----------------------------------------------------------------------
 
 
-def _device_bytes(obj):
-    """A CUDA array as a flat uint8 array of the same memory, so byte offsets slice it."""
-    if type(obj).__module__.startswith("torch"):
-        import torch
-
-        return obj.detach().reshape(-1).view(torch.uint8)
-    if hasattr(obj, "ravel") and hasattr(obj, "view"):  # cupy
-        return obj.ravel().view("uint8")
-    return obj
-
-
-def _copy_into_device(dest, data: memoryview) -> None:
-    """Host bytes into a CUDA byte array (only for the few small inline bytes)."""
-    if type(dest).__module__.startswith("torch"):
-        import torch
-
-        dest.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-    else:
-        device.copy(dest, np.frombuffer(data, dtype=np.uint8))
-
-
 class UcxConnection:
     """One byte stream over a UCX endpoint; see the module docstring for the framing."""
 
@@ -605,7 +584,7 @@ class UcxConnection:
         """Fill ``view`` exactly; large messages are received straight into it."""
         cuda = device.is_device(view)
         if cuda:
-            view = _device_bytes(view)
+            view = device.device_bytes(view, writable=True)[0]  # flat bytes: offsets slice it
         else:
             view = memoryview(view)
             if view.format != "B" or view.ndim != 1:
@@ -622,7 +601,7 @@ class UcxConnection:
                 if isinstance(head, memoryview):
                     take = min(len(head), total - pos)
                     if cuda:
-                        _copy_into_device(view[pos : pos + take], head[:take])
+                        device.copy(view[pos : pos + take], head[:take])  # the few inline bytes
                     else:
                         view[pos : pos + take] = head[:take]
                     if take == len(head):
