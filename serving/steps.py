@@ -7,6 +7,7 @@ identical to monolithic ones.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -45,11 +46,8 @@ def forward(model, cache, token_ids: Sequence[int], hooks=None):
     import torch
 
     ids = torch.tensor([list(token_ids)], dtype=torch.long)
-    with torch.no_grad():
-        if hooks is None:
-            return model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-        with hooks:
-            return model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+    with torch.no_grad(), hooks or contextlib.nullcontext():
+        return model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
 
 
 def prefill(model, token_ids: Sequence[int], on_layer: Callable | None = None):
