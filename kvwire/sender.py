@@ -42,7 +42,7 @@ from .wire.messages import Abort, Ack, Data, Open
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_BYTES = 4 << 20
-UNTUNED_STREAMS = 4  # streams=None on a backend that reports no RTT
+UNTUNED_STREAMS = 4  # streams=None on a backend that reports no RTT and names no number of its own
 
 
 @dataclass(eq=False)
@@ -69,7 +69,8 @@ class Sender:
         links that one TCP stream cannot. None (the default): the first connection
         measures the RTT, and ``kvwire.transport.tuning.choose`` decides how many to open
         from it, ``link_bandwidth_bps``, ``link_loss`` and this host's TCP limits (the
-        decision and its reason: ``Sender.tuning``).
+        decision and its reason: ``Sender.tuning``). A UCX connection stays alone (UCX
+        spreads one endpoint over its own lanes; see ``UcxConnection.default_streams``).
     link_bandwidth_bps, link_loss : float, optional
         What is known of the path, for ``streams=None`` (unknown: 10 Gbit/s, 0.1% loss).
         ``transport_options=TcpOptions(congestion_control="auto")`` also lets it pick bbr.
@@ -177,7 +178,8 @@ class Sender:
         first, welcome = self._connect_all()
         stats = first[0].link_stats()
         if stats is None:
-            self._num_streams = UNTUNED_STREAMS
+            self._num_streams = getattr(first[0], "default_streams", UNTUNED_STREAMS)
+            log.info("streams to %s: %d (%s connection)", self.address, self._num_streams, first[0].backend_name)
         else:
             link = LinkEstimate(rtt_s=(stats.min_rtt_ms or stats.rtt_ms) / 1000, bandwidth_bps=bandwidth_bps, loss=loss)
             self.tuning = choose(

@@ -169,12 +169,13 @@ def target(case: str, max_bytes: int) -> None:
 # -- initiators (senders) ----------------------------------------------------------------------
 
 
-def initiator(case: str, info: dict, sizes: list[int], streams: int) -> None:
+def initiator(case: str, info: dict, sizes: list[int], streams: int | None) -> None:
     src = pattern(max(sizes))
     control = Control(socket.create_connection(("127.0.0.1", info["control"])))
     seconds: dict[str, list[float]] = {}
     verified = True
     send_one = setup_sender(case, info, src, control, streams)
+    extra = {"streams": send_one.streams} if hasattr(send_one, "streams") else {}
     for n in sizes:
         times = []
         repeats = repeats_for(n)
@@ -188,7 +189,7 @@ def initiator(case: str, info: dict, sizes: list[int], streams: int) -> None:
     send_one.close()
     control.send(op="bye")
     control.recv()
-    print(json.dumps({"seconds": seconds, "verified": verified}), flush=True)
+    print(json.dumps({"seconds": seconds, "verified": verified, **extra}), flush=True)
     os._exit(0)
 
 
@@ -202,7 +203,7 @@ class Sending:
     def close(self) -> None: ...
 
 
-def setup_sender(case: str, info: dict, src: np.ndarray, control: Control, streams: int) -> Sending:
+def setup_sender(case: str, info: dict, src: np.ndarray, control: Control, streams: int | None) -> Sending:
     if case == "raw_socket":
         return SocketSending(info, src, control)
     if case == "raw_ucxx":
@@ -328,6 +329,7 @@ class KvwireSending(Sending):
             secret=b"peers",
             chunk_bytes=CHUNK_KIB[0] * 1024,
         )
+        self.streams = self.tx.num_streams  # what streams=None chose, when not given
 
     def __call__(self, nbytes, rep):
         rid = f"r{nbytes}-{rep}"
@@ -411,13 +413,13 @@ def role_command(python: str, case: str, role: str) -> list[str]:
     return [python, "-m", "perf.peers", "--role", role, "--case", case]
 
 
-def run_case(case: str, sizes: list[int], python: str, streams: int, timeout_s: float) -> dict:
+def run_case(case: str, sizes: list[int], python: str, streams: str, timeout_s: float) -> dict:
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     common = [
         "--sizes",
         ",".join(str(n // MIB) for n in sizes),
         "--streams",
-        str(streams),
+        streams,
         "--chunk-kib",
         str(CHUNK_KIB[0]),
     ]
@@ -468,25 +470,32 @@ def summarize(raw: dict, sizes: list[int]) -> dict:
         for n in sizes:
             best = min(result["seconds"][str(n)])
             out[case][f"{n // MIB}MiB"] = {"gbps": round(n / best / GB, 3), "best_seconds": round(best, 6)}
-    base = out.get("raw_socket", {})
-    for case, result in out.items():
-        for key, cell in result.items():
-            if isinstance(cell, dict) and "gbps" in base.get(key, {}):
-                cell["ratio_to_raw_socket"] = round(cell["gbps"] / base[key]["gbps"], 3)
+    for reference in ("raw_socket", "raw_ucxx"):
+        base = out.get(reference, {})
+        for case, result in out.items():
+            for key, cell in result.items():
+                if isinstance(cell, dict) and "gbps" in base.get(key, {}):
+                    cell[f"ratio_to_{reference}"] = round(cell["gbps"] / base[key]["gbps"], 3)
+        for case, result in raw.items():
+            if "streams" in result:
+                out[case]["streams"] = result["streams"]
     return out
 
 
 def table(summary: dict, sizes: list[int]) -> str:
+    nan = float("nan")
     keys = [f"{n // MIB}MiB" for n in sizes]
-    lines = [f"{'case':<14}" + "".join(f"{k + ' GB/s':>14}{'x raw':>8}" for k in keys)]
+    lines = [f"{'case':<19}" + "".join(f"{k + ' GB/s':>14}{'x sock':>8}{'x ucxx':>8}" for k in keys)]
     for case, result in summary.items():
         if "error" in result:
-            lines.append(f"{case:<14}  unavailable: {result['error'][:100]}")
+            lines.append(f"{case:<19}  unavailable: {result['error'][:100]}")
             continue
-        row = f"{case:<14}"
+        row = f"{case:<19}"
         for k in keys:
-            row += f"{result[k]['gbps']:>14.3f}{result[k].get('ratio_to_raw_socket', float('nan')):>8.2f}"
-        lines.append(row + ("" if result["verified"] else "  (NOT VERIFIED)"))
+            cell = result[k]
+            row += f"{cell['gbps']:>14.3f}{cell.get('ratio_to_raw_socket', nan):>8.2f}{cell.get('ratio_to_raw_ucxx', nan):>8.2f}"
+        streams = f"  ({result['streams']} stream{'s' * (result['streams'] > 1)})" if "streams" in result else ""
+        lines.append(row + streams + ("" if result["verified"] else "  (NOT VERIFIED)"))
     return "\n".join(lines)
 
 
@@ -495,7 +504,9 @@ def main(argv=None) -> None:
     ap.add_argument("--json", action="store_true", help="print the JSON only")
     ap.add_argument("--sizes", default="1,16,256", help="MiB, comma-separated")
     ap.add_argument("--cases", default=",".join(CASES))
-    ap.add_argument("--streams", type=int, default=2, help="kvwire connections per Sender")
+    ap.add_argument(
+        "--streams", default="auto", help="kvwire connections per Sender (auto: the Sender's own choice, streams=None)"
+    )
     ap.add_argument("--chunk-kib", type=int, default=4096, help="kvwire chunk size")
     ap.add_argument(
         "--peers-python",
@@ -512,7 +523,7 @@ def main(argv=None) -> None:
     if args.role == "target":
         return target(args.case, max(sizes))
     if args.role == "initiator":
-        return initiator(args.case, json.loads(args.info), sizes, args.streams)
+        return initiator(args.case, json.loads(args.info), sizes, None if args.streams == "auto" else int(args.streams))
 
     load_before = os.getloadavg()
     raw = {}
@@ -525,7 +536,7 @@ def main(argv=None) -> None:
     summary = summarize(raw, sizes)
     result = {
         "benchmark": "peers",
-        "units": "GB/s (1e9 bytes/s), best of repeats; ratio_to_raw_socket per size",
+        "units": "GB/s (1e9 bytes/s), best of repeats; ratio_to_raw_socket and ratio_to_raw_ucxx per size",
         "transport": "loopback, two processes",
         "repeats": {f"{n // MIB}MiB": repeats_for(n) for n in sizes},
         "kvwire_streams": args.streams,

@@ -262,6 +262,23 @@ def test_auto_uses_ucx_when_it_brings_shared_memory(layout, rx_backend, caplog):
     assert caplog.text.count(f"{rx.address} uses ucx (ucx-local") == 1  # logged once for both connections
 
 
+@pytest.mark.parametrize("backend", ["ucx", "auto"])
+def test_a_sender_left_to_choose_opens_one_ucx_connection(layout, backend):
+    """UCX spreads one endpoint over its lanes; more connections only slowed it down."""
+    options = auto.AutoOptions(ucx=SHARED) if backend == "auto" else SHARED
+    kv = random_kv(layout, 40, seed=5)
+    with Receiver(layout, backend=backend, secret=SECRET, transport_options=options) as rx:
+        with Sender(layout, rx.address, backend=backend, secret=SECRET, transport_options=options) as tx:
+            assert (tx.num_streams, tx.backend_names) == (1, ["ucx"])
+            xfer = tx.open("one-stream", 40)
+            for i, tensors in enumerate(kv):
+                xfer.send_layer(i, tensors)
+            xfer.finish(timeout=10)
+        with rx.wait("one-stream", timeout=10) as got:
+            for i, tensors in enumerate(kv):
+                assert_same_bytes(got.layer(i), tensors)
+
+
 def test_auto_prefers_tcp_where_ucx_has_no_fabric_unless_told(layout, caplog):
     from kvwire.transport.ucx import fabrics
 
