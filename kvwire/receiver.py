@@ -84,6 +84,7 @@ class _Verifier:
                 job()
             except Exception:  # a job's failure is its request's, never the thread's
                 log.exception("verifying a chunk failed")
+            job = None  # waiting for the next job, this thread must not keep the last one's arrays alive
 
 
 @dataclass(eq=False)

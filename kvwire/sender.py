@@ -377,6 +377,9 @@ class Sender:
                     stream.conn.send(buffers)  # control messages and the chunk in one syscall
             except KVWireError as exc:
                 return self._stream_lost(stream, exc)
+            # Waiting for the next chunk, this thread must not keep the last one's arrays
+            # (the engine's, borrowed only until finish()) alive.
+            item = frame = buffers = xfer = None
 
     def _data_frame(
         self, stream: _Stream, xfer: Transfer, layer: int, chunk: int, resend: bool

@@ -7,9 +7,11 @@ does the same with host memory posing as CUDA memory under numba's simulator
 (kvwire.testing.hostcuda), which takes kvwire's device paths on a machine without a GPU.
 """
 
+import gc
 import os
 import threading
 import time
+import weakref
 
 import ml_dtypes
 import numpy as np
@@ -208,6 +210,29 @@ def test_receiving_into_engine_buffers(layout, receiver, sender):
         got.wait_all(timeout=10)
         for expected, target in zip(kv, targets):
             assert_same_bytes(on_host(target), expected)
+
+
+def test_nothing_holds_the_engines_arrays_once_a_request_is_done(layout, receiver, backend):
+    """Arrays are borrowed until finish() (sender) and release (receiver), not longer: an
+    engine's tensors are freed when it drops them, not when the next request comes by
+    (an idle I/O or verifier thread kept the last request's arrays, and the Transfer its
+    layers). Chunks of 1 MiB take the verifier thread too."""
+    kv = random_kv(layout, 40_000, seed=3)
+    with Sender(layout, receiver.address, backend=backend, streams=2, secret=SECRET, chunk_bytes=1 << 20) as tx:
+        sent = on_device([{n: a.copy() for n, a in t.items()} for t in kv])  # arrays only the test holds
+        targets = on_device([{n: np.zeros_like(a) for n, a in t.items()} for t in kv])
+        receiver.expect("borrowed", targets)
+        xfer = tx.open("borrowed", 40_000)
+        for i, tensors in enumerate(sent):
+            xfer.send_layer(i, tensors)
+        xfer.finish(timeout=30)
+        with receiver.wait("borrowed", timeout=10) as got:
+            got.wait_all(timeout=10)
+        assert_same_bytes(on_host(targets[3]), kv[3])
+        refs = [weakref.ref(a) for layer in sent + targets for a in layer.values()]
+        del sent, targets, got, tensors
+        wait_until(lambda: gc.collect() is not None and not [r for r in refs if r() is not None])
+        assert xfer.stats.layers == len(kv)  # the Transfer lives on; its arrays did not
 
 
 # -- streaming and concurrency -------------------------------------------------------------

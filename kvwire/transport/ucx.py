@@ -225,6 +225,7 @@ class _Hub:
         self.epoll.register(self.epoll_fd, select.EPOLLIN)
         self.epoll.register(self.kick_fd, select.EPOLLIN)
         self.watched: dict[int, UcxConnection] = {}
+        self.sending: set[UcxConnection] = set()  # connections holding buffers of sends in flight
         self._id_lock = threading.Lock()
         self.zombies: list = []  # requests UCX would not cancel: their buffers must outlive them
         self._self_ep = None  # an endpoint to this worker itself, for unblock()
@@ -364,6 +365,13 @@ class _Hub:
         return max(0.0, min(_IDLE_WAIT_S, deadline - time.monotonic()))
 
     def _round(self, requests: list, timeout: float) -> None:
+        try:
+            self._progress_and_wait(requests, timeout)
+        finally:
+            for conn in list(self.sending):
+                conn._forget_sent()
+
+    def _progress_and_wait(self, requests: list, timeout: float) -> None:
         with self.lock:
             self.worker.progress()  # (spinning here before sleeping measured slower on 2 busy cores)
             if (requests and all(r.completed for r in requests)) or not self.worker.arm():
@@ -563,6 +571,7 @@ class UcxConnection:
             nbytes = sum(a.nbytes for a in keep)
             self._inflight.append((requests, keep, nbytes))
             self._inflight_bytes += nbytes
+            self._hub.sending.add(self)
             self._reap(self._window_bytes)
 
     def _reap(self, limit_bytes: int) -> None:
@@ -585,6 +594,31 @@ class UcxConnection:
                 raise self._fail(_map_error(exc, self.peer), requests, keep) from None
             self._inflight.popleft()
             self._inflight_bytes -= nbytes
+
+    def _forget_sent(self) -> None:
+        """Let go of the buffers of sends UCX has finished with (``send`` does so on its next
+        call; the hub calls this after progressing the worker, so a connection that goes
+        idle does not keep the last request's arrays, borrowed only until finish(), alive).
+        A failed send is left for ``send`` to report."""
+        if self._closed:  # closing handed what UCX still holds to the hub's zombies (see _fail)
+            self._hub.sending.discard(self)
+            return
+        if not self._send_lock.acquire(blocking=False):
+            return  # send() holds it, and reaps
+        try:
+            while self._inflight and all(r.completed for r in self._inflight[0][0]):
+                requests, _, nbytes = self._inflight[0]
+                try:
+                    for r in requests:
+                        r.check_error()
+                except Exception:  # noqa: BLE001 - send() raises it
+                    break
+                self._inflight.popleft()
+                self._inflight_bytes -= nbytes
+            if not self._inflight:
+                self._hub.sending.discard(self)
+        finally:
+            self._send_lock.release()
 
     def recv_into(self, view) -> None:
         """Fill ``view`` exactly; large messages are received straight into it."""
@@ -823,6 +857,7 @@ class UcxConnection:
         if ctrl is not None and not ctrl.completed:
             self._hub.keep_until_done([ctrl], [self._ctrl_buf])
         self._hub.unwatch(self, self._sock_fd)
+        self._hub.sending.discard(self)  # what UCX would not let go of is in the hub's zombies (see _fail)
         self._sock.close()
 
     def __del__(self):
