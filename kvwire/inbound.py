@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from .errors import KVWireError, TransferTimeout
+from .errors import KVWireError, TransferTimeout, again, remembered
 from .layout import KVLayout
 from .placement import Expectation, place_layer, typed
 
@@ -146,7 +146,7 @@ class InboundRequest:
         with self.cv:
             if self.error is not None or self.done or self.released:
                 return False
-            self.error = error
+            self.error = remembered(error)
             self.cv.notify_all()
             return True
 
@@ -185,7 +185,7 @@ class InboundRequest:
             if self.done:
                 return
             if self.error is not None:
-                raise self.error
+                raise again(self.error)
             raise TransferTimeout(
                 f"request {self.request_id!r}: not complete after {timeout_s}s "
                 f"({self.num_ready}/{self.num_layers} layers arrived)"
@@ -204,7 +204,7 @@ class InboundRequest:
             if self.ready[layer]:
                 return self._arrays(layer)
             if self.error is not None:
-                raise self.error
+                raise again(self.error)
             raise TransferTimeout(
                 f"request {self.request_id!r}: layer {layer} not arrived after {timeout_s}s "
                 f"({self.num_ready}/{self.num_layers} layers arrived)"

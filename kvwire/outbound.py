@@ -22,7 +22,7 @@ from . import device, paged
 from .arrays import as_bytes
 from .codecs import bits_to_float32, encodes, geometry, get_codec
 from .dtypes import ITEMSIZE, accepts, exportable, numpy_dtype
-from .errors import KVWireError, PeerLostError, TransferAborted, TransferTimeout
+from .errors import KVWireError, PeerLostError, TransferAborted, TransferTimeout, again, remembered
 from .layout import ALIGN_BYTES, KVLayout, LayerPlan
 
 _PAD = memoryview(bytes(ALIGN_BYTES))
@@ -101,7 +101,7 @@ class Transfer:
         queue is full.
         """
         if self.error is not None:
-            raise self.error
+            raise again(self.error)
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"request {self.request_id!r}: layer {layer} out of range (layout has {self.num_layers})")
         if self._segments[layer] is not None:
@@ -181,7 +181,7 @@ class Transfer:
             else:
                 self._abort(TransferTimeout(f"request {self.request_id!r}: {confirmed}"))
         if self.error is not None:
-            raise self.error
+            raise again(self.error)
         return self.stats
 
     def abort(self, reason: str = "aborted by the sender") -> None:
@@ -306,7 +306,7 @@ class Transfer:
         with self._cv:
             if self.error is not None or self._num_acked == self.num_layers:
                 return False
-            self.error = error
+            self.error = remembered(error)
             self._cv.notify_all()
             return True
 

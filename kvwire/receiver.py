@@ -26,6 +26,7 @@ from .errors import (
     RequestRejected,
     TransferAborted,
     TransferTimeout,
+    again,
     error_from_kind,
     kind_of,
 )
@@ -255,7 +256,7 @@ class Receiver:
                     state.claimed = True
                     return ReceivedRequest(state, self._release_state)
                 if request_id in self._failures:
-                    raise self._failures[request_id]
+                    raise again(self._failures[request_id])
                 if self._closed:
                     raise PeerLostError("receiver is closed")
                 remaining = None if deadline is None else deadline - time.monotonic()

@@ -25,6 +25,7 @@ from .errors import (
     ProtocolError,
     RequestRejected,
     TransferTimeout,
+    again,
     error_from_kind,
     kind_of,
 )
@@ -339,7 +340,7 @@ class Sender:
                     max(0.0, xfer.deadline - time.monotonic()),
                 )
                 if xfer.error is not None:
-                    raise xfer.error
+                    raise again(xfer.error)
                 if not ok:
                     raise TransferTimeout(f"request {xfer.request_id!r}: send queue stayed full until the deadline")
                 self._queue.append((xfer, layer, chunk, False))

@@ -1,7 +1,9 @@
 """End to end over real sockets: what an engine relies on when it sends and receives KV."""
 
+import gc
 import threading
 import time
+import weakref
 
 import ml_dtypes
 import numpy as np
@@ -295,6 +297,32 @@ def test_deadline_fails_a_stalled_request_on_both_sides(layout, receiver, sender
         xfer.finish()
     assert receiver.bytes_in_use == 0
     send_all(sender, "next", kv, 8)  # the connections keep serving
+
+
+def test_a_remembered_failure_keeps_nothing_of_the_code_it_was_raised_in(layout, receiver, sender):
+    """A failed request's error is kept (and raised again to whoever asks), but not the
+    frames it passed through: raising the kept object itself attached each caller's
+    frames, and every array they held, to it for as long as it was remembered (the soak's
+    receiver grew by ~0.7 MiB a transfer)."""
+    kv = random_kv(layout, 8)
+
+    def engine(request_id):
+        scratch = np.ones(1 << 18)  # the engine's own array, alive in the frame the error passes
+        xfer = sender.open(request_id, 8, timeout=0.3)
+        xfer.send_layer(0, kv[0])
+        got = receiver.wait(request_id, timeout=5)
+        with pytest.raises(TransferTimeout):
+            got.wait_done(timeout=5)
+        wait_until(lambda: xfer.error is not None)
+        with pytest.raises(TransferTimeout):
+            xfer.send_layer(1, kv[1])
+        return weakref.ref(scratch)
+
+    refs = [engine("doomed"), engine("doomed-too")]
+    gc.collect()
+    assert all(r() is None for r in refs)
+    with pytest.raises(TransferTimeout, match="request 'doomed' from .* missed its deadline"):
+        receiver.wait("doomed", timeout=1)  # still remembered, raised anew
 
 
 def test_sender_side_timeout_aborts_the_request_on_the_receiver(layout, receiver, sender):
