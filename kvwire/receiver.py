@@ -47,6 +47,7 @@ _DRAIN_BYTES = 1 << 20
 _SMALL_PIECE_BYTES = 64 * 1024
 _OVERLAP_MIN_BYTES = 1 << 20  # chunks at least this large are verified while the next one arrives
 _REMEMBERED_FAILURES = 4096
+_REMEMBERED_OUTCOMES = 1024  # per session: a sender only re-sends requests it has not finished
 
 
 class _Verifier:
@@ -138,6 +139,15 @@ class _Session:
     lost_cause: str = ""
     counters: PeerCounters = field(default_factory=PeerCounters)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # How requests this receiver let go of ended: None (every layer delivered) or the Abort
+    # it sent. Said again to a resumed sender re-sending their data (see _on_data).
+    outcomes: collections.OrderedDict = field(default_factory=collections.OrderedDict)
+
+    def remember(self, rid: int, outcome: Abort | None) -> None:
+        """Under ``lock``."""
+        self.outcomes[rid] = outcome
+        while len(self.outcomes) > _REMEMBERED_OUTCOMES:
+            self.outcomes.popitem(last=False)
 
 
 class Receiver:
@@ -521,7 +531,15 @@ class Receiver:
         if state is None:
             if msg.rid > session.max_rid:
                 raise ProtocolError(f"data for request number {msg.rid} before its Open")
-            return self._drain(stream.conn, msg.nbytes)
+            self._drain(stream.conn, msg.nbytes)
+            # A resumed sender re-sends layers it had no ack for, of a request this receiver
+            # has finished with: the ack (or abort) died with the connection that carried
+            # it. Say it again, or the sender waits for it until its deadline.
+            with session.lock:
+                known, outcome = msg.rid in session.outcomes, session.outcomes.get(msg.rid)
+            if known:
+                self._tell(stream, Ack(msg.rid, msg.layer) if outcome is None else outcome)
+            return
         if (
             msg.layer < state.num_layers
             and msg.chunk < state.num_chunks[msg.layer]
@@ -672,20 +690,23 @@ class Receiver:
             return
         log.warning("request %r from %s failed: %s: %s", state.request_id, state.peer, type(error).__name__, error)
         session.counters.failed()
-        self._forget(state)
+        abort = Abort(state.rid, kind_of(error), str(error))
+        self._forget(state, abort)
         with self._lock:
             self._failures[state.request_id] = error
             while len(self._failures) > _REMEMBERED_FAILURES:
                 self._failures.popitem(last=False)
             self._lock.notify_all()
         if tell_sender:
-            self._tell_session(session, Abort(state.rid, kind_of(error), str(error)))
+            self._tell_session(session, abort)
 
-    def _forget(self, state: InboundRequest) -> None:
-        """Drop a request from every table and return its memory to the budget."""
+    def _forget(self, state: InboundRequest, outcome: Abort | None) -> None:
+        """Drop a request from every table and return its memory to the budget; its
+        session remembers the ``outcome`` told to the sender (None: delivered)."""
         session = state.session
         with session.lock:
             session.requests.pop(state.rid, None)
+            session.remember(state.rid, outcome)
         with self._lock:
             if self._requests.get(state.request_id) is state:
                 del self._requests[state.request_id]
@@ -698,11 +719,17 @@ class Receiver:
 
     def _release_state(self, state: InboundRequest) -> None:
         in_flight = not state.done and state.error is None
-        state.mark_released()
-        self._forget(state)
-        if in_flight:
+        if state.error is not None:
+            outcome = Abort(state.rid, kind_of(state.error), str(state.error))
+        elif in_flight:
             reason = f"receiver released request {state.request_id!r} before it completed"
-            self._tell_session(state.session, Abort(state.rid, "aborted", reason))
+            outcome = Abort(state.rid, "aborted", reason)
+        else:
+            outcome = None
+        state.mark_released()
+        self._forget(state, outcome)
+        if in_flight:
+            self._tell_session(state.session, outcome)
 
     def _deadline_loop(self) -> None:
         while True:

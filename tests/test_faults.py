@@ -144,6 +144,37 @@ def test_a_dropped_connection_resumes_from_the_last_verified_layer(layout, recei
     assert receiver.bytes_in_use == 0
 
 
+def test_an_ack_lost_with_its_connection_is_given_again_after_the_engine_released_the_request(
+    layout, receiver, monkeypatch
+):
+    """The receiver verified every layer, acked them, and the engine released the request;
+    one ack died with its connection. The resumed sender re-sends that layer: the receiver,
+    which no longer holds the request, must ack it again (it drained it silently, and the
+    sender's finish() ran into its deadline for bytes that had arrived: 3 of ~400 drops in a
+    soak)."""
+    real_on_ack, lost = Sender._on_ack, []
+
+    def on_ack(self, msg):
+        if msg.layer == 1 and not lost:
+            lost.append(msg)  # lost with the connection that carried it
+            return
+        real_on_ack(self, msg)
+
+    monkeypatch.setattr(Sender, "_on_ack", on_ack)
+    kv = random_kv(layout, 40, seed=2)
+    with Sender(layout, receiver.address, secret=SECRET, streams=1) as tx:
+        xfer = tx.open("late-ack", 40, timeout=10)
+        for i, tensors in enumerate(kv):
+            xfer.send_layer(i, tensors)
+        with receiver.wait("late-ack", timeout=5) as got:
+            for i, tensors in enumerate(kv):
+                assert_same_bytes(got.layer(i, timeout=5), tensors)
+        wait_until(lambda: lost and all(xfer.layer_sent(i) for i in (0, 2, 3)))
+        tx._stream_lost(tx._streams[0], PeerLostError("injected: the connection that carried the ack closed"))
+        stats = xfer.finish(timeout=5)
+    assert stats.resent_bytes == layout.plan(1, 40).nbytes  # the one unacked layer went again
+
+
 def test_a_link_that_keeps_dropping_fails_by_the_deadline_on_both_sides(layout, receiver):
     with FaultyRelay(receiver.address, Fault(cut_at=300_000)) as relay:
         with Sender(layout, relay.address, secret=SECRET, streams=1) as tx:
