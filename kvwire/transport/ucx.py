@@ -600,7 +600,7 @@ class UcxConnection:
         call; the hub calls this after progressing the worker, so a connection that goes
         idle does not keep the last request's arrays, borrowed only until finish(), alive).
         A failed send is left for ``send`` to report."""
-        if self._closed:  # closing handed what UCX still holds to the hub's zombies (see _fail)
+        if self._closed:  # what UCX may still touch stays in _inflight (or the hub's zombies, see _fail)
             self._hub.sending.discard(self)
             return
         if not self._send_lock.acquire(blocking=False):
@@ -857,7 +857,7 @@ class UcxConnection:
         if ctrl is not None and not ctrl.completed:
             self._hub.keep_until_done([ctrl], [self._ctrl_buf])
         self._hub.unwatch(self, self._sock_fd)
-        self._hub.sending.discard(self)  # what UCX would not let go of is in the hub's zombies (see _fail)
+        self._hub.sending.discard(self)  # (closed: _forget_sent no longer applies)
         self._sock.close()
 
     def __del__(self):
