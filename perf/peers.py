@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -476,10 +475,17 @@ def summarize(raw: dict, sizes: list[int]) -> dict:
             for key, cell in result.items():
                 if isinstance(cell, dict) and "gbps" in base.get(key, {}):
                     cell[f"ratio_to_{reference}"] = round(cell["gbps"] / base[key]["gbps"], 3)
-        for case, result in raw.items():
-            if "streams" in result:
-                out[case]["streams"] = result["streams"]
+    for case, result in raw.items():
+        if "streams" in result:
+            out[case]["streams"] = result["streams"]
     return out
+
+
+def streams_label(result: dict) -> str:
+    """ " (N streams)" for a kvwire case, which reports what its Sender opened."""
+    if "streams" not in result:
+        return ""
+    return f" ({result['streams']} stream{'s' * (result['streams'] > 1)})"
 
 
 def table(summary: dict, sizes: list[int]) -> str:
@@ -494,9 +500,33 @@ def table(summary: dict, sizes: list[int]) -> str:
         for k in keys:
             cell = result[k]
             row += f"{cell['gbps']:>14.3f}{cell.get('ratio_to_raw_socket', nan):>8.2f}{cell.get('ratio_to_raw_ucxx', nan):>8.2f}"
-        streams = f"  ({result['streams']} stream{'s' * (result['streams'] > 1)})" if "streams" in result else ""
-        lines.append(row + streams + ("" if result["verified"] else "  (NOT VERIFIED)"))
+        lines.append(row + streams_label(result) + ("" if result["verified"] else "  (NOT VERIFIED)"))
     return "\n".join(lines)
+
+
+def plot(result: dict, path: str) -> None:
+    """GB/s per size (log scale), one bar per case; raw ucxx's level dashed across each size."""
+    import matplotlib.pyplot as plt
+
+    from perf.plots import _finish  # (sets matplotlib's Agg backend)
+
+    cases = {c: r for c, r in result["results"].items() if "error" not in r}
+    sizes = list(result["repeats"])
+    fig, ax = plt.subplots(figsize=(9, 5))
+    width = 0.8 / max(1, len(cases))
+    for i, (case, cells) in enumerate(cases.items()):
+        xs = [s + (i - (len(cases) - 1) / 2) * width for s in range(len(sizes))]
+        bars = ax.bar(xs, [cells[k]["gbps"] for k in sizes], width, label=case + streams_label(cells))
+        ax.bar_label(bars, fmt="%.1f", fontsize=6)
+    if "raw_ucxx" in cases:
+        for s, key in enumerate(sizes):
+            ax.hlines(cases["raw_ucxx"][key]["gbps"], s - 0.42, s + 0.42, colors="0.3", linestyles="dashed", lw=0.8)
+    ax.set_xticks(range(len(sizes)), sizes)
+    ax.set_yscale("log")
+    ax.set_ylabel("GB/s (best of repeats)")
+    ax.set_title("loopback, two processes, every byte verified (dashed: raw ucxx)", fontsize=10)
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.08))
+    _finish(fig, ax, result, path)
 
 
 def main(argv=None) -> None:
@@ -525,6 +555,8 @@ def main(argv=None) -> None:
     if args.role == "initiator":
         return initiator(args.case, json.loads(args.info), sizes, None if args.streams == "auto" else int(args.streams))
 
+    from perf.plots import machine_info  # not at the top: the peers' venv runs this file without matplotlib
+
     load_before = os.getloadavg()
     raw = {}
     for case in args.cases.split(","):
@@ -544,7 +576,7 @@ def main(argv=None) -> None:
         "results": summary,
         "load_average_before_after": [round(x, 2) for x in (*load_before, *os.getloadavg())],
         "caveat": "the CPUs may be shared with other work; compare cases from the same run only",
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": machine_info(),
     }
     if not args.json:
         print(table(summary, sizes))
