@@ -480,10 +480,11 @@ class Receiver:
                 session.requests[msg.rid] = self._admit(msg, session)
                 return
             except RequestRejected as exc:
-                refusal = exc
-        log.warning("refused request %r from %s: %s", msg.request_id, session.peer, refusal)
+                refusal = Abort(msg.rid, "rejected", str(exc))
+                session.remember(msg.rid, refusal)  # said again if this refusal dies with its connection
+        log.warning("refused request %r from %s: %s", msg.request_id, session.peer, refusal.reason)
         session.counters.failed()
-        self._tell(stream, Abort(msg.rid, "rejected", str(refusal)))
+        self._tell(stream, refusal)
 
     def _admit(self, msg: Open, session: _Session) -> InboundRequest:
         try:

@@ -13,6 +13,7 @@ from kvwire import (
     LayoutMismatchError,
     PeerLostError,
     Receiver,
+    RequestRejected,
     Sender,
     TransferTimeout,
 )
@@ -173,6 +174,32 @@ def test_an_ack_lost_with_its_connection_is_given_again_after_the_engine_release
         tx._stream_lost(tx._streams[0], PeerLostError("injected: the connection that carried the ack closed"))
         stats = xfer.finish(timeout=5)
     assert stats.resent_bytes == layout.plan(1, 40).nbytes  # the one unacked layer went again
+
+
+def test_a_refusal_that_never_reached_the_sender_is_given_again(layout, receiver, monkeypatch):
+    """A request refused at Open whose Abort was lost (with its connection) is refused
+    again when its data comes by, rather than drained in silence until the deadline."""
+    real_on_abort, lost = Sender._on_abort, []
+
+    def on_abort(self, msg):
+        if not lost:
+            lost.append(msg)
+            return
+        real_on_abort(self, msg)
+
+    monkeypatch.setattr(Sender, "_on_abort", on_abort)
+    kv = random_kv(layout, 40, seed=4)
+    with Sender(layout, receiver.address, secret=SECRET, streams=1) as tx:
+        first = tx.open("twice", 40)
+        first.send_layer(0, kv[0])
+        receiver.wait("twice", timeout=5)  # in flight: the receiver holds the id
+        second = tx.open("twice", 40, timeout=10)
+        with pytest.raises(RequestRejected, match="'twice' is already in flight"):  # from send_layer or finish
+            for i, tensors in enumerate(kv):
+                second.send_layer(i, tensors)
+            second.finish(timeout=5)
+        assert lost and lost[0].kind == "rejected"
+        first.abort()
 
 
 def test_a_link_that_keeps_dropping_fails_by_the_deadline_on_both_sides(layout, receiver):
