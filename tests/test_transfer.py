@@ -308,7 +308,7 @@ def test_a_remembered_failure_keeps_nothing_of_the_code_it_was_raised_in(layout,
 
     def engine(request_id):
         scratch = np.ones(1 << 18)  # the engine's own array, alive in the frame the error passes
-        xfer = sender.open(request_id, 8, timeout=0.3)
+        xfer = sender.open(request_id, 8, timeout=1.0)
         xfer.send_layer(0, kv[0])
         got = receiver.wait(request_id, timeout=5)
         with pytest.raises(TransferTimeout):

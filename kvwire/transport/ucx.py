@@ -68,7 +68,7 @@ import msgspec
 import numpy as np
 
 from .. import device
-from ..errors import KVWireError, PeerLostError, ProtocolError, TransferTimeout
+from ..errors import KVWireError, PeerLostError, ProtocolError, TransferTimeout, again, remembered
 from .base import LinkStats
 from .tcp import TcpOptions, _configure, format_address, parse_address
 
@@ -606,6 +606,8 @@ class UcxConnection:
         if not self._send_lock.acquire(blocking=False):
             return  # send() holds it, and reaps
         try:
+            if self._closed:  # _fail gathers what is in flight without this lock
+                return
             while self._inflight and all(r.completed for r in self._inflight[0][0]):
                 requests, _, nbytes = self._inflight[0]
                 try:
@@ -772,7 +774,7 @@ class UcxConnection:
 
     def _check(self) -> None:
         if self._error is not None:
-            raise type(self._error)(str(self._error))
+            raise again(self._error)
         if self._closed:
             raise PeerLostError(f"UCX connection to {self.peer} was closed")
 
@@ -809,14 +811,15 @@ class UcxConnection:
     def _fail(self, error: KVWireError, requests: list, keep: list) -> KVWireError:
         """Break the connection and make sure UCX no longer touches the caller's buffers."""
         if self._error is None:
-            self._error = error if not self._closed else PeerLostError(f"UCX connection to {self.peer} was closed")
+            closed = PeerLostError(f"UCX connection to {self.peer} was closed")
+            self._error = remembered(error if not self._closed else closed)
         self._closed = True
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
         self._close_endpoint()
-        for pending, buffers, _ in self._inflight:
+        for pending, buffers, _ in tuple(self._inflight):  # (the hub's _forget_sent may pop meanwhile)
             requests, keep = requests + pending, keep + buffers
         try:  # progress through the hub: two threads progressing one worker at once crash ucxx
             self._hub.wait(None, requests, time.monotonic() + _CLOSE_GRACE_S)
@@ -825,7 +828,7 @@ class UcxConnection:
         if not all(r.completed for r in requests):
             log.warning("UCX requests to %s did not cancel; keeping their buffers alive", self.peer)
             self._hub.keep_until_done(requests, keep)
-        return self._error
+        return again(self._error)  # raised by each caller: a copy, or each raise would chain its frames to it
 
     def _close_endpoint(self) -> None:
         with self._post_lock:
