@@ -47,7 +47,7 @@ _DRAIN_BYTES = 1 << 20
 _SMALL_PIECE_BYTES = 64 * 1024
 _OVERLAP_MIN_BYTES = 1 << 20  # chunks at least this large are verified while the next one arrives
 _REMEMBERED_FAILURES = 4096
-_REMEMBERED_OUTCOMES = 1024  # per session: a sender only re-sends requests it has not finished
+_REMEMBERED_OUTCOMES = 4096  # per session: a sender re-sends only requests it has not finished (small entries)
 
 
 class _Verifier:
