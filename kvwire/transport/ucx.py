@@ -581,19 +581,28 @@ class UcxConnection:
         while the peer receives this one); the buffers stay referenced here until UCX is
         done with them. kvwire's Sender never reuses a buffer before the receiver acks it.
         """
-        while self._inflight:
-            requests, keep, nbytes = self._inflight[0]
-            if self._inflight_bytes > limit_bytes and not all(r.completed for r in requests):
-                self._wait(requests, keep)
-            elif not all(r.completed for r in requests):
+        while True:
+            error = self._pop_completed()
+            if error is not None:
+                requests, keep, _ = self._inflight[0]
+                raise self._fail(_map_error(error, self.peer), requests, keep) from None
+            if not self._inflight or self._inflight_bytes <= limit_bytes:
                 return
+            self._wait(*self._inflight[0][:2])
+
+    def _pop_completed(self) -> BaseException | None:
+        """Forget the sends at the head that UCX has finished with; the error of the first
+        one that failed (left in place), if any. Under ``_send_lock``."""
+        while self._inflight and all(r.completed for r in self._inflight[0][0]):
+            requests, _, nbytes = self._inflight[0]
             try:
                 for r in requests:
                     r.check_error()
-            except Exception as exc:  # noqa: BLE001
-                raise self._fail(_map_error(exc, self.peer), requests, keep) from None
+            except Exception as exc:  # noqa: BLE001 - any UCX failure; the caller decides
+                return exc
             self._inflight.popleft()
             self._inflight_bytes -= nbytes
+        return None
 
     def _forget_sent(self) -> None:
         """Let go of the buffers of sends UCX has finished with (``send`` does so on its next
@@ -608,15 +617,7 @@ class UcxConnection:
         try:
             if self._closed:  # _fail gathers what is in flight without this lock
                 return
-            while self._inflight and all(r.completed for r in self._inflight[0][0]):
-                requests, _, nbytes = self._inflight[0]
-                try:
-                    for r in requests:
-                        r.check_error()
-                except Exception:  # noqa: BLE001 - send() raises it
-                    break
-                self._inflight.popleft()
-                self._inflight_bytes -= nbytes
+            self._pop_completed()  # a failed send stays, for send() to report
             if not self._inflight:
                 self._hub.sending.discard(self)
         finally:
