@@ -691,8 +691,7 @@ class Receiver:
             return
         log.warning("request %r from %s failed: %s: %s", state.request_id, state.peer, type(error).__name__, error)
         session.counters.failed()
-        abort = Abort(state.rid, kind_of(error), str(error))
-        self._forget(state, abort)
+        abort = self._forget(state)
         with self._lock:
             self._failures[state.request_id] = error
             while len(self._failures) > _REMEMBERED_FAILURES:
@@ -701,10 +700,17 @@ class Receiver:
         if tell_sender:
             self._tell_session(session, abort)
 
-    def _forget(self, state: InboundRequest, outcome: Abort | None) -> None:
+    def _forget(self, state: InboundRequest) -> Abort | None:
         """Drop a request from every table and return its memory to the budget; its
-        session remembers the ``outcome`` told to the sender (None: delivered)."""
+        session remembers, and this returns, what the sender is told of it (None: every
+        layer was delivered, else the Abort)."""
         session = state.session
+        if state.error is not None:
+            outcome = Abort(state.rid, kind_of(state.error), str(state.error))
+        elif state.done:
+            outcome = None
+        else:
+            outcome = Abort(state.rid, "aborted", f"receiver released request {state.request_id!r} before it completed")
         with session.lock:
             session.requests.pop(state.rid, None)
             session.remember(state.rid, outcome)
@@ -717,18 +723,12 @@ class Receiver:
         if not state.wait_writes(2.0):
             for stream in list(session.streams):
                 stream.conn.close()
+        return outcome
 
     def _release_state(self, state: InboundRequest) -> None:
+        state.mark_released()  # from here no layer completes: done and error are what _forget sees
         in_flight = not state.done and state.error is None
-        if state.error is not None:
-            outcome = Abort(state.rid, kind_of(state.error), str(state.error))
-        elif in_flight:
-            reason = f"receiver released request {state.request_id!r} before it completed"
-            outcome = Abort(state.rid, "aborted", reason)
-        else:
-            outcome = None
-        state.mark_released()
-        self._forget(state, outcome)
+        outcome = self._forget(state)
         if in_flight:
             self._tell_session(state.session, outcome)
 
