@@ -83,7 +83,7 @@ def as_device_array(obj):
         from .testing.hostcuda import HostCudaArray
 
         return np.asarray(obj).view(HostCudaArray)
-    from numba import cuda
+    from .cuda.compat import cuda
 
     if type(obj).__module__.startswith("torch"):
         # torch's __cuda_array_interface__ names no stream, so numba cannot wait for the
@@ -99,7 +99,7 @@ def synchronize() -> None:
     """Wait for kvwire's copies and kernels on the device (numba's default stream): before
     a landing buffer is reused, and before a layer is handed to the engine as ready."""
     if not simulated():
-        from numba import cuda
+        from .cuda.compat import cuda
 
         cuda.synchronize()
 
@@ -128,7 +128,7 @@ def empty(nbytes: int):
         from .testing.hostcuda import host_cuda
 
         return host_cuda(np.empty(nbytes, dtype=np.uint8))
-    from numba import cuda
+    from .cuda.compat import cuda
 
     return cuda.device_array(nbytes, dtype=np.uint8)
 

@@ -22,10 +22,10 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     import torch
-    from numba import cuda
 
     from kvwire.codecs import bits_to_float32, get_codec
     from kvwire.cuda import ops
+    from kvwire.cuda.compat import cuda
 
     block, tokens = 16, args.tokens
     rows_out = []
@@ -58,16 +58,28 @@ def main(argv=None) -> int:
             encode_s = timed(lambda: ops.gather_quantize(bits, "bfloat16", device_rows, codec, heads, dim))
             codes, scales = ops.gather_quantize(bits, "bfloat16", device_rows, codec, heads, dim)
             ref_codes, ref_scales = get_codec(codec).encode(x)
-            identical = codes.copy_to_host().tobytes() == ref_codes.tobytes() and scales.copy_to_host().tobytes() == ref_scales.tobytes()
+            identical = (
+                codes.copy_to_host().tobytes() == ref_codes.tobytes()
+                and scales.copy_to_host().tobytes() == ref_scales.tobytes()
+            )
             out = torch.zeros_like(pool)
             out_bits = ops.device_rows(out, num_blocks * block, "bfloat16", encoded=True)
-            decode_s = timed(lambda: ops.dequantize_scatter(codes, scales, codec, heads, dim, device_rows, out_bits, "bfloat16"))
-            rows_out.append({
-                "layer": layer, "tokens": tokens, "codec": codec, "identical_to_cpu": identical,
-                "encode_gbps": round(nbytes / encode_s / 1e9, 1), "decode_gbps": round(nbytes / decode_s / 1e9, 1),
-                "d2d_copy_gbps": round(nbytes / d2d / 1e9, 1),
-                "encode_vs_d2d": round(d2d / encode_s, 3), "decode_vs_d2d": round(d2d / decode_s, 3),
-            })
+            decode_s = timed(
+                lambda: ops.dequantize_scatter(codes, scales, codec, heads, dim, device_rows, out_bits, "bfloat16")
+            )
+            rows_out.append(
+                {
+                    "layer": layer,
+                    "tokens": tokens,
+                    "codec": codec,
+                    "identical_to_cpu": identical,
+                    "encode_gbps": round(nbytes / encode_s / 1e9, 1),
+                    "decode_gbps": round(nbytes / decode_s / 1e9, 1),
+                    "d2d_copy_gbps": round(nbytes / d2d / 1e9, 1),
+                    "encode_vs_d2d": round(d2d / encode_s, 3),
+                    "decode_vs_d2d": round(d2d / decode_s, 3),
+                }
+            )
     report = {"gpu_check": "kvwire codec kernels", "gpu": torch.cuda.get_device_name(0), "rows": rows_out}
     print(json.dumps(report) if args.json else json.dumps(report, indent=1))
     return 0

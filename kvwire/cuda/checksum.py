@@ -9,9 +9,10 @@ per 4 KiB, are copied to host, where they are combined with the frame header.
 from __future__ import annotations
 
 import numpy as np
-from numba import cuda, uint64
+from numba import uint64
 
 from ..wire.blocksum import BLOCK_BYTES, BLOCK_WORDS, MULTIPLIERS, combine, num_blocks
+from .compat import cuda
 
 THREADS = 256
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import math
 
-from numba import cuda, float32
+from numba import float32
+
+from .compat import cuda
 
 THREADS = 128  # threads per block (the shared-memory reduction is sized for it)
 

@@ -9,11 +9,11 @@ bfloat16/float16 pools are passed as their uint16 bits.
 from __future__ import annotations
 
 import numpy as np
-from numba import cuda
 
 from .. import device
 from ..codecs import FP8_BLOCK_TOKENS, INT4_GROUP
 from . import kernels
+from .compat import cuda
 
 KINDS = {"float32": kernels.KIND_F32, "bfloat16": kernels.KIND_BF16, "float16": kernels.KIND_F16}
 CODEC_IDS = {"fp8": kernels.CODEC_FP8, "int8": kernels.CODEC_INT8, "int4": kernels.CODEC_INT4}

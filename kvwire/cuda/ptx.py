@@ -15,7 +15,7 @@ import sys
 from types import SimpleNamespace
 from unittest import mock
 
-from numba import cuda
+from .compat import cuda
 
 KERNEL_SIGNATURES = {
     "gather_quantize": [

@@ -1,0 +1,20 @@
+"""``numba.cuda``, importable with numpy 2.5.
+
+numba-cuda (0.30.4, the newest release) registers an overload of ``np.row_stack`` when
+``numba.cuda`` is imported for a real GPU; numpy 2.5 removed that alias of ``np.vstack``,
+so the import fails with AttributeError, and every device path of kvwire with it (seen on
+a GPU machine with numpy 2.5.2 and numba-cuda's image default). Restoring the alias where
+it is missing changes nothing numpy computes: it was ``vstack`` under an older name.
+Every kvwire module imports ``cuda`` from here, never from numba directly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+if not hasattr(np, "row_stack"):
+    np.row_stack = np.vstack
+
+from numba import cuda  # after the alias
+
+__all__ = ["cuda"]
