@@ -36,6 +36,11 @@ _SIMULATOR_LOCK = threading.RLock()
 
 def is_device(obj) -> bool:
     """Whether ``obj`` is CUDA memory (or, in the simulator, host memory posing as such)."""
+    if type(obj).__module__.startswith("torch"):
+        # Asked directly: torch raises KeyError, not AttributeError, from the
+        # __cuda_array_interface__ of a dtype it cannot name there (float8), which
+        # hasattr would let through. kvwire views torch tensors as bytes before use.
+        return getattr(getattr(obj, "device", None), "type", None) == "cuda"
     return hasattr(obj, "__cuda_array_interface__") and not isinstance(obj, (memoryview, bytes, bytearray))
 
 

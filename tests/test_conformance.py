@@ -80,10 +80,14 @@ def on_device(kv):
         return kv
     if DEVICE == "sim":
         return [{n: host_cuda(a) for n, a in t.items()} for t in kv]
-    return [
-        {n: torch.from_numpy(a.view(np.uint8).copy()).view(_torch_dtype(a.dtype)).to(DEVICE) for n, a in t.items()}
-        for t in kv
-    ]
+    return [{n: _torch_copy(a).to(DEVICE) for n, a in t.items()} for t in kv]
+
+
+def _torch_copy(array: np.ndarray) -> torch.Tensor:
+    """A torch CPU tensor with ``array``'s bits (empty arrays too, which torch cannot view)."""
+    tensor = torch.empty(array.shape, dtype=_torch_dtype(array.dtype))
+    tensor.view(torch.uint8).numpy()[...] = array.view(np.uint8)
+    return tensor
 
 
 def tensor_on_device(tensor):
