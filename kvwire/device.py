@@ -145,8 +145,18 @@ def copy(dst, src) -> None:
     if not (is_device(dst) or is_device(src)) or simulated():  # host to host needs no numba
         np.asarray(dst)[...] = src
         return
-    if is_device(dst):
-        as_device_array(dst).copy_to_device(as_device_array(src) if is_device(src) else np.ascontiguousarray(src))
+    if is_device(dst) and is_device(src):
+        dst_array, src_array = as_device_array(dst), as_device_array(src)  # (imports numba.cuda safely)
+        from numba.cuda.cudadrv import driver
+
+        # Straight to cuMemcpyDtoD: numba's copy_to_device first re-derives both arrays'
+        # extents and contiguity in Python, per call.
+        if dst_array.nbytes != src_array.nbytes:
+            raise ValueError(f"device copy of {src_array.nbytes} bytes into {dst_array.nbytes}")
+        if dst_array.nbytes:
+            driver.device_to_device(dst_array, src_array, dst_array.nbytes)
+    elif is_device(dst):
+        as_device_array(dst).copy_to_device(np.ascontiguousarray(src))
     else:
         as_device_array(src).copy_to_host(dst)
 
