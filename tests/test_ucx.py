@@ -351,3 +351,11 @@ def test_fabric_transports_are_read_from_the_ucx_resource_list():
 #      resource 4  :  md 3  dev 2  flags s- ud_verbs/mlx5_0:1
 #      resource 5  :  md 4  dev 3  flags -- cuda_ipc/cuda"""
     assert ucx.fabric_transports(info) == ["rc_mlx5", "ud_verbs"]
+    assert {"cuda_ipc", "cma", "tcp"} <= ucx.context_transports(info)
+
+
+def test_a_ucx_that_can_open_no_gpu_does_not_take_cuda_memory():
+    """UCX built with CUDA says cuda_support on a machine without a GPU too; only a
+    device it can open (cuda_copy among its resources) lets CUDA memory go as is."""
+    hub = ucx._Hub.get(ucx.UcxOptions())
+    assert hub.cuda == ("cuda_copy" in ucx.context_transports(hub.context.info))

@@ -146,9 +146,14 @@ _NOT_FABRICS = frozenset(
 _RESOURCE = re.compile(r"resource\s+\d+\s*:.*flags\s+\S+\s+([\w.]+)/")
 
 
+def context_transports(context_info: str) -> set[str]:
+    """The transports in a UCX context's resource list (tcp, cma, cuda_copy, rc, ...)."""
+    return {m.group(1) for m in _RESOURCE.finditer(context_info)}
+
+
 def fabric_transports(context_info: str) -> list[str]:
     """The fabric transports (RDMA: rc, ud, dc, ...) in a UCX context's resource list."""
-    return sorted({m.group(1) for m in _RESOURCE.finditer(context_info)} - _NOT_FABRICS)
+    return sorted(context_transports(context_info) - _NOT_FABRICS)
 
 
 def fabrics(options: UcxOptions | None = None) -> list[str]:
@@ -215,8 +220,11 @@ class _Hub:
         self.epoll_fd = self.worker.epoll_file_descriptor
         self.address = bytes(self.worker.address)
         self.host_id = _host_id()
-        self.cuda = bool(self.context.cuda_support)
-        self.fabrics = fabric_transports(self.context.info)
+        info = self.context.info
+        # A UCX built with CUDA reports cuda_support on a machine without a GPU too; only
+        # a device UCX can open (cuda_copy in its resources) means CUDA memory can go as is.
+        self.cuda = bool(self.context.cuda_support) and "cuda_copy" in context_transports(info)
+        self.fabrics = fabric_transports(info)
         self._ids = itertools.count(int.from_bytes(os.urandom(2), "little") << 16)
         self.cond = threading.Condition()
         self.leader: int | None = None
