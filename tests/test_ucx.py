@@ -11,7 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from kvwire import PeerLostError, ProtocolError, Receiver, Sender, TransferTimeout
+from kvwire import PeerLostError, ProtocolError, Receiver, Sender, TransferTimeout, device
+from kvwire.sender import DEFAULT_CHUNK_BYTES, DEVICE_CHUNK_BYTES
 from kvwire.transport import get_backend
 
 from .conftest import assert_same_bytes, kill, random_kv, run_in_subprocess, tls_contexts
@@ -277,6 +278,22 @@ def test_a_sender_left_to_choose_opens_one_ucx_connection(layout, backend):
         with rx.wait("one-stream", timeout=10) as got:
             for i, tensors in enumerate(kv):
                 assert_same_bytes(got.layer(i), tensors)
+
+
+@pytest.mark.parametrize("backend", ["tcp", "ucx"])
+def test_chunks_are_4_mib_unless_told_where_no_gpu_takes_them(layout, backend):
+    """64 MiB chunks (DEVICE_CHUNK_BYTES) only where every connection takes CUDA memory
+    on a real GPU; the simulator's device memory is host memory and keeps host chunks."""
+    options = SHARED if backend == "ucx" else None
+    with Receiver(layout, backend=backend, secret=SECRET, transport_options=options) as rx:
+        with Sender(layout, rx.address, backend=backend, secret=SECRET, transport_options=options) as tx:
+            on_gpu = tx.takes_device_memory and not device.simulated()  # KVWIRE_TEST_DEVICE=cuda on a GPU
+            assert tx.chunk_bytes == (DEVICE_CHUNK_BYTES if on_gpu else DEFAULT_CHUNK_BYTES)
+            assert (DEFAULT_CHUNK_BYTES, DEVICE_CHUNK_BYTES) == (4 << 20, 64 << 20)
+        with Sender(
+            layout, rx.address, backend=backend, secret=SECRET, transport_options=options, chunk_bytes=1 << 20
+        ) as tx:
+            assert tx.chunk_bytes == 1 << 20
 
 
 def test_auto_prefers_tcp_where_ucx_has_no_fabric_unless_told(layout, caplog):
