@@ -5,7 +5,9 @@ Receiver whose ``expect`` buffers are CUDA tensors. Frames go out from device me
 are checksummed on the GPU (blocksum) at both ends; the receiver compares every byte on
 the GPU. Prints GB/s of the whole request (open to the receiver's last ack) next to a
 device-to-device copy of the same bytes, the GPU checksum's own GB/s, and whether the
-sender took device memory directly.
+sender took device memory directly. Runs twice: with ``UcxOptions(shared_memory=True)``
+(same-host transports: cuda_ipc) and with kvwire's default UCX options (error handling on).
+``--device cpu`` runs the same with CPU tensors, a dry run for a machine without a GPU.
 
     python -m perf.gpu_kv --json [--mib-per-layer 64 --layers 4]
 """
@@ -25,107 +27,213 @@ def layout(layers: int, tokens: int):
     return KVLayout([{"kv": TensorSpec((8, 128), "bfloat16", per_token=True)} for _ in range(layers)])
 
 
-def tensors(layers: int, tokens: int, seed: int):
+def tensors(layers: int, tokens: int, seed: int, device: str = "cuda"):
     import torch
 
-    generator = torch.Generator(device="cuda").manual_seed(seed)
-    return [torch.randn(tokens, 8, 128, device="cuda", generator=generator).to(torch.bfloat16) for _ in range(layers)]
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return [torch.randn(tokens, 8, 128, device=device, generator=generator).to(torch.bfloat16) for _ in range(layers)]
 
 
-def receiver(layers: int, tokens: int, repeats: int) -> None:
+def options(shared_memory: bool):
+    from kvwire.transport.ucx import UcxOptions
+
+    return UcxOptions(shared_memory=shared_memory)
+
+
+class Profile:
+    """yappi over every thread (wall clock) from ``start()`` on, its tables written to
+    ``path`` at ``stop()``: where a request's time goes, per function. Off without a path."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+
+    def start(self) -> None:
+        if self.path:
+            import yappi
+
+            yappi.set_clock_type("wall")
+            yappi.start()
+
+    def stop(self) -> None:
+        if not self.path:
+            return
+        import yappi
+
+        yappi.stop()
+        with open(self.path, "w") as out:
+            stats = yappi.get_func_stats()
+            for column in ("tsub", "ttot"):
+                out.write(f"== functions by {column}\n")
+                stats.sort(column).print_all(
+                    out=out, columns={0: ("name", 90), 1: ("ncall", 10), 2: ("tsub", 9), 3: ("ttot", 9)}
+                )
+            out.write("== threads\n")
+            yappi.get_thread_stats().print_all(out=out)
+
+
+def blocksum_matches_cpu() -> bool:
+    """The GPU checksum kernel against its CPU definition on the real device: odd sizes,
+    payloads that are and are not 4-byte aligned (the simulator checks the same in CI)."""
+    import numpy as np
+
+    from kvwire.cuda import checksum
+    from kvwire.cuda.compat import cuda
+    from kvwire.wire import blocksum
+
+    same = True
+    for nbytes, offset in ((1, 0), (4097, 0), (9 * 4096 + 3, 1), ((16 << 20) + 5, 3), (64 << 20, 0)):
+        host = np.random.default_rng(nbytes).integers(0, 256, nbytes + offset, dtype=np.uint8)
+        on_device = cuda.to_device(host)[offset:]
+        same &= np.array_equal(checksum.block_digests(on_device), blocksum.block_digests(host[offset:]))
+    return bool(same)
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def receiver(layers: int, tokens: int, repeats: int, device: str, shared_memory: bool, profile: Profile) -> None:
     import torch
 
     from kvwire import Receiver
 
-    expected = tensors(layers, tokens, seed=1)
-    with Receiver(layout(layers, tokens), "127.0.0.1:0", backend="ucx", secret=b"gpu") as rx:
+    expected = tensors(layers, tokens, seed=1, device=device)
+    with Receiver(
+        layout(layers, tokens), "127.0.0.1:0", backend="ucx", secret=b"gpu", transport_options=options(shared_memory)
+    ) as rx:
         print(rx.address, flush=True)
         ok = True
         for rep in range(repeats):
             targets = [torch.zeros_like(t) for t in expected]
             rx.expect(f"r{rep}", [{"kv": t} for t in targets])
+            print("expecting", flush=True)  # the sender opens the request only now
             with rx.wait(f"r{rep}", timeout=120) as got:
                 got.wait_done(timeout=120)
-            torch.cuda.synchronize()
+            sync(device)
             ok &= all(torch.equal(a, b) for a, b in zip(targets, expected))
+            if rep == 0:
+                profile.start()  # after the first request, which compiles the kernels
+        profile.stop()
         print(json.dumps({"verified": ok}), flush=True)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--mib-per-layer", type=int, default=64)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--json", action="store_true")
-    ap.add_argument("--role", choices=["receiver"], help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    tokens = (args.mib_per_layer << 20) // (8 * 128 * 2)
-    if args.role == "receiver":
-        receiver(args.layers, tokens, args.repeats)
-        return 0
-    import torch
+def run(args, tokens: int, kv: list, shared_memory: bool) -> dict:
+    """One Sender against a fresh receiver process: seconds per request and the verdict."""
+    from kvwire import Sender
 
-    from kvwire import Sender, device
-
-    child = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "perf.gpu_kv",
-            "--role",
-            "receiver",
-            "--layers",
-            str(args.layers),
-            "--mib-per-layer",
-            str(args.mib_per_layer),
-            "--repeats",
-            str(args.repeats),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    command = [
+        sys.executable,
+        "-m",
+        "perf.gpu_kv",
+        "--role",
+        "receiver",
+        "--layers",
+        str(args.layers),
+        "--mib-per-layer",
+        str(args.mib_per_layer),
+        "--repeats",
+        str(args.repeats),
+        "--device",
+        args.device,
+    ]
+    if shared_memory:
+        command.append("--shared-memory")
+    profile = Profile(None)
+    if args.profile:
+        name = f"{'shared_memory' if shared_memory else 'default'}_{args.chunk_mib}mib"
+        command += ["--profile", f"{args.profile}/receiver_{name}.txt"]
+        profile = Profile(f"{args.profile}/sender_{name}.txt")
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     address = child.stdout.readline().strip()
-    kv = tensors(args.layers, tokens, seed=1)
-    nbytes = sum(t.numel() * 2 for t in kv)
+    nbytes = sum(t.numel() * t.element_size() for t in kv)
     times = []
-    with Sender(layout(args.layers, tokens), address, backend="ucx", streams=1, secret=b"gpu") as tx:
+    chunking = {"chunk_bytes": args.chunk_mib << 20} if args.chunk_mib else {}
+    with Sender(
+        layout(args.layers, tokens),
+        address,
+        backend="ucx",
+        secret=b"gpu",
+        transport_options=options(shared_memory),
+        **chunking,
+    ) as tx:
         direct = tx.takes_device_memory
+        transports = sorted({getattr(stream.conn, "transport", "?") for stream in tx._streams})  # ucx-local / ucx-net
         for rep in range(args.repeats):
-            torch.cuda.synchronize()
+            child.stdout.readline()  # the receiver has its buffers in place
+            sync(args.device)
             t0 = time.perf_counter()
             xfer = tx.open(f"r{rep}", tokens, timeout=120)
             for i, tensor in enumerate(kv):
                 xfer.send_layer(i, {"kv": tensor})
             xfer.finish(timeout=120)
             times.append(time.perf_counter() - t0)
+            if rep == 0:
+                profile.start()
+        profile.stop()
     verdict = json.loads(child.stdout.readline() or '{"verified": false}')
     child.wait(timeout=60)
-    flat = kv[0].view(torch.uint8).reshape(-1)
-    copy = torch.empty_like(flat)
-    best_copy, best_sum = float("inf"), float("inf")
-    payload, _, _ = device.device_bytes(flat)
-    for _ in range(5):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        copy.copy_(flat)
-        torch.cuda.synchronize()
-        best_copy = min(best_copy, time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        device.frame_blocksum(0, 0, 0, payload)
-        best_sum = min(best_sum, time.perf_counter() - t0)
-    result = {
-        "benchmark": "gpu_kv",
-        "bytes": nbytes,
+    return {
         "verified": verdict["verified"],
         "sender_took_device_memory": direct,
+        "connections": transports,
+        "chunk_bytes": tx.chunk_bytes,
         "kvwire_ucx_gbps": round(nbytes / min(times) / 1e9, 3),
-        "device_to_device_copy_gbps": round(flat.numel() / best_copy / 1e9, 3),
-        "gpu_blocksum_gbps": round(flat.numel() / best_sum / 1e9, 3),
         "seconds": [round(t, 5) for t in times],
-        "gpu": torch.cuda.get_device_name(0),
     }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mib-per-layer", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--role", choices=["receiver"], help=argparse.SUPPRESS)
+    ap.add_argument("--chunk-mib", type=int, default=0, help="the Sender's chunk_bytes in MiB (0: its default)")
+    ap.add_argument("--settings", default="shared_memory,default", help="UCX options to run: shared_memory, default")
+    ap.add_argument("--profile", metavar="DIR", help="write yappi tables of sender and receiver (after request 1)")
+    ap.add_argument("--shared-memory", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    tokens = (args.mib_per_layer << 20) // (8 * 128 * 2)
+    if args.role == "receiver":
+        receiver(args.layers, tokens, args.repeats, args.device, args.shared_memory, Profile(args.profile))
+        return 0
+    import torch
+
+    kv = tensors(args.layers, tokens, seed=1, device=args.device)
+    result = {"benchmark": "gpu_kv", "device": args.device, "bytes": sum(t.numel() * t.element_size() for t in kv)}
+    for name in args.settings.split(","):
+        shared_memory = name == "shared_memory"
+        try:
+            result[name] = run(args, tokens, kv, shared_memory)
+        except Exception as exc:  # noqa: BLE001  (one setting failing must not hide the other's numbers)
+            result[name] = {"error": f"{type(exc).__name__}: {exc}", "verified": False}
+    if args.device == "cuda":
+        from kvwire import device
+
+        flat = kv[0].view(torch.uint8).reshape(-1)
+        copy = torch.empty_like(flat)
+        best_copy, best_sum = float("inf"), float("inf")
+        payload, _, _ = device.device_bytes(flat)
+        for _ in range(5):
+            sync("cuda")
+            t0 = time.perf_counter()
+            copy.copy_(flat)
+            sync("cuda")
+            best_copy = min(best_copy, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            device.frame_blocksum(0, 0, 0, payload)
+            best_sum = min(best_sum, time.perf_counter() - t0)
+        result["device_to_device_copy_gbps"] = round(flat.numel() / best_copy / 1e9, 3)
+        result["gpu_blocksum_gbps"] = round(flat.numel() / best_sum / 1e9, 3)
+        result["gpu_blocksum_equals_cpu"] = blocksum_matches_cpu()
+        result["gpu"] = torch.cuda.get_device_name(0)
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
-    return 0 if verdict["verified"] else 1
+    return 0 if all(result[name]["verified"] for name in args.settings.split(",")) else 1
 
 
 if __name__ == "__main__":
