@@ -38,6 +38,9 @@ BENCHMARKS = {
     "tls-wan": "perf.tls_wan",
     "load": "perf.load",
     "router": "perf.router",
+    "gpu-ucx": "perf.gpu_ucx",  # host memory without a GPU
+    "gpu-kv": "perf.gpu_kv",  # host memory without a GPU
+    "gpu-codec": "perf.gpu_codec",  # skipped without a GPU
 }
 # --quick arguments for modules that do not define QUICK_ARGS themselves
 QUICK = {"peers": ["--sizes", "1", "--cases", "raw_socket,kvwire_tcp"]}

@@ -15,6 +15,12 @@ import json
 
 import numpy as np
 
+from perf import devices
+
+
+def unavailable() -> str | None:
+    return None if devices.cuda_available() else "needs a CUDA GPU (torch sees none)"
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)

@@ -20,6 +20,14 @@ import subprocess
 import sys
 import time
 
+from perf import devices
+
+QUICK_ARGS = ["--mib-per-layer", "4", "--repeats", "2"]  # CI: host memory, small
+
+
+def unavailable() -> str | None:
+    return devices.ucx_missing()
+
 
 def layout(layers: int, tokens: int):
     from kvwire import KVLayout, TensorSpec
@@ -120,7 +128,7 @@ def receiver(layers: int, tokens: int, repeats: int, device: str, shared_memory:
         print(json.dumps({"verified": ok}), flush=True)
 
 
-def run(args, tokens: int, kv: list, shared_memory: bool) -> dict:
+def one_sender(args, tokens: int, kv: list, shared_memory: bool) -> dict:
     """One Sender against a fresh receiver process: seconds per request and the verdict."""
     from kvwire import Sender
 
@@ -190,7 +198,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mib-per-layer", type=int, default=64)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default=devices.default_device())
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--role", choices=["receiver"], help=argparse.SUPPRESS)
     ap.add_argument("--chunk-mib", type=int, default=0, help="the Sender's chunk_bytes in MiB (0: its default)")
@@ -209,7 +217,7 @@ def main(argv=None) -> int:
     for name in args.settings.split(","):
         shared_memory = name == "shared_memory"
         try:
-            result[name] = run(args, tokens, kv, shared_memory)
+            result[name] = one_sender(args, tokens, kv, shared_memory)
         except Exception as exc:  # noqa: BLE001  (one setting failing must not hide the other's numbers)
             result[name] = {"error": f"{type(exc).__name__}: {exc}", "verified": False}
     if args.device == "cuda":

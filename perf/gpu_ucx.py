@@ -25,6 +25,15 @@ import subprocess
 import sys
 import time
 
+from perf import devices
+
+QUICK_ARGS = ["--mib", "16", "--repeats", "2"]  # CI: host memory, small
+
+
+def unavailable() -> str | None:
+    return devices.ucx_missing()
+
+
 CASES = ["raw_ucxx", "kvwire_shared_memory", "kvwire_default"]
 
 
@@ -186,7 +195,7 @@ def sender(case: str, device: str, nbytes: int, repeats: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default=devices.default_device())
     ap.add_argument("--mib", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--cases", default=",".join(CASES))
