@@ -96,6 +96,9 @@ class _Stream:
     send_lock: threading.Lock = field(default_factory=threading.Lock)
     alive: bool = True
 
+    # (rid, layer) of requests already let go of whose re-sent data this connection
+    # answered again (layer -1: the Abort): once each, not once per chunk
+    answered_again: set = field(default_factory=set)
     _scratch: np.ndarray | None = None
     _device_scratch: object = None
     _verifier: _Verifier | None = None
@@ -538,7 +541,9 @@ class Receiver:
             # it. Say it again, or the sender waits for it until its deadline.
             with session.lock:
                 known, outcome = msg.rid in session.outcomes, session.outcomes.get(msg.rid)
-            if known:
+            key = (msg.rid, msg.layer if outcome is None else -1)
+            if known and key not in stream.answered_again:
+                stream.answered_again.add(key)
                 self._tell(stream, Ack(msg.rid, msg.layer) if outcome is None else outcome)
             return
         if (

@@ -152,18 +152,22 @@ def test_an_ack_lost_with_its_connection_is_given_again_after_the_engine_release
     one ack died with its connection. The resumed sender re-sends that layer: the receiver,
     which no longer holds the request, must ack it again (it drained it silently, and the
     sender's finish() ran into its deadline for bytes that had arrived: 3 of ~400 drops in a
-    soak)."""
-    real_on_ack, lost = Sender._on_ack, []
+    soak). Once for the layer, not once per chunk of it."""
+    real_on_ack, lost, again = Sender._on_ack, [], []
 
     def on_ack(self, msg):
-        if msg.layer == 1 and not lost:
-            lost.append(msg)  # lost with the connection that carried it
-            return
+        if msg.layer == 1:
+            if not lost:
+                lost.append(msg)  # lost with the connection that carried it
+                return
+            again.append(msg)
+            time.sleep(0.3)  # meanwhile the writer re-sends every chunk of the layer
         real_on_ack(self, msg)
 
     monkeypatch.setattr(Sender, "_on_ack", on_ack)
     kv = random_kv(layout, 40, seed=2)
-    with Sender(layout, receiver.address, secret=SECRET, streams=1) as tx:
+    assert layout.plan(1, 40).nbytes > 2 * 4096  # layer 1 goes again in three chunks
+    with Sender(layout, receiver.address, secret=SECRET, streams=1, chunk_bytes=4096) as tx:
         xfer = tx.open("late-ack", 40, timeout=10)
         for i, tensors in enumerate(kv):
             xfer.send_layer(i, tensors)
@@ -173,7 +177,9 @@ def test_an_ack_lost_with_its_connection_is_given_again_after_the_engine_release
         wait_until(lambda: lost and all(xfer.layer_sent(i) for i in (0, 2, 3)))
         tx._stream_lost(tx._streams[0], PeerLostError("injected: the connection that carried the ack closed"))
         stats = xfer.finish(timeout=5)
+        time.sleep(0.5)  # any further answers to the re-sent chunks arrive
     assert stats.resent_bytes == layout.plan(1, 40).nbytes  # the one unacked layer went again
+    assert len(again) == 1
 
 
 def test_a_refusal_that_never_reached_the_sender_is_given_again(layout, receiver, monkeypatch):
