@@ -15,6 +15,7 @@ bytes as host memory. Only the few primitives below differ between the two.
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 from typing import NamedTuple
 
@@ -36,11 +37,12 @@ _SIMULATOR_LOCK = threading.RLock()
 
 def is_device(obj) -> bool:
     """Whether ``obj`` is CUDA memory (or, in the simulator, host memory posing as such)."""
-    if type(obj).__module__.startswith("torch"):
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj, torch.Tensor):
         # Asked directly: torch raises KeyError, not AttributeError, from the
         # __cuda_array_interface__ of a dtype it cannot name there (float8), which
         # hasattr would let through. kvwire views torch tensors as bytes before use.
-        return getattr(getattr(obj, "device", None), "type", None) == "cuda"
+        return obj.device.type == "cuda"
     return hasattr(obj, "__cuda_array_interface__") and not isinstance(obj, (memoryview, bytes, bytearray))
 
 
@@ -139,7 +141,7 @@ def empty(nbytes: int):
 
 
 def copy(dst, src) -> None:
-    """``dst[:] = src`` for any pair of host and device byte arrays of one length."""
+    """``dst[:] = src`` for any pair of flat, contiguous host and device byte arrays of one length."""
     if isinstance(src, (bytes, memoryview)):
         src = np.frombuffer(src, dtype=np.uint8)
     if not (is_device(dst) or is_device(src)) or simulated():  # host to host needs no numba
@@ -153,6 +155,8 @@ def copy(dst, src) -> None:
         # extents and contiguity in Python, per call.
         if dst_array.nbytes != src_array.nbytes:
             raise ValueError(f"device copy of {src_array.nbytes} bytes into {dst_array.nbytes}")
+        if not (dst_array.is_c_contiguous() and src_array.is_c_contiguous()):
+            raise ValueError("device copy between non-contiguous arrays (it copies one flat range of bytes)")
         if dst_array.nbytes:
             driver.device_to_device(dst_array, src_array, dst_array.nbytes)
     elif is_device(dst):

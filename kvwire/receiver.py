@@ -543,6 +543,8 @@ class Receiver:
                 known, outcome = msg.rid in session.outcomes, session.outcomes.get(msg.rid)
             key = (msg.rid, msg.layer if outcome is None else -1)
             if known and key not in stream.answered_again:
+                if len(stream.answered_again) >= _REMEMBERED_OUTCOMES:
+                    stream.answered_again.clear()  # (at worst an answer is given twice)
                 stream.answered_again.add(key)
                 self._tell(stream, Ack(msg.rid, msg.layer) if outcome is None else outcome)
             return

@@ -43,11 +43,13 @@ from .wire.messages import Abort, Ack, Data, Open
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_BYTES = 4 << 20
-# Chunks of CUDA memory over a connection that takes it as is. On an H100 over UCX
-# cuda_ipc, 256 MiB of layers moved at 2.2 GB/s in 4 MiB chunks, 9 in 16 MiB and 23-26
-# in 64 MiB: every chunk pays fixed costs (a checksum kernel and its digests' copy at each
-# end, a device copy out of the landing buffer) that do not shrink with it, while the GPU
-# checksum (~170 GB/s) leaves little to overlap with smaller chunks.
+# Chunks where every connection takes CUDA memory as is. On an H100 over UCX cuda_ipc,
+# 4 layers of 64 MiB moved at 2.2-2.6 GB/s in 4 MiB chunks, 7-9 in 16 MiB and 23-33 in
+# 64 MiB (perf/results/gpu_chunks.json): each chunk pays costs that do not shrink with
+# it (kernel launches, the digests' copy to host, stream synchronizations, thread
+# hand-offs) at both ends. The price: a receiver keeps a 64 MiB device landing buffer
+# per connection that lands CUDA requests, and a chunk spanning several tensors is
+# joined in a new device buffer of its size at the sender.
 DEVICE_CHUNK_BYTES = 64 << 20
 UNTUNED_STREAMS = 4  # streams=None on a backend that reports no RTT and names no number of its own
 
@@ -89,8 +91,10 @@ class Sender:
         Seconds allowed to connect and complete the handshake.
     chunk_bytes : int, optional
         Frame payload size; each frame is checksummed and acked per layer. By default
-        ``DEFAULT_CHUNK_BYTES`` (4 MiB), or ``DEVICE_CHUNK_BYTES`` (64 MiB) when every
-        connection takes CUDA memory as is (UCX on a machine with a GPU).
+        each ``open()`` takes ``DEVICE_CHUNK_BYTES`` (64 MiB) while every connection takes
+        CUDA memory as is (UCX that opened cuda_copy: a machine with a GPU; also for
+        host-memory layers there), else ``DEFAULT_CHUNK_BYTES`` (4 MiB; always under
+        numba's simulator, whose device memory is host memory).
     max_queued_chunks : int
         Bound on chunks waiting for a connection (``send_layer`` blocks beyond it).
     resume_window_s : float
@@ -149,9 +153,6 @@ class Sender:
         self.max_request_bytes = welcome.max_request_bytes
         self._streams = [_Stream(i, conn) for i, conn in enumerate(conns)]
         self._conns = [s.conn for s in self._streams]  # every connection ever made, for the finalizer
-        if chunk_bytes is None:  # the simulator's "device" memory is host memory: host chunks
-            on_gpu = self.takes_device_memory and not device.simulated()
-            self._chunk_bytes = DEVICE_CHUNK_BYTES if on_gpu else DEFAULT_CHUNK_BYTES
         for stream in self._streams:
             self._start_threads(stream)
         self._finalizer = weakref.finalize(self, Sender._shutdown, self._conns)
@@ -275,9 +276,10 @@ class Sender:
                 raise PeerLostError(f"no live connection to {self.address}")
             rid = self._next_rid
             self._next_rid += 1
-            xfer = Transfer(self, request_id, rid, num_tokens, self.layout, codec, self._chunk_bytes, timeout)
+            chunk_bytes = self.chunk_bytes  # (connections may have changed backend since the last request)
+            xfer = Transfer(self, request_id, rid, num_tokens, self.layout, codec, chunk_bytes, timeout)
             self._transfers[rid] = xfer
-            opening = xfer.opening = Open(rid, request_id, num_tokens, codec, self._chunk_bytes, timeout)
+            opening = xfer.opening = Open(rid, request_id, num_tokens, codec, chunk_bytes, timeout)
             for stream in live:
                 stream.control.append(opening)
             self._cv.notify_all()
@@ -301,15 +303,18 @@ class Sender:
 
     @property
     def takes_device_memory(self) -> bool:
-        """Whether CUDA tensors go out as they are (every connection is UCX); otherwise
-        they are staged to host memory first."""
+        """Whether CUDA tensors go out as they are (every connection is UCX that opened
+        cuda_copy, or runs under numba's simulator); otherwise they are staged to host
+        memory first."""
         return bool(self._streams) and all(_takes_device_memory(s.conn) for s in self._streams)
 
     @property
     def chunk_bytes(self) -> int:
-        """Payload bytes per frame of this Sender's requests (chosen at construction when
-        not given: see the ``chunk_bytes`` parameter)."""
-        return self._chunk_bytes
+        """Payload bytes per frame of the next request (see the ``chunk_bytes`` parameter)."""
+        if self._chunk_bytes is not None:
+            return self._chunk_bytes
+        on_gpu = self.takes_device_memory and not device.simulated()
+        return DEVICE_CHUNK_BYTES if on_gpu else DEFAULT_CHUNK_BYTES
 
     @property
     def backend_names(self) -> list[str]:

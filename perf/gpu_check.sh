@@ -43,17 +43,17 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >&
 
 echo "== install from $WHEELS" >&2
 install_rc=0
-if [ -d "$WHEELS" ]; then
+if [ -d "$WHEELS" ] && [ "$DEVICE" = cuda ]; then  # (a dry run installs nothing)
   timeout 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "$WHEELS"/*.whl >&2 || install_rc=$?
 fi
 
 echo "== what UCX sees" >&2
 timeout 60 "$PY" - > "$OUT/gpu_ucx_context.txt" 2>&1 <<'EOF'
-import json, re
-from kvwire.transport.ucx import UcxOptions, _Hub
+import json
+from kvwire.transport.ucx import UcxOptions, _Hub, context_transports
 hub = _Hub.get(UcxOptions())
-transports = sorted(set(re.findall(r"resource\s+\d+\s*:.*flags\s+\S+\s+([\w.]+)/", hub.context.info)))
-print(json.dumps({"cuda_support": hub.cuda, "transports": transports, "fabrics": hub.fabrics}))
+transports = sorted(context_transports(hub.context.info))
+print(json.dumps({"takes_cuda_memory": hub.cuda, "transports": transports, "fabrics": hub.fabrics}))
 EOF
 context_json=$(result "$OUT/gpu_ucx_context.txt")
 echo "$context_json" >&2

@@ -29,7 +29,7 @@ def unavailable() -> str | None:
     return devices.ucx_missing()
 
 
-def layout(layers: int, tokens: int):
+def layout(layers: int):
     from kvwire import KVLayout, TensorSpec
 
     return KVLayout([{"kv": TensorSpec((8, 128), "bfloat16", per_token=True)} for _ in range(layers)])
@@ -110,7 +110,7 @@ def receiver(layers: int, tokens: int, repeats: int, device: str, shared_memory:
 
     expected = tensors(layers, tokens, seed=1, device=device)
     with Receiver(
-        layout(layers, tokens), "127.0.0.1:0", backend="ucx", secret=b"gpu", transport_options=options(shared_memory)
+        layout(layers), "127.0.0.1:0", backend="ucx", secret=b"gpu", transport_options=options(shared_memory)
     ) as rx:
         print(rx.address, flush=True)
         ok = True
@@ -155,42 +155,49 @@ def one_sender(args, tokens: int, kv: list, shared_memory: bool) -> dict:
         command += ["--profile", f"{args.profile}/receiver_{name}.txt"]
         profile = Profile(f"{args.profile}/sender_{name}.txt")
     child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    address = child.stdout.readline().strip()
-    nbytes = sum(t.numel() * t.element_size() for t in kv)
-    times = []
-    chunking = {"chunk_bytes": args.chunk_mib << 20} if args.chunk_mib else {}
-    with Sender(
-        layout(args.layers, tokens),
-        address,
-        backend="ucx",
-        secret=b"gpu",
-        transport_options=options(shared_memory),
-        **chunking,
-    ) as tx:
-        direct = tx.takes_device_memory
-        transports = sorted({getattr(stream.conn, "transport", "?") for stream in tx._streams})  # ucx-local / ucx-net
-        for rep in range(args.repeats):
-            child.stdout.readline()  # the receiver has its buffers in place
-            sync(args.device)
-            t0 = time.perf_counter()
-            xfer = tx.open(f"r{rep}", tokens, timeout=120)
-            for i, tensor in enumerate(kv):
-                xfer.send_layer(i, {"kv": tensor})
-            xfer.finish(timeout=120)
-            times.append(time.perf_counter() - t0)
-            if rep == 0:
-                profile.start()
-        profile.stop()
-    verdict = json.loads(child.stdout.readline() or '{"verified": false}')
-    child.wait(timeout=60)
-    return {
-        "verified": verdict["verified"],
-        "sender_took_device_memory": direct,
-        "connections": transports,
-        "chunk_bytes": tx.chunk_bytes,
-        "kvwire_ucx_gbps": round(nbytes / min(times) / 1e9, 3),
-        "seconds": [round(t, 5) for t in times],
-    }
+    try:
+        address = child.stdout.readline().strip()
+        nbytes = sum(t.numel() * t.element_size() for t in kv)
+        times = []
+        chunking = {"chunk_bytes": args.chunk_mib << 20} if args.chunk_mib else {}
+        with Sender(
+            layout(args.layers),
+            address,
+            backend="ucx",
+            secret=b"gpu",
+            transport_options=options(shared_memory),
+            **chunking,
+        ) as tx:
+            direct = tx.takes_device_memory
+            transports = sorted(
+                {getattr(stream.conn, "transport", "?") for stream in tx._streams}
+            )  # ucx-local / ucx-net
+            for rep in range(args.repeats):
+                child.stdout.readline()  # the receiver has its buffers in place
+                sync(args.device)
+                t0 = time.perf_counter()
+                xfer = tx.open(f"r{rep}", tokens, timeout=120)
+                for i, tensor in enumerate(kv):
+                    xfer.send_layer(i, {"kv": tensor})
+                xfer.finish(timeout=120)
+                times.append(time.perf_counter() - t0)
+                if rep == 0:
+                    profile.start()
+            profile.stop()
+        verdict = json.loads(child.stdout.readline() or '{"verified": false}')
+        child.wait(timeout=60)
+        return {
+            "verified": verdict["verified"],
+            "sender_took_device_memory": direct,
+            "connections": transports,
+            "chunk_bytes": tx.chunk_bytes,
+            "kvwire_ucx_gbps": round(nbytes / min(times) / 1e9, 3),
+            "seconds": [round(t, 5) for t in times],
+        }
+    finally:  # a sender side that failed must not leave its receiver waiting forever
+        if child.poll() is None:
+            child.kill()
+        child.wait()
 
 
 def main(argv=None) -> int:

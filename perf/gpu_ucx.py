@@ -148,49 +148,54 @@ def sender(case: str, device: str, nbytes: int, repeats: int) -> dict:
         stdout=subprocess.PIPE,
         text=True,
     )
-    buffers = Buffers(device, nbytes)
-    buffers.sync()
-    address = child.stdout.readline().strip()
-    if not address:
-        child.wait(timeout=30)
-        raise RuntimeError(f"{case}: the receiver exited with {child.returncode} before listening")
-    times, verified, info = [], True, {}
-    if case == "raw_ucxx":
-        import numpy as np
+    try:
+        buffers = Buffers(device, nbytes)
+        buffers.sync()
+        address = child.stdout.readline().strip()
+        if not address:
+            child.wait(timeout=30)
+            raise RuntimeError(f"{case}: the receiver exited with {child.returncode} before listening")
+        times, verified, info = [], True, {}
+        if case == "raw_ucxx":
+            import numpy as np
 
-        from perf.peers import RawUcxx
+            from perf.peers import RawUcxx
 
-        ucx = RawUcxx()
-        ucx.connect(bytes.fromhex(address))
-        child.stdin.write(ucx.address.hex() + "\n")
+            ucx = RawUcxx()
+            ucx.connect(bytes.fromhex(address))
+            child.stdin.write(ucx.address.hex() + "\n")
+            child.stdin.flush()
+            payload, answer = ucx.Array(buffers.expected), np.zeros(1, dtype=np.uint8)
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                send = ucx.ep.tag_send(payload, ucx.api.UCXXTag(1))
+                got = ucx.ep.tag_recv(ucx.Array(answer), ucx.api.UCXXTag(2))
+                ucx.wait(send)
+                ucx.wait(got)
+                times.append(time.perf_counter() - t0)
+                verified &= bytes(answer) == b"1"
+        else:
+            from kvwire.transport import get_backend
+
+            conn = get_backend("ucx").connect(address, timeout_s=30.0, options=kvwire_options(case))
+            info = json.loads(child.stdout.readline())
+            answer = memoryview(bytearray(1))
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                conn.send([buffers.expected])  # from where it lives, no staging
+                conn.recv_into(answer)
+                times.append(time.perf_counter() - t0)
+                verified &= bytes(answer) == b"1"
+            info["sender_transport"] = conn.transport
+            conn.close()
+        child.stdin.write("done\n")
         child.stdin.flush()
-        payload, answer = ucx.Array(buffers.expected), np.zeros(1, dtype=np.uint8)
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            send = ucx.ep.tag_send(payload, ucx.api.UCXXTag(1))
-            got = ucx.ep.tag_recv(ucx.Array(answer), ucx.api.UCXXTag(2))
-            ucx.wait(send)
-            ucx.wait(got)
-            times.append(time.perf_counter() - t0)
-            verified &= bytes(answer) == b"1"
-    else:
-        from kvwire.transport import get_backend
-
-        conn = get_backend("ucx").connect(address, timeout_s=30.0, options=kvwire_options(case))
-        info = json.loads(child.stdout.readline())
-        answer = memoryview(bytearray(1))
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            conn.send([buffers.expected])  # from where it lives, no staging
-            conn.recv_into(answer)
-            times.append(time.perf_counter() - t0)
-            verified &= bytes(answer) == b"1"
-        info["sender_transport"] = conn.transport
-        conn.close()
-    child.stdin.write("done\n")
-    child.stdin.flush()
-    child.wait(timeout=60)
-    return {"seconds": [round(t, 6) for t in times], "verified": verified, **info}
+        child.wait(timeout=60)
+        return {"seconds": [round(t, 6) for t in times], "verified": verified, **info}
+    finally:  # a sender side that failed must not leave its receiver waiting forever
+        if child.poll() is None:
+            child.kill()
+        child.wait()
 
 
 def main(argv=None) -> int:

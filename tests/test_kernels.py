@@ -78,7 +78,7 @@ def test_every_kernel_compiles_to_ptx_for_sm80_and_sm90():
     # On a numpy without np.row_stack, as numpy 2.5 is: numba-cuda registers an overload of
     # it when it loads for a GPU, and on a GPU machine with numpy 2.5.2 every device path of
     # kvwire failed to import until kvwire.cuda.compat restored the alias.
-    run_ptx = "import numpy, runpy; del numpy.row_stack; runpy.run_module('kvwire.cuda.ptx', run_name='__main__')"
+    run_ptx = "import numpy, runpy; vars(numpy).pop('row_stack', None); runpy.run_module('kvwire.cuda.ptx', run_name='__main__')"
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0", PYTHONPATH=ROOT)
     done = subprocess.run(
         [sys.executable, "-c", run_ptx, "80", "90"], capture_output=True, text=True, env=env, timeout=300

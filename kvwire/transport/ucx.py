@@ -536,9 +536,9 @@ class UcxConnection:
 
     @property
     def takes_device_memory(self) -> bool:
-        """Whether CUDA memory may be handed to this connection as is: UCX was built with
-        CUDA support (cuda_copy, cuda_ipc, GPUDirect RDMA), or, under numba's simulator,
-        device memory is host memory."""
+        """Whether CUDA memory may be handed to this connection as is: UCX opened
+        cuda_copy (a GPU is there; cuda_ipc and GPUDirect RDMA where available), or, under
+        numba's simulator, device memory is host memory."""
         return self._hub.cuda or device.simulated()
 
     # -- Connection interface ------------------------------------------------------------
