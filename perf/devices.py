@@ -1,4 +1,5 @@
-"""Where the GPU benchmarks (gpu_ucx, gpu_kv, gpu_codec) run here, and whether they can.
+"""Where the GPU benchmarks (gpu_ucx, gpu_kv, gpu_codec) run here, whether they can, and
+the receiver process they measure against.
 
 With no CUDA GPU, gpu_ucx and gpu_kv run the same code with host memory (``--device
 cpu``): CI's smoke keeps them working between the rare sessions that have a GPU.
@@ -6,7 +7,9 @@ cpu``): CI's smoke keeps them working between the rare sessions that have a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import subprocess
 
 
 def cuda_available() -> bool:
@@ -27,3 +30,16 @@ def ucx_missing() -> str | None:
     from kvwire.transport.ucx import ucx_available
 
     return None if ucx_available() else "ucxx is not installed (pip install kvwire[ucx])"
+
+
+@contextlib.contextmanager
+def receiver_process(command: list[str], **popen):
+    """The receiving side as a child process, killed on the way out unless it has exited:
+    a sender side that failed must not leave it waiting forever."""
+    child = subprocess.Popen(command, text=True, **popen)
+    try:
+        yield child
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait()

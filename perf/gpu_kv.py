@@ -154,8 +154,7 @@ def one_sender(args, tokens: int, kv: list, shared_memory: bool) -> dict:
         name = f"{'shared_memory' if shared_memory else 'default'}_{args.chunk_mib}mib"
         command += ["--profile", f"{args.profile}/receiver_{name}.txt"]
         profile = Profile(f"{args.profile}/sender_{name}.txt")
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    try:
+    with devices.receiver_process(command, stdout=subprocess.PIPE) as child:
         address = child.stdout.readline().strip()
         nbytes = sum(t.numel() * t.element_size() for t in kv)
         times = []
@@ -194,10 +193,6 @@ def one_sender(args, tokens: int, kv: list, shared_memory: bool) -> dict:
             "kvwire_ucx_gbps": round(nbytes / min(times) / 1e9, 3),
             "seconds": [round(t, 5) for t in times],
         }
-    finally:  # a sender side that failed must not leave its receiver waiting forever
-        if child.poll() is None:
-            child.kill()
-        child.wait()
 
 
 def main(argv=None) -> int:

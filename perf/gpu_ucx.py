@@ -128,7 +128,7 @@ def receiver(case: str, device: str, nbytes: int, repeats: int) -> None:
 
 def sender(case: str, device: str, nbytes: int, repeats: int) -> dict:
     """Run one case against a fresh receiver process; seconds per repeat and whether all verified."""
-    child = subprocess.Popen(
+    with devices.receiver_process(
         [
             sys.executable,
             "-m",
@@ -146,9 +146,7 @@ def sender(case: str, device: str, nbytes: int, repeats: int) -> dict:
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    ) as child:
         buffers = Buffers(device, nbytes)
         buffers.sync()
         address = child.stdout.readline().strip()
@@ -192,10 +190,6 @@ def sender(case: str, device: str, nbytes: int, repeats: int) -> dict:
         child.stdin.flush()
         child.wait(timeout=60)
         return {"seconds": [round(t, 6) for t in times], "verified": verified, **info}
-    finally:  # a sender side that failed must not leave its receiver waiting forever
-        if child.poll() is None:
-            child.kill()
-        child.wait()
 
 
 def main(argv=None) -> int:
