@@ -50,6 +50,13 @@ _REMEMBERED_FAILURES = 4096
 _REMEMBERED_OUTCOMES = 4096  # per session: a sender re-sends only requests it has not finished (small entries)
 
 
+def _remember(table: collections.OrderedDict, key, value, limit: int) -> None:
+    """Put ``key`` in a bounded table, dropping its oldest entries beyond ``limit``."""
+    table[key] = value
+    while len(table) > limit:
+        table.popitem(last=False)
+
+
 class _Verifier:
     """A thread that checks a stream's chunks while its reader receives the next one.
 
@@ -144,13 +151,7 @@ class _Session:
     lock: threading.Lock = field(default_factory=threading.Lock)
     # How requests this receiver let go of ended: None (every layer delivered) or the Abort
     # it sent. Said again to a resumed sender re-sending their data (see _on_data).
-    outcomes: collections.OrderedDict = field(default_factory=collections.OrderedDict)
-
-    def remember(self, rid: int, outcome: Abort | None) -> None:
-        """Under ``lock``."""
-        self.outcomes[rid] = outcome
-        while len(self.outcomes) > _REMEMBERED_OUTCOMES:
-            self.outcomes.popitem(last=False)
+    outcomes: collections.OrderedDict = field(default_factory=collections.OrderedDict)  # (under lock)
 
 
 class Receiver:
@@ -287,9 +288,7 @@ class Receiver:
             state = self._requests.get(request_id)
             self._expected.pop(request_id, None)
             if state is None:
-                self._released[request_id] = None
-                while len(self._released) > _REMEMBERED_FAILURES:
-                    self._released.popitem(last=False)
+                _remember(self._released, request_id, None, _REMEMBERED_FAILURES)
         if state is not None:
             self._release_state(state)
 
@@ -484,7 +483,7 @@ class Receiver:
                 return
             except RequestRejected as exc:
                 refusal = Abort(msg.rid, "rejected", str(exc))
-                session.remember(msg.rid, refusal)  # said again if this refusal dies with its connection
+                _remember(session.outcomes, msg.rid, refusal, _REMEMBERED_OUTCOMES)  # said again if it is lost
         log.warning("refused request %r from %s: %s", msg.request_id, session.peer, refusal.reason)
         session.counters.failed()
         self._tell(stream, refusal)
@@ -700,9 +699,7 @@ class Receiver:
         session.counters.failed()
         abort = self._forget(state)
         with self._lock:
-            self._failures[state.request_id] = error
-            while len(self._failures) > _REMEMBERED_FAILURES:
-                self._failures.popitem(last=False)
+            _remember(self._failures, state.request_id, error, _REMEMBERED_FAILURES)
             self._lock.notify_all()
         if tell_sender:
             self._tell_session(session, abort)
@@ -720,7 +717,7 @@ class Receiver:
             outcome = Abort(state.rid, "aborted", f"receiver released request {state.request_id!r} before it completed")
         with session.lock:
             session.requests.pop(state.rid, None)
-            session.remember(state.rid, outcome)
+            _remember(session.outcomes, state.rid, outcome, _REMEMBERED_OUTCOMES)
         with self._lock:
             if self._requests.get(state.request_id) is state:
                 del self._requests[state.request_id]
