@@ -25,6 +25,14 @@ def default_device() -> str:
     return "cuda" if cuda_available() else "cpu"
 
 
+def synchronize(device: str) -> None:
+    """Wait for the GPU's queued work (nothing to wait for on the CPU)."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
 def ucx_missing() -> str | None:
     """Why the UCX benchmarks cannot run here, or None."""
     from kvwire.transport.ucx import ucx_available

@@ -96,13 +96,6 @@ def blocksum_matches_cpu() -> bool:
     return bool(same)
 
 
-def sync(device: str) -> None:
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def receiver(layers: int, tokens: int, repeats: int, device: str, shared_memory: bool, profile: Profile) -> None:
     import torch
 
@@ -120,7 +113,7 @@ def receiver(layers: int, tokens: int, repeats: int, device: str, shared_memory:
             print("expecting", flush=True)  # the sender opens the request only now
             with rx.wait(f"r{rep}", timeout=120) as got:
                 got.wait_done(timeout=120)
-            sync(device)
+            devices.synchronize(device)
             ok &= all(torch.equal(a, b) for a, b in zip(targets, expected))
             if rep == 0:
                 profile.start()  # after the first request, which compiles the kernels
@@ -173,7 +166,7 @@ def one_sender(args, tokens: int, kv: list, shared_memory: bool) -> dict:
             )  # ucx-local / ucx-net
             for rep in range(args.repeats):
                 child.stdout.readline()  # the receiver has its buffers in place
-                sync(args.device)
+                devices.synchronize(args.device)
                 t0 = time.perf_counter()
                 xfer = tx.open(f"r{rep}", tokens, timeout=120)
                 for i, tensor in enumerate(kv):
@@ -230,10 +223,10 @@ def main(argv=None) -> int:
         best_copy, best_sum = float("inf"), float("inf")
         payload, _, _ = device.device_bytes(flat)
         for _ in range(5):
-            sync("cuda")
+            devices.synchronize("cuda")
             t0 = time.perf_counter()
             copy.copy_(flat)
-            sync("cuda")
+            devices.synchronize("cuda")
             best_copy = min(best_copy, time.perf_counter() - t0)
             t0 = time.perf_counter()
             device.frame_blocksum(0, 0, 0, payload)

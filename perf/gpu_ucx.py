@@ -61,14 +61,17 @@ class Buffers:
         return np.zeros_like(self.expected)
 
     def sync(self) -> None:
-        if self.device == "cuda":
-            self.torch.cuda.synchronize()
+        devices.synchronize(self.device)
 
-    def equal(self, got) -> bool:
+    def check_and_clear(self, got) -> bool:
+        """Whether ``got`` holds the payload; zeroed afterwards for the next receive."""
         self.sync()
-        if self.device == "cuda":
-            return bool(self.torch.equal(got, self.expected))
-        return bool((got == self.expected).all())
+        same = (
+            bool(self.torch.equal(got, self.expected)) if self.device == "cuda" else bool((got == self.expected).all())
+        )
+        got.zero_() if self.device == "cuda" else got.fill(0)
+        self.sync()
+        return same
 
     def copy_seconds(self, repeats: int) -> float:
         target, best = self.empty(), float("inf")
@@ -103,9 +106,7 @@ def receiver(case: str, device: str, nbytes: int, repeats: int) -> None:
         array, answer = ucx.Array(target), np.zeros(1, dtype=np.uint8)
         for _ in range(repeats):
             ucx.wait(ucx.ep.tag_recv(array, ucx.api.UCXXTag(1)))
-            answer[0] = ord("1") if buffers.equal(target) else ord("0")
-            target.fill(0) if device == "cpu" else target.zero_()
-            buffers.sync()
+            answer[0] = ord("1") if buffers.check_and_clear(target) else ord("0")
             ucx.wait(ucx.ep.tag_send(ucx.Array(answer), ucx.api.UCXXTag(2)))
         sys.stdin.readline()  # the sender is done with us
         return
@@ -117,10 +118,7 @@ def receiver(case: str, device: str, nbytes: int, repeats: int) -> None:
     print(json.dumps({"transport": conn.transport, "takes_device_memory": conn.takes_device_memory}), flush=True)
     for _ in range(repeats):
         conn.recv_into(target)  # UCX writes the target where it lives
-        ok = buffers.equal(target)
-        target.fill(0) if device == "cpu" else target.zero_()
-        buffers.sync()
-        conn.send([b"1" if ok else b"0"])
+        conn.send([b"1" if buffers.check_and_clear(target) else b"0"])
     sys.stdin.readline()
     conn.close()
     listener.close()
