@@ -12,6 +12,10 @@ the bytes have landed:
 - ``raw_ucxx``: ucxx tag send into a posted tag receive, one-byte ack; same endpoint setup
   as kvwire's UCX backend (worker addresses; shared memory on one host) and the same way of
   waiting (the waiting thread progresses the worker).
+- ``raw_ucxx_xxh3``: ``raw_ucxx`` plus the integrity check kvwire does, in series and with
+  nothing else: the initiator hashes the buffer (xxh3-64) and sends the digest with the
+  data, the target hashes what landed and acks only if it matches. What any transport that
+  checks every byte at both ends costs on this path before its own overheads.
 - ``kvwire_tcp`` / ``kvwire_ucx`` / ``kvwire_ucx_default``: ``send_layer`` + ``finish()``
   (``kvwire_ucx``: endpoints set up like ``raw_ucxx``, ``UcxOptions(shared_memory=True)``;
   ``kvwire_ucx_default``: kvwire's default, UCX error handling on; the receiver has verified
@@ -43,7 +47,7 @@ import numpy as np
 GB = 1e9
 MIB = 1 << 20
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CASES = ["raw_socket", "raw_ucxx", "kvwire_tcp", "kvwire_ucx", "kvwire_ucx_default", "nixl_ucx", "mooncake_tcp"]
+CASES = ["raw_socket", "raw_ucxx", "raw_ucxx_xxh3", "kvwire_tcp", "kvwire_ucx", "kvwire_ucx_default", "nixl_ucx", "mooncake_tcp"]
 PEER_CASES = {"nixl_ucx", "mooncake_tcp"}
 TOKEN_BYTES = 1024
 CHUNK_KIB = [4096]  # kvwire's chunk size (Sender default 4 MiB); set by --chunk-kib
@@ -109,8 +113,8 @@ def target(case: str, max_bytes: int) -> None:
     hook = None
     if case == "raw_socket":
         data_l, info["data"] = serve_control()
-    elif case == "raw_ucxx":
-        ucx = RawUcxx()
+    elif case.startswith("raw_ucxx"):
+        ucx = RawUcxx(checked=case == "raw_ucxx_xxh3")
         info["address"] = ucx.address.hex()
     elif case.startswith("kvwire_"):
         from kvwire import Receiver
@@ -144,7 +148,7 @@ def target(case: str, max_bytes: int) -> None:
                     view = view[got:]
                 dsock.sendall(b"k")
 
-    elif case == "raw_ucxx":
+    elif case.startswith("raw_ucxx"):
 
         def hook(msg):
             if msg["op"] == "connect":
@@ -205,8 +209,8 @@ class Sending:
 def setup_sender(case: str, info: dict, src: np.ndarray, control: Control, streams: int | None) -> Sending:
     if case == "raw_socket":
         return SocketSending(info, src, control)
-    if case == "raw_ucxx":
-        return UcxxSending(info, src, control)
+    if case.startswith("raw_ucxx"):
+        return UcxxSending(info, src, control, checked=case == "raw_ucxx_xxh3")
     if case.startswith("kvwire_"):
         return KvwireSending(case, info, src, control, streams)
     if case == "nixl_ucx":
@@ -239,11 +243,12 @@ class SocketSending(Sending):
 class RawUcxx:
     """ucxx's core API the way kvwire uses it: worker-address endpoints, self-progress."""
 
-    def __init__(self):
+    def __init__(self, checked: bool = False):
         import ucxx._lib.libucxx as api
         from ucxx._lib.arr import Array
 
-        self.api, self.Array = api, Array
+        self.api, self.Array, self.checked = api, Array, checked
+        self.digest = np.zeros(1, dtype=np.uint64)
         self.context = api.UCXContext(
             {"WARN_UNUSED_ENV_VARS": "n"}, feature_flags=(api.Feature.TAG, api.Feature.WAKEUP)
         )
@@ -264,13 +269,25 @@ class RawUcxx:
     def serve(self, view: np.ndarray, repeats: int) -> None:
         array = self.Array(view)
         for _ in range(repeats):
-            self.wait(self.ep.tag_recv(array, self.api.UCXXTag(1)))
+            requests = [self.ep.tag_recv(array, self.api.UCXXTag(1))]
+            if self.checked:
+                requests.append(self.ep.tag_recv(self.Array(self.digest), self.api.UCXXTag(3)))
+            for request in requests:
+                self.wait(request)
+            if self.checked and xxh3(view) != int(self.digest[0]):
+                raise SystemExit("raw_ucxx_xxh3: digest mismatch")
             self.wait(self.ep.tag_send(self.Array(self.ack), self.api.UCXXTag(2)))
 
 
+def xxh3(view: np.ndarray) -> int:
+    import xxhash
+
+    return xxhash.xxh3_64_intdigest(memoryview(view))
+
+
 class UcxxSending(Sending):
-    def __init__(self, info, src, control):
-        self.ucx, self.src, self.control = RawUcxx(), src, control
+    def __init__(self, info, src, control, checked=False):
+        self.ucx, self.src, self.control = RawUcxx(checked), src, control
         self.ucx.connect(bytes.fromhex(info["address"]))
         control.send(op="connect", address=self.ucx.address.hex())
         control.recv()
@@ -282,9 +299,14 @@ class UcxxSending(Sending):
     def __call__(self, nbytes, rep):
         u = self.ucx
         t0 = time.perf_counter()
+        if u.checked:
+            u.digest[0] = xxh3(self.src[:nbytes])
+            digest = u.ep.tag_send(u.Array(u.digest), u.api.UCXXTag(3))
         send = u.ep.tag_send(u.Array(self.src[:nbytes]), u.api.UCXXTag(1))
         ack = u.ep.tag_recv(u.Array(self.ack), u.api.UCXXTag(2))
         u.wait(send)
+        if u.checked:
+            u.wait(digest)
         u.wait(ack)
         return time.perf_counter() - t0
 
