@@ -47,7 +47,16 @@ import numpy as np
 GB = 1e9
 MIB = 1 << 20
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CASES = ["raw_socket", "raw_ucxx", "raw_ucxx_xxh3", "kvwire_tcp", "kvwire_ucx", "kvwire_ucx_default", "nixl_ucx", "mooncake_tcp"]
+CASES = [
+    "raw_socket",
+    "raw_ucxx",
+    "raw_ucxx_xxh3",
+    "kvwire_tcp",
+    "kvwire_ucx",
+    "kvwire_ucx_default",
+    "nixl_ucx",
+    "mooncake_tcp",
+]
 PEER_CASES = {"nixl_ucx", "mooncake_tcp"}
 TOKEN_BYTES = 1024
 CHUNK_KIB = [4096]  # kvwire's chunk size (Sender default 4 MiB); set by --chunk-kib

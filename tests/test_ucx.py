@@ -114,6 +114,30 @@ def test_the_peer_closing_fails_a_reader_but_delivers_what_was_sent_first():
     server.close()
 
 
+def test_a_send_larger_than_the_window_returns_before_the_peer_reads_and_the_next_one_waits():
+    # The newest send stays in flight whatever its size (a 64 MiB CUDA chunk against the
+    # 16 MiB window): the sender prepares its next chunk meanwhile. The window then holds
+    # the sends before it: a second send waits until the peer has taken the first.
+    client, server = pair(UcxOptions(send_window_bytes=1 << 20))
+    try:
+        first, second = (np.full(4 << 20, value, dtype=np.uint8) for value in (1, 2))
+        sent = []
+        writer = threading.Thread(
+            target=lambda: [client.send([first]), sent.append(1), client.send([second]), sent.append(2)]
+        )
+        writer.start()
+        time.sleep(0.5)
+        assert sent == [1], "the first send waited for the peer, or the second did not"
+        got = np.empty(8 << 20, dtype=np.uint8)
+        server.recv_into(memoryview(got))
+        writer.join(10)
+        assert sent == [1, 2]
+        assert (got[: 4 << 20] == 1).all() and (got[4 << 20 :] == 2).all()
+    finally:
+        client.close()
+        server.close()
+
+
 def test_a_read_times_out_with_transfer_timeout():
     client, server = pair()
     server.set_timeout(0.3)

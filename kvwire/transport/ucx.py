@@ -96,8 +96,8 @@ class UcxOptions:
     by default: a peer SIGKILLed mid-transfer can then abort or stall this process (see the
     module docstring). Both sides must set it.
     ``inline_bytes``: buffers smaller than this travel inside the control message.
-    ``send_window_bytes``: bytes a connection's ``send`` may leave in flight before it waits
-    (0: every send waits until the peer has taken its bytes).
+    ``send_window_bytes``: bytes a connection's ``send`` may leave in flight, besides its
+    own, before it waits (0: every send waits until the peer has taken its bytes).
     ``peer_timeout_s``: keepalive of the liveness socket, and the limit of the UCX ping.
     ``ucx_config``: ``(("TLS", "tcp"), ...)`` UCX settings for the process's UCX context,
     applied when the first UCX connection of the process is made.
@@ -583,18 +583,26 @@ class UcxConnection:
             self._reap(self._window_bytes)
 
     def _reap(self, limit_bytes: int) -> None:
-        """Forget completed sends; wait for the oldest while more than ``limit_bytes`` are in flight.
+        """Forget completed sends; wait for the oldest while the sends *before* the newest
+        hold more than ``limit_bytes`` (with a limit of 0, until all of them are taken).
 
         Sends return before their large messages are taken (so the next chunk is on its way
         while the peer receives this one); the buffers stay referenced here until UCX is
         done with them. kvwire's Sender never reuses a buffer before the receiver acks it.
+        The newest send never counts against the window: a chunk larger than the window
+        (64 MiB CUDA chunks against a 16 MiB window) would otherwise make every send wait
+        for its own completion, and the sender could not prepare (checksum) the next chunk
+        while the peer receives this one.
         """
         while True:
             error = self._pop_completed()
             if error is not None:
                 requests, keep, _ = self._inflight[0]
                 raise self._fail(_map_error(error, self.peer), requests, keep) from None
-            if not self._inflight or self._inflight_bytes <= limit_bytes:
+            if not self._inflight:
+                return
+            newest = self._inflight[-1][2] if limit_bytes else 0
+            if self._inflight_bytes - newest <= limit_bytes:
                 return
             self._wait(*self._inflight[0][:2])
 
