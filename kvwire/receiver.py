@@ -115,6 +115,10 @@ class _Stream:
             self._verifier = _Verifier(f"kvwire-rx-verify-{self.conn.peer}")
         return self._verifier
 
+    @property
+    def takes_device_memory(self) -> bool:
+        return getattr(self.conn, "takes_device_memory", False)
+
     def send(self, message) -> None:
         with self.send_lock:
             self.conn.send([framing.encode(message)])
@@ -128,7 +132,7 @@ class _Stream:
     def landing(self, nbytes: int):
         """Where a chunk bound for CUDA buffers is received and checked before it is copied
         into them: device memory if the connection takes it (UCX), else host memory."""
-        if not getattr(self.conn, "takes_device_memory", False):
+        if not self.takes_device_memory:
             return self.scratch(nbytes)
         if self._device_scratch is None or len(self._device_scratch) < nbytes:
             self._device_scratch = device.empty(nbytes)
@@ -565,7 +569,12 @@ class Receiver:
         if not state.begin_write():
             return self._drain(stream.conn, msg.nbytes)
         views = state.targets(msg.layer, msg.chunk, msg.nbytes)
-        if (len(views) > 8 and msg.nbytes < _SMALL_PIECE_BYTES * len(views)) or any(map(device.is_device, views)):
+        on_device = any(map(device.is_device, views))
+        # One CUDA view on a connection that takes device memory: UCX puts the bytes
+        # straight there, like host bytes, and the GPU checks them in place. Else a landing
+        # buffer: one receive instead of one per piece (and TCP cannot write the GPU).
+        in_place = not on_device or (len(views) == 1 and stream.takes_device_memory)
+        if not in_place or (len(views) > 8 and msg.nbytes < _SMALL_PIECE_BYTES * len(views)):
             try:
                 ok = self._receive_scattered(stream, msg, views)
             finally:
@@ -573,7 +582,7 @@ class Receiver:
             return self._chunk_checked(stream, state, msg, ok)
         try:
             for view in views:
-                stream.conn.recv_into(memoryview(view))
+                stream.conn.recv_into(view if on_device else memoryview(view))
         finally:
             state.end_write()  # verifying only reads (and holding this while queued deadlocked _forget)
         verify = functools.partial(self._verify_in_place, stream, state, msg, views)
@@ -628,9 +637,10 @@ class Receiver:
     def _receive_scattered(stream: _Stream, msg: Data, views: list) -> bool:
         """Receive a chunk whole into a scratch buffer, verify it, then copy it into its
         views; True if it verified. For a chunk spanning many small tensors (one receive
-        instead of one per tensor), and for requests landing in CUDA buffers (received
-        and checked on the GPU when the connection takes device memory). Either way bytes
-        that fail verification never reach the engine's arrays."""
+        instead of one per tensor), and for a chunk bound for several CUDA buffers, or for
+        CUDA buffers over a connection that cannot write them (received and checked on the
+        GPU when the connection takes device memory). Either way bytes that fail
+        verification never reach the engine's arrays."""
         to_device = any(map(device.is_device, views))
         landing = stream.landing(msg.nbytes) if to_device else stream.scratch(msg.nbytes)
         stream.conn.recv_into(landing if device.is_device(landing) else memoryview(landing))

@@ -47,9 +47,10 @@ DEFAULT_CHUNK_BYTES = 4 << 20
 # 4 layers of 64 MiB moved at 2.2-2.6 GB/s in 4 MiB chunks, 7-9 in 16 MiB and 23-33 in
 # 64 MiB (perf/results/gpu_chunks.json): each chunk pays costs that do not shrink with
 # it (kernel launches, the digests' copy to host, stream synchronizations, thread
-# hand-offs) at both ends. The price: a receiver keeps a 64 MiB device landing buffer
-# per connection that lands CUDA requests, and a chunk spanning several tensors is
-# joined in a new device buffer of its size at the sender.
+# hand-offs) at both ends. The price: a chunk spanning several tensors is joined in a
+# new device buffer of its size at the sender, and received into a device landing
+# buffer of its size (one per connection) before it is copied into the receiver's
+# buffers; a chunk bound for one CUDA buffer lands there directly.
 DEVICE_CHUNK_BYTES = 64 << 20
 UNTUNED_STREAMS = 4  # streams=None on a backend that reports no RTT and names no number of its own
 

@@ -10,7 +10,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from kvwire import KVLayout, Receiver, RequestRejected, Sender, TensorSpec, device
+import kvwire.sender
+from kvwire import IntegrityError, KVLayout, Receiver, RequestRejected, Sender, TensorSpec, device
 from kvwire.testing.hostcuda import HostCudaArray, host_cuda
 
 from .conftest import assert_same_bytes, random_kv
@@ -64,7 +65,21 @@ def send(tx, request_id, kv):
     return xfer.finish(timeout=60)
 
 
-def test_cuda_tensors_go_over_ucx_as_they_are_into_cuda_buffers(layout, gpu_checksums):
+@pytest.fixture
+def device_allocations(monkeypatch):
+    """Counts new device arrays (a receiver's landing buffer, a sender's joined chunk)."""
+    sizes = []
+    real = device.empty
+
+    def counted(nbytes):
+        sizes.append(nbytes)
+        return real(nbytes)
+
+    monkeypatch.setattr(device, "empty", counted)
+    return sizes
+
+
+def test_cuda_tensors_go_over_ucx_as_they_are_into_cuda_buffers(layout, gpu_checksums, device_allocations):
     need_ucx()
     kv = random_kv(layout, TOKENS, seed=1)
     targets = [
@@ -87,6 +102,54 @@ def test_cuda_tensors_go_over_ucx_as_they_are_into_cuda_buffers(layout, gpu_chec
         wait_until(lambda: rx.bytes_in_use == 0)
     # each frame checked on the device by the sender, and again by the receiver
     assert sorted(gpu_checksums) == [(0, 0), (0, 0), (1, 0), (1, 0)]
+    assert device_allocations == []  # each chunk went from one CUDA tensor straight into one CUDA buffer
+
+
+def test_a_layer_of_many_chunks_lands_in_one_cuda_buffer_each_chunk_checked_while_the_next_arrives(monkeypatch):
+    need_ucx()
+    checked = []
+    real = device.frame_blocksum
+    # (the checksum's CPU definition: the simulated kernel would take minutes for 3 MiB)
+    monkeypatch.setattr(device, "frame_blocksum", lambda *args: checked.append(args[1:3]) or real(*args))
+    big = KVLayout([{"k": TensorSpec((8, 128), "bfloat16", per_token=True)}])
+    tokens = 1536  # 3 MiB: three 1 MiB chunks, the first two checked by the verifier thread
+    kv = random_kv(big, tokens, seed=6)
+    target = host_cuda(np.zeros((tokens, 8, 128), ml_dtypes.bfloat16))
+    with Receiver(big, "127.0.0.1:0", backend="ucx", secret=SECRET) as rx:
+        rx.expect("chunks", [{"k": target}])
+        with Sender(big, rx.address, backend="ucx", streams=1, secret=SECRET, chunk_bytes=1 << 20) as tx:
+            xfer = tx.open("chunks", tokens)
+            xfer.send_layer(0, on_device(kv)[0])
+            xfer.finish(timeout=60)
+        with rx.wait("chunks", timeout=30) as got:
+            got.wait_done(timeout=30)
+        assert target.tobytes() == kv[0]["k"].tobytes()
+    assert sorted(checked) == sorted([(0, 0), (0, 1), (0, 2)] * 2)  # by the sender, and in place by the receiver
+
+
+def test_a_chunk_that_fails_its_check_in_a_cuda_buffer_fails_the_request(layout, monkeypatch):
+    # Received in place, as host bytes are: the request fails at both ends and is never
+    # handed to the engine (the buffer's content is undefined, as for host buffers).
+    need_ucx()
+    data = kvwire.sender.Data
+
+    def announced_wrong(rid, layer, chunk, nbytes, checksum, algorithm):  # the fault: a bad checksum
+        return data(rid, layer, chunk, nbytes, checksum ^ (layer == 1), algorithm)
+
+    monkeypatch.setattr(kvwire.sender, "Data", announced_wrong)
+    kv = random_kv(layout, TOKENS, seed=5)
+    targets = [
+        {"state": host_cuda(np.zeros((8, 8), np.float32))},
+        {"latent": host_cuda(np.zeros((TOKENS, 1, 64), ml_dtypes.bfloat16))},
+    ]
+    with Receiver(layout, "127.0.0.1:0", backend="ucx", secret=SECRET) as rx:
+        rx.expect("bad", targets)
+        with Sender(layout, rx.address, backend="ucx", streams=1, secret=SECRET) as tx:
+            with pytest.raises(IntegrityError, match="request 'bad' layer 1 chunk 0: checksum mismatch"):
+                send(tx, "bad", on_device(kv))
+        with pytest.raises(IntegrityError, match="request 'bad' layer 1 chunk 0: checksum mismatch"):
+            rx.wait("bad", timeout=30)
+        wait_until(lambda: rx.bytes_in_use == 0)
 
 
 def test_cuda_tensors_into_receiver_memory_are_checked_on_host(layout, gpu_checksums):
