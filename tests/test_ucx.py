@@ -402,3 +402,14 @@ def test_a_ucx_that_can_open_no_gpu_does_not_take_cuda_memory():
     if "cuda_copy" in ucx.context_transports(hub.context.info):
         pytest.skip("UCX opened a GPU here")
     assert hub.cuda is False
+
+
+def test_kvwire_tunes_ucx_tcp_segments_unless_the_user_sets_them(monkeypatch):
+    for name in ("UCX_TCP_TX_SEG_SIZE", "UCX_TCP_RX_SEG_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert ucx.tuned_defaults() == {"TCP_TX_SEG_SIZE": "64k"}
+    assert ucx.tuned_defaults((("TCP_TX_SEG_SIZE", "8k"),)) == {}
+    # a receive segment under 64k would make UCX refuse the context: leave both alone
+    assert ucx.tuned_defaults((("TCP_RX_SEG_SIZE", "16k"),)) == {}
+    monkeypatch.setenv("UCX_TCP_RX_SEG_SIZE", "16k")
+    assert ucx.tuned_defaults() == {}
