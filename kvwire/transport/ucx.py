@@ -122,9 +122,6 @@ class _Hello(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 _hello_decoder = msgspec.msgpack.Decoder(_Hello)
 
 
-# -- errors -----------------------------------------------------------------------------
-
-
 # UCX settings kvwire changes from UCX's own defaults, each unless the user sets it or a
 # setting it depends on (in the environment or ``UcxOptions.ucx_config``).
 # TCP_TX_SEG_SIZE: UCX's tcp transport sends in 8 KiB segments by default; 64 KiB (its
@@ -138,6 +135,9 @@ def tuned_defaults(ucx_config: Sequence[tuple[str, str]] = ()) -> dict[str, str]
     """kvwire's defaults for the UCX context's settings the user has left alone."""
     given = {name for name, _ in ucx_config} | {name[4:] for name in os.environ if name.startswith("UCX_")}
     return {name: value for name, (value, depends) in _TUNED_DEFAULTS.items() if not given.intersection(depends)}
+
+
+# -- errors -----------------------------------------------------------------------------
 
 
 def _map_error(exc: BaseException, peer: str) -> KVWireError:
