@@ -130,8 +130,10 @@ class _Stream:
         return self._scratch[:nbytes]
 
     def landing(self, nbytes: int):
-        """Where a chunk bound for CUDA buffers is received and checked before it is copied
-        into them: device memory if the connection takes it (UCX), else host memory."""
+        """Where a chunk bound for several CUDA buffers, or for CUDA buffers over a
+        connection that cannot write them (TCP), is received and checked before it is
+        copied into them: device memory if the connection takes it (UCX), else host
+        memory. (A chunk bound for one CUDA buffer over UCX lands in it directly.)"""
         if not self.takes_device_memory:
             return self.scratch(nbytes)
         if self._device_scratch is None or len(self._device_scratch) < nbytes:

@@ -6,6 +6,8 @@ simulator, UCX moves the bytes from their address). perf/gpu_check.sh runs the s
 paths with real CUDA tensors on a GPU machine.
 """
 
+import threading
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -107,10 +109,15 @@ def test_cuda_tensors_go_over_ucx_as_they_are_into_cuda_buffers(layout, gpu_chec
 
 def test_a_layer_of_many_chunks_lands_in_one_cuda_buffer_each_chunk_checked_while_the_next_arrives(monkeypatch):
     need_ucx()
-    checked = []
+    checked, threads = [], {}
     real = device.frame_blocksum
-    # (the checksum's CPU definition: the simulated kernel would take minutes for 3 MiB)
-    monkeypatch.setattr(device, "frame_blocksum", lambda *args: checked.append(args[1:3]) or real(*args))
+
+    def counted(rid, layer, chunk, payload):  # (the CPU definition: the simulated kernel would take minutes)
+        checked.append((layer, chunk))
+        threads.setdefault(threading.current_thread().name, []).append(chunk)
+        return real(rid, layer, chunk, payload)
+
+    monkeypatch.setattr(device, "frame_blocksum", counted)
     big = KVLayout([{"k": TensorSpec((8, 128), "bfloat16", per_token=True)}])
     tokens = 1536  # 3 MiB: three 1 MiB chunks, the first two checked by the verifier thread
     kv = random_kv(big, tokens, seed=6)
@@ -125,6 +132,8 @@ def test_a_layer_of_many_chunks_lands_in_one_cuda_buffer_each_chunk_checked_whil
             got.wait_done(timeout=30)
         assert target.tobytes() == kv[0]["k"].tobytes()
     assert sorted(checked) == sorted([(0, 0), (0, 1), (0, 2)] * 2)  # by the sender, and in place by the receiver
+    verifier = [chunks for name, chunks in threads.items() if name.startswith("kvwire-rx-verify")]
+    assert verifier == [[0, 1]]  # the last chunk, with nothing left to overlap, by the reader itself
 
 
 def test_a_chunk_that_fails_its_check_in_a_cuda_buffer_fails_the_request(layout, monkeypatch):

@@ -4,7 +4,10 @@ Behaviour shared with TCP (bytes, errors, dead peers) is in test_conformance.py.
 """
 
 import logging
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -15,7 +18,7 @@ from kvwire import PeerLostError, ProtocolError, Receiver, Sender, TransferTimeo
 from kvwire.sender import DEFAULT_CHUNK_BYTES, DEVICE_CHUNK_BYTES
 from kvwire.transport import get_backend
 
-from .conftest import assert_same_bytes, kill, random_kv, run_in_subprocess, tls_contexts
+from .conftest import ROOT, assert_same_bytes, kill, random_kv, run_in_subprocess, tls_contexts
 
 ucx = pytest.importorskip("kvwire.transport.ucx")
 if not ucx.ucx_available():
@@ -126,8 +129,12 @@ def test_a_send_larger_than_the_window_returns_before_the_peer_reads_and_the_nex
             target=lambda: [client.send([first]), sent.append(1), client.send([second]), sent.append(2)]
         )
         writer.start()
-        time.sleep(0.5)
-        assert sent == [1], "the first send waited for the peer, or the second did not"
+        deadline = time.monotonic() + 10
+        while not sent and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sent == [1], "the first send waited for the peer to read"
+        time.sleep(0.3)
+        assert sent == [1], "the second send went on while the first held more than the window"
         got = np.empty(8 << 20, dtype=np.uint8)
         server.recv_into(memoryview(got))
         writer.join(10)
@@ -413,3 +420,19 @@ def test_kvwire_tunes_ucx_tcp_segments_unless_the_user_sets_them(monkeypatch):
     assert ucx.tuned_defaults((("TCP_RX_SEG_SIZE", "16k"),)) == {}
     monkeypatch.setenv("UCX_TCP_RX_SEG_SIZE", "16k")
     assert ucx.tuned_defaults() == {}
+
+
+def test_ucx_starts_even_where_it_refuses_kvwire_s_defaults():
+    # e.g. a site's ucx.conf with a TCP receive segment under kvwire's send segment
+    code = (
+        "from kvwire.transport import ucx\n"
+        "ucx._TUNED_DEFAULTS = {'TCP_TX_SEG_SIZE': ('1m', ('TCP_TX_SEG_SIZE',))}  # over UCX's 64k receive segment\n"
+        "assert ucx.tuned_defaults()\n"
+        "ucx._Hub.get(ucx.UcxOptions())\n"
+        "print('started')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UCX_TCP_")}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env, cwd=ROOT, check=False
+    )
+    assert done.stdout.strip() == "started", done.stderr[-2000:]

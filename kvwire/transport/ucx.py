@@ -23,8 +23,8 @@ Why it looks the way it does:
   message (buffers under ``inline_bytes`` copied into it, and the lengths of the others)
   followed by one tag message per large buffer, sent straight from the caller's memory
   (UCX rendezvous: CMA on one host, zero-copy on RDMA, GPU memory as is). ``send`` returns
-  while up to ``send_window_bytes`` of them are still in flight (as a TCP send returns once
-  the kernel holds the bytes), keeping the buffers referenced until UCX is done. The receiver
+  while its own messages and up to ``send_window_bytes`` of earlier ones are still in
+  flight (as a TCP send returns once the kernel holds the bytes), keeping the buffers referenced until UCX is done. The receiver
   posts each large message's receive straight into the destination ``recv_into`` was
   given, so bulk bytes land in place with no Python copy. Tags are ``(connection id << 32)
   | sequence number``, so many connections share one worker.
@@ -99,9 +99,10 @@ class UcxOptions:
     ``send_window_bytes``: bytes a connection's ``send`` may leave in flight, besides its
     own, before it waits (0: every send waits until the peer has taken its bytes).
     ``peer_timeout_s``: keepalive of the liveness socket, and the limit of the UCX ping.
-    ``ucx_config``: ``(("TLS", "tcp"), ...)`` UCX settings for the process's UCX context,
-    applied when the first UCX connection of the process is made (over ``UCX_*``
-    environment variables, and over kvwire's own defaults: ``tuned_defaults``).
+    ``ucx_config``: ``(("TLS", "tcp"), ...)`` UCX settings (names without the ``UCX_``
+    prefix) for the process's UCX context, applied when the first UCX connection of the
+    process is made (over ``UCX_*`` environment variables, and over kvwire's own defaults:
+    ``tuned_defaults``).
     """
 
     shared_memory: bool = False
@@ -225,9 +226,15 @@ class _Hub:
         self.api, self.Array = _ucxx()
         # ucxx writes UCX_* variables into os.environ when imported; UCX would then warn
         # about those this machine does not use (no CUDA), which is noise for our users.
-        config = {"WARN_UNUSED_ENV_VARS": "n", **tuned_defaults(options.ucx_config), **dict(options.ucx_config)}
-        self.context = self.api.UCXContext(config, feature_flags=(self.api.Feature.TAG, self.api.Feature.WAKEUP))
-        self.worker = self.api.UCXWorker(self.context)
+        config = {"WARN_UNUSED_ENV_VARS": "n", **dict(options.ucx_config)}
+        tuned = tuned_defaults(options.ucx_config)
+        try:
+            self.context, self.worker = self._start(tuned | config)
+        except Exception as exc:  # e.g. a ucx.conf whose TCP_RX_SEG_SIZE is under kvwire's TX segment
+            if not tuned:
+                raise
+            log.info("UCX refused kvwire's defaults %s (%s); starting with UCX's own", tuned, exc)
+            self.context, self.worker = self._start(config)
         # Every call into ucxx (progress, arm, post, endpoint create/close) holds this lock:
         # ucxx crashed (SIGSEGV) when one thread closed an endpoint, after its peer died,
         # while another progressed the worker. The leader drops it while it sleeps in epoll.
@@ -257,6 +264,10 @@ class _Hub:
         self.waiting = 0  # threads inside wait()
         self.last_wait = time.monotonic()  # when a thread last left wait()
         threading.Thread(target=self._idle_loop, name="ucx-hub-idle", daemon=True).start()
+
+    def _start(self, config: dict):
+        context = self.api.UCXContext(config, feature_flags=(self.api.Feature.TAG, self.api.Feature.WAKEUP))
+        return context, self.api.UCXWorker(context)
 
     @classmethod
     def get(cls, options: UcxOptions) -> _Hub:
