@@ -18,6 +18,9 @@ from .layout import KVLayout
 from .placement import Expectation, place_layer, typed
 
 
+_LANDED, _VERIFIED = 2, 1  # a chunk's entry in InboundRequest._seen (0: not yet here)
+
+
 class InboundRequest:
     def __init__(
         self,
@@ -83,7 +86,16 @@ class InboundRequest:
     # -- state changes (called by the receiver's I/O threads) ---------------------------
 
     def is_duplicate(self, layer: int, chunk: int) -> bool:
+        """Whether this chunk has already landed whole (verified, or awaiting its check)."""
         return bool(self._seen[layer][chunk])
+
+    def landed(self, layer: int, chunk: int) -> None:
+        """A chunk received in place awaits its check: a copy that arrives meanwhile (a
+        resumed sender re-sends what was not acked) is drained, not written over it. If
+        the check fails the request fails, so no copy is needed then either."""
+        with self.cv:
+            if not self._seen[layer][chunk]:
+                self._seen[layer][chunk] = _LANDED
 
     def begin_write(self) -> bool:
         """Reserve the right to write into this request's memory; False once it is closed."""
@@ -105,15 +117,15 @@ class InboundRequest:
 
     def missing_only(self, layer: int, chunk: int) -> bool:
         """Whether this chunk is the last one the request still misses."""
-        return self._missing_total == 1 and not self._seen[layer][chunk]
+        return self._missing_total == 1 and self._seen[layer][chunk] != _VERIFIED
 
     def record_chunk(self, layer: int, chunk: int) -> bool:
         """Record a verified chunk; True if it was the last one its layer missed. A chunk
         counts once: a resumed sender's copy may be verified while the first one still is."""
         with self.cv:
-            if self._seen[layer][chunk]:
+            if self._seen[layer][chunk] == _VERIFIED:
                 return False
-            self._seen[layer][chunk] = 1
+            self._seen[layer][chunk] = _VERIFIED
             self._missing[layer] -= 1
             self._missing_total -= 1
             return self._missing[layer] == 0

@@ -585,6 +585,7 @@ class Receiver:
         try:
             for view in views:
                 stream.conn.recv_into(view if on_device else memoryview(view))
+            state.landed(msg.layer, msg.chunk)  # a copy arriving before the check is drained
         finally:
             state.end_write()  # verifying only reads (and holding this while queued deadlocked _forget)
         verify = functools.partial(self._verify_in_place, stream, state, msg, views)

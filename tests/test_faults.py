@@ -3,21 +3,30 @@
 import logging
 import os
 import socket
+import threading
 import time
 
+import numpy as np
 import pytest
 
 from kvwire import (
     AuthenticationError,
     IntegrityError,
+    KVLayout,
     LayoutMismatchError,
     PeerLostError,
     Receiver,
     RequestRejected,
     Sender,
+    TensorSpec,
     TransferTimeout,
 )
+from kvwire import receiver as receiver_module
 from kvwire.testing.relay import Fault, FaultyRelay
+from kvwire.transport.ucx import ucx_available
+from kvwire.wire import framing
+from kvwire.wire.checksum import frame_checksum
+from kvwire.wire.messages import Data
 
 from .conftest import assert_same_bytes, hybrid_layout, kill, random_kv, run_in_subprocess, tls_contexts
 from .test_transfer import send_all, wait_until
@@ -329,3 +338,49 @@ def test_logging_names_the_peer(layout, receiver, caplog):
     with pytest.raises(AuthenticationError):
         Sender(layout, receiver.address, secret=b"nope")
     wait_until(lambda: "refused connection from 127.0.0.1:" in caplog.text)
+
+
+@pytest.mark.parametrize("backend", ["tcp", "ucx"])
+def test_a_copy_of_a_chunk_awaiting_its_check_is_drained_not_written_over_it(backend, monkeypatch):
+    # A resumed sender re-sends every chunk of a layer it had no ack for. A chunk received
+    # in place and still queued for its check must not be overwritten by that copy: had
+    # it been (here the copy carries other bytes, under their own valid checksum), the
+    # check would read bytes it was not given, and the layer could be reported ready
+    # while they were still being written.
+    if backend == "ucx" and not ucx_available():
+        pytest.skip("ucxx is not importable")
+    one = KVLayout([{"x": TensorSpec((1024,), "uint8", per_token=True)}])
+    tokens, chunk = 2048, 1 << 20  # two 1 MiB chunks: the first is checked by the verifier thread
+    original = np.random.default_rng(1).integers(0, 256, tokens * 1024, dtype=np.uint8)
+    copy = original.copy()
+    copy[:chunk] ^= 0xFF
+    held, release = threading.Event(), threading.Event()
+    real = receiver_module._checksum_matches
+
+    def held_in_the_verifier(msg, pieces):
+        if threading.current_thread().name.startswith("kvwire-rx-verify"):
+            held.set()
+            release.wait(10)
+        return real(msg, pieces)
+
+    monkeypatch.setattr(receiver_module, "_checksum_matches", held_in_the_verifier)
+    with Receiver(one, "127.0.0.1:0", backend=backend, secret=SECRET) as rx:
+        with Sender(one, rx.address, backend=backend, secret=SECRET, streams=2, chunk_bytes=chunk) as tx:
+            xfer = tx.open("resent", tokens)  # (its Opens go out on both streams)
+            got = rx.wait("resent", timeout=10)
+
+            def data(stream: int, payload: np.ndarray, index: int) -> None:
+                piece = payload[index * chunk : (index + 1) * chunk]
+                checksum = frame_checksum(xfer.rid, 0, index, [piece], chunk)
+                tx._streams[stream].conn.send([framing.encode(Data(xfer.rid, 0, index, chunk, checksum)), piece])
+
+            data(0, original, 0)
+            assert held.wait(10), "the first chunk was not handed to the verifier"
+            data(1, copy, 0)  # the re-sent copy, on the other stream, while the first awaits its check
+            time.sleep(0.3)  # (its reader drains it, or, wrongly, writes it in place)
+            release.set()
+            data(0, original, 1)
+            got.wait_done(timeout=10)
+            assert np.array_equal(got.layer(0)["x"].reshape(-1), original)
+            xfer.abort("the test sent the frames itself")
+            got.release()
