@@ -18,10 +18,13 @@
 #    byte checked on the GPU; GB/s next to a device-to-device copy;
 # 5. a kvwire Sender with torch CUDA layers sends over UCX into a Receiver's CUDA expect()
 #    buffers (perf/gpu_kv.py): no host staging, frames checksummed on the GPU at both ends,
-#    bytes compared on the GPU; GB/s next to a device-to-device copy;
+#    bytes compared on the GPU; GB/s next to a device-to-device copy; then, with default
+#    options only, two variants for A/B: two CUDA tensors per layer (chunks land in a
+#    device buffer and are copied out, instead of in place) and a send window of 0 (each
+#    64 MiB send waits for its completion, as before c7e21ca);
 # 6. runs the codec kernels on the GPU (perf/gpu_codec.py): bit-identical to the CPU path,
 #    and their throughput next to a device-to-device copy.
-# It takes about four minutes; each step has a timeout, and every log lands in $OUT.
+# It takes about five minutes; each step has a timeout, and every log lands in $OUT.
 # GPU_CHECK_DEVICE=cpu PYTHON=.venv/bin/python bash perf/gpu_check.sh is a dry run without a
 # GPU (host memory; the codec step then reports its error).
 set -u
@@ -73,6 +76,14 @@ echo "== kvwire Sender/Receiver: CUDA tensors over UCX into CUDA buffers, checks
 timeout 150 "$PY" -m perf.gpu_kv --json --device "$DEVICE" > "$OUT/gpu_kv.txt" 2>&1
 kv_json=$(result "$OUT/gpu_kv.txt")
 echo "$kv_json" >&2
+timeout 90 "$PY" -m perf.gpu_kv --json --device "$DEVICE" --settings default --repeats 3 --tensors-per-layer 2 \
+  > "$OUT/gpu_kv_two_tensors.txt" 2>&1
+kv_two_json=$(result "$OUT/gpu_kv_two_tensors.txt")
+timeout 90 "$PY" -m perf.gpu_kv --json --device "$DEVICE" --settings default --repeats 3 --send-window-mib 0 \
+  > "$OUT/gpu_kv_window0.txt" 2>&1
+kv_window0_json=$(result "$OUT/gpu_kv_window0.txt")
+echo "two tensors per layer: $kv_two_json" >&2
+echo "send window 0: $kv_window0_json" >&2
 
 echo "== codec kernels (fused gather+quantize, dequantize+scatter) vs device-to-device copy" >&2
 timeout 150 "$PY" -m perf.gpu_codec --json > "$OUT/gpu_codec.txt" 2>&1
@@ -80,5 +91,5 @@ codec_json=$(result "$OUT/gpu_codec.txt")
 
 conformance_tail=$(tail -3 "$OUT/gpu_conformance.txt" | quote)
 cat <<EOF
-{"gpu_check": "kvwire ucx", "install_rc": $install_rc, "ucx_context": $context_json, "conformance_rc": $conformance_rc, "conformance_tail": $conformance_tail, "transfer": $ucx_json, "kvwire_device_path": $kv_json, "codec_kernels": $codec_json}
+{"gpu_check": "kvwire ucx", "install_rc": $install_rc, "ucx_context": $context_json, "conformance_rc": $conformance_rc, "conformance_tail": $conformance_tail, "transfer": $ucx_json, "kvwire_device_path": $kv_json, "kvwire_device_path_two_tensors_per_layer": $kv_two_json, "kvwire_device_path_send_window_0": $kv_window0_json, "codec_kernels": $codec_json}
 EOF

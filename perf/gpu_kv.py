@@ -9,6 +9,13 @@ sender took device memory directly. Runs twice: with ``UcxOptions(shared_memory=
 (same-host transports: cuda_ipc) and with kvwire's default UCX options (error handling on).
 ``--device cpu`` runs the same with CPU tensors, a dry run for a machine without a GPU.
 
+Variants, for A/B runs in one GPU session: ``--tensors-per-layer 2`` splits each layer
+into two CUDA tensors (separate K and V, as many engines keep them), so a chunk spans two
+buffers: the sender joins them on the device and the receiver lands the chunk in a
+device buffer and copies it out, where one tensor per layer is received in place.
+``--send-window-mib 0`` makes every UCX send wait until the peer has taken it, as 64 MiB
+chunks did against the 16 MiB window before the newest send stopped counting against it.
+
     python -m perf.gpu_kv --json [--mib-per-layer 64 --layers 4]
 """
 
@@ -29,23 +36,36 @@ def unavailable() -> str | None:
     return devices.ucx_missing()
 
 
-def layout(layers: int):
+def names(per_layer: int) -> list[str]:
+    return ["kv"] if per_layer == 1 else [f"kv{j}" for j in range(per_layer)]
+
+
+def layout(layers: int, per_layer: int = 1):
     from kvwire import KVLayout, TensorSpec
 
-    return KVLayout([{"kv": TensorSpec((8, 128), "bfloat16", per_token=True)} for _ in range(layers)])
+    return KVLayout(
+        [{name: TensorSpec((8, 128), "bfloat16", per_token=True) for name in names(per_layer)} for _ in range(layers)]
+    )
 
 
-def tensors(layers: int, tokens: int, seed: int, device: str = "cuda"):
+def tensors(layers: int, tokens: int, seed: int, device: str = "cuda", per_layer: int = 1) -> list[dict]:
     import torch
 
     generator = torch.Generator(device=device).manual_seed(seed)
-    return [torch.randn(tokens, 8, 128, device=device, generator=generator).to(torch.bfloat16) for _ in range(layers)]
+    return [
+        {
+            name: torch.randn(tokens, 8, 128, device=device, generator=generator).to(torch.bfloat16)
+            for name in names(per_layer)
+        }
+        for _ in range(layers)
+    ]
 
 
-def options(shared_memory: bool):
+def options(shared_memory: bool, send_window_mib: int = -1):
     from kvwire.transport.ucx import UcxOptions
 
-    return UcxOptions(shared_memory=shared_memory)
+    window = {} if send_window_mib < 0 else {"send_window_bytes": send_window_mib << 20}
+    return UcxOptions(shared_memory=shared_memory, **window)
 
 
 class Profile:
@@ -96,25 +116,29 @@ def blocksum_matches_cpu() -> bool:
     return bool(same)
 
 
-def receiver(layers: int, tokens: int, repeats: int, device: str, shared_memory: bool, profile: Profile) -> None:
+def receiver(args, tokens: int, profile: Profile) -> None:
     import torch
 
     from kvwire import Receiver
 
-    expected = tensors(layers, tokens, seed=1, device=device)
+    expected = tensors(args.layers, tokens, seed=1, device=args.device, per_layer=args.tensors_per_layer)
     with Receiver(
-        layout(layers), "127.0.0.1:0", backend="ucx", secret=b"gpu", transport_options=options(shared_memory)
+        layout(args.layers, args.tensors_per_layer),
+        "127.0.0.1:0",
+        backend="ucx",
+        secret=b"gpu",
+        transport_options=options(args.shared_memory, args.send_window_mib),
     ) as rx:
         print(rx.address, flush=True)
         ok = True
-        for rep in range(repeats):
-            targets = [torch.zeros_like(t) for t in expected]
-            rx.expect(f"r{rep}", [{"kv": t} for t in targets])
+        for rep in range(args.repeats):
+            targets = [{name: torch.zeros_like(t) for name, t in layer.items()} for layer in expected]
+            rx.expect(f"r{rep}", targets)
             print("expecting", flush=True)  # the sender opens the request only now
             with rx.wait(f"r{rep}", timeout=120) as got:
                 got.wait_done(timeout=120)
-            devices.synchronize(device)
-            ok &= all(torch.equal(a, b) for a, b in zip(targets, expected))
+            devices.synchronize(args.device)
+            ok &= all(torch.equal(a[name], b[name]) for a, b in zip(targets, expected) for name in a)
             if rep == 0:
                 profile.start()  # after the first request, which compiles the kernels
         profile.stop()
@@ -139,6 +163,10 @@ def one_sender(args, tokens: int, kv: list, shared_memory: bool) -> dict:
         str(args.repeats),
         "--device",
         args.device,
+        "--tensors-per-layer",
+        str(args.tensors_per_layer),
+        "--send-window-mib",
+        str(args.send_window_mib),
     ]
     if shared_memory:
         command.append("--shared-memory")
@@ -149,15 +177,15 @@ def one_sender(args, tokens: int, kv: list, shared_memory: bool) -> dict:
         profile = Profile(f"{args.profile}/sender_{name}.txt")
     with devices.receiver_process(command, stdout=subprocess.PIPE) as child:
         address = child.stdout.readline().strip()
-        nbytes = sum(t.numel() * t.element_size() for t in kv)
+        nbytes = sum(t.numel() * t.element_size() for layer in kv for t in layer.values())
         times = []
         chunking = {"chunk_bytes": args.chunk_mib << 20} if args.chunk_mib else {}
         with Sender(
-            layout(args.layers),
+            layout(args.layers, args.tensors_per_layer),
             address,
             backend="ucx",
             secret=b"gpu",
-            transport_options=options(shared_memory),
+            transport_options=options(shared_memory, args.send_window_mib),
             **chunking,
         ) as tx:
             direct = tx.takes_device_memory
@@ -169,8 +197,8 @@ def one_sender(args, tokens: int, kv: list, shared_memory: bool) -> dict:
                 devices.synchronize(args.device)
                 t0 = time.perf_counter()
                 xfer = tx.open(f"r{rep}", tokens, timeout=120)
-                for i, tensor in enumerate(kv):
-                    xfer.send_layer(i, {"kv": tensor})
+                for i, layer in enumerate(kv):
+                    xfer.send_layer(i, layer)
                 xfer.finish(timeout=120)
                 times.append(time.perf_counter() - t0)
                 if rep == 0:
@@ -199,16 +227,24 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk-mib", type=int, default=0, help="the Sender's chunk_bytes in MiB (0: its default)")
     ap.add_argument("--settings", default="shared_memory,default", help="UCX options to run: shared_memory, default")
     ap.add_argument("--profile", metavar="DIR", help="write yappi tables of sender and receiver (after request 1)")
+    ap.add_argument("--tensors-per-layer", type=int, default=1, help="CUDA tensors per layer (the layer's MiB split)")
+    ap.add_argument("--send-window-mib", type=int, default=-1, help="UcxOptions.send_window_bytes (-1: its default)")
     ap.add_argument("--shared-memory", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    tokens = (args.mib_per_layer << 20) // (8 * 128 * 2)
+    tokens = (args.mib_per_layer << 20) // (8 * 128 * 2 * args.tensors_per_layer)
     if args.role == "receiver":
-        receiver(args.layers, tokens, args.repeats, args.device, args.shared_memory, Profile(args.profile))
+        receiver(args, tokens, Profile(args.profile))
         return 0
     import torch
 
-    kv = tensors(args.layers, tokens, seed=1, device=args.device)
-    result = {"benchmark": "gpu_kv", "device": args.device, "bytes": sum(t.numel() * t.element_size() for t in kv)}
+    kv = tensors(args.layers, tokens, seed=1, device=args.device, per_layer=args.tensors_per_layer)
+    result = {
+        "benchmark": "gpu_kv",
+        "device": args.device,
+        "bytes": sum(t.numel() * t.element_size() for layer in kv for t in layer.values()),
+        "tensors_per_layer": args.tensors_per_layer,
+        "send_window_mib": args.send_window_mib,
+    }
     for name in args.settings.split(","):
         shared_memory = name == "shared_memory"
         try:
@@ -218,7 +254,7 @@ def main(argv=None) -> int:
     if args.device == "cuda":
         from kvwire import device
 
-        flat = kv[0].view(torch.uint8).reshape(-1)
+        flat = next(iter(kv[0].values())).view(torch.uint8).reshape(-1)
         copy = torch.empty_like(flat)
         best_copy, best_sum = float("inf"), float("inf")
         payload, _, _ = device.device_bytes(flat)
