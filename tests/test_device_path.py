@@ -133,7 +133,8 @@ def test_a_layer_of_many_chunks_lands_in_one_cuda_buffer_each_chunk_checked_whil
         assert target.tobytes() == kv[0]["k"].tobytes()
     assert sorted(checked) == sorted([(0, 0), (0, 1), (0, 2)] * 2)  # by the sender, and in place by the receiver
     verifier = [chunks for name, chunks in threads.items() if name.startswith("kvwire-rx-verify")]
-    assert verifier == [[0, 1]]  # the last chunk, with nothing left to overlap, by the reader itself
+    # (the last chunk goes to the verifier too if it lags behind, else the reader checks it)
+    assert len(verifier) == 1 and verifier[0][:2] == [0, 1]
 
 
 def test_a_chunk_that_fails_its_check_in_a_cuda_buffer_fails_the_request(layout, monkeypatch):
