@@ -34,7 +34,7 @@ from .inbound import InboundRequest, ReceivedRequest
 from .placement import Expectation
 from .layout import KVLayout
 from .metrics import PeerCounters, PeerMetrics
-from .transport import Connection, get_backend
+from .transport import Connection, get_backend, takes_device_memory
 from .wire import framing
 from .wire.blocksum import frame_blocksum
 from .wire.checksum import frame_checksum
@@ -115,10 +115,6 @@ class _Stream:
             self._verifier = _Verifier(f"kvwire-rx-verify-{self.conn.peer}")
         return self._verifier
 
-    @property
-    def takes_device_memory(self) -> bool:
-        return getattr(self.conn, "takes_device_memory", False)
-
     def send(self, message) -> None:
         with self.send_lock:
             self.conn.send([framing.encode(message)])
@@ -134,7 +130,7 @@ class _Stream:
         connection that cannot write them (TCP), is received and checked before it is
         copied into them: device memory if the connection takes it (UCX), else host
         memory. (A chunk bound for one CUDA buffer over UCX lands in it directly.)"""
-        if not self.takes_device_memory:
+        if not takes_device_memory(self.conn):
             return self.scratch(nbytes)
         if self._device_scratch is None or len(self._device_scratch) < nbytes:
             self._device_scratch = device.empty(nbytes)
@@ -575,10 +571,10 @@ class Receiver:
         # One CUDA view on a connection that takes device memory: UCX puts the bytes
         # straight there, like host bytes, and the GPU checks them in place. Else a landing
         # buffer: one receive instead of one per piece (and TCP cannot write the GPU).
-        in_place = not on_device or (len(views) == 1 and stream.takes_device_memory)
+        in_place = not on_device or (len(views) == 1 and takes_device_memory(stream.conn))
         if not in_place or (len(views) > 8 and msg.nbytes < _SMALL_PIECE_BYTES * len(views)):
             try:
-                ok = self._receive_scattered(stream, msg, views)
+                ok = self._receive_scattered(stream, msg, views, on_device)
             finally:
                 state.end_write()
             return self._chunk_checked(stream, state, msg, ok)
@@ -637,14 +633,13 @@ class Receiver:
             session.counters.completed(state.nbytes, state.finished_at - state.opened_at)
 
     @staticmethod
-    def _receive_scattered(stream: _Stream, msg: Data, views: list) -> bool:
+    def _receive_scattered(stream: _Stream, msg: Data, views: list, to_device: bool) -> bool:
         """Receive a chunk whole into a scratch buffer, verify it, then copy it into its
         views; True if it verified. For a chunk spanning many small tensors (one receive
         instead of one per tensor), and for a chunk bound for several CUDA buffers, or for
         CUDA buffers over a connection that cannot write them (received and checked on the
         GPU when the connection takes device memory). Either way bytes that fail
-        verification never reach the engine's arrays."""
-        to_device = any(map(device.is_device, views))
+        verification never reach the engine's arrays. ``to_device``: some view is CUDA memory."""
         landing = stream.landing(msg.nbytes) if to_device else stream.scratch(msg.nbytes)
         stream.conn.recv_into(landing if device.is_device(landing) else memoryview(landing))
         if not _checksum_matches(msg, [landing]):

@@ -33,7 +33,7 @@ from .codecs import CODECS, choose_codec
 from .layout import KVLayout
 from .metrics import PeerCounters, PeerMetrics
 from .outbound import Transfer
-from .transport import Connection, get_backend
+from .transport import Connection, get_backend, takes_device_memory
 from .transport.tuning import HostLimits, LinkEstimate, Tuning, choose, resolve_congestion_control
 from .wire import framing
 from .wire.checksum import frame_checksum
@@ -307,7 +307,7 @@ class Sender:
         """Whether CUDA tensors go out as they are (every connection is UCX that opened
         cuda_copy, or runs under numba's simulator); otherwise they are staged to host
         memory first."""
-        return bool(self._streams) and all(_takes_device_memory(s.conn) for s in self._streams)
+        return bool(self._streams) and all(takes_device_memory(s.conn) for s in self._streams)
 
     @property
     def chunk_bytes(self) -> int:
@@ -421,7 +421,7 @@ class Sender:
             if any(device.is_device(piece) for piece in pieces):
                 payload = device.join(pieces, nbytes)
                 checksum, algorithm = device.frame_blocksum(xfer.rid, layer, chunk, payload), "blocksum"
-                pieces = [payload if _takes_device_memory(stream.conn) else device.to_host(payload)]
+                pieces = [payload if takes_device_memory(stream.conn) else device.to_host(payload)]
             else:
                 checksum, algorithm = frame_checksum(xfer.rid, layer, chunk, pieces, nbytes), "xxh3"
         except Exception as exc:  # a bug must fail its request, never kill the stream silently
@@ -566,7 +566,3 @@ class Sender:
         for xfer in transfers:
             if xfer._fail(PeerLostError(f"request {xfer.request_id!r}: {why}")):
                 self._counters.failed()
-
-
-def _takes_device_memory(conn) -> bool:
-    return getattr(conn, "takes_device_memory", False)

@@ -26,6 +26,12 @@ def get_backend(name: str) -> Backend:
     return factory()
 
 
+def takes_device_memory(conn) -> bool:
+    """Whether CUDA arrays may be handed to ``conn`` as they are (False for a connection
+    that does not say)."""
+    return getattr(conn, "takes_device_memory", False)
+
+
 def _tcp() -> Backend:
     from .tcp import TcpBackend
 
@@ -48,4 +54,4 @@ register("tcp", _tcp)
 register("ucx", _ucx)
 register("auto", _auto)
 
-__all__ = ["Backend", "Connection", "LinkStats", "Listener", "get_backend", "register"]
+__all__ = ["Backend", "Connection", "LinkStats", "Listener", "get_backend", "register", "takes_device_memory"]
