@@ -20,6 +20,7 @@ from typing import Callable, Iterator, Mapping
 import numpy as np
 
 from kvwire import KVLayout, TensorSpec
+from .model import cache_keyword
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def probe_layout(model, num_tokens: int = 5) -> KVLayout:
     cache = DynamicCache(config=model.config)
     ids = torch.arange(3, 3 + num_tokens).unsqueeze(0) % model.config.vocab_size
     with torch.no_grad():
-        model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_keyword(model): cache})
     layers = []
     for i in range(len(cache.layers)):
         tensors = export_layer(cache, i)

@@ -92,6 +92,15 @@ def _tokenizer(path: Path):
     return AutoTokenizer.from_pretrained(path)
 
 
+def cache_keyword(model) -> str:
+    """The forward keyword that takes the cache: ``cache`` from transformers 5.2x on
+    (``past_key_values`` deprecated), ``past_key_values`` before (5.19, vLLM's pin). An
+    unknown keyword would be swallowed by ``**kwargs`` and the model would run cacheless."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
 # -- tiny seeded checkpoints (tests, demo) -------------------------------------------------
 
 TINY_VOCAB = 512
@@ -122,8 +131,25 @@ def tiny_config(architecture: str = "KimiLinearForCausalLM", *, num_layers: int 
     raise ValueError(f"no tiny config for {architecture!r}; expected one of {ARCHITECTURES}")
 
 
+def vllm_tiny_config(num_layers: int = 4):
+    """A tiny Qwen3-Next that vLLM's CPU backend runs (GatedDeltaNet, full attention,
+    alternating; head size 64, bf16): vLLM has no CPU path for Kimi Linear's KDA."""
+    import transformers
+
+    layer_types = ["linear_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)]
+    return transformers.Qwen3NextConfig(
+        vocab_size=2048, hidden_size=256, intermediate_size=512, num_hidden_layers=num_layers,
+        moe_intermediate_size=128, shared_expert_intermediate_size=128, num_experts=4, num_experts_per_tok=2,
+        layer_types=layer_types, num_attention_heads=4, num_key_value_heads=2, head_dim=64, linear_key_head_dim=64,
+        linear_value_head_dim=64, linear_num_key_heads=2, linear_num_value_heads=4, max_position_embeddings=8192,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+        architectures=["Qwen3NextForCausalLM"],
+    )
+
+
 def write_tiny_checkpoint(
-    path: str | Path, architecture: str = "KimiLinearForCausalLM", *, dtype: str = "float32", seed: int = 0
+    path: str | Path, architecture: str = "KimiLinearForCausalLM", *, dtype: str = "float32", seed: int = 0,
+    config=None,
 ) -> Path:
     """Write a seeded random-weight checkpoint (config.json + model.safetensors) to ``path``.
 
@@ -134,7 +160,8 @@ def write_tiny_checkpoint(
     import torch
     import transformers
 
-    config = tiny_config(architecture)
+    config = config if config is not None else tiny_config(architecture)
+    architecture = config.architectures[0]
     config.initializer_range = 0.5
     torch.manual_seed(seed)
     model = getattr(transformers, architecture)(config).to(getattr(torch, dtype)).eval()

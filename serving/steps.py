@@ -1,6 +1,6 @@
 """The two model steps a worker runs: a prefill (with per-layer export) and decode steps.
 
-Both call the transformers model exactly as ``generate()`` does (the same ``cache=``,
+Both call the transformers model exactly as ``generate()`` does (the same cache keyword,
 ``use_cache`` and ``logits_to_keep=1``), which is what makes disaggregated greedy tokens
 identical to monolithic ones.
 """
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 from .hybrid_cache import layer_hooks, new_cache
+from .model import cache_keyword
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ def forward(model, cache, token_ids: Sequence[int], hooks=None):
 
     ids = torch.tensor([list(token_ids)], dtype=torch.long)
     with torch.no_grad(), hooks or contextlib.nullcontext():
-        return model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+        return model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_keyword(model): cache})
 
 
 def prefill(model, token_ids: Sequence[int], on_layer: Callable | None = None):
@@ -62,11 +63,7 @@ def prefill(model, token_ids: Sequence[int], on_layer: Callable | None = None):
 
 def decode_step(model, cache, token: int):
     """Feed one token; return the logits of the next position."""
-    import torch
-
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor([[token]], dtype=torch.long), cache=cache, use_cache=True, logits_to_keep=1)
-    return out.logits[0, -1]
+    return forward(model, cache, [token]).logits[0, -1]
 
 
 def decode(

@@ -1,0 +1,94 @@
+"""One offline vLLM engine in its own process, driven by JSON lines: what the connector's
+tests and ``perf vllm-pd`` run as prefill, decode and single (reference) instances.
+
+    python -m serving.vllm_engine --model DIR [--kv-role kv_producer --kv-extra JSON]
+
+prints ``{"ready": ...}`` once the engine is up, then answers each stdin line
+``{"prompts": [[ids], ...], "max_tokens": n, "params": [kv_transfer_params | null, ...]}``
+with ``{"outputs": [{"token_ids", "kv_transfer_params", "finish_reason", "seconds"}]}``
+and ``{"free_blocks": true}`` with the scheduler's free KV blocks. vLLM's in-process mode
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``, the ``uni`` executor) keeps start-up near 15 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def build(args):
+    from vllm import LLM
+    from vllm.config import KVTransferConfig
+
+    kv_config = None
+    if args.kv_role:
+        kv_config = KVTransferConfig(
+            kv_connector=args.connector, kv_role=args.kv_role,
+            kv_connector_module_path="kvwire.integrations.vllm" if args.connector == "KVWireConnector" else None,
+            kv_connector_extra_config=json.loads(args.kv_extra), kv_load_failure_policy=args.load_failure_policy,
+            **({"kv_buffer_device": "cpu"} if args.connector == "NixlConnector" else {}),
+        )
+    return LLM(
+        model=args.model, skip_tokenizer_init=True, enforce_eager=True, max_model_len=args.max_model_len,
+        distributed_executor_backend="uni", enable_prefix_caching=args.prefix_caching, seed=0,
+        max_num_batched_tokens=args.max_num_batched_tokens, kv_transfer_config=kv_config,
+    )
+
+
+def free_blocks(llm) -> int:
+    core = llm.llm_engine.engine_core.engine_core
+    return core.scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
+
+
+def run(llm, job: dict) -> dict:
+    from vllm import SamplingParams
+
+    prompts = job["prompts"]
+    params = job.get("params") or [None] * len(prompts)
+    sampling = [SamplingParams(max_tokens=job.get("max_tokens", 8), temperature=0.0,
+                               extra_args={"kv_transfer_params": p} if p is not None else None)
+                for p in params]
+    start = time.perf_counter()
+    outputs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], sampling, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    return {"outputs": [{
+        "token_ids": list(out.outputs[0].token_ids),
+        "finish_reason": out.outputs[0].finish_reason,
+        "kv_transfer_params": out.kv_transfer_params,
+        "seconds": seconds,
+    } for out in outputs]}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--connector", default="KVWireConnector")
+    parser.add_argument("--kv-role", choices=["kv_producer", "kv_consumer", "kv_both"])
+    parser.add_argument("--kv-extra", default="{}", help="kv_connector_extra_config as JSON")
+    parser.add_argument("--load-failure-policy", default="recompute", choices=["recompute", "fail"])
+    parser.add_argument("--prefix-caching", action="store_true")
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    out = sys.stdout
+    sys.stdout = sys.stderr  # vLLM's own prints must not mix with the JSON lines
+    llm = build(args)
+    out.write(json.dumps({"ready": True, "free_blocks": free_blocks(llm)}) + "\n")
+    out.flush()
+    for line in sys.stdin:
+        job = json.loads(line)
+        try:
+            reply = {"free_blocks": free_blocks(llm)} if job.get("free_blocks") else run(llm, job)
+        except Exception as exc:  # noqa: BLE001 - the test reads the error
+            reply = {"error": f"{type(exc).__name__}: {exc}"}
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+
+
+if __name__ == "__main__":
+    main()
