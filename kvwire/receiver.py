@@ -214,6 +214,7 @@ class Receiver:
         self._expected: dict[str, Expectation] = {}
         self._sessions: dict[bytes, _Session] = {}
         self._bytes_in_use = 0
+        self._refusals: collections.deque = collections.deque(maxlen=16)
         self._closed = False
         self._threads: set[threading.Thread] = set()
         self._start(self._accept_loop, "kvwire-rx-accept")
@@ -303,6 +304,12 @@ class Receiver:
             for s in sessions
         }
 
+    def refusals(self, since: float = 0.0) -> list[tuple[str, KVWireError]]:
+        """(peer, error) of the connections refused in the handshake (wrong secret, other
+        layout, not kvwire) since ``since`` (time.monotonic()), newest last, at most 16:
+        what a consumer waiting for a push that never opens can tell its user."""
+        return [(peer, error) for at, peer, error in list(self._refusals) if at >= since]
+
     @property
     def bytes_in_use(self) -> int:
         return self._bytes_in_use
@@ -365,6 +372,7 @@ class Receiver:
             conn.set_timeout(None)
         except KVWireError as exc:
             log.warning("refused connection from %s: %s: %s", conn.peer, type(exc).__name__, exc)
+            self._refusals.append((time.monotonic(), conn.peer, exc))
             conn.close()
             return
         stream = self._join(hello, conn)

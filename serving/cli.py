@@ -53,6 +53,12 @@ def parser() -> argparse.ArgumentParser:
     router.add_argument("--prfaas-max-threshold", type=int, metavar="TOKENS", help="default 1048576")
     router.add_argument("--egress-gbps", type=float, help="the PrfaaS cluster's egress link capacity (default 10)")
     router.add_argument("--control-interval", type=float, metavar="S", help="seconds between worker-state polls")
+    router.add_argument("--engine", choices=["auto", "kvwire", "vllm"],
+                        help="what the workers are: kvwire-serve workers or vLLM OpenAI servers running "
+                             "KVWireConnector (default auto: asked at start-up)")
+    router.add_argument("--decode-kv", action="append", metavar="URL=HOST:PORT",
+                        help="a vLLM decode server's kvwire address (its connector's listen), as prefill servers "
+                             "reach it (repeat; unset: the prefill servers' own 'decode' option)")
     router.add_argument("--host", default="127.0.0.1")
     router.add_argument("--port", type=int, required=True)
     router.add_argument("--kv-fallback", choices=["recompute", "error"],
@@ -210,8 +216,16 @@ def router_config(args):
             raise ValueError("--prfaas-threshold, --prfaas-max-threshold and --egress-gbps describe the cluster of "
                              "--prfaas workers: give --prfaas (or set them in the config's [[prfaas]])")
         control = {"interval_s": args.control_interval} if args.control_interval is not None else None
+        decode_kv = None
+        if args.decode_kv:
+            pairs = [item.rpartition("=") for item in args.decode_kv]
+            bad = [item for item, (url, sep, _) in zip(args.decode_kv, pairs) if not sep or not url]
+            if bad:
+                raise ValueError(f"--decode-kv {bad[0]!r}: expected URL=HOST:PORT")
+            decode_kv = {url: address for url, _, address in pairs}
         return rc.merge(base, prefill=args.prefill, decode=args.decode, prfaas=prfaas, kv_fallback=args.kv_fallback,
-                        prefill_timeout_s=args.timeout, token_timeout_s=args.timeout, control=control)
+                        prefill_timeout_s=args.timeout, token_timeout_s=args.timeout, control=control,
+                        engine=args.engine, decode_kv=decode_kv)
     except ValueError as exc:
         raise SystemExit(f"kvwire-serve router: {exc}") from None
 

@@ -23,6 +23,7 @@ import aiohttp
 
 from kvwire.metrics import PeerMetrics
 
+from . import vllm_upstream
 from .policy import (
     LinkSample,
     Placement,
@@ -58,6 +59,8 @@ class WorkerState:
     in_flight: int = 0
     error: str | None = None  # why its last poll failed (None: it answered)
     mismatch: str | None = None  # why its prefixes are ignored
+    engine: str | None = None  # "kvwire" (a kvwire-serve worker) or "vllm" (an OpenAI server); None: not known yet
+    waiting: float = 0.0  # requests queued at a vLLM server (its vllm:num_requests_waiting)
 
     @property
     def reachable(self) -> bool:
@@ -127,6 +130,18 @@ class Fleet:
 
     async def _poll_worker(self, session: aiohttp.ClientSession, worker: WorkerState) -> None:
         timeout = aiohttp.ClientTimeout(total=max(1.0, 2 * self.config.control.interval_s))
+        if worker.engine is None:
+            try:
+                worker.engine = self.config.engine if self.config.engine != "auto" else (
+                    "vllm" if await vllm_upstream.is_vllm(session, worker.url, timeout) else "kvwire")
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                self._unreachable(worker, f"{type(exc).__name__}: {exc}")
+                return
+            log.info("worker %s is a %s", worker.url,
+                     "vLLM server" if worker.engine == "vllm" else "kvwire-serve worker")
+        if worker.engine == "vllm":
+            await self._poll_vllm(session, worker, timeout)
+            return
         try:
             async with session.get(worker.url + "/internal/state", timeout=timeout) as response:
                 if response.status != 200:
@@ -139,13 +154,9 @@ class Fleet:
             blocks = frozenset(state.get("prefix_blocks", ()))
             peers = [dataclasses.replace(p, peer=f"{worker.url}>{p.peer}") for p in peers_from_json(state.get("peers", []))]
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            if worker.reachable:
-                log.warning("worker %s: state unavailable (%s); not routing to it until it answers", worker.url, exc)
-            worker.error, worker.blocks = str(exc) or type(exc).__name__, frozenset()
+            self._unreachable(worker, str(exc) or type(exc).__name__)
             return
-        if not worker.reachable:
-            log.warning("worker %s answers again", worker.url)
-        worker.error = None
+        self._answered(worker)
         worker.geometry, worker.blocks, worker.peers = geometry, blocks, peers
         if geometry is not None and self.geometry is None:
             self.geometry = geometry
@@ -156,6 +167,31 @@ class Fleet:
                 log.warning("worker %s: %s: its prefixes are ignored", worker.url, mismatch)
         worker.mismatch = mismatch
 
+    @staticmethod
+    def _unreachable(worker: WorkerState, error: str) -> None:
+        if worker.reachable:
+            log.warning("worker %s: state unavailable (%s); not routing to it until it answers", worker.url, error)
+        worker.error, worker.blocks = error, frozenset()
+
+    @staticmethod
+    def _answered(worker: WorkerState) -> None:
+        if not worker.reachable:
+            log.warning("worker %s answers again", worker.url)
+        worker.error = None
+
+    async def _poll_vllm(self, session: aiohttp.ClientSession, worker: WorkerState, timeout) -> None:
+        """A vLLM server's kvwire link gauges and queue, from its Prometheus /metrics."""
+        try:
+            async with session.get(worker.url + "/metrics", timeout=timeout) as response:
+                if response.status != 200:
+                    raise ValueError(f"GET /metrics answered HTTP {response.status}")
+                text = await response.text()
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            self._unreachable(worker, str(exc) or type(exc).__name__)
+            return
+        self._answered(worker)
+        worker.peers, worker.waiting = vllm_upstream.parse_metrics(text, worker.url)
+
     def _step(self, cluster: ClusterState, now: float) -> None:
         """One controller sample for ``cluster``; skipped (t holds) unless every worker answered,
         since a missing worker's bytes would read as an idle link, and its late ones as a burst."""
@@ -165,7 +201,7 @@ class Fleet:
             return
         peers = [p for w in workers for p in w.peers]
         if cluster.previous_time:
-            queued = sum(w.in_flight for w in workers) - len(workers)  # prefills beyond one running per worker
+            queued = sum(max(w.in_flight, w.waiting) for w in workers) - len(workers)  # beyond one running per worker
             sample = egress_sample(cluster.previous_peers, peers, now - cluster.previous_time,
                                    cluster.config.egress_gbps * 1e9, max(0, queued))
             cluster.last_sample = sample

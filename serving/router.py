@@ -26,6 +26,7 @@ import uuid
 import aiohttp
 from aiohttp import web
 
+from . import vllm_upstream
 from .fleet import Decision, Fleet
 from .http import INVALID_REQUEST, BadRequest, base_app, describe, error_body, json_error
 from .metrics import Registry
@@ -89,12 +90,14 @@ class Router:
             connector=aiohttp.TCPConnector(limit=0),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.options.connect_timeout_s),
         )
+        await self.fleet.poll(self._session)  # also learns which workers are vLLM servers
         for url in self.options.decode:
+            if self.fleet.workers[url].engine == "vllm":
+                continue
             try:
                 await self.kv_address(url)
             except UpstreamError as exc:
                 log.warning("decode worker %s not ready yet: %s", url, exc)
-        await self.fleet.poll(self._session)
         self._control = asyncio.create_task(self.fleet.run(self._session))
 
     async def _cleanup(self, app) -> None:
@@ -115,6 +118,19 @@ class Router:
                 "prfaas": {c.name: list(c.prefill) for c in self.options.prfaas},
                 "kv_addresses": dict(self._kv_addresses), **self.fleet.health()}
 
+    # -- what vllm_upstream uses -----------------------------------------------------------
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        return self._session
+
+    @staticmethod
+    def upstream_error(status: int, error_type: str, message: str) -> UpstreamError:
+        return UpstreamError(status, error_type, message)
+
+    def account(self, info: dict, num_tokens: int, status: str) -> None:
+        self._account(info, num_tokens, status)
+
     # -- workers --------------------------------------------------------------------------
 
     async def token_ids(self, prompt) -> list[int]:
@@ -126,11 +142,12 @@ class Router:
             return prompt
         unreachable = None
         for url in self.options.prefill_urls:
+            vllm = self.fleet.workers[url].engine == "vllm"
             try:
                 timeout = aiohttp.ClientTimeout(total=self.options.prefill_timeout_s,
                                                 sock_connect=self.options.connect_timeout_s)
-                async with self._session.post(url + "/internal/tokenize", json={"prompt": prompt},
-                                              timeout=timeout) as response:
+                async with self._session.post(url + ("/tokenize" if vllm else "/internal/tokenize"),
+                                              json={"prompt": prompt}, timeout=timeout) as response:
                     body = await response.json()
             except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as exc:
                 unreachable = UpstreamError(502, UNAVAILABLE, f"prefill worker {url} is unreachable: {_client_error(exc)}")
@@ -138,7 +155,7 @@ class Router:
             if response.status != 200:
                 error = body.get("error", {})
                 raise UpstreamError(response.status, error.get("type", UNAVAILABLE), error.get("message", str(body)))
-            return body["prompt_token_ids"]
+            return body["tokens"] if vllm else body["prompt_token_ids"]
         raise unreachable
 
     async def kv_address(self, decode_url: str) -> str:
@@ -204,6 +221,12 @@ class Router:
         prefill_url, decode_url = decision.route.placement.worker, decision.decode.worker
         info = {"request_id": job["id"], "prefill_worker": prefill_url, "decode_worker": decode_url,
                 "route": _route_info(decision, self.fleet)}
+        if self.fleet.workers[decode_url].engine == "vllm":
+            try:
+                return await vllm_upstream.complete(self, request, job, decision, info)
+            except UpstreamError as exc:
+                self.num_requests.inc(1, str(exc.status))
+                return exc.response()
         try:
             decode_job = await self._prefill_step(job, decision, info)
             upstream = await self._open_decode(decode_url, decode_job, info)
@@ -363,7 +386,7 @@ def _parse(body: dict) -> dict:
         raise BadRequest(f"`n` must be 1, got {body['n']!r}")
     sampling = parse_sampling(body)
     return {
-        "id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.get("model"),
+        "body": body, "id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.get("model"),
         "prompt": body["prompt"], "max_tokens": parse_max_tokens(body), "temperature": sampling.temperature,
         "seed": sampling.seed, "stream": body.get("stream", False), "return_token_ids": body.get("return_token_ids", False),
     }

@@ -27,6 +27,21 @@ from pathlib import Path
 import msgspec
 
 
+ENGINES = ("auto", "kvwire", "vllm")
+
+
+def check_address(address: str, what: str) -> None:
+    """ValueError naming ``what`` unless ``address`` is HOST:PORT with a port in range."""
+    from kvwire.transport.tcp import parse_address
+
+    try:
+        _, port = parse_address(address)
+    except ValueError:
+        raise ValueError(f"{what}: {address!r} is not HOST:PORT") from None
+    if not 0 < port < 65536:
+        raise ValueError(f"{what}: port {port} of {address!r} is outside 1..65535")
+
+
 class PrfaasConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """One PrfaaS prefill cluster, reached over a link of ``egress_gbps``."""
 
@@ -85,8 +100,16 @@ class RouterConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     prefill_timeout_s: float = 120.0
     token_timeout_s: float = 60.0
     control: ControlConfig = ControlConfig()
+    engine: str = "auto"  # the workers: kvwire-serve workers, vLLM OpenAI servers with KVWireConnector, or detect
+    decode_kv: dict[str, str] = {}  # vLLM decode server URL -> its kvwire address (the connector's "listen")
 
     def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        for url, address in self.decode_kv.items():
+            if url not in self.decode:
+                raise ValueError(f"decode_kv names {url}, which is not a decode worker ({self.decode})")
+            check_address(address, f"decode_kv[{url!r}]")
         if not self.decode:
             raise ValueError("the router needs at least one decode worker URL")
         if not self.prefill and not self.prfaas:

@@ -27,7 +27,7 @@ def build(args):
     if args.kv_role:
         kv_config = KVTransferConfig(
             kv_connector=args.connector, kv_role=args.kv_role,
-            kv_connector_module_path="kvwire.integrations.vllm" if args.connector == "KVWireConnector" else None,
+            kv_connector_module_path=args.connector_module,
             kv_connector_extra_config=json.loads(args.kv_extra), kv_load_failure_policy=args.load_failure_policy,
             **({"kv_buffer_device": "cpu"} if args.connector == "NixlConnector" else {}),
         )
@@ -66,6 +66,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--connector", default="KVWireConnector")
+    parser.add_argument("--connector-module", default=None,
+                        help="module defining --connector (default: kvwire.integrations.vllm for KVWire*)")
     parser.add_argument("--kv-role", choices=["kv_producer", "kv_consumer", "kv_both"])
     parser.add_argument("--kv-extra", default="{}", help="kv_connector_extra_config as JSON")
     parser.add_argument("--load-failure-policy", default="recompute", choices=["recompute", "fail"])
@@ -73,6 +75,8 @@ def main(argv=None) -> None:
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--max-num-batched-tokens", type=int, default=4096)
     args = parser.parse_args(argv)
+    if args.connector_module is None and args.connector.startswith("KVWire"):
+        args.connector_module = "kvwire.integrations.vllm"
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     out = sys.stdout

@@ -51,6 +51,8 @@ class KVWireWorkerMetadata(KVConnectorWorkerMetadata):
 class KVWireConnector(KVConnectorBase_V1, SupportsHMA):
     """See the README's "Use with vLLM" for the ``kv_connector_extra_config`` keys."""
 
+    worker_class = ConnectorWorker  # what a worker process runs (a subclass may swap it)
+
     def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
         super().__init__(vllm_config, role, kv_cache_config)
         transfer = vllm_config.kv_transfer_config
@@ -61,7 +63,7 @@ class KVWireConnector(KVConnectorBase_V1, SupportsHMA):
         if role == KVConnectorRole.SCHEDULER:
             self.scheduler = ConnectorScheduler(self.config, vllm_config, kv_cache_config, kv_role)
         else:
-            self.worker = ConnectorWorker(self.config, vllm_config, kv_cache_config, kv_role)
+            self.worker = self.worker_class(self.config, vllm_config, kv_cache_config, kv_role)
 
     # -- scheduler side --------------------------------------------------------------------
 

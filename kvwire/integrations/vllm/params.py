@@ -33,7 +33,7 @@ class PushTarget(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True)
     error: str | None = None  # the prefill side already knows the push failed
 
 
-class LoadReport(msgspec.Struct, omit_defaults=True):
+class LoadReport(msgspec.Struct):
     """``kv_transfer_params["kvwire"]`` on a decode instance's response."""
 
     request_id: str

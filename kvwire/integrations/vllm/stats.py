@@ -89,6 +89,8 @@ class KVWirePromMetrics(KVConnectorPromMetrics):
                                       "link (TCP_INFO)", extra_labels=("peer",))
         self.goodput = per_engine(self._gauge_cls, "link_goodput_bps", "kvwire goodput EWMA to or from the peer",
                                   extra_labels=("peer",))
+        self.link_bytes = per_engine(self._gauge_cls, "link_bytes", "kvwire bytes moved to or from the peer so far",
+                                     extra_labels=("peer",))
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         labels = [str(v) for v in self.per_engine_labelvalues[engine_idx]]
@@ -106,3 +108,4 @@ class KVWirePromMetrics(KVConnectorPromMetrics):
             self.rtt.labels(*labels, peer).set(link["rtt_ms"])
             self.retransmits.labels(*labels, peer).set(link["retransmits"])
             self.goodput.labels(*labels, peer).set(link["goodput_bps"])
+            self.link_bytes.labels(*labels, peer).set(link.get("bytes", 0))

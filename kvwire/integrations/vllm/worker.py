@@ -51,7 +51,7 @@ class _Push:
 @dataclass
 class _Load:
     plan: LoadPlan
-    started: float
+    started_monotonic: float
     handle: object = None
 
 
@@ -215,17 +215,23 @@ class ConnectorWorker:
 
     def _try_land(self, load: _Load) -> bool:
         plan = load.plan
-        waited = time.monotonic() - load.started
+        waited = time.monotonic() - load.started_monotonic
         if load.handle is None:
-            mine = self.config.advertised
-            if plan.address and mine and parse_address(plan.address)[1] != parse_address(mine)[1]:
-                raise ValueError(f"the push went to {plan.address}, not to this decode instance ({mine})")
             try:
                 load.handle = self.receiver.wait(plan.kvwire_id, timeout=0)
             except TransferTimeout:
                 if waited > self.config.load_timeout_s:
+                    refusals = self.receiver.refusals(since=load.started_monotonic - self.config.transfer_timeout_s)
+                    refused = "".join(f"; meanwhile this receiver refused {peer}: {type(error).__name__}: {error}"
+                                      for peer, error in refusals[-2:])
+                    if any(isinstance(error, LayoutMismatchError) for _, error in refusals):
+                        refused += f" (kvwire layers here: {self.cache.names()})"
+                    where = ""
+                    if plan.address and parse_address(plan.address)[1] != parse_address(self.receiver.address)[1]:
+                        where = (f"; the prefill request named {plan.address} as its decode address, this "
+                                 f"instance listens at {self.receiver.address}")
                     raise TransferTimeout(f"no prefill instance pushed request {plan.kvwire_id!r} within "
-                                          f"{self.config.load_timeout_s}s (load_timeout_s)") from None
+                                          f"{self.config.load_timeout_s}s (load_timeout_s){refused}{where}") from None
                 return False
             if load.handle.num_tokens != self.cache.wire_tokens(plan.num_tokens):
                 raise ValueError(f"the push of {plan.kvwire_id!r} holds {load.handle.num_tokens} tokens, this request "
@@ -239,24 +245,29 @@ class ConnectorWorker:
             return False
         with handle:  # released once landed (or failed)
             layers = handle.wait_all(timeout=0)
-            self._land(plan, layers)
+            self.land(plan, layers)
+        nbytes, seconds = self.cache.layout.nbytes(handle.num_tokens), time.monotonic() - load.started_monotonic
         with self._lock:
             self._stats.data["loaded_requests"] += 1
             self._stats.data["loaded_tokens"] += plan.num_tokens - plan.first
-        nbytes = self.cache.layout.nbytes(load.handle.num_tokens)
-        self._outcomes[plan.req_id] = (True, None, nbytes, time.monotonic() - load.started)
+            self._stats.record_transfer(nbytes, seconds)
+        self._outcomes[plan.req_id] = (True, None, nbytes, seconds)
         return True
 
-    def _land(self, plan: LoadPlan, layers: list[dict]) -> None:
-        for index, (layer, tensors) in enumerate(zip(self.cache.layers, layers)):
-            group = self.cache.groups[index]
-            if isinstance(layer, AttentionLayer):
-                dtype = layer.cache.dtype
-                torch_tensors = {n: to_torch(a, dtype).to(layer.cache.device) for n, a in tensors.items()}
-                layer.scatter(plan.block_ids[group], plan.first, plan.num_tokens, torch_tensors)
-            else:
-                torch_tensors = {n: to_torch(tensors[n], v.dtype).to(v.device) for n, v in zip(layer.names, layer.views)}
-                layer.scatter(self.cache.state_slot(plan.block_ids, group), torch_tensors)
+    def land(self, plan: LoadPlan, layers: list[dict]) -> None:
+        """Copy a verified push (every layer's tensors) into this engine's blocks."""
+        for index, tensors in enumerate(layers):
+            self.land_layer(plan, index, tensors)
+
+    def land_layer(self, plan: LoadPlan, index: int, tensors: dict) -> None:
+        layer, group = self.cache.layers[index], self.cache.groups[index]
+        if isinstance(layer, AttentionLayer):
+            dtype = layer.cache.dtype
+            torch_tensors = {n: to_torch(a, dtype).to(layer.cache.device) for n, a in tensors.items()}
+            layer.scatter(plan.block_ids[group], plan.first, plan.num_tokens, torch_tensors)
+        else:
+            torch_tensors = {n: to_torch(tensors[n], v.dtype).to(v.device) for n, v in zip(layer.names, layer.views)}
+            layer.scatter(self.cache.state_slot(plan.block_ids, group), torch_tensors)
 
     def _load_failed(self, load: _Load, error: BaseException) -> None:
         plan = load.plan
@@ -266,7 +277,7 @@ class ConnectorWorker:
             self.receiver.release(plan.kvwire_id)
         with self._lock:
             self._stats.record_failure("failed_loads", error)
-        self._outcomes[plan.req_id] = (False, text, 0, time.monotonic() - load.started)
+        self._outcomes[plan.req_id] = (False, text, 0, time.monotonic() - load.started_monotonic)
 
     # -- reporting -------------------------------------------------------------------------
 
@@ -285,7 +296,7 @@ class ConnectorWorker:
             for peer, metrics in peers.items():
                 if metrics.links:
                     links[peer] = {"rtt_ms": metrics.rtt_ms, "retransmits": metrics.retransmits,
-                                   "goodput_bps": metrics.goodput_bps}
+                                   "goodput_bps": metrics.goodput_bps, "bytes": metrics.bytes}
             self._stats.data["links"] = links
             if self._stats.is_empty():
                 return None

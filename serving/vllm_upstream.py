@@ -1,0 +1,158 @@
+"""The router in front of vLLM OpenAI servers that run ``KVWireConnector``.
+
+It drives them as vLLM's disaggregated-serving proxy drives NIXL, plus what a push needs:
+the prefill server gets the request with ``max_tokens=1`` and ``kv_transfer_params``
+``{"do_remote_decode": true, "kvwire": {"request_id", "decode"}}`` (the decode server's
+kvwire address, from ``decode_kv`` or, when unset, the prefill server's own ``decode``
+option), and the decode server gets the client's request with the parameters the
+prefill server answered. The client gets the decode server's answer as is, plus
+``kvwire``: the route, the prefill side's push, and what the decode side did with it
+(``loaded_tokens``, or the error and whether it recomputed).
+
+The control loop reads each server's Prometheus ``/metrics``: kvwire's per-peer link
+gauges (bytes, goodput, RTT, retransmits) become the ``PeerMetrics`` the PrfaaS threshold
+controller is fed, and ``vllm:num_requests_waiting`` the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+import uuid
+
+import aiohttp
+from aiohttp import web
+
+from kvwire.metrics import PeerMetrics
+from kvwire.transport.base import LinkStats
+
+log = logging.getLogger(__name__)
+
+_SAMPLE = re.compile(r'^(?P<name>[a-zA-Z_:][\w:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)')
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+async def is_vllm(session: aiohttp.ClientSession, url: str, timeout: aiohttp.ClientTimeout) -> bool:
+    """A vLLM OpenAI server answers /v1/models and has no kvwire worker state."""
+    async with session.get(url + "/internal/state", timeout=timeout) as response:
+        if response.status == 200:
+            return False
+    async with session.get(url + "/v1/models", timeout=timeout) as response:
+        return response.status == 200
+
+
+def parse_metrics(text: str, worker: str) -> tuple[list[PeerMetrics], float]:
+    """kvwire's link gauges per peer and the waiting requests, from Prometheus text."""
+    peers: dict[str, dict[str, float]] = {}
+    waiting = 0.0
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if match is None:
+            continue
+        name, value = match["name"], float(match["value"])
+        labels = dict(_LABEL.findall(match["labels"] or ""))
+        if name == "vllm:num_requests_waiting":
+            waiting += value
+        elif name.startswith("vllm:kvwire_link_") and "peer" in labels:
+            peers.setdefault(labels["peer"], {})[name.removeprefix("vllm:kvwire_link_")] = value
+    metrics = []
+    for peer, values in peers.items():
+        link = LinkStats(rtt_ms=values.get("rtt_ms", 0.0), rttvar_ms=0.0, min_rtt_ms=values.get("min_rtt_ms", 0.0),
+                         cwnd_segments=0, total_retrans=int(values.get("retransmits", 0)), lost=0,
+                         delivery_rate_bps=0.0, bytes_retrans=0)
+        metrics.append(PeerMetrics(f"{worker}>{peer}", int(values.get("bytes", 0)), 0, 0,
+                                   values.get("goodput_bps", 0.0), (link,)))
+    return metrics, waiting
+
+
+async def complete(router, request: web.Request, job: dict, decision, info: dict) -> web.StreamResponse:
+    """Prefill on ``decision``'s prefill server, decode on its decode server, answer the client."""
+    prefill_url, decode_url = decision.route.placement.worker, decision.decode.worker
+    started = time.perf_counter()
+    kv_id = f"{job['id']}-{uuid.uuid4().hex[:8]}"
+    target = {"request_id": kv_id}
+    address = decision.kv_address_override or router.options.decode_kv.get(decode_url)
+    if address:
+        target["decode"] = address
+    body = dict(job["body"])
+    prompt = job["prompt_token_ids"] if isinstance(job["prompt"], list) else job["prompt"]
+    prefill_body = {**body, "prompt": prompt, "max_tokens": 1, "stream": False,
+                    "kv_transfer_params": {"do_remote_decode": True, "kvwire": target}}
+    prefill_body.pop("stream_options", None)
+    router.fleet.acquire(prefill_url)
+    try:
+        prefilled = await _post_json(router, prefill_url, prefill_body, router.options.prefill_timeout_s, "prefill")
+    finally:
+        router.fleet.release(prefill_url)
+    params = prefilled.get("kv_transfer_params")
+    if not params or "kvwire" not in params:
+        raise router.upstream_error(502, "kv_transfer_params_missing",
+                                    f"prefill server {prefill_url} answered without kvwire kv_transfer_params: "
+                                    "is it running KVWireConnector with kv_role kv_producer or kv_both?")
+    push = params["kvwire"]
+    if push.get("error") and router.options.kv_fallback == "error":
+        raise router.upstream_error(502, "KVWireError", f"the prefill server could not push the KV: {push['error']}")
+    info.update(prefill_s=time.perf_counter() - started, push=push)
+    decode_body = {**body, "prompt": prompt, "kv_transfer_params": params}
+    if job["stream"]:
+        return await _relay_stream(router, request, decode_url, decode_body, info, started)
+    answer = await _post_json(router, decode_url, decode_body, router.options.prefill_timeout_s, "decode")
+    report = (answer.get("kv_transfer_params") or {}).get("kvwire", {})
+    if report.get("error") and router.options.kv_fallback == "error":
+        raise router.upstream_error(502, report["error"].split(":", 1)[0],
+                                    f"the KV of request {kv_id} did not arrive: {report['error']}")
+    answer["kvwire"] = {**info, "load": report, "total_s": time.perf_counter() - started}
+    router.account(info, answer.get("usage", {}).get("completion_tokens", 0), "200")
+    return web.json_response(answer)
+
+
+async def _post_json(router, url: str, body: dict, timeout_s: float, role: str) -> dict:
+    timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=router.options.connect_timeout_s)
+    try:
+        async with router.session.post(url + "/v1/completions", json=body, timeout=timeout) as response:
+            text = await response.text()
+            status = response.status
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        raise router.upstream_error(502, "worker_unavailable",
+                                    f"{role} server {url} is unreachable: {type(exc).__name__}: {exc}") from None
+    try:
+        answer = json.loads(text)
+    except json.JSONDecodeError:
+        raise router.upstream_error(502, "worker_unavailable",
+                                    f"{role} server {url} answered HTTP {status} with no JSON: {text[:200]}") from None
+    if status != 200:
+        error = answer.get("error", answer) if isinstance(answer, dict) else {}
+        message = error.get("message", text[:300]) if isinstance(error, dict) else text[:300]
+        raise router.upstream_error(status, (error.get("type") if isinstance(error, dict) else None)
+                                    or "upstream_error", f"{role} server {url}: {message}")
+    return answer
+
+
+async def _relay_stream(router, request, decode_url: str, body: dict, info: dict, started: float):
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=router.options.connect_timeout_s,
+                                    sock_read=router.options.token_timeout_s)
+    try:
+        upstream = await router.session.post(decode_url + "/v1/completions", json=body, timeout=timeout)
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        raise router.upstream_error(502, "worker_unavailable",
+                                    f"decode server {decode_url} is unreachable: {type(exc).__name__}: {exc}") from None
+    if upstream.status != 200:
+        text = await upstream.text()
+        upstream.release()
+        raise router.upstream_error(upstream.status, "upstream_error", f"decode server {decode_url}: {text[:300]}")
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    try:
+        async for line in upstream.content:
+            if line.startswith(b"data: [DONE]"):
+                info["total_s"] = time.perf_counter() - started
+                await response.write(b"data: " + json.dumps({"kvwire": info}).encode() + b"\n\n")
+            await response.write(line)
+    finally:
+        upstream.release()
+    await response.write_eof()
+    router.account(info, 0, "200")
+    return response

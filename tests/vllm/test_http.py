@@ -1,0 +1,94 @@
+"""Two vLLM OpenAI servers with KVWireConnector behind ``kvwire-serve router``, driven
+with the ``openai`` client as a user would."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from .conftest import free_port, prompt
+from .engines import ROOT
+
+openai = pytest.importorskip("openai", reason="the openai client is in the test extra")
+
+
+def _server(model: str, port: int, kv_config: dict, log_path) -> subprocess.Popen:
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1", PYTHONPATH=ROOT)
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
+            "--skip-tokenizer-init", "--enforce-eager", "--max-model-len", "4096",
+            "--distributed-executor-backend", "uni", "--kv-transfer-config", json.dumps(kv_config)]
+    return subprocess.Popen(argv, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+
+def _wait_http(url: str, proc: subprocess.Popen, log_path, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url} exited: {open(log_path).read()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"{url} not up in {timeout}s: {open(log_path).read()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def served(vllm_model, engine_logs, secret_file):
+    """decode and prefill vLLM servers and the router in front of them."""
+    decode_port, prefill_port, router_port, kv_port = free_port(), free_port(), free_port(), free_port()
+    connector = {"kv_connector": "KVWireConnector", "kv_connector_module_path": "kvwire.integrations.vllm"}
+    logs = {name: engine_logs / f"http-{name}.log" for name in ("decode", "prefill", "router")}
+    procs = {
+        "decode": _server(vllm_model, decode_port, {**connector, "kv_role": "kv_consumer", "kv_connector_extra_config": {
+            "listen": f"127.0.0.1:{kv_port}", "secret_file": str(secret_file)}}, logs["decode"]),
+        "prefill": _server(vllm_model, prefill_port, {**connector, "kv_role": "kv_producer", "kv_connector_extra_config": {
+            "secret_file": str(secret_file)}}, logs["prefill"]),
+    }
+    decode_url, prefill_url = f"http://127.0.0.1:{decode_port}", f"http://127.0.0.1:{prefill_port}"
+    try:
+        for name, url in (("decode", decode_url), ("prefill", prefill_url)):
+            _wait_http(url + "/v1/models", procs[name], logs[name])
+        procs["router"] = subprocess.Popen(
+            [sys.executable, "-m", "serving", "router", "--prefill", prefill_url, "--decode", decode_url,
+             "--decode-kv", f"{decode_url}=127.0.0.1:{kv_port}", "--port", str(router_port)],
+            stdout=open(logs["router"], "w"), stderr=subprocess.STDOUT, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+        _wait_http(f"http://127.0.0.1:{router_port}/health", procs["router"], logs["router"], 60)
+        yield {"router": f"http://127.0.0.1:{router_port}", "decode": decode_url, "prefill": prefill_url}
+    finally:
+        for proc in procs.values():
+            proc.terminate()
+        for proc in procs.values():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def test_openai_client_through_the_router_gets_single_instance_tokens(served, reference, vllm_model):
+    client = openai.OpenAI(base_url=served["router"] + "/v1", api_key="unused")
+    prompts = [prompt(129, 1), prompt(300, 1)]
+    for p, expected in zip(prompts, reference(prompts)):
+        answer = client.completions.create(model=vllm_model, prompt=p, max_tokens=16, temperature=0,
+                                           extra_body={"return_token_ids": True})
+        assert answer.choices[0].token_ids == expected
+        report = answer.model_extra["kv_transfer_params"]["kvwire"]
+        assert report["loaded_tokens"] == len(p) - 1 and report["error"] is None
+        route = answer.model_extra["kvwire"]
+        assert route["prefill_worker"] == served["prefill"] and route["decode_worker"] == served["decode"]
+        assert route["push"]["num_tokens"] == len(p) - 1
+
+
+def test_router_health_knows_the_vllm_servers_and_metrics_reach_prometheus(served):
+    with urllib.request.urlopen(served["router"] + "/health", timeout=5) as response:
+        health = json.load(response)
+    assert all(w["reachable"] for w in health["workers"].values()), health
+    with urllib.request.urlopen(served["decode"] + "/metrics", timeout=5) as response:
+        metrics = response.read().decode()
+    loaded = [line for line in metrics.splitlines() if line.startswith("vllm:kvwire_loaded_tokens_total")]
+    assert loaded and float(loaded[0].split()[-1]) >= 128 + 299, loaded
+    assert "vllm:kvwire_link_rtt_ms{" in metrics
