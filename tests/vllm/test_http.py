@@ -77,7 +77,10 @@ def test_openai_client_through_the_router_gets_single_instance_tokens(served, re
                                            extra_body={"return_token_ids": True})
         assert answer.choices[0].token_ids == expected
         report = answer.model_extra["kv_transfer_params"]["kvwire"]
-        assert report["loaded_tokens"] == len(p) - 1 and report["error"] is None
+        # the second prompt shares its first 128 tokens with the first: the decode server's own
+        # prefix cache holds them (vLLM servers cache by default), kvwire brings the rest
+        assert report["loaded_tokens"] + report["local_tokens"] == len(p) - 1 and report["error"] is None
+        assert report["loaded_tokens"] >= len(p) - 1 - 128
         route = answer.model_extra["kvwire"]
         assert route["prefill_worker"] == served["prefill"] and route["decode_worker"] == served["decode"]
         assert route["push"]["num_tokens"] == len(p) - 1
@@ -90,5 +93,5 @@ def test_router_health_knows_the_vllm_servers_and_metrics_reach_prometheus(serve
     with urllib.request.urlopen(served["decode"] + "/metrics", timeout=5) as response:
         metrics = response.read().decode()
     loaded = [line for line in metrics.splitlines() if line.startswith("vllm:kvwire_loaded_tokens_total")]
-    assert loaded and float(loaded[0].split()[-1]) >= 128 + 299, loaded
+    assert loaded and float(loaded[0].split()[-1]) >= 128 + 171, loaded
     assert "vllm:kvwire_link_rtt_ms{" in metrics
