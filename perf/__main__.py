@@ -41,6 +41,7 @@ BENCHMARKS = {
     "gpu-ucx": "perf.gpu_ucx",  # host memory without a GPU
     "gpu-kv": "perf.gpu_kv",  # host memory without a GPU
     "gpu-codec": "perf.gpu_codec",  # skipped without a GPU
+    "vllm-pd": "perf.vllm_pd",  # skipped without vLLM; NIXL rows without nixl
 }
 # --quick arguments for modules that do not define QUICK_ARGS themselves
 QUICK = {"peers": ["--sizes", "1", "--cases", "raw_socket,kvwire_tcp"]}

@@ -15,8 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
+import signal
+import subprocess
 import sys
+import threading
 import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def build(args):
@@ -92,6 +98,91 @@ def main(argv=None) -> None:
             reply = {"error": f"{type(exc).__name__}: {exc}"}
         out.write(json.dumps(reply) + "\n")
         out.flush()
+
+
+# -- the parent's side ------------------------------------------------------------------
+
+
+class Engine:
+    """One vLLM engine process; ``ask(job)`` sends a JSON line and returns its answer."""
+
+    def __init__(self, name: str, model: str, *args: str, log_dir, popen=subprocess.Popen, env=None):
+        self.name = name
+        self.log_path = os.path.join(str(log_dir), f"{name}.log")
+        argv = [sys.executable, "-m", "serving.vllm_engine", "--model", model, *args]
+        child_env = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
+        self._log = open(self.log_path, "w")
+        self.proc = popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
+                          cwd=ROOT, env=child_env)
+        self._lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.ready: dict | None = None
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def _line(self, timeout: float) -> dict:
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"engine {self.name} said nothing within {timeout}s; log: {self.log_tail()}") from None
+        if line is None:
+            raise RuntimeError(f"engine {self.name} exited ({self.proc.poll()}); log: {self.log_tail()}")
+        return json.loads(line)
+
+    def wait_ready(self, timeout: float = 240.0) -> "Engine":
+        if self.ready is None:
+            self.ready = self._line(timeout)
+        return self
+
+    def ask(self, job: dict, timeout: float = 180.0) -> dict:
+        self.wait_ready()
+        self.proc.stdin.write(json.dumps(job) + "\n")
+        self.proc.stdin.flush()
+        reply = self._line(timeout)
+        if "error" in reply:
+            raise RuntimeError(f"engine {self.name}: {reply['error']}")
+        return reply
+
+    def generate(self, prompts, max_tokens: int, params=None, timeout: float = 180.0) -> list[dict]:
+        return self.ask({"prompts": prompts, "max_tokens": max_tokens, "params": params}, timeout)["outputs"]
+
+    def free_blocks(self) -> int:
+        return self.ask({"free_blocks": True})["free_blocks"]
+
+    def log_tail(self, chars: int = 3000) -> str:
+        self._log.flush()
+        with open(self.log_path) as f:
+            return f.read()[-chars:]
+
+    def log_text(self) -> str:
+        self._log.flush()
+        with open(self.log_path) as f:
+            return f.read()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(timeout=30)
+            except (subprocess.TimeoutExpired, BrokenPipeError, OSError):
+                self.kill()
+        self._log.close()
+
+
+def start_all(*engines: Engine) -> list[Engine]:
+    """Wait for engines started together (they load in parallel)."""
+    deadline = time.monotonic() + 300
+    for engine in engines:
+        engine.wait_ready(max(1.0, deadline - time.monotonic()))
+    return list(engines)
 
 
 if __name__ == "__main__":

@@ -172,7 +172,11 @@ class TcpListener:
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if options.buffer_bytes:  # must be set before listen() to apply to accepted sockets' window
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, options.buffer_bytes)
-        self._sock.bind((host, port))
+        try:
+            self._sock.bind((host, port))
+        except OSError as exc:
+            self._sock.close()
+            raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
         self._sock.listen(256)
         self.address = format_address(host, self._sock.getsockname()[1])
         self._ssl = ssl_context

@@ -13,8 +13,8 @@ PROMPTS = [prompt(129, 1), prompt(300, 1)]
 def _pair(name, model, logs, secret_file, listen, *, consumer=None, producer=None, **kwargs):
     decode_engine = Engine(f"{name}-decode", model, *consumer_args(listen, secret_file=secret_file, **(consumer or {})),
                            log_dir=logs, **kwargs)
-    prefill_engine = Engine(f"{name}-prefill", model, log_dir=logs, **kwargs,
-                            *producer_args(listen, secret_file=secret_file, **(producer or {})))
+    prefill_engine = Engine(f"{name}-prefill", model, *producer_args(listen, secret_file=secret_file,
+                                                                     **(producer or {})), log_dir=logs, **kwargs)
     return start_all(decode_engine, prefill_engine)
 
 

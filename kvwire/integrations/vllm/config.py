@@ -35,7 +35,6 @@ class ConnectorConfig:
     """Every key of ``kv_connector_extra_config`` the connector reads (README: "Use with vLLM")."""
 
     listen: str | None = None  # consumer: where its kvwire Receiver listens
-    advertise: str | None = None  # consumer: the address prefill instances dial (default: listen)
     decode: str | None = None  # producer: decode address for requests that name none
     secret_file: str | None = None
     backend: str = "tcp"
@@ -59,7 +58,7 @@ class ConnectorConfig:
             raise ValueError(
                 f"KVWireConnector: unknown kv_connector_extra_config keys {unknown}; known keys: {sorted(known)}"
             )
-        for key in ("listen", "advertise", "decode"):
+        for key in ("listen", "decode"):
             if extra.get(key) is not None:
                 _address(key, extra[key])
         if extra.get("backend", "tcp") not in BACKENDS:
@@ -94,15 +93,6 @@ class ConnectorConfig:
         if not secret:
             raise ValueError(f"kv_connector_extra_config['secret_file']: {self.secret_file} is empty")
         return secret
-
-    @property
-    def advertised(self) -> str | None:
-        """The address prefill instances dial: ``advertise``, else ``listen`` with a
-        wildcard host replaced by loopback (say ``advertise`` across hosts)."""
-        if self.advertise is not None or self.listen is None:
-            return self.advertise
-        host, port = parse_address(self.listen)
-        return f"127.0.0.1:{port}" if host in ("0.0.0.0", "", "::") else self.listen
 
     def client_tls(self) -> ssl.SSLContext | None:
         if self.tls_ca is None and self.tls_cert is None:

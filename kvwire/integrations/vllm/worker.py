@@ -83,11 +83,16 @@ class ConnectorWorker:
         log.info("kvwire layout %s: %s", self.cache.layout.fingerprint, self.cache.names())
         if self.role in ("kv_consumer", "kv_both"):
             listen = rank_address(self.config.listen, self.rank)
-            self.receiver = Receiver(
-                self.cache.layout, listen, backend=self.config.backend, secret=self.secret,
-                ssl_context=self.config.server_tls(), max_bytes=self.config.max_receive_mib << 20,
-                max_request_timeout_s=max(self.config.transfer_timeout_s, 1.0), claim_timeout_s=self.config.lease_s,
-            )
+            try:
+                self.receiver = Receiver(
+                    self.cache.layout, listen, backend=self.config.backend, secret=self.secret,
+                    ssl_context=self.config.server_tls(), max_bytes=self.config.max_receive_mib << 20,
+                    max_request_timeout_s=max(self.config.transfer_timeout_s, 1.0),
+                    claim_timeout_s=self.config.lease_s,
+                )
+            except OSError as exc:
+                raise OSError(exc.errno, f"KVWireConnector: kv_connector_extra_config['listen'] "
+                                         f"(rank {self.rank}: {listen}): {exc.strerror}") from None
             log.info("kvwire receiver (rank %d) listening on %s", self.rank, self.receiver.address)
 
     def shutdown(self) -> None:
