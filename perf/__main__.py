@@ -108,7 +108,11 @@ def run_one(name: str, argv: list[str], quick: bool) -> tuple[dict, str, str]:
     stem = os.path.join(RESULTS, name + ("-quick" if quick else ""))
     with open(stem + ".json", "w") as f:
         json.dump(result, f, indent=2)
-    from perf import plots
+    try:
+        from perf import plots
+    except ImportError as exc:  # the measurement stands without its picture
+        print(f"perf {name}: no plot ({exc}: pip install -c constraints.txt -e '.[perf]')", file=sys.stderr)
+        return result, stem + ".json", None
 
     plot = plots.PLOTS.get(name) or getattr(module, "plot", None) or plots.plot_generic
     try:

@@ -182,15 +182,18 @@ def plot(result: dict, png_path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for key, rows in result["runs"].items():
-        ax.plot([r["prompt_tokens"] for r in rows], [1000 * r["ttft_s"] for r in rows], marker="o", label=key)
-        ax.plot([r["prompt_tokens"] for r in rows], [1000 * r["decode_first_token_s"] for r in rows], ls=":",
-                marker=".", label=f"{key}: decode side's wait")
-    ax.set_xlabel("prompt tokens")
-    ax.set_ylabel("ms")
-    ax.set_title(f"vLLM prefill -> decode, {result['layers']} layers" + (" (quick smoke)" if result["quick"] else ""))
-    ax.legend(fontsize=7)
+        tokens = [r["prompt_tokens"] for r in rows]
+        left.plot(tokens, [1000 * r["ttft_s"] for r in rows], marker="o", label=key)
+        right.plot(tokens, [1000 * r["decode_first_token_s"] for r in rows], marker="o", label=key)
+    left.set_title("TTFT (prefill request + decode's first token)")
+    right.set_title("decode side: request to first token (the KV wait)")
+    for ax in (left, right):
+        ax.set_xlabel("prompt tokens")
+        ax.set_ylabel("ms")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"vLLM prefill -> decode, {result['layers']} layers" + (" (quick smoke)" if result["quick"] else ""))
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
     plt.close(fig)

@@ -60,6 +60,19 @@ def test_a_prefill_instance_killed_mid_transfer(vllm_model, engine_logs, secret_
                     *consumer_args(fail_address, secret_file=secret_file, policy="fail"))
     victim = Engine("prefill-killed", vllm_model, *producer_args(secret_file=secret_file), log_dir=engine_logs)
     start_all(strict, victim)
+
+    # First, a prefill request that names no decode address, to an instance with no
+    # 'decode' option: the answer says so, and the decode side recomputes at once.
+    lone = [prompt(150, 44)]
+    nowhere = victim.generate(lone, 1, [{"do_remote_decode": True}])[0]["kv_transfer_params"]
+    assert "no decode address" in nowhere["kvwire"]["error"]
+    started = time.monotonic()
+    recomputed = decode.generate(lone, MAX_TOKENS, [nowhere])[0]
+    assert time.monotonic() - started < 5  # not the 8 s load timeout
+    report = recomputed["kv_transfer_params"]["kvwire"]
+    assert report["recomputed"] is True and "PushFailed" in report["error"] and "no decode address" in report["error"]
+    assert recomputed["token_ids"] == reference(lone)[0]
+
     slow = Fault(rate_bytes_per_s=200_000)
     relays = [FaultyRelay(address, slow) for address in (decode_address, fail_address)]
     prompts = [prompt(700, 41), prompt(700, 42)]

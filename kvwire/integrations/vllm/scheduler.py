@@ -44,6 +44,7 @@ class LoadPlan:
     first: int
     num_tokens: int
     address: str | None = None  # the decode address the push was sent to, if known
+    error: str | None = None  # the prefill side already knows there is no push: fail the load at once
 
 
 @dataclass
@@ -88,12 +89,17 @@ class ConnectorScheduler:
         params = request.kv_transfer_params
         if not params or not params.get("do_remote_decode"):
             return
-        if self.role == "kv_consumer":
-            raise ValueError(f"request {request.request_id}: do_remote_decode sent to a kv_consumer instance")
-        target = push_target(params) or PushTarget()
+        if self.role == "kv_consumer":  # runs as a plain request; its answer carries no push parameters
+            log.error("request %s: do_remote_decode sent to a kv_consumer instance; nothing is pushed",
+                      request.request_id)
+            return
+        try:
+            target = push_target(params) or PushTarget()
+        except ValueError as exc:
+            target = PushTarget(error=str(exc))
         target.decode = target.decode or self.config.decode
         target.request_id = target.request_id or new_request_id(request.request_id)
-        if target.decode is None:
+        if target.decode is None and target.error is None:
             target.error = ("no decode address: the prefill request's kv_transfer_params['kvwire']['decode'] "
                             "is missing and the connector has no 'decode' option")
             log.error("request %s: %s", request.request_id, target.error)
@@ -138,11 +144,22 @@ class ConnectorScheduler:
             return int(remote)
         return max(0, request.num_prompt_tokens - self.backoff())
 
-    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
+    def _load_target(self, request) -> PushTarget | None:
+        """The push a decode request loads (None: not a kvwire push); a malformed one is
+        reported on the response and the prompt computed here."""
         params = request.kv_transfer_params
         if not params or not params.get("do_remote_prefill") or self.role == "kv_producer":
-            return 0, False
-        target = push_target(params)
+            return None
+        try:
+            return push_target(params)
+        except ValueError as exc:
+            if request.request_id not in self._reports:
+                log.error("request %s: %s; computing its prompt here", request.request_id, exc)
+                self._reports[request.request_id] = LoadReport("", error=f"ValueError: {exc}", recomputed=True)
+            return None
+
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
+        target = self._load_target(request)
         if target is None or target.request_id is None:
             return 0, False  # not a kvwire push (another connector's parameters)
         pushed = min(self._pushed_tokens(request, target), request.num_prompt_tokens)
@@ -150,12 +167,10 @@ class ConnectorScheduler:
         return (count, True) if count > 0 else (0, False)
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
-        params = request.kv_transfer_params
-        if not params or not params.get("do_remote_prefill") or self.role == "kv_producer":
-            return
-        target = push_target(params)
+        target = self._load_target(request)
         if target is None or target.request_id is None:
             return
+        params = request.kv_transfer_params
         params["do_remote_prefill"] = False  # one load per request, also after a preemption
         pushed = min(self._pushed_tokens(request, target), request.num_prompt_tokens)
         report = LoadReport(target.request_id, local_tokens=pushed - num_external_tokens)
@@ -163,12 +178,10 @@ class ConnectorScheduler:
         if num_external_tokens <= 0:
             self._plan.releases.append(target.request_id)  # all cached here: drop the push
             return
-        if target.error:
-            log.warning("request %s: the prefill side reported: %s", request.request_id, target.error)
         plan = LoadPlan(
             request.request_id, target.request_id,
             tuple(list(ids) for ids in self.kv_manager.get_block_ids(request.request_id)),
-            pushed - num_external_tokens, pushed, target.decode,
+            pushed - num_external_tokens, pushed, target.decode, target.error,
         )
         self._loading[request.request_id] = plan
         self._plan.loads.append(plan)

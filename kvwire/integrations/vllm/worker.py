@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from ... import KVWireError, LayoutMismatchError, Receiver, Sender, TransferTimeout
+from ... import KVWireError, LayoutMismatchError, PeerLostError, Receiver, Sender, TransferTimeout
 from ...transport.tcp import format_address, parse_address
 from .cache import AttentionLayer, CacheLayout, to_torch
 from .config import ConnectorConfig
@@ -33,6 +33,10 @@ from .scheduler import LoadPlan, SendPlan, StepPlan
 from .stats import KVWireStats
 
 log = logging.getLogger(__name__)
+
+
+class PushFailed(KVWireError):
+    """The prefill side could not push this request (it says why in its response)."""
 
 
 def rank_address(address: str, rank: int) -> str:
@@ -68,7 +72,10 @@ class ConnectorWorker:
         self.receiver: Receiver | None = None
         self._senders: dict[str, concurrent.futures.Future] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="kvwire-vllm")
-        self._pushes: list[_Push] = []
+        self._pushes: list[_Push] = []  # opened this step
+        self._in_flight: list[_Push] = []  # handed to kvwire, not yet verified
+        self._in_flight_cv = threading.Condition()
+        threading.Thread(target=self._watch_in_flight, name="kvwire-vllm-pushes", daemon=True).start()
         self._loads: dict[str, _Load] = {}
         self._lock = threading.Lock()
         self._stats = KVWireStats()
@@ -141,6 +148,10 @@ class ConnectorWorker:
                                                     f"{self.config.connect_timeout_s}s"))
             return
         except (KVWireError, ValueError, OSError) as exc:
+            if isinstance(exc, PeerLostError):  # the decode instance went away since we dialled
+                stale = self._senders.pop(rank_address(send.address, self.rank), None)  # dial afresh next time
+                if stale is not None and stale.done() and stale.exception() is None:
+                    stale.result().close()
             self._send_failed(send, exc)
             return
         self._pushes.append(_Push(send, transfer, set()))
@@ -181,12 +192,28 @@ class ConnectorWorker:
             if self._pushes:
                 self._send_layer(index)
         pushes, self._pushes = self._pushes, []
-        for push in pushes:
-            self._pool.submit(self._finish, push)
+        with self._in_flight_cv:
+            self._in_flight.extend(pushes)
+            self._in_flight_cv.notify()
+
+    def _watch_in_flight(self) -> None:
+        """One thread sees every push to its end (verified, or failed with its error):
+        a thread per push would not be bounded, a pool could be filled by slow ones."""
+        while True:
+            with self._in_flight_cv:
+                self._in_flight_cv.wait_for(lambda: self._in_flight, timeout=None)
+                pushes = list(self._in_flight)
+            ended = [push for push in pushes if push.transfer.done or push.transfer.error is not None
+                     or time.monotonic() > push.transfer.deadline]
+            for push in ended:
+                self._finish(push)
+            with self._in_flight_cv:
+                self._in_flight = [push for push in self._in_flight if push not in ended]
+            time.sleep(0.005)
 
     def _finish(self, push: _Push) -> None:
         try:
-            stats = push.transfer.finish()
+            stats = push.transfer.finish(timeout=0)  # ended: returns the stats or raises the error at once
         except KVWireError as exc:
             self._send_failed(push.plan, exc)
             return
@@ -220,6 +247,8 @@ class ConnectorWorker:
 
     def _try_land(self, load: _Load) -> bool:
         plan = load.plan
+        if plan.error:
+            raise PushFailed(f"the prefill instance reported: {plan.error}")
         waited = time.monotonic() - load.started_monotonic
         if load.handle is None:
             try:
