@@ -44,6 +44,14 @@ def assert_same_bytes(got: dict, expected: dict) -> None:
         assert got[name].tobytes() == expected[name].tobytes(), f"tensor {name!r} differs"
 
 
+@pytest.fixture(scope="session")
+def secret_file(tmp_path_factory):
+    """A shared kvwire secret, as the workers and connectors read it (a file)."""
+    path = tmp_path_factory.mktemp("secret") / "secret"
+    path.write_text(os.urandom(16).hex())
+    return path
+
+
 @pytest.fixture
 def layout():
     return hybrid_layout()

@@ -4,7 +4,6 @@ Every worker is a real OS process started through ``python -m serving``; the clu
 shared by the tests of a session because importing torch is the slow part.
 """
 
-import os
 
 import pytest
 
@@ -39,13 +38,6 @@ def kimi_dir(checkpoints):
 @pytest.fixture(scope="session")
 def kimi(kimi_dir):
     return load(kimi_dir)
-
-
-@pytest.fixture(scope="session")
-def secret_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("secret") / "secret"
-    path.write_text(os.urandom(16).hex())
-    return path
 
 
 @pytest.fixture(scope="session")

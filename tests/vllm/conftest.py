@@ -1,7 +1,6 @@
 """Fixtures for the vLLM connector tests: a tiny random Qwen3-Next (GatedDeltaNet + full
 attention) written locally, its single-instance reference tokens, and engine processes."""
 
-import os
 import random
 import socket
 
@@ -50,13 +49,6 @@ def other_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def engine_logs(tmp_path_factory):
     return tmp_path_factory.mktemp("engine-logs")
-
-
-@pytest.fixture(scope="session")
-def secret_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("vllm-secret") / "secret"
-    path.write_text(os.urandom(16).hex())
-    return path
 
 
 @pytest.fixture(scope="session")

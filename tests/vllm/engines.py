@@ -8,7 +8,7 @@ from serving.vllm_engine import ROOT, Engine, start_all  # noqa: F401  (the test
 
 
 def consumer_args(listen: str, *, secret_file=None, prefix_caching=True, policy="recompute", **extra) -> list[str]:
-    config = {"listen": listen, "load_timeout_s": 8, "lease_s": 5, **extra}
+    config = {"listen": listen, "load_timeout_s": 5, "lease_s": 4, **extra}
     if secret_file is not None:
         config["secret_file"] = str(secret_file)
     return ["--kv-role", "kv_consumer", "--kv-extra", json.dumps(config), "--load-failure-policy", policy,

@@ -7,7 +7,7 @@ import pytest
 
 from kvwire.testing.relay import Fault, FaultyRelay
 
-from .conftest import MAX_TOKENS, free_port, loaded, prompt
+from .conftest import MAX_TOKENS, free_port, prompt
 from .engines import Engine, consumer_args, disaggregated, producer_args, start_all
 
 
@@ -66,9 +66,7 @@ def test_a_prefill_instance_killed_mid_transfer(vllm_model, engine_logs, secret_
     lone = [prompt(150, 44)]
     nowhere = victim.generate(lone, 1, [{"do_remote_decode": True}])[0]["kv_transfer_params"]
     assert "no decode address" in nowhere["kvwire"]["error"]
-    started = time.monotonic()
     recomputed = decode.generate(lone, MAX_TOKENS, [nowhere])[0]
-    assert time.monotonic() - started < 5  # not the 8 s load timeout
     report = recomputed["kv_transfer_params"]["kvwire"]
     assert report["recomputed"] is True and "PushFailed" in report["error"] and "no decode address" in report["error"]
     assert recomputed["token_ids"] == reference(lone)[0]
@@ -102,3 +100,19 @@ def test_a_prefill_instance_killed_mid_transfer(vllm_model, engine_logs, secret_
     for relay in relays:
         relay.close()
     strict.close()
+
+
+def test_a_corrupted_push_is_never_used(pair, decode_address, reference):
+    """A bit flipped on the way (a relay between the instances): the decode side's check
+    fails that push with IntegrityError and vLLM recomputes; the tokens stay right."""
+    prefill, decode = pair
+    relay = FaultyRelay(decode_address, Fault(flip_bit_at=60_000))
+    try:
+        prompts = [prompt(700, 51)]
+        _, decoded = disaggregated(prefill, decode, prompts, MAX_TOKENS, [{"decode": relay.address}])
+    finally:
+        relay.close()
+    report = decoded[0]["kv_transfer_params"]["kvwire"]
+    assert report["recomputed"] is True and report["loaded_tokens"] == 0
+    assert "IntegrityError" in report["error"], report["error"]
+    assert [out["token_ids"] for out in decoded] == reference(prompts)

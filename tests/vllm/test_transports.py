@@ -1,4 +1,4 @@
-"""The connector over kvwire's other paths: UCX, a lossy codec, an emulated WAN link."""
+"""The connector over kvwire's other paths: UCX, an emulated WAN link."""
 
 import pytest
 
@@ -18,11 +18,8 @@ def _pair(name, model, logs, secret_file, listen, *, consumer=None, producer=Non
     return start_all(decode_engine, prefill_engine)
 
 
-def test_over_ucx(vllm_model, engine_logs, secret_file, reference):
-    pytest.importorskip("ucxx", reason="ucxx is in the test extra (kvwire[ucx])")
-    listen = f"127.0.0.1:{free_port()}"
-    decode, prefill = _pair("ucx", vllm_model, engine_logs, secret_file, listen,
-                            consumer={"backend": "ucx"}, producer={"backend": "ucx"})
+def _check(prefill, decode, reference) -> None:
+    """The pair gives one plain instance's tokens, from pushed KV; closes both."""
     try:
         _, decoded = disaggregated(prefill, decode, PROMPTS, MAX_TOKENS)
     finally:
@@ -32,21 +29,12 @@ def test_over_ucx(vllm_model, engine_logs, secret_file, reference):
     assert loaded(decoded) == [len(p) - 1 for p in PROMPTS]
 
 
-def test_with_a_lossy_codec_reports_token_agreement(vllm_model, engine_logs, secret_file, pair, decode_address,
-                                                    reference, capsys):
-    """int8 KV (a scale per token and head): the states travel lossless, the attention KV
-    does not, so tokens may drift; the push is still whole and verified."""
-    _, decode = pair
-    prefill = Engine("prefill-int8", vllm_model, *producer_args(decode_address, secret_file=secret_file, codec="int8"), log_dir=engine_logs).wait_ready()
-    try:
-        _, decoded = disaggregated(prefill, decode, PROMPTS, MAX_TOKENS)
-    finally:
-        prefill.close()
-    assert loaded(decoded) == [len(p) - 1 for p in PROMPTS]
-    agree = [sum(a == b for a, b in zip(out["token_ids"], ref)) for out, ref in zip(decoded, reference(PROMPTS))]
-    with capsys.disabled():
-        print(f"\nint8 KV: {agree} of {MAX_TOKENS} tokens equal to a single instance")
-    assert all(out["token_ids"][0] == ref[0] for out, ref in zip(decoded, reference(PROMPTS)))
+def test_over_ucx(vllm_model, engine_logs, secret_file, reference):
+    pytest.importorskip("ucxx", reason="ucxx is in the test extra (kvwire[ucx])")
+    listen = f"127.0.0.1:{free_port()}"
+    decode, prefill = _pair("ucx", vllm_model, engine_logs, secret_file, listen,
+                            consumer={"backend": "ucx"}, producer={"backend": "ucx"})
+    _check(prefill, decode, reference)
 
 
 def test_across_an_emulated_wan_link(vllm_model, engine_logs, secret_file, reference):
@@ -58,10 +46,4 @@ def test_across_an_emulated_wan_link(vllm_model, engine_logs, secret_file, refer
         sides = iter("ba")  # _pair starts the decode engine first
         decode, prefill = _pair("wan", vllm_model, engine_logs, secret_file, f"{ADDR_B}:7800",
                                 popen=lambda argv, **kw: link.popen(next(sides), argv, **kw))
-        try:
-            prefilled, decoded = disaggregated(prefill, decode, PROMPTS, MAX_TOKENS)
-        finally:
-            prefill.close()
-            decode.close()
-    assert [out["token_ids"] for out in decoded] == reference(PROMPTS)
-    assert loaded(decoded) == [len(p) - 1 for p in PROMPTS]
+        _check(prefill, decode, reference)

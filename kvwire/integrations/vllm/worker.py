@@ -88,6 +88,14 @@ class ConnectorWorker:
         self.cache = CacheLayout.build(self.kv_cache_config, caches)
         self.layer_of = {layer.name: i for i, layer in enumerate(self.cache.layers)}
         log.info("kvwire layout %s: %s", self.cache.layout.fingerprint, self.cache.names())
+        opaque = [layer.name for layer in self.cache.layers if getattr(layer, "moves_blocks", False)]
+        if self.config.codec != "none" and opaque:
+            # A lossy codec scales groups of values; in whole CPU blocks those mix tokens,
+            # including the unused rows of a request's last block (any bits at all).
+            raise ValueError(
+                f"KVWireConnector: kv_connector_extra_config['codec'] = {self.config.codec!r} needs per-token KV, "
+                f"but {opaque[0]} (vLLM's CPU attention layout) travels as whole blocks; use codec 'none' here"
+            )
         if self.role in ("kv_consumer", "kv_both"):
             listen = rank_address(self.config.listen, self.rank)
             try:
@@ -99,7 +107,7 @@ class ConnectorWorker:
                 )
             except OSError as exc:
                 raise OSError(exc.errno, f"KVWireConnector: kv_connector_extra_config['listen'] "
-                                         f"(rank {self.rank}: {listen}): {exc.strerror}") from None
+                                         f"(rank {self.rank}): {exc.strerror}") from None
             log.info("kvwire receiver (rank %d) listening on %s", self.rank, self.receiver.address)
 
     def shutdown(self) -> None:
