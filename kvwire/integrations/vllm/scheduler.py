@@ -104,7 +104,10 @@ class ConnectorScheduler:
                             "is missing and the connector has no 'decode' option")
             log.error("request %s: %s", request.request_id, target.error)
         backoff = self.backoff()
-        if backoff and request.num_prompt_tokens > backoff and not params.get("_kvwire_truncated"):
+        if request.prompt_token_ids is None and target.error is None:
+            target.error = "prompt embeddings are not pushed by kvwire (send token ids)"
+        if (backoff and request.prompt_token_ids is not None and request.num_prompt_tokens > backoff
+                and not params.get("_kvwire_truncated")):
             # Compute (and push) the state after token N-1: drop the prompt's last token.
             del request.prompt_token_ids[-backoff:]
             del request._all_token_ids[-backoff:]
