@@ -8,6 +8,7 @@ prints ``{"ready": ...}`` once the engine is up, then answers each stdin line
 with ``{"outputs": [{"token_ids", "kv_transfer_params", "finish_reason", "seconds"}]}``
 and ``{"free_blocks": true}`` with the scheduler's free KV blocks. vLLM's in-process mode
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, the ``uni`` executor) keeps start-up near 15 s.
+``Engine`` (below) is the parent's handle on one such process.
 """
 
 from __future__ import annotations

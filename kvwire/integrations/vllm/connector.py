@@ -8,7 +8,6 @@ kvwire Senders and Receiver). This class only routes vLLM's calls to the right h
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,8 +24,6 @@ from .config import ConnectorConfig
 from .scheduler import ConnectorScheduler, StepPlan
 from .stats import KVWirePromMetrics, KVWireStats
 from .worker import ConnectorWorker
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
