@@ -25,13 +25,20 @@ def strangers(vllm_model, other_model, engine_logs, tmp_path_factory, decode_add
     other.close()
 
 
+def recomputed(prefill, decode, prompts, targets=None) -> tuple[dict, list[dict]]:
+    """Run the pair on one prompt whose push must fail: the decode side's report (nothing
+    loaded, recomputed) and its outputs."""
+    _, decoded = disaggregated(prefill, decode, prompts, MAX_TOKENS, targets)
+    report = decoded[0]["kv_transfer_params"]["kvwire"]
+    assert report["loaded_tokens"] == 0 and report["recomputed"] is True, report
+    return report, decoded
+
+
 def test_a_wrong_secret_is_refused_and_the_decode_side_recomputes(strangers, pair, reference):
     bad_secret, _ = strangers
     _, decode = pair
     prompts = [prompt(200, 31)]
-    prefilled, decoded = disaggregated(bad_secret.wait_ready(), decode, prompts, MAX_TOKENS)
-    report = decoded[0]["kv_transfer_params"]["kvwire"]
-    assert report["loaded_tokens"] == 0 and report["recomputed"] is True
+    report, decoded = recomputed(bad_secret.wait_ready(), decode, prompts)
     assert "AuthenticationError" in report["error"], report["error"]
     assert [out["token_ids"] for out in decoded] == reference(prompts)  # recomputed, so still right
     assert "AuthenticationError" in bad_secret.log_text()
@@ -40,10 +47,7 @@ def test_a_wrong_secret_is_refused_and_the_decode_side_recomputes(strangers, pai
 def test_a_mismatched_model_is_refused_with_the_layer_named(strangers, pair):
     _, other = strangers
     _, decode = pair
-    prompts = [prompt(200, 32)]
-    _, decoded = disaggregated(other.wait_ready(), decode, prompts, MAX_TOKENS)
-    report = decoded[0]["kv_transfer_params"]["kvwire"]
-    assert report["loaded_tokens"] == 0 and report["recomputed"] is True
+    report, _ = recomputed(other.wait_ready(), decode, [prompt(200, 32)])
     assert "LayoutMismatchError" in report["error"] and "layer 1 tensor" in report["error"], report["error"]
     assert "1=model.layers.1.self_attn.attn" in report["error"]
     log = other.log_text()
@@ -109,10 +113,8 @@ def test_a_corrupted_push_is_never_used(pair, decode_address, reference):
     relay = FaultyRelay(decode_address, Fault(flip_bit_at=60_000))
     try:
         prompts = [prompt(700, 51)]
-        _, decoded = disaggregated(prefill, decode, prompts, MAX_TOKENS, [{"decode": relay.address}])
+        report, decoded = recomputed(prefill, decode, prompts, [{"decode": relay.address}])
     finally:
         relay.close()
-    report = decoded[0]["kv_transfer_params"]["kvwire"]
-    assert report["recomputed"] is True and report["loaded_tokens"] == 0
     assert "IntegrityError" in report["error"], report["error"]
     assert [out["token_ids"] for out in decoded] == reference(prompts)
