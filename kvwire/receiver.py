@@ -19,6 +19,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from . import device
+from .address import check_address
 from .errors import (
     KVWireError,
     PeerLostError,
@@ -205,6 +206,7 @@ class Receiver:
         self._handshake_timeout_s = handshake_timeout_s
         self._resume_grace_s = resume_grace_s
         self._claim_timeout_s = claim_timeout_s
+        check_address(listen, what="Receiver listen", listen=True)
         self._listener = get_backend(backend).listen(listen, ssl_context=ssl_context, options=transport_options)
         self.address: str = self._listener.address
         self._lock = threading.Condition()

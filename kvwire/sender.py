@@ -17,6 +17,7 @@ import weakref
 from dataclasses import dataclass, field, replace
 
 from . import device
+from .address import check_address
 from .errors import (
     AuthenticationError,
     KVWireError,
@@ -127,7 +128,7 @@ class Sender:
         if chunk_bytes is not None and not 4096 <= chunk_bytes <= 1 << 30:
             raise ValueError(f"chunk_bytes must be in 4096..2**30, got {chunk_bytes}")
         self.layout = layout
-        self.address = address
+        self.address = check_address(address, what="Sender address")
         self._chunk_bytes = chunk_bytes
         self._max_queued = max_queued_chunks
         self._cv = threading.Condition()
@@ -221,7 +222,7 @@ class Sender:
         def one(slot: int, index: int) -> None:
             try:
                 results[slot] = self._dial(index, resume=False)
-            except KVWireError as exc:
+            except Exception as exc:  # any error reaches the caller as itself, not as a missing result
                 results[slot] = exc
 
         threads = [threading.Thread(target=one, args=pair, daemon=True) for pair in enumerate(indices)]
@@ -229,12 +230,12 @@ class Sender:
             thread.start()
         for thread in threads:
             thread.join()
-        errors = [r for r in results if isinstance(r, KVWireError)]
+        errors = [r for r in results if isinstance(r, Exception)]
         if errors:
             for result in results:
                 if isinstance(result, tuple):
                     result[0].close()
-            decisive = (AuthenticationError, LayoutMismatchError, ProtocolError)
+            decisive = (AuthenticationError, LayoutMismatchError, ProtocolError, ValueError, TypeError)
             raise next((e for e in errors if isinstance(e, decisive)), errors[0])
         return [conn for conn, _ in results], (results[0][1] if results else None)
 

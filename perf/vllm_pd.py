@@ -139,7 +139,8 @@ def run(argv: list[str] | None = None) -> dict:
               "link": {"rate_mbit": args.rate_mbit, "rtt_ms": args.rtt_ms, "loss": args.loss},
               "runs": {}, "skipped": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        model = str(write_tiny_checkpoint(f"{tmp}/model", config=vllm_tiny_config(args.layers), dtype="bfloat16"))
+        model = str(write_tiny_checkpoint(f"{tmp}/model", config=vllm_tiny_config(args.layers), dtype="bfloat16",
+                                           tokenizer=False))
         single = Engine("single", model, log_dir=tmp).wait_ready()
         reference = [out["token_ids"] for out in single.generate(prompts, args.max_tokens)]
         single.close()

@@ -253,22 +253,27 @@ class DecodeWorker:
         while True:
             tokens.append(token)
             self.num_tokens.inc()
-            piece, text = self._text_delta(tokens, text)
+            stop = token in self.loaded.eos_token_ids
+            last = stop or len(tokens) >= max_tokens
+            piece, text = self._text_delta(tokens, text, last)
             await _line(response, {"token": token, "text": piece})
-            if token in self.loaded.eos_token_ids:
-                finish_reason = "stop"
-                break
-            if len(tokens) >= max_tokens:
+            if last:
+                finish_reason = "stop" if stop else "length"
                 break
             logits = await loop.run_in_executor(self._model_thread, decode_step, self.loaded.model, cache, token)
             token = pick_token(logits, sampling, generator)
         await _line(response, {"finish_reason": finish_reason, "num_tokens": len(tokens),
                                "decode_s": time.perf_counter() - started})
 
-    def _text_delta(self, tokens: list[int], text: str) -> tuple[str, str]:
+    def _text_delta(self, tokens: list[int], text: str, last: bool) -> tuple[str, str]:
+        """The new text since ``text``. A byte-level token may end inside a UTF-8 character:
+        that text waits for the next token (as vLLM's detokenizer does), so the pieces join
+        to exactly ``decode(tokens)``."""
         if self.loaded.tokenizer is None:
             return "", text
         full = self.loaded.tokenizer.decode(tokens, skip_special_tokens=True)
+        if not last and (full.endswith("\ufffd") or not full.startswith(text)):
+            return "", text
         return full[len(text):], full
 
     def close(self) -> None:

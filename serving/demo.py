@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import client, launch
 
-TINY_MODEL_NAME = "tiny-kimi-linear-seed0-v1"
+TINY_MODEL_NAME = "tiny-kimi-linear-seed0-v2"  # v2: with a tokenizer
 
 
 def cache_dir() -> Path:

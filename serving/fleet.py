@@ -252,6 +252,15 @@ class Fleet:
         for url in urls:
             self.workers[url].in_flight -= 1
 
+    def unavailable(self) -> str | None:
+        """Why the router cannot serve now (no prefill or no decode worker answers), or None."""
+        problems = []
+        for role, urls in (("prefill", self.config.prefill_urls), ("decode", self.config.decode)):
+            if not any(self.workers[url].reachable for url in urls):
+                errors = "; ".join(f"{url}: {self.workers[url].error}" for url in urls)
+                problems.append(f"no {role} worker is reachable ({errors})")
+        return "; ".join(problems) or None
+
     def health(self) -> dict:
         return {
             "thresholds": {

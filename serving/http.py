@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from typing import Callable
 
 from aiohttp import web
@@ -37,11 +38,16 @@ def describe(exc: BaseException) -> str:
 
 
 def base_app(role: str, registry: Registry, health: Callable[[], dict], extra_metrics: Callable[[], list]) -> web.Application:
-    """An aiohttp app with GET /health and GET /metrics for ``role``."""
+    """An aiohttp app with GET /health and GET /metrics for ``role``.
+
+    ``health()`` may set ``"status"`` to something other than ``"ok"`` (the router's
+    ``"degraded"``): /health then answers 503, so a load balancer stops sending traffic.
+    """
     app = web.Application(client_max_size=64 << 20)
 
     async def get_health(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "role": role, **health()})
+        body = {"status": "ok", "role": role, **health()}
+        return web.json_response(body, status=200 if body["status"] == "ok" else 503)
 
     async def get_metrics(request: web.Request) -> web.Response:
         text = registry.render(extra_metrics())
@@ -52,20 +58,20 @@ def base_app(role: str, registry: Registry, health: Callable[[], dict], extra_me
     return app
 
 
-async def start(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, str]:
-    """Serve ``app``; return the runner and the bound base URL (port 0 picks one)."""
+async def start(app: web.Application, sock: socket.socket) -> tuple[web.AppRunner, str]:
+    """Serve ``app`` on a listening socket (serving.flags.bind); return the runner and base URL."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.SockSite(runner, sock)
     await site.start()
-    bound = runner.addresses[0][1]
-    url_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    host, bound = sock.getsockname()[:2]
+    url_host = "127.0.0.1" if host in ("0.0.0.0", "") else ("[::1]" if host == "::" else host)
     return runner, f"http://{url_host}:{bound}"
 
 
-async def serve_forever(app: web.Application, host: str, port: int, on_ready: Callable[[str], None]) -> None:
+async def serve_forever(app: web.Application, sock: socket.socket, on_ready: Callable[[str], None]) -> None:
     """Serve until cancelled, calling ``on_ready(url)`` once listening."""
-    runner, url = await start(app, host, port)
+    runner, url = await start(app, sock)
     on_ready(url)
     try:
         await asyncio.Event().wait()

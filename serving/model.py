@@ -149,9 +149,10 @@ def vllm_tiny_config(num_layers: int = 4):
 
 def write_tiny_checkpoint(
     path: str | Path, architecture: str = "KimiLinearForCausalLM", *, dtype: str = "float32", seed: int = 0,
-    config=None,
+    config=None, tokenizer: bool = True,
 ) -> Path:
-    """Write a seeded random-weight checkpoint (config.json + model.safetensors) to ``path``.
+    """Write a seeded random-weight checkpoint (config.json + model.safetensors, and with
+    ``tokenizer`` a byte-level BPE filling the vocabulary, serving.tokenizer) to ``path``.
 
     The weights are scaled up from the usual 0.02 init so that greedy tokens are decided by
     clear logit margins, not by ties a tiny model would otherwise be full of.
@@ -168,4 +169,8 @@ def write_tiny_checkpoint(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
+    if tokenizer:
+        from .tokenizer import write_tiny_tokenizer
+
+        write_tiny_tokenizer(path, config.vocab_size)
     return path

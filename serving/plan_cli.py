@@ -27,16 +27,25 @@ from .planner import (
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvwire-plan", description=__doc__.splitlines()[0].strip("`"))
-    parser.add_argument("--profile", required=True, help="profile JSON (format: issue 6, examples/profiles/)")
+    parser = argparse.ArgumentParser(
+        prog="kvwire-plan", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="The PrfaaS throughput model on a profile and a workload: the offload threshold t\nand the "
+                    "PrfaaS/PD split that maximise requests/s.",
+        epilog="example:\n  kvwire-plan --profile examples/profiles/kimi-linear-1t-h200.json \\\n"
+               "      --workload lognormal:mu=9.90,sigma=1.00,min=128,max=128K --json")
+    parser.add_argument("--profile", required=True, metavar="JSON",
+                        help="a deployment profile, as 'kvwire-serve profile' writes it: prfaas {instances, points}, "
+                             "pd_prefill {points}, pd_decode {batch_max, step_s, output_tokens}, pd_instances, "
+                             "egress_gbps; points are measured {tokens, prefill_s, kv_bytes} "
+                             "(example: examples/profiles/kimi-linear-1t-h200.json)")
     parser.add_argument("--workload", required=True,
                         help="lognormal:mu=..,sigma=..,min=..,max=.. (K/M suffixes) or file:PATH")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--threshold", type=parse_tokens,
                         help="evaluate this t (tokens, K/M suffixes) instead of searching for it")
     parser.add_argument("--n-prefill", type=int, help="with --threshold: use this N_p instead of the best")
-    parser.add_argument("--egress-gbps", type=float, help="override the profile's egress link capacity")
-    parser.add_argument("--num-thresholds", type=int, default=256, help="grid points of t per pass")
+    parser.add_argument("--egress-gbps", type=float, help="override the profile's egress link capacity (Gbit/s)")
+    parser.add_argument("--num-thresholds", type=int, default=256, help="grid points of t per pass (default 256)")
     return parser
 
 

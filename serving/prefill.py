@@ -34,7 +34,7 @@ from .hybrid_cache import kv_layout
 from .metrics import Registry, render_peers
 from .model import LoadedModel
 from .prefix_reuse import prefill_reusing
-from .prompts import parse_sampling, prompt_token_ids
+from .prompts import chat_token_ids, parse_sampling, prompt_token_ids
 from .steps import pick_token, warm_up
 from .worker_state import boundary_suffix, cache_info, new_prefix_cache, state_body
 
@@ -177,6 +177,8 @@ class PrefillWorker:
     async def handle_tokenize(self, request: web.Request) -> web.Response:
         try:
             body = await request.json()
+            if "messages" in body:
+                return web.json_response({"prompt_token_ids": chat_token_ids(body["messages"], self.loaded)})
             return web.json_response({"prompt_token_ids": prompt_token_ids(body.get("prompt"), self.loaded)})
         except (BadRequest, AttributeError, ValueError) as exc:
             return json_error(400, INVALID_REQUEST, str(exc) if isinstance(exc, BadRequest) else describe(exc))

@@ -71,3 +71,39 @@ def parse_sampling(body: dict) -> Sampling:
     if seed is not None and type(seed) is not int:
         raise BadRequest(f"`seed` must be an integer, got {seed!r}")
     return Sampling(float(temperature), seed)
+
+
+CHAT_ROLES = ("system", "user", "assistant", "developer", "tool")
+
+
+def check_messages(messages) -> list[dict]:
+    """``messages`` of a chat request as [{"role", "content": str}], or BadRequest naming the bad one.
+    Content given as OpenAI's list of parts keeps its text parts."""
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("`messages` must be a non-empty list of {\"role\", \"content\"} objects")
+    checked = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES:
+            raise BadRequest(f"`messages[{i}]` needs a `role` among {list(CHAT_ROLES)}, got {message!r}"[:300])
+        content = message.get("content")
+        if isinstance(content, list):
+            texts = [part.get("text") for part in content if isinstance(part, dict) and part.get("type") == "text"]
+            if len(texts) != len(content) or not all(isinstance(t, str) for t in texts):
+                raise BadRequest(f"`messages[{i}].content`: only text parts are supported")
+            content = "".join(texts)
+        if not isinstance(content, str):
+            raise BadRequest(f"`messages[{i}].content` must be a string, got {type(content).__name__}")
+        checked.append({"role": message["role"], "content": content})
+    return checked
+
+
+def chat_token_ids(messages, loaded) -> list[int]:
+    """The chat as token ids through the checkpoint's chat template, ready for the reply."""
+    messages = check_messages(messages)
+    tokenizer = loaded.tokenizer
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise BadRequest(f"the model at {loaded.path} has no tokenizer with a chat template; use /v1/completions "
+                         "with a list of token ids")
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    token_ids = list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+    return prompt_token_ids(token_ids, loaded)

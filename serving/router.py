@@ -11,7 +11,13 @@ which route was taken and why.
 Every upstream call has a timeout, and every failure becomes an HTTP error whose
 ``error.type`` names what broke (the kvwire error class for transfer failures). When the
 KV transfer fails but the decode worker is alive, it recomputes the prefill (unless
-``kv_fallback="error"``): the response's ``kvwire.kv_source`` says which happened.
+``kv_fallback="error"``): the response's ``kvwire.kv_source`` says which happened. A
+transfer refused for a misconfiguration (wrong secret, other layout, a KV address that is
+not kvwire) is always an error: recomputing would hide it behind working answers.
+
+``/health`` is 503 ``"degraded"`` while no prefill or no decode worker answers the control
+loop, with the reason; a request whose decode worker is down is refused before any
+prefill is spent on it.
 """
 
 from __future__ import annotations
@@ -31,12 +37,15 @@ from .fleet import Decision, Fleet
 from .http import INVALID_REQUEST, BadRequest, base_app, describe, error_body, json_error
 from .metrics import Registry
 from .policy import NoWorkerError
-from .prompts import check_prompt_shape, parse_max_tokens, parse_sampling
+from .prompts import check_messages, check_prompt_shape, parse_max_tokens, parse_sampling
 from .router_config import RouterConfig
 
 log = logging.getLogger(__name__)
 
 UNAVAILABLE = "worker_unavailable"
+NOT_FOUND = "NotFoundError"
+# kvwire errors that mean the deployment is misconfigured, not that a transfer was unlucky
+MISCONFIGURATION = frozenset({"AuthenticationError", "LayoutMismatchError", "ProtocolError"})
 
 
 class UpstreamError(Exception):
@@ -61,6 +70,7 @@ class Router:
         self._control: asyncio.Task | None = None
         self._kv_addresses: dict[str, str] = {}
         self._model_names: dict[str, str] = {}
+        self._started = int(time.time())
         self.registry = Registry()
         self.num_requests = self.registry.counter("router_requests", "Completions by HTTP status", ("status",))
         self.num_routed = self.registry.counter("router_routed", "Requests by prefill route (local or PrfaaS cluster)",
@@ -79,6 +89,8 @@ class Router:
     def app(self) -> web.Application:
         app = base_app("router", self.registry, self._health, self._refresh_gauges)
         app.router.add_post("/v1/completions", self.handle_completions)
+        app.router.add_post("/v1/chat/completions", self.handle_chat)
+        app.router.add_get("/v1/models", self.handle_models)
         app.on_startup.append(self._startup)
         app.on_cleanup.append(self._cleanup)
         return app
@@ -92,12 +104,13 @@ class Router:
         )
         await self.fleet.poll(self._session)  # also learns which workers are vLLM servers
         for url in self.options.decode:
-            if self.fleet.workers[url].engine == "vllm":
-                continue
             try:
-                await self.kv_address(url)
+                await self.model_name(url)
             except UpstreamError as exc:
                 log.warning("decode worker %s not ready yet: %s", url, exc)
+        problem = self.fleet.unavailable()
+        if problem:
+            log.warning("router starts degraded: %s (/health answers 503 until they do)", problem)
         self._control = asyncio.create_task(self.fleet.run(self._session))
 
     async def _cleanup(self, app) -> None:
@@ -114,7 +127,10 @@ class Router:
         return []
 
     def _health(self) -> dict:
-        return {"prefill": list(self.options.prefill), "decode": list(self.options.decode),
+        problem = self.fleet.unavailable()
+        return {"status": "degraded" if problem else "ok", "reason": problem,
+                "models": sorted(set(self._model_names.values())),
+                "prefill": list(self.options.prefill), "decode": list(self.options.decode),
                 "prfaas": {c.name: list(c.prefill) for c in self.options.prfaas},
                 "kv_addresses": dict(self._kv_addresses), **self.fleet.health()}
 
@@ -140,6 +156,7 @@ class Router:
         """
         if isinstance(prompt, list):
             return prompt
+        payload = prompt if isinstance(prompt, dict) else {"prompt": prompt}  # {"messages": [...]} for a chat
         unreachable = None
         for url in self.options.prefill_urls:
             vllm = self.fleet.workers[url].engine == "vllm"
@@ -147,7 +164,7 @@ class Router:
                 timeout = aiohttp.ClientTimeout(total=self.options.prefill_timeout_s,
                                                 sock_connect=self.options.connect_timeout_s)
                 async with self._session.post(url + ("/tokenize" if vllm else "/internal/tokenize"),
-                                              json={"prompt": prompt}, timeout=timeout) as response:
+                                              json=payload, timeout=timeout) as response:
                     body = await response.json()
             except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as exc:
                 unreachable = UpstreamError(502, UNAVAILABLE, f"prefill worker {url} is unreachable: {_client_error(exc)}")
@@ -165,6 +182,31 @@ class Router:
             self._kv_addresses[decode_url] = health["kv_address"]
             self._model_names[decode_url] = health.get("model", "")
         return self._kv_addresses[decode_url]
+
+    async def model_name(self, decode_url: str) -> str:
+        """The model ``decode_url`` serves (its /health, or a vLLM server's /v1/models)."""
+        if decode_url not in self._model_names:
+            if self.fleet.workers[decode_url].engine == "vllm":
+                models = await self._get_json(decode_url, "/v1/models", "decode server")
+                self._model_names[decode_url] = models["data"][0]["id"]
+            else:
+                await self.kv_address(decode_url)
+        return self._model_names[decode_url]
+
+    async def served_models(self) -> list[str]:
+        for url in self.options.decode:
+            with contextlib.suppress(UpstreamError, KeyError, IndexError, TypeError):
+                await self.model_name(url)
+        return sorted(set(self._model_names.values()))
+
+    async def check_model(self, job: dict) -> None:
+        """A request naming a model nobody here serves is a 404, as vLLM answers it."""
+        wanted = job["model"]
+        if wanted is None:
+            return
+        served = await self.served_models()
+        if served and wanted not in served:
+            raise UpstreamError(404, NOT_FOUND, f"The model `{wanted}` does not exist (served: {', '.join(served)})")
 
     async def _get_json(self, url: str, path: str, role: str) -> dict:
         try:
@@ -190,17 +232,31 @@ class Router:
     # -- the endpoint ---------------------------------------------------------------------
 
     async def handle_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, chat=False)
+
+    async def handle_chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, chat=True)
+
+    async def handle_models(self, request: web.Request) -> web.Response:
+        models = await self.served_models()
+        return web.json_response({"object": "list", "data": [
+            {"id": name, "object": "model", "created": self._started, "owned_by": "kvwire", "root": name}
+            for name in models]})
+
+    async def _handle(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
         try:
             body = await request.json()
             if not isinstance(body, dict):
                 raise BadRequest("the request body must be a JSON object")
-            job = _parse(body)
+            job = _parse(body, chat=chat)
         except (BadRequest, json.JSONDecodeError) as exc:
             self.num_requests.inc(1, "400")
             return json_error(400, INVALID_REQUEST, str(exc) if isinstance(exc, BadRequest) else f"invalid JSON: {exc}")
         try:
+            await self.check_model(job)
             token_ids = await self.token_ids(job["prompt"])
             decision = self.fleet.decide(token_ids)
+            self._check_decode_alive(decision.decode.worker)
         except UpstreamError as exc:
             self.num_requests.inc(1, str(exc.status))
             return exc.response()
@@ -208,6 +264,7 @@ class Router:
             self.num_requests.inc(1, "503")
             return json_error(503, UNAVAILABLE, str(exc))
         job["prompt_token_ids"] = token_ids
+        job["model"] = job["model"] or self._model_names.get(decision.decode.worker, "")
         decode_url = decision.decode.worker
         self.num_routed.inc(1, decision.route.cluster or "local")
         self.fleet.acquire(decode_url)  # the prefill worker only while it prefills (_prefill_step)
@@ -216,12 +273,24 @@ class Router:
         finally:
             self.fleet.release(decode_url)
 
+    def _check_decode_alive(self, decode_url: str) -> None:
+        """Refuse at once when the control loop finds the decode worker down: a prefill for
+        it would be spent for nothing."""
+        worker = self.fleet.workers[decode_url]
+        if not worker.reachable:
+            raise UpstreamError(503, UNAVAILABLE, f"decode worker {decode_url} is unreachable ({worker.error}); "
+                                                  "no prefill was started")
+
     async def _complete(self, request, job: dict, decision: Decision) -> web.StreamResponse:
         started = time.perf_counter()
         prefill_url, decode_url = decision.route.placement.worker, decision.decode.worker
         info = {"request_id": job["id"], "prefill_worker": prefill_url, "decode_worker": decode_url,
                 "route": _route_info(decision, self.fleet)}
         if self.fleet.workers[decode_url].engine == "vllm":
+            if job["chat"]:
+                self.num_requests.inc(1, "501")
+                return json_error(501, "not_implemented", "/v1/chat/completions through the router is not yet "
+                                  "supported for vLLM servers; send /v1/completions with the prompt")
             try:
                 return await vllm_upstream.complete(self, request, job, decision, info)
             except UpstreamError as exc:
@@ -240,9 +309,11 @@ class Router:
                 self.num_requests.inc(1, str(exc.status))
                 return exc.response()
             info.update(kv_source=header["kv_source"], kv_error=header["kv_error"], rebuild_s=header["rebuild_s"])
+            if header["kv_source"] == "recomputed":
+                log.warning("request %s: the decode worker recomputed the prefill (%s)", job["id"], header["kv_error"])
             if job["stream"]:
                 return await self._stream(request, job, upstream, info, started)
-            return await self._collect(job, upstream, info, started, decode_url)
+            return await self._collect(job, upstream, info, started)
         finally:
             upstream.release()
 
@@ -264,14 +335,19 @@ class Router:
                 "decode_cached_tokens": cached, "send_boundary": decision.send_boundary,
             })
         except UpstreamError as exc:
-            if exc.status == 400:
+            if exc.status == 400 or exc.error_type == UNAVAILABLE:  # a bad prompt, or no prefill: no KV to fall back on
                 raise
             kv_error = f"{exc.error_type}: {exc}"
             self.num_fallbacks.inc(1, exc.error_type)
             self._kv_addresses.pop(decode_url, None)  # ask again: the worker may have restarted elsewhere
+            if exc.error_type in MISCONFIGURATION:
+                log.error("request %s: KV transfer refused, a misconfiguration: %s", job["id"], kv_error)
+                raise UpstreamError(exc.status, exc.error_type, f"{exc} (a misconfiguration between prefill worker "
+                                    f"{prefill_url} and decode worker {decode_url}: not recomputed)") from None
             if self.options.kv_fallback == "error":
                 raise
-            log.warning("request %s: KV transfer failed (%s); the decode worker will recompute", job["id"], kv_error)
+            log.warning("request %s: KV transfer failed (%s); asking the decode worker to recompute", job["id"],
+                        kv_error)
             decode_job["kv_error"] = kv_error
             info["kv_error_type"] = exc.error_type
             return decode_job
@@ -294,6 +370,7 @@ class Router:
             message = f"decode worker {decode_url} is unreachable: {_client_error(exc)}"
             if decode_job["kv_error"]:
                 message += f"; the KV transfer had failed with {decode_job['kv_error']}"
+            log.warning("request %s: %s; answered 502, nothing recomputed", decode_job["request_id"], message)
             raise UpstreamError(502, info.get("kv_error_type", UNAVAILABLE), message) from None
         if response.status != 200:
             try:
@@ -306,7 +383,7 @@ class Router:
         info["prompt_tokens"] = len(decode_job["prompt_token_ids"])
         return response
 
-    async def _collect(self, job: dict, upstream, info: dict, started: float, decode_url: str) -> web.Response:
+    async def _collect(self, job: dict, upstream, info: dict, started: float) -> web.Response:
         tokens, text, final = [], [], None
         try:
             while final is None:
@@ -323,13 +400,11 @@ class Router:
         except UpstreamError as exc:
             self.num_requests.inc(1, str(exc.status))
             return exc.response()
-        choice = {"index": 0, "text": "".join(text), "logprobs": None, "finish_reason": final["finish_reason"]}
-        if job["return_token_ids"]:
-            choice["token_ids"] = tokens
+        choice = _choice(job, "".join(text), final["finish_reason"], tokens, delta=False)
         self._account(info, len(tokens), "200")
         return web.json_response({
-            "id": job["id"], "object": "text_completion", "created": job["created"],
-            "model": job["model"] or self._model_names.get(decode_url, ""), "choices": [choice],
+            "id": job["id"], "object": "chat.completion" if job["chat"] else "text_completion",
+            "created": job["created"], "model": job["model"], "choices": [choice],
             "usage": _usage(info["prompt_tokens"], len(tokens)), "kvwire": _extension(info, final, started),
         })
 
@@ -347,19 +422,13 @@ class Router:
                 if num_tokens == 0:
                     info["ttft_s"] = time.perf_counter() - started
                 num_tokens += 1
-                choice = {"index": 0, "text": line["text"], "logprobs": None, "finish_reason": None}
-                if job["return_token_ids"]:
-                    choice["token_ids"] = [line["token"]]
-                await _event(response, _chunk(job, [choice]))
+                await _event(response, _chunk(job, [_choice(job, line["text"], None, [line["token"]], delta=True)]))
         except UpstreamError as exc:
             self._account(info, num_tokens, str(exc.status))
             await _event(response, error_body(exc.error_type, str(exc)))
             await response.write_eof()
             return response
-        final_choice = {"index": 0, "text": "", "logprobs": None, "finish_reason": line["finish_reason"]}
-        if job["return_token_ids"]:
-            final_choice["token_ids"] = []
-        chunk = _chunk(job, [final_choice])
+        chunk = _chunk(job, [_choice(job, "", line["finish_reason"], [], delta=True)])
         chunk.update(usage=_usage(info["prompt_tokens"], num_tokens), kvwire=_extension(info, line, started))
         await _event(response, chunk)
         await response.write(b"data: [DONE]\n\n")
@@ -374,21 +443,34 @@ class Router:
         self.kv_bytes.inc(info.get("kv", {}).get("raw_bytes", 0))
 
 
-def _parse(body: dict) -> dict:
-    """The request's fields, checked; BadRequest names the first bad one."""
-    if "prompt" not in body:
-        raise BadRequest("`prompt` is required")
-    check_prompt_shape(body["prompt"])
+def _parse(body: dict, *, chat: bool = False) -> dict:
+    """The request's fields, checked; BadRequest names the first bad one. A chat's prompt
+    is ``{"messages": [...]}``, which a prefill worker turns into tokens with its template."""
+    if chat:
+        if "messages" not in body:
+            raise BadRequest("`messages` is required")
+        prompt = {"messages": check_messages(body["messages"])}
+    else:
+        if "prompt" not in body:
+            raise BadRequest("`prompt` is required")
+        check_prompt_shape(body["prompt"])
+        prompt = body["prompt"]
     for flag in ("stream", "return_token_ids"):
         if not isinstance(body.get(flag, False), bool):
             raise BadRequest(f"`{flag}` must be true or false, got {body[flag]!r}")
-    if body.get("n", 1) != 1:
+    if body.get("n", 1) not in (1, None):
         raise BadRequest(f"`n` must be 1, got {body['n']!r}")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise BadRequest(f"`model` must be a string, got {model!r}")
+    if chat and body.get("max_completion_tokens") is not None and body.get("max_tokens") is None:
+        body = {**body, "max_tokens": body["max_completion_tokens"]}
     sampling = parse_sampling(body)
     return {
-        "body": body, "id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.get("model"),
-        "prompt": body["prompt"], "max_tokens": parse_max_tokens(body), "temperature": sampling.temperature,
-        "seed": sampling.seed, "stream": body.get("stream", False), "return_token_ids": body.get("return_token_ids", False),
+        "body": body, "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
+        "model": model, "chat": chat, "prompt": prompt, "max_tokens": parse_max_tokens(body),
+        "temperature": sampling.temperature, "seed": sampling.seed, "stream": body.get("stream", False),
+        "return_token_ids": body.get("return_token_ids", False),
     }
 
 
@@ -404,8 +486,23 @@ async def _next_line(upstream: aiohttp.ClientResponse, timeout_s: float) -> dict
 
 
 def _chunk(job: dict, choices: list) -> dict:
-    return {"id": job["id"], "object": "text_completion", "created": job["created"], "model": job["model"] or "",
-            "choices": choices}
+    kind = "chat.completion.chunk" if job["chat"] else "text_completion"
+    return {"id": job["id"], "object": kind, "created": job["created"], "model": job["model"], "choices": choices}
+
+
+def _choice(job: dict, text: str, finish_reason: str | None, token_ids: list[int], *, delta: bool) -> dict:
+    """One choice in the completions or the chat shape (``delta`` for a streamed chat chunk)."""
+    choice: dict = {"index": 0}
+    if not job["chat"]:
+        choice.update(text=text, logprobs=None)
+    elif delta:
+        choice["delta"] = {"role": "assistant", "content": text} if text or finish_reason is None else {}
+    else:
+        choice["message"] = {"role": "assistant", "content": text}
+    choice["finish_reason"] = finish_reason
+    if job["return_token_ids"]:
+        choice["token_ids"] = token_ids
+    return choice
 
 
 async def _event(response: web.StreamResponse, message: dict) -> None:

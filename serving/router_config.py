@@ -22,6 +22,7 @@ wrong type is an error naming the field instead of a silently ignored setting::
 
 from __future__ import annotations
 
+import urllib.parse
 from pathlib import Path
 
 import msgspec
@@ -32,14 +33,35 @@ ENGINES = ("auto", "kvwire", "vllm")
 
 def check_address(address: str, what: str) -> None:
     """ValueError naming ``what`` unless ``address`` is HOST:PORT with a port in range."""
-    from kvwire.transport.tcp import parse_address
+    from kvwire.address import parse_address
 
+    parse_address(address, what=what)
+
+
+def url_problem(url: object) -> str | None:
+    """What is wrong with ``url`` as a worker's base URL (None: nothing), in words for a user."""
+    if not isinstance(url, str):
+        return f"expected a URL string such as 'http://10.0.0.2:8100', got {url!r}"
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return f"{url!r} is not an http:// URL (e.g. 'http://{url if '/' not in url else '10.0.0.2:8100'}')"
     try:
-        _, port = parse_address(address)
+        parts.port
     except ValueError:
-        raise ValueError(f"{what}: {address!r} is not HOST:PORT") from None
-    if not 0 < port < 65536:
-        raise ValueError(f"{what}: port {port} of {address!r} is outside 1..65535")
+        return f"{url!r} has no valid port (1..65535)"
+    if not parts.hostname:
+        return f"{url!r} names no host"
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        return f"{url!r}: give the worker's base URL, without a path (the router adds /v1/...)"
+    return None
+
+
+def check_url(url: object, what: str) -> str:
+    """``url`` without a trailing slash, or ValueError naming ``what``."""
+    problem = url_problem(url)
+    if problem:
+        raise ValueError(f"{what}: {problem}")
+    return url.rstrip("/")
 
 
 class PrfaasConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -71,6 +93,10 @@ class PrfaasConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     def __post_init__(self) -> None:
         if not self.prefill:
             raise ValueError(f"PrfaaS cluster {self.name!r} lists no prefill worker")
+        msgspec.structs.force_setattr(self, "prefill", [check_url(url, f"PrfaaS cluster {self.name!r}: prefill worker")
+                                                        for url in self.prefill])
+        for url, address in self.kv_addresses.items():
+            check_address(address, f"PrfaaS cluster {self.name!r}: kv_addresses[{url!r}]")
         if self.egress_gbps <= 0:
             raise ValueError(f"PrfaaS cluster {self.name!r}: egress_gbps must be > 0, got {self.egress_gbps}")
         if not 0 <= self.threshold_tokens <= self.max_threshold_tokens:
@@ -104,6 +130,8 @@ class RouterConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     decode_kv: dict[str, str] = {}  # vLLM decode server URL -> its kvwire address (the connector's "listen")
 
     def __post_init__(self) -> None:
+        for role in ("decode", "prefill"):  # stored without a trailing slash: the router appends paths
+            msgspec.structs.force_setattr(self, role, [check_url(url, f"{role} worker") for url in getattr(self, role)])
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         for url, address in self.decode_kv.items():

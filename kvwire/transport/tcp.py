@@ -15,6 +15,7 @@ import struct
 from dataclasses import dataclass
 from typing import Sequence
 
+from ..address import format_address, parse_address
 from ..errors import AuthenticationError, PeerLostError, TransferTimeout
 from .base import LinkStats
 
@@ -39,16 +40,32 @@ class TcpOptions:
     congestion_control: str | None = None
 
 
-def parse_address(address: str) -> tuple[str, int]:
-    """``"host:port"`` or ``"[v6]:port"`` -> (host, port), ValueError naming the input."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise ValueError(f"address {address!r} is not HOST:PORT")
-    return host.strip("[]"), int(port)
+def dial(address: str, host: str, port: int, timeout_s: float) -> socket.socket:
+    """A connected TCP socket, or PeerLostError saying why (unknown host, refused, timed out)."""
+    try:
+        return socket.create_connection((host, port), timeout=timeout_s)
+    except socket.gaierror as exc:
+        raise PeerLostError(f"cannot connect to {address}: host {host!r} not found ({exc.strerror})") from None
+    except (socket.timeout, TimeoutError):
+        raise PeerLostError(f"cannot connect to {address}: no answer within {timeout_s:g}s") from None
+    except OSError as exc:
+        raise PeerLostError(f"cannot connect to {address}: {exc.strerror or exc}") from None
 
 
-def format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+def bind_listening(address: str, host: str, port: int, options: TcpOptions) -> socket.socket:
+    """A listening socket on host:port, or OSError naming the address ("... in use")."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if options.buffer_bytes:  # must be set before listen() to apply to accepted sockets' window
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, options.buffer_bytes)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
+    sock.listen(256)
+    return sock
 
 
 def _tls_failed(peer: str, exc: BaseException) -> Exception:
@@ -166,18 +183,8 @@ def parse_tcp_info(raw: bytes) -> LinkStats | None:
 
 class TcpListener:
     def __init__(self, address: str, ssl_context: ssl.SSLContext | None, options: TcpOptions):
-        host, port = parse_address(address)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._sock = socket.socket(family, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if options.buffer_bytes:  # must be set before listen() to apply to accepted sockets' window
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, options.buffer_bytes)
-        try:
-            self._sock.bind((host, port))
-        except OSError as exc:
-            self._sock.close()
-            raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
-        self._sock.listen(256)
+        host, port = parse_address(address, what="listen address", listen=True)
+        self._sock = bind_listening(address, host, port, options)
         self.address = format_address(host, self._sock.getsockname()[1])
         self._ssl = ssl_context
         self._options = options
@@ -221,11 +228,8 @@ class TcpBackend:
 
     def connect(self, address: str, *, timeout_s: float, ssl_context=None, options=None) -> TcpConnection:
         options = options or TcpOptions()
-        host, port = parse_address(address)
-        try:
-            sock = socket.create_connection((host, port), timeout=timeout_s)
-        except OSError as exc:
-            raise PeerLostError(f"cannot connect to {address}: {exc}") from None
+        host, port = parse_address(address, what="peer address")
+        sock = dial(address, host, port, timeout_s)
         _configure(sock, options)
         if ssl_context is not None:
             try:

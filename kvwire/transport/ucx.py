@@ -71,7 +71,8 @@ import numpy as np
 from .. import device
 from ..errors import KVWireError, PeerLostError, ProtocolError, TransferTimeout, again, remembered
 from .base import LinkStats
-from .tcp import TcpOptions, _configure, format_address, parse_address
+from ..address import format_address, parse_address
+from .tcp import TcpOptions, _configure, bind_listening, dial
 
 log = logging.getLogger(__name__)
 
@@ -968,12 +969,8 @@ class UcxListener:
     """A TCP port for bootstraps; ``start_tls`` (per connection thread) does the UCX part."""
 
     def __init__(self, address: str, options: UcxOptions):
-        host, port = parse_address(address)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._sock = socket.socket(family, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((host, port))
-        self._sock.listen(256)
+        host, port = parse_address(address, what="listen address", listen=True)
+        self._sock = bind_listening(address, host, port, TcpOptions())
         self.address = format_address(host, self._sock.getsockname()[1])
         self._options = options
         self._closed = False
@@ -1020,11 +1017,8 @@ class UcxBackend:
         if ssl_context is not None:
             raise ValueError("the ucx backend has no TLS; use backend='tcp' (or 'auto') with an ssl_context")
         options = _options(options)
-        host, port = parse_address(address)
-        try:
-            sock = socket.create_connection((host, port), timeout=timeout_s)
-        except OSError as exc:
-            raise PeerLostError(f"cannot connect to {address}: {exc}") from None
+        host, port = parse_address(address, what="peer address")
+        sock = dial(address, host, port, timeout_s)
         _configure(sock, TcpOptions(peer_timeout_s=options.peer_timeout_s))
         try:
             return _bootstrap(sock, address, options, client=True, timeout_s=timeout_s)

@@ -42,11 +42,18 @@ def send_message(conn: Connection, message) -> None:
 
 
 def read_handshake_message(conn: Connection, limit: int):
+    """The next handshake message; bytes that cannot be one mean the peer is not kvwire
+    (an HTTP server answering our Hello starts with b'HTTP'), and the error says so."""
     prefix = bytearray(framing.PREFIX_BYTES)
     conn.recv_into(memoryview(prefix))
-    body = bytearray(framing.header_length(prefix, limit))
-    conn.recv_into(memoryview(body))
-    return framing.decode_handshake(body)
+    try:
+        body = bytearray(framing.header_length(prefix, limit))
+        conn.recv_into(memoryview(body))
+        return framing.decode_handshake(body)
+    except ProtocolError as exc:
+        raise ProtocolError(
+            f"the peer at {conn.peer} does not speak kvwire: it sent {bytes(prefix)!r}... ({exc})"
+        ) from None
 
 
 def _raise_if_reject(message) -> None:

@@ -1,6 +1,8 @@
 """Failures become clear HTTP errors or a recomputed prefill, quickly, never wrong tokens."""
 
+import json
 import os
+import socket
 import time
 
 import numpy as np
@@ -26,25 +28,9 @@ def router(prefill, decode, *extra):
     return launch.start("router", ["--prefill", prefill.url, "--decode", decode.url, "--port", "0", *extra])
 
 
-def test_failed_transfer_is_recomputed_on_decode_with_the_same_tokens(cluster, wrong_secret_prefill, kimi):
-    front = router(wrong_secret_prefill, cluster["decode"])
-    try:
-        result = client.complete(front.url, {"prompt": PROMPT, "max_tokens": 6, "return_token_ids": True})
-    finally:
-        front.stop()
-    assert result.status == 200, result.body
-    assert result.token_ids == generate_monolithic(kimi.model, PROMPT, 6)
-    kv = result.body["kvwire"]
-    assert kv["kv_source"] == "recomputed"
-    assert kv["kv_error"].startswith("AuthenticationError: ")
-    assert kv["kv_bytes"] == 0
-    _, metrics = client.get(cluster["decode"].url, "/metrics")
-    assert 'kvwire_serve_kv_recomputed_total{error="AuthenticationError"} 1' in metrics
-    assert 'kvwire_serve_decode_requests_total{kv_source="recomputed"} 1' in metrics
-
-
-def test_failed_transfer_is_an_http_error_when_fallback_is_off(cluster, wrong_secret_prefill):
-    front = router(wrong_secret_prefill, cluster["decode"], "--kv-fallback", "error")
+@pytest.mark.parametrize("fallback", [[], ["--kv-fallback", "error"]])
+def test_a_wrong_secret_is_an_error_never_a_silent_recompute(cluster, wrong_secret_prefill, fallback):
+    front = router(wrong_secret_prefill, cluster["decode"], *fallback)
     try:
         started = time.monotonic()
         result = client.complete(front.url, {"prompt": PROMPT, "max_tokens": 6})
@@ -55,41 +41,101 @@ def test_failed_transfer_is_an_http_error_when_fallback_is_off(cluster, wrong_se
     assert result.body["error"]["type"] == "AuthenticationError"
     kv_address = cluster["decode"].info["kv_address"]
     assert result.body["error"]["message"] == (
-        f"receiver at {kv_address} failed to prove the shared secret (it has a different secret)"
+        f"receiver at {kv_address} failed to prove the shared secret (it has a different secret) (a misconfiguration "
+        f"between prefill worker {wrong_secret_prefill.url} and decode worker {cluster['decode'].url}: not recomputed)"
     )
     assert elapsed < 5
+    assert "KV transfer refused, a misconfiguration: AuthenticationError" in front.stderr_tail()
 
 
-def test_dead_decode_worker_is_a_clear_error_quickly(cluster, kimi_dir, secret_file):
+def test_a_transfer_that_fails_in_transit_is_recomputed_with_the_same_tokens(cluster, kimi, tmp_path):
+    """The PrfaaS route reaches the decode worker at a KV address where nobody listens (a
+    decode host that went away): the decode worker recomputes, and says so."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        gone = f"127.0.0.1:{probe.getsockname()[1]}"
+    decode = cluster["decode"].url
+    config = tmp_path / "router.toml"
+    config.write_text(f'decode = ["{decode}"]\n[[prfaas]]\nname = "far"\nprefill = ["{cluster["prefill"].url}"]\n'
+                      f'egress_gbps = 1.0\nkv_addresses = {{ "{decode}" = "{gone}" }}\n')
+    front = launch.start("router", ["--config", str(config), "--port", "0", "--log-level", "info"])
+    try:
+        result = client.complete(front.url, {"prompt": PROMPT, "max_tokens": 6, "return_token_ids": True})
+    finally:
+        front.stop()
+    assert result.status == 200, result.body
+    assert result.token_ids == generate_monolithic(kimi.model, PROMPT, 6)
+    kv = result.body["kvwire"]
+    assert kv["kv_source"] == "recomputed"
+    assert kv["kv_error"] == f"PeerLostError: cannot connect to {gone}: Connection refused"
+    assert kv["kv_bytes"] == 0
+    _, metrics = client.get(cluster["decode"].url, "/metrics")
+    assert 'kvwire_serve_kv_recomputed_total{error="PeerLostError"} 1' in metrics
+
+
+def test_dead_decode_worker_degrades_health_and_is_refused_before_any_prefill(cluster, kimi_dir, secret_file):
     decode = launch.start("decode", ["--model", str(kimi_dir), "--port", "0", "--kv-listen", "127.0.0.1:0",
                                      "--secret-file", str(secret_file)])
-    front = router(cluster["prefill"], decode)
+    front = router(cluster["prefill"], decode, "--control-interval", "0.2")
     results = []
     try:
+        assert client.get(front.url, "/health")[0] == 200
         assert client.complete(front.url, {"prompt": PROMPT, "max_tokens": 2}).status == 200
         decode.kill()
+        health = wait_for_health(front, 503)
+        prefills = prefill_count(cluster["prefill"])
         for stream in (False, True):
             started = time.monotonic()
             results.append((client.complete(front.url, {"prompt": PROMPT, "max_tokens": 2, "stream": stream}),
                             time.monotonic() - started))
+        assert prefill_count(cluster["prefill"]) == prefills  # no prefill spent for a dead decode worker
     finally:
         front.stop()
         decode.stop()
-    # the first request tried to move KV there: the kvwire error says so
-    (first, first_s), (second, second_s) = results
-    assert first.status == 502, first.body
-    assert first.body["error"]["type"] == "PeerLostError"
-    message = first.body["error"]["message"]
-    assert message.startswith(f"decode worker {decode.url} is unreachable: ClientConnectorError: ")
-    assert message.endswith(
-        f"; the KV transfer had failed with PeerLostError: cannot connect to {decode.info['kv_address']}: "
-        "[Errno 111] Connection refused"
-    )
-    # the router then forgot the worker's KV address, and finds it unreachable when asking again
-    assert second.status == 502, second.body
-    assert second.body["error"]["type"] == "worker_unavailable"
-    assert second.body["error"]["message"].startswith(f"decode worker {decode.url} is unreachable: ClientConnectorError: ")
-    assert first_s < 5 and second_s < 5
+    assert health["status"] == "degraded"
+    assert health["reason"].startswith(f"no decode worker is reachable ({decode.url}: ")
+    for result, elapsed in results:
+        assert result.status == 503, result.body
+        assert result.body["error"]["type"] == "worker_unavailable"
+        message = result.body["error"]["message"]
+        assert message.startswith(f"decode worker {decode.url} is unreachable (") and message.endswith(
+            "); no prefill was started")
+        assert elapsed < 5
+
+
+def test_router_started_before_its_workers_is_degraded_then_ok(cluster):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        nobody = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    front = launch.start("router", ["--prefill", nobody, "--decode", cluster["decode"].url, "--port", "0"])
+    try:
+        status, text = client.get(front.url, "/health")
+        result = client.complete(front.url, {"prompt": PROMPT, "max_tokens": 2})
+    finally:
+        front.stop()
+    assert status == 503
+    health = json.loads(text)
+    assert health["status"] == "degraded"
+    assert health["reason"].startswith(f"no prefill worker is reachable ({nobody}: ")
+    assert health["workers"][nobody]["reachable"] is False
+    assert "router starts degraded: no prefill worker is reachable" in front.stderr_tail()
+    assert result.status == 502 and result.body["error"]["type"] == "worker_unavailable"
+
+
+def wait_for_health(front, status: int, timeout_s: float = 10.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        code, text = client.get(front.url, "/health")
+        if code == status:
+            return json.loads(text)
+        assert time.monotonic() < deadline, f"/health stayed {code}: {text}"
+        time.sleep(0.05)
+
+
+def prefill_count(prefill) -> float:
+    _, metrics = client.get(prefill.url, "/metrics")
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith("kvwire_serve_prefill_requests_total"))
 
 
 def burst_with_kill(front, worker, prompts, max_tokens: int, kill_after_s: float, limit_s: float) -> dict:

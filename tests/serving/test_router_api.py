@@ -1,6 +1,7 @@
 """The router's OpenAI completions API over real decode/prefill/router processes."""
 
 import json
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -25,7 +26,10 @@ def test_non_streamed_completion_has_the_openai_shape(cluster, kimi, expected):
     body = result.body
     assert body["object"] == "text_completion"
     assert body["id"].startswith("cmpl-")
-    assert body["choices"] == [{"index": 0, "text": "", "logprobs": None, "finish_reason": "length", "token_ids": expected}]
+    text = kimi.tokenizer.decode(expected, skip_special_tokens=True)
+    assert body["choices"] == [{"index": 0, "text": text, "logprobs": None, "finish_reason": "length",
+                                "token_ids": expected}]
+    assert body["model"] == str(kimi.path)
     assert body["usage"] == {"prompt_tokens": 40, "completion_tokens": 8, "total_tokens": 48}
     kv = body["kvwire"]
     assert kv["kv_source"] == "transfer" and kv["kv_error"] is None
@@ -40,12 +44,15 @@ def test_token_ids_only_when_asked(cluster):
     assert "token_ids" not in body["choices"][0]
 
 
-def test_streamed_completion_is_sse_with_one_token_per_event(cluster, expected):
+def test_streamed_completion_is_sse_with_one_token_per_event(cluster, kimi, expected):
     result = client.complete(cluster["router"].url,
                              {"prompt": PROMPT, "max_tokens": 8, "stream": True, "return_token_ids": True})
     assert result.status == 200
     tokens = [e["choices"][0]["token_ids"] for e in result.events[:-1]]
     assert tokens == [[t] for t in expected]
+    text = "".join(e["choices"][0]["text"] for e in result.events)
+    assert text == kimi.tokenizer.decode(expected, skip_special_tokens=True)
+    assert {e["model"] for e in result.events} == {str(kimi.path)}
     assert all(e["choices"][0]["finish_reason"] is None for e in result.events[:-1])
     final = result.events[-1]
     assert final["choices"] == [{"index": 0, "text": "", "logprobs": None, "finish_reason": "length", "token_ids": []}]
@@ -94,13 +101,12 @@ def test_bad_requests_are_400_with_the_reason(cluster, body, message):
     assert result.body == {"error": {"type": "invalid_request_error", "message": message}}
 
 
-def test_text_prompt_without_tokenizer_is_400(cluster, kimi_dir):
-    result = client.complete(cluster["router"].url, {"prompt": "Hello there", "max_tokens": 4})
-    assert result.status == 400
-    assert result.body["error"] == {
-        "type": "invalid_request_error",
-        "message": f"`prompt` is text but the model at {kimi_dir} has no tokenizer; send a list of token ids",
-    }
+def test_text_prompt_is_tokenized_by_the_prefill_worker(cluster, kimi):
+    result = client.complete(cluster["router"].url, {"prompt": "Hello there", "max_tokens": 4, "return_token_ids": True})
+    assert result.status == 200, result.body
+    token_ids = kimi.tokenizer("Hello there")["input_ids"]
+    assert result.body["usage"]["prompt_tokens"] == len(token_ids)
+    assert result.token_ids == generate_monolithic(kimi.model, token_ids, 4)
 
 
 def test_invalid_json_is_400(cluster):
@@ -124,3 +130,59 @@ def test_health_and_metrics_on_every_process(cluster, role):
     }[role]
     for needle in expected:
         assert needle in text, text
+
+
+def test_a_model_nobody_serves_is_404(cluster, kimi):
+    result = client.complete(cluster["router"].url, {"model": "gpt-4", "prompt": [1, 2, 3], "max_tokens": 2})
+    assert result.status == 404
+    assert result.body["error"] == {"type": "NotFoundError",
+                                    "message": f"The model `gpt-4` does not exist (served: {kimi.path})"}
+
+
+def test_the_openai_client_lists_models_completes_and_chats(cluster, kimi):
+    openai = pytest.importorskip("openai")
+    api = openai.OpenAI(base_url=cluster["router"].url + "/v1", api_key="none", max_retries=0)
+    models = api.models.list().data
+    assert [m.id for m in models] == [str(kimi.path)]
+    model = models[0].id
+
+    completion = api.completions.create(model=model, prompt=PROMPT, max_tokens=5)
+    expected = generate_monolithic(kimi.model, PROMPT, 5)
+    assert completion.choices[0].text == kimi.tokenizer.decode(expected, skip_special_tokens=True)
+    assert completion.model == model
+    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (40, 5)
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital?"}]
+    chat_ids = kimi.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+    expected = generate_monolithic(kimi.model, chat_ids, 6)
+    reply = kimi.tokenizer.decode(expected, skip_special_tokens=True)
+    chat = api.chat.completions.create(model=model, messages=messages, max_tokens=6)
+    assert chat.object == "chat.completion" and chat.id.startswith("chatcmpl-")
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].message.content == reply
+    assert (chat.usage.prompt_tokens, chat.usage.completion_tokens) == (len(chat_ids), len(expected))
+
+    chunks = list(api.chat.completions.create(model=model, messages=messages, max_tokens=6, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply
+    assert {c.model for c in chunks} == {model} and {c.object for c in chunks} == {"chat.completion.chunk"}
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("body,message", [
+    ({"max_tokens": 4}, "`messages` is required"),
+    ({"messages": []}, "`messages` must be a non-empty list of {\"role\", \"content\"} objects"),
+    ({"messages": [{"role": "robot", "content": "hi"}]},
+     "`messages[0]` needs a `role` among ['system', 'user', 'assistant', 'developer', 'tool'], got "
+     "{'role': 'robot', 'content': 'hi'}"),
+    ({"messages": [{"role": "user", "content": 5}]}, "`messages[0].content` must be a string, got int"),
+])
+def test_bad_chat_requests_are_400_with_the_reason(cluster, body, message):
+    request = urllib.request.Request(cluster["router"].url + "/v1/chat/completions", method="POST",
+                                     data=json.dumps(body).encode())
+    try:
+        urllib.request.urlopen(request, timeout=30)
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 400
+        assert json.loads(exc.read()) == {"error": {"type": "invalid_request_error", "message": message}}
+    else:
+        raise AssertionError("a bad chat request was answered 200")

@@ -34,7 +34,7 @@ def prompt(length: int, seed: int) -> list[int]:
 @pytest.fixture(scope="session")
 def vllm_model(tmp_path_factory):
     return str(write_tiny_checkpoint(tmp_path_factory.mktemp("qwen3next") / "m", config=vllm_tiny_config(4),
-                                     dtype="bfloat16"))
+                                     dtype="bfloat16", tokenizer=False))
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +43,7 @@ def other_model(tmp_path_factory):
     config = vllm_tiny_config(4)
     config.num_key_value_heads = 4
     return str(write_tiny_checkpoint(tmp_path_factory.mktemp("qwen3next-other") / "m", config=config,
-                                     dtype="bfloat16"))
+                                     dtype="bfloat16", tokenizer=False))
 
 
 @pytest.fixture(scope="session")

@@ -11,23 +11,15 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ...address import check_address
 from ...codecs import CODECS
-from ...transport.tcp import parse_address
 
 BACKENDS = ("tcp", "ucx", "auto")
 LOAD_FAILURE_POLICIES = ("recompute", "fail")
 
 
 def _address(key: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"kv_connector_extra_config[{key!r}]: expected \"HOST:PORT\", got {value!r}")
-    try:
-        host, port = parse_address(value)
-    except ValueError:
-        raise ValueError(f"kv_connector_extra_config[{key!r}]: {value!r} is not HOST:PORT") from None
-    if not 0 <= port <= 65535:
-        raise ValueError(f"kv_connector_extra_config[{key!r}]: port {port} of {value!r} is outside 0..65535")
-    return value
+    return check_address(value, what=f"kv_connector_extra_config[{key!r}]", listen=key == "listen")
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 
 from ... import KVWireError, LayoutMismatchError, PeerLostError, Receiver, Sender, TransferTimeout
-from ...transport.tcp import format_address, parse_address
+from ...address import format_address, parse_address
 from .cache import AttentionLayer, CacheLayout, to_torch
 from .config import ConnectorConfig
 from .scheduler import LoadPlan, SendPlan, StepPlan

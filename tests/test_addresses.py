@@ -1,0 +1,99 @@
+"""Bad addresses and wrong peers: a clear error from the constructor, before any thread runs."""
+
+import socket
+import ssl
+import threading
+
+import pytest
+
+from kvwire import PeerLostError, ProtocolError, Receiver, Sender
+from kvwire.address import parse_address
+
+
+@pytest.mark.parametrize("address,message", [
+    ("localhost", "Sender address: 'localhost' is not HOST:PORT (e.g. '10.0.0.2:7800')"),
+    ("localhost:", "Sender address: 'localhost:' is not HOST:PORT (e.g. '10.0.0.2:7800')"),
+    (":7800", "Sender address: ':7800' is not HOST:PORT (e.g. '10.0.0.2:7800')"),
+    ("127.0.0.1:70000", "Sender address: port 70000 of '127.0.0.1:70000' is outside 1..65535"),
+    ("127.0.0.1:0", "Sender address: port 0 of '127.0.0.1:0' is outside 1..65535"),
+    ("::1:7800", "Sender address: '::1:7800' is not HOST:PORT (an IPv6 host goes in brackets: '[::1]:7800')"),
+    ("http://10.0.0.2:7800", "Sender address: 'http://10.0.0.2:7800' is a URL; give HOST:PORT without a scheme "
+                             "(e.g. '10.0.0.2:7800')"),
+    ("10.0.0.2 :7800", "Sender address: '10.0.0.2 :7800' does not start with a host name or IP address"),
+    (("10.0.0.2", 7800), "Sender address: expected a \"HOST:PORT\" string such as '10.0.0.2:7800', got ('10.0.0.2', 7800)"),
+])
+def test_sender_names_a_malformed_address_without_starting_threads(layout, address, message):
+    before = threading.active_count()
+    with pytest.raises(ValueError) as error:
+        Sender(layout, address)
+    assert str(error.value) == message
+    assert threading.active_count() == before
+
+
+@pytest.mark.parametrize("listen,message", [
+    ("7800", "Receiver listen: '7800' is not HOST:PORT (e.g. '0.0.0.0:7800')"),
+    ("127.0.0.1:65536", "Receiver listen: port 65536 of '127.0.0.1:65536' is outside 0..65535"),
+])
+def test_receiver_names_a_malformed_listen_address(layout, listen, message):
+    with pytest.raises(ValueError) as error:
+        Receiver(layout, listen)
+    assert str(error.value) == message
+
+
+def test_ipv6_and_port_zero_for_listening():
+    assert parse_address("[::1]:7800") == ("::1", 7800)
+    assert parse_address("0.0.0.0:0", listen=True) == ("0.0.0.0", 0)
+
+
+def test_a_port_in_use_is_named(layout, receiver):
+    with pytest.raises(OSError) as error:
+        Receiver(layout, receiver.address)
+    assert str(error.value) == f"[Errno 98] cannot listen on {receiver.address}: Address already in use"
+
+
+def test_an_unknown_host_is_named(layout):
+    with pytest.raises(PeerLostError) as error:
+        Sender(layout, "no-such-host.invalid:7800", timeout=5)
+    assert str(error.value).startswith("cannot connect to no-such-host.invalid:7800: host 'no-such-host.invalid' not found")
+
+
+def test_nobody_listening_is_connection_refused(layout):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(PeerLostError) as error:
+        Sender(layout, f"127.0.0.1:{port}", resume_window_s=0)
+    assert str(error.value) == f"cannot connect to 127.0.0.1:{port}: Connection refused"
+
+
+def test_a_peer_that_is_not_kvwire_is_named(layout):
+    """An HTTP server on the port (the usual mistake: the worker's HTTP port for its KV port)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    address = f"127.0.0.1:{server.getsockname()[1]}"
+
+    def answer_like_http():
+        for _ in range(2):
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(4096)
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+    thread = threading.Thread(target=answer_like_http, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(ProtocolError) as error:
+            Sender(layout, address, streams=2)
+    finally:
+        thread.join(10)
+        server.close()
+    assert str(error.value) == (
+        f"the peer at {address} does not speak kvwire: it sent b'HTTP'... (frame header of 1213486160 bytes is "
+        "outside 1..65536)"
+    )
+
+
+def test_an_error_in_a_dial_thread_reaches_the_caller_as_itself(layout, receiver):
+    pytest.importorskip("ucxx")
+    with pytest.raises(ValueError) as error:
+        Sender(layout, receiver.address, backend="ucx", ssl_context=ssl.create_default_context(), streams=3)
+    assert str(error.value) == "the ucx backend has no TLS; use backend='tcp' (or 'auto') with an ssl_context"
