@@ -151,7 +151,7 @@ def _backend(name: str) -> str:
     try:
         get_backend(name)
     except ValueError as exc:
-        raise SystemExit(f"kvwire-serve: --kv-backend {name}: {exc}") from None
+        raise flags.UsageError(f"--kv-backend {name}: {exc}") from None
     return name
 
 
@@ -162,9 +162,9 @@ def _secret(path: Path | None) -> bytes | None:
     try:
         secret = path.read_bytes().strip()
     except OSError as exc:
-        raise SystemExit(f"kvwire-serve: cannot read --secret-file: {exc}") from None
+        raise flags.UsageError(f"cannot read --secret-file: {exc}") from None
     if not secret:
-        raise SystemExit(f"kvwire-serve: secret file {path} is empty")
+        raise flags.UsageError(f"secret file {path} is empty")
     return secret
 
 
@@ -185,7 +185,7 @@ def _load(args):
         with progress.step(f"loading the model from {args.model}"):
             return load(args.model, dtype=args.dtype)
     except (OSError, ValueError) as exc:
-        raise SystemExit(f"kvwire-serve {args.command}: cannot load --model {args.model}: {exc}") from None
+        raise flags.UsageError(f"cannot load --model {args.model}: {exc}") from None
 
 
 def _announce(role: str, **fields):
@@ -226,7 +226,7 @@ def run_decode(args) -> int:
         with progress.step("warming up and opening --kv-listen"):
             worker = DecodeWorker(loaded, options)
     except OSError as exc:  # the KV port was taken since the check
-        raise SystemExit(f"kvwire-serve decode: --kv-listen {args.kv_listen}: {exc.strerror or exc}") from None
+        raise flags.UsageError(f"--kv-listen {args.kv_listen}: {exc.strerror or exc}") from None
     try:
         return _serve(worker.app(), http_socket, _announce("decode", kv_address=worker.kv_address))
     finally:
@@ -251,7 +251,7 @@ def run_prefill(args) -> int:
 
 def _prefix_cache(args) -> dict:
     if args.prefix_cache_mib < 0 or args.block_tokens < 1:
-        raise SystemExit("kvwire-serve: need --prefix-cache-mib >= 0 and --block-tokens >= 1")
+        raise flags.UsageError("need --prefix-cache-mib >= 0 and --block-tokens >= 1")
     return {"prefix_cache_bytes": int(args.prefix_cache_mib * (1 << 20)), "block_tokens": args.block_tokens}
 
 
@@ -277,7 +277,7 @@ def router_config(args):
                         prefill_timeout_s=args.timeout, token_timeout_s=args.timeout, control=control,
                         engine=args.engine, decode_kv=decode_kv)
     except ValueError as exc:
-        raise SystemExit(f"kvwire-serve router: {exc}") from None
+        raise flags.UsageError(str(exc)) from None
 
 
 def run_router(args) -> int:
@@ -303,7 +303,7 @@ def run_profile(args) -> int:
         profile = measure(_load(args), lengths, prfaas_instances=args.prfaas_instances, pd_instances=args.pd_instances,
                           egress_gbps=args.egress_gbps, output_tokens=args.output_tokens, repeats=args.repeats)
     except ValueError as exc:
-        raise SystemExit(f"kvwire-serve profile: {exc}") from None
+        raise flags.UsageError(str(exc)) from None
     text = msgspec.json.format(msgspec.json.encode(profile), indent=2).decode()
     if args.out:
         args.out.write_text(text + "\n")
@@ -320,12 +320,12 @@ def run_demo(args) -> int:
 
 
 def run_make_model(args) -> int:
+    if args.dir.exists() and (not args.dir.is_dir() or any(args.dir.iterdir())):
+        raise flags.UsageError(f"{args.dir} exists and is not empty; give a new folder")
     from .model import write_tiny_checkpoint
 
     _quiet_transformers()
     architecture = {"kimi-linear": "KimiLinearForCausalLM", "qwen3-next": "Qwen3NextForCausalLM"}[args.architecture]
-    if args.dir.exists() and any(args.dir.iterdir()):
-        raise SystemExit(f"kvwire-serve make-model: {args.dir} exists and is not empty; give a new folder")
     with progress.step(f"writing a tiny seeded {args.architecture} checkpoint"):
         write_tiny_checkpoint(args.dir, architecture, dtype=args.dtype, seed=args.seed)
     print(f"wrote {args.dir} ({args.architecture}, {args.dtype}, seed {args.seed}, with a tokenizer); "

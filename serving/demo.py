@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from . import client, launch
@@ -46,15 +47,21 @@ def prompts(lengths: list[int], vocab_size: int, seed: int = 1) -> list[list[int
     return [rng.integers(3, vocab_size, size=n).tolist() for n in lengths]
 
 
-def start_cluster(model_dir: Path, secret_file: Path, extra_router_args: list[str] = ()) -> list[launch.Worker]:
-    """decode, prefill and router processes, in that order (stop them when done)."""
+def start_cluster(model_dir: Path, secret_file: Path, extra_router_args: list[str] = (),
+                  say=lambda line: None) -> list[launch.Worker]:
+    """decode, prefill and router processes, in that order (stop them when done).
+    ``say`` hears each phase as it starts and ends (each worker loads the model: seconds)."""
     common = ["--model", str(model_dir), "--port", "0", "--secret-file", str(secret_file)]
     workers = []
+    phases = [("decode", [*common, "--kv-listen", "127.0.0.1:0"]), ("prefill", common), ("router", None)]
     try:
-        workers.append(launch.start("decode", [*common, "--kv-listen", "127.0.0.1:0"]))
-        workers.append(launch.start("prefill", common))
-        workers.append(launch.start("router", ["--prefill", workers[1].url, "--decode", workers[0].url,
-                                               "--port", "0", *extra_router_args]))
+        for role, args in phases:
+            if args is None:
+                args = ["--prefill", workers[1].url, "--decode", workers[0].url, "--port", "0", *extra_router_args]
+            started = time.monotonic()
+            say(f"starting the {role} process" + (" (loads the model, warms up) ..." if role != "router" else " ..."))
+            workers.append(launch.start(role, args))
+            say(f"  {role} ready at {workers[-1].url} after {time.monotonic() - started:.1f} s")
     except BaseException:
         stop(workers)
         raise
@@ -70,23 +77,28 @@ def run(model_dir: str | None = None, max_tokens: int = 16, prompt_lengths: list
     from .model import block_gpu_kernels
 
     block_gpu_kernels()
-    model_path = Path(model_dir) if model_dir else tiny_model_dir()
-    print(f"model: {model_path}")
+    if model_dir:
+        model_path = Path(model_dir)
+    else:
+        say("writing the demo's tiny seeded Kimi-Linear model (first run only) ...")
+        model_path = tiny_model_dir()
+    say(f"model: {model_path}  (pass it to 'kvwire-serve decode/prefill --model' to run the workers yourself)")
     with tempfile.TemporaryDirectory() as tmp:
         secret_file = Path(tmp) / "secret"
         secret_file.write_text(os.urandom(16).hex())
-        workers = start_cluster(model_path, secret_file)
+        workers = start_cluster(model_path, secret_file, say=say)
         try:
             decode, prefill, router = workers
-            print(f"decode  {decode.url}  (kv {decode.info['kv_address']})\nprefill {prefill.url}\nrouter  {router.url}")
+            say(f"decode  {decode.url}  (kv {decode.info['kv_address']})\nprefill {prefill.url}\nrouter  {router.url}")
             from .model import load
 
             loaded = load(model_path)
             batch = prompts(list(prompt_lengths), loaded.config.vocab_size)
+            say(f"sending {len(batch)} streamed requests through the router ...")
             results = [_send(router.url, prompt, max_tokens) for prompt in batch]
         finally:
             stop(workers)
-    print("monolithic generate() of the same prompts:")
+    say("checking against a monolithic generate() of the same prompts, in this process ...")
     from .steps import generate_monolithic
 
     num_ok = 0
@@ -109,13 +121,16 @@ def _send(router_url: str, prompt: list[int], max_tokens: int) -> client.Complet
         return result
     kv = result.kvwire
     ttft_ms = result.ttft_s * 1e3 if result.ttft_s is not None else float("nan")
-    goodput = kv.get("kv_goodput_bps") or 0.0
-    link = kv.get("link_goodput_bps") or 0.0
+    # The KV streams while the prefill computes, so bytes over that window measure the
+    # model's pace, not the link's: what matters is how little waits after the prefill.
     print(
         f"request {len(prompt):5d} prompt tokens -> {result.token_ids}\n"
         f"    TTFT {ttft_ms:.1f} ms (prefill {kv['prefill_s'] * 1e3:.1f} ms); KV {kv['kv_bytes']} bytes streamed "
-        f"layer by layer over {kv['kv_transfer_s'] * 1e3:.1f} ms, {kv['kv_after_prefill_s'] * 1e3:.1f} ms of it "
-        f"after the prefill; goodput {goodput / 1e6:.1f} Mbit/s over that window, link EWMA {link / 1e6:.1f} Mbit/s, "
-        f"rtt {kv['link_rtt_ms']:.3f} ms; source {kv['kv_source']}"
+        f"layer by layer during the prefill, {kv['kv_after_prefill_s'] * 1e3:.1f} ms of transfer after its last "
+        f"layer; link rtt {kv['link_rtt_ms']:.3f} ms; source {kv['kv_source']}", flush=True,
     )
     return result
+
+
+def say(line: str) -> None:
+    print(line, flush=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import statistics
 import time
 
+from . import progress
 from .hybrid_cache import kv_layout
 from .planner import Profile, parse_profile
 from .steps import decode_step, prefill, warm_up
@@ -33,8 +34,10 @@ def prefill_points(loaded, lengths: list[int], repeats: int = 3, rounds: int = 3
             prefill(loaded.model, ids)
             best[n] = min(best[n], time.perf_counter() - started)
 
-    for n in lengths:
-        measure(n)
+    with progress.count(len(lengths), "profiling prefill") as bar:
+        for n in lengths:
+            measure(n)
+            bar.advance(f"{n} tokens: {best[n] * 1e3:.0f} ms")
     for _ in range(rounds):
         disturbed = [a for a, b in zip(lengths, lengths[1:]) if best[a] > best[b]]
         if not disturbed:
@@ -60,9 +63,11 @@ def measure(loaded, lengths: list[int], *, prfaas_instances: int, pd_instances: 
             output_tokens: int, repeats: int = 3) -> Profile:
     if len(lengths) < 2 or sorted(set(lengths)) != lengths:
         raise ValueError(f"need at least two increasing prompt lengths, got {lengths}")
-    warm_up(loaded.model)
+    with progress.step("warming up"):
+        warm_up(loaded.model)
     points = prefill_points(loaded, lengths, repeats)
-    step_s = decode_step_s(loaded, lengths[len(lengths) // 2])
+    with progress.step("timing decode steps"):
+        step_s = decode_step_s(loaded, lengths[len(lengths) // 2])
     # This worker decodes one request per step (batch 1, requests interleaved).
     return parse_profile(_json({
         "prfaas": {"instances": prfaas_instances, "points": points},

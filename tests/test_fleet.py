@@ -9,9 +9,9 @@ GEOMETRY = (4, "salt")
 
 
 def fleet(threshold=10):
-    far = PrfaasConfig("far", ["p1"], egress_gbps=0.001, threshold_tokens=threshold, max_threshold_tokens=1000,
-                       kv_addresses={"d2": "wan:2"})
-    f = Fleet(RouterConfig(decode=["d1", "d2"], prefill=["l1"], prfaas=[far]))
+    far = PrfaasConfig("far", ["http://p1"], egress_gbps=0.001, threshold_tokens=threshold, max_threshold_tokens=1000,
+                       kv_addresses={"http://d2": "wan:2"})
+    f = Fleet(RouterConfig(decode=["http://d1", "http://d2"], prefill=["http://l1"], prfaas=[far]))
     f.geometry = GEOMETRY
     for worker in f.workers.values():
         worker.geometry = GEOMETRY
@@ -26,45 +26,45 @@ def test_short_prompt_stays_local_and_long_goes_far():
     f = fleet()
     assert f.decide(list(range(10))).route.cluster is None
     decision = f.decide(list(range(11)))
-    assert decision.route.cluster == "far" and decision.route.placement.worker == "p1"
-    assert decision.decode.worker == "d1" and decision.kv_address_override is None and decision.send_boundary
+    assert decision.route.cluster == "far" and decision.route.placement.worker == "http://p1"
+    assert decision.decode.worker == "http://d1" and decision.kv_address_override is None and decision.send_boundary
 
 
 def test_prefix_holders_win_and_the_kv_starts_after_the_decode_prefix():
     f = fleet()
     prompt = list(range(30))
-    holds(f, "d2", prompt[:16])
-    holds(f, "l1", prompt[:24])
+    holds(f, "http://d2", prompt[:16])
+    holds(f, "http://l1", prompt[:24])
     decision = f.decide(prompt)
     # l on the local worker is 30 - 24 = 6 <= t: stays local even though the prompt is long
     assert decision.route.cluster is None and decision.route.placement.cached_tokens == 24
-    assert decision.decode.worker == "d2" and decision.decode.cached_tokens == 16
+    assert decision.decode.worker == "http://d2" and decision.decode.cached_tokens == 16
     assert decision.decode_hash == block_hashes(prompt[:16], 4, b"salt")[-1]
 
 
 def test_another_model_s_prefixes_are_ignored():
     f = fleet()
     prompt = list(range(30))
-    holds(f, "d2", prompt[:16])
-    f.workers["d2"].geometry = (8, "other")
-    f.workers["d1"].in_flight = 1  # without its prefix, d2 wins as the less busy
+    holds(f, "http://d2", prompt[:16])
+    f.workers["http://d2"].geometry = (8, "other")
+    f.workers["http://d1"].in_flight = 1  # without its prefix, d2 wins as the less busy
     decision = f.decide(prompt)
-    assert decision.decode.worker == "d2" and decision.decode.cached_tokens == 0 and not decision.send_boundary
+    assert decision.decode.worker == "http://d2" and decision.decode.cached_tokens == 0 and not decision.send_boundary
 
 
 def test_kv_address_as_reached_from_the_cluster():
     f = fleet()
-    f.workers["d1"].in_flight = 5  # d2 is less busy
+    f.workers["http://d1"].in_flight = 5  # d2 is less busy
     decision = f.decide(list(range(20)))
-    assert decision.decode.worker == "d2" and decision.kv_address_override == "wan:2"
+    assert decision.decode.worker == "http://d2" and decision.kv_address_override == "wan:2"
 
 
 def test_a_busy_link_raises_t_and_records_why():
     f = fleet()
     cluster = f.clusters["far"]
-    f.workers["p1"].peers = [PeerMetrics("p1>d1", bytes=0, requests_completed=0, requests_failed=0, goodput_bps=0)]
+    f.workers["http://p1"].peers = [PeerMetrics("p1>d1", bytes=0, requests_completed=0, requests_failed=0, goodput_bps=0)]
     f._step(cluster, now=100.0)
-    f.workers["p1"].peers = [PeerMetrics("p1>d1", bytes=125_000, requests_completed=1, requests_failed=0, goodput_bps=0)]
+    f.workers["http://p1"].peers = [PeerMetrics("p1>d1", bytes=125_000, requests_completed=1, requests_failed=0, goodput_bps=0)]
     f._step(cluster, now=101.0)  # 1 Mbit/s on a 1 Mbit/s link
     assert cluster.controller.threshold_tokens == 74  # 10 + the minimum step of 64
     (change,) = cluster.changes
@@ -74,7 +74,7 @@ def test_a_busy_link_raises_t_and_records_why():
 
 def test_t_holds_while_a_worker_of_the_cluster_does_not_answer():
     f = fleet()
-    cluster, worker = f.clusters["far"], f.workers["p1"]
+    cluster, worker = f.clusters["far"], f.workers["http://p1"]
     worker.peers = [PeerMetrics("p1>d1", bytes=0, requests_completed=0, requests_failed=0, goodput_bps=0)]
     f._step(cluster, now=100.0)
     worker.error = "timed out"  # unreachable: its last snapshot would read as an idle link, then as a burst
@@ -89,16 +89,16 @@ def test_t_holds_while_a_worker_of_the_cluster_does_not_answer():
 
 def test_a_cluster_whose_workers_do_not_answer_gets_nothing():
     f = fleet()
-    f.workers["p1"].error = "connection refused"
+    f.workers["http://p1"].error = "connection refused"
     decision = f.decide(list(range(40)))  # l = 40 > t = 10, but the only PrfaaS worker is gone
-    assert decision.route.cluster is None and decision.route.placement.worker == "l1"
+    assert decision.route.cluster is None and decision.route.placement.worker == "http://l1"
 
 
 def test_queue_depth_counts_prefills_not_decoding_requests():
     f = fleet()
     cluster = f.clusters["far"]
-    f.workers["d1"].in_flight = 20  # decoding: not the PrfaaS cluster's queue
-    f.workers["p1"].in_flight = 3  # one running, two waiting
+    f.workers["http://d1"].in_flight = 20  # decoding: not the PrfaaS cluster's queue
+    f.workers["http://p1"].in_flight = 3  # one running, two waiting
     f._step(cluster, now=1.0)
     f._step(cluster, now=2.0)
     assert cluster.last_sample.queue_depth == 2

@@ -5,6 +5,7 @@ import pytest
 from serving import router_config
 from serving.cli import parser
 from serving.cli import router_config as from_args
+from serving.flags import UsageError
 
 TOML = '''
 decode = ["http://d:1"]
@@ -73,7 +74,7 @@ def test_prfaas_flags_make_one_cluster():
 
 
 def test_no_prefill_worker_at_all_is_refused():
-    with pytest.raises(SystemExit, match="at least one prefill worker"):
+    with pytest.raises(UsageError, match="at least one prefill worker"):
         from_args(parser().parse_args(["router", "--port", "0", "--decode", "http://d"]))
 
 
@@ -95,9 +96,9 @@ def test_inconsistent_pools_are_refused(tmp_path, text, message):
 
 
 def test_cluster_flags_without_a_cluster_are_refused():
-    with pytest.raises(SystemExit, match="give --prfaas"):
+    with pytest.raises(UsageError, match="give --prfaas"):
         from_args(parser().parse_args(["router", "--port", "0", "--decode", "http://d", "--prefill", "http://l",
                                        "--egress-gbps", "1"]))
-    with pytest.raises(SystemExit, match="control.interval_s must be > 0"):
+    with pytest.raises(SystemExit):  # argparse: "argument --control-interval: '0' is not a number > 0"
         from_args(parser().parse_args(["router", "--port", "0", "--decode", "http://d", "--prefill", "http://l",
                                        "--control-interval", "0"]))

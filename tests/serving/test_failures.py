@@ -35,6 +35,7 @@ def test_a_wrong_secret_is_an_error_never_a_silent_recompute(cluster, wrong_secr
         started = time.monotonic()
         result = client.complete(front.url, {"prompt": PROMPT, "max_tokens": 6})
         elapsed = time.monotonic() - started
+        log = front.stderr_tail()
     finally:
         front.stop()
     assert result.status == 502
@@ -45,7 +46,7 @@ def test_a_wrong_secret_is_an_error_never_a_silent_recompute(cluster, wrong_secr
         f"between prefill worker {wrong_secret_prefill.url} and decode worker {cluster['decode'].url}: not recomputed)"
     )
     assert elapsed < 5
-    assert "KV transfer refused, a misconfiguration: AuthenticationError" in front.stderr_tail()
+    assert "KV transfer refused, a misconfiguration: AuthenticationError" in log
 
 
 def test_a_transfer_that_fails_in_transit_is_recomputed_with_the_same_tokens(cluster, kimi, tmp_path):
@@ -58,7 +59,7 @@ def test_a_transfer_that_fails_in_transit_is_recomputed_with_the_same_tokens(clu
     config = tmp_path / "router.toml"
     config.write_text(f'decode = ["{decode}"]\n[[prfaas]]\nname = "far"\nprefill = ["{cluster["prefill"].url}"]\n'
                       f'egress_gbps = 1.0\nkv_addresses = {{ "{decode}" = "{gone}" }}\n')
-    front = launch.start("router", ["--config", str(config), "--port", "0", "--log-level", "info"])
+    front = launch.start("router", ["--config", str(config), "--port", "0"])
     try:
         result = client.complete(front.url, {"prompt": PROMPT, "max_tokens": 6, "return_token_ids": True})
     finally:
@@ -111,6 +112,7 @@ def test_router_started_before_its_workers_is_degraded_then_ok(cluster):
     try:
         status, text = client.get(front.url, "/health")
         result = client.complete(front.url, {"prompt": PROMPT, "max_tokens": 2})
+        log = front.stderr_tail()
     finally:
         front.stop()
     assert status == 503
@@ -118,7 +120,7 @@ def test_router_started_before_its_workers_is_degraded_then_ok(cluster):
     assert health["status"] == "degraded"
     assert health["reason"].startswith(f"no prefill worker is reachable ({nobody}: ")
     assert health["workers"][nobody]["reachable"] is False
-    assert "router starts degraded: no prefill worker is reachable" in front.stderr_tail()
+    assert "router starts degraded: no prefill worker is reachable" in log
     assert result.status == 502 and result.body["error"]["type"] == "worker_unavailable"
 
 

@@ -156,11 +156,12 @@ def test_openai_client_completes_through_the_router(kimi, router):
     openai = pytest.importorskip("openai")
     api = openai.OpenAI(base_url=router.url + "/v1", api_key="unused")
     ids = prompt(42, 50)
-    completion = api.completions.create(model="tiny", prompt=ids, max_tokens=MAX_TOKENS,
+    model = api.models.list().data[0].id
+    completion = api.completions.create(model=model, prompt=ids, max_tokens=MAX_TOKENS,
                                         extra_body={"return_token_ids": True})
     assert completion.object == "text_completion"
     assert completion.choices[0].finish_reason == "length"
     assert completion.usage.prompt_tokens == 50 and completion.usage.completion_tokens == MAX_TOKENS
     assert completion.choices[0].model_extra["token_ids"] == generate_monolithic(kimi.model, ids, MAX_TOKENS)
-    streamed = list(api.completions.create(model="tiny", prompt=ids, max_tokens=MAX_TOKENS, stream=True))
+    streamed = list(api.completions.create(model=model, prompt=ids, max_tokens=MAX_TOKENS, stream=True))
     assert streamed[-1].choices[0].finish_reason == "length"
