@@ -1,8 +1,12 @@
-"""python -m perf <name> [--quick] [--json] [benchmark options]
+"""python -m perf <name> [--quick] [--json] [--out DIR | --update-results] [benchmark options]
 
-Runs one benchmark (or ``all``), writes ``perf/results/<name>.json`` and ``<name>.png``
-(``<name>-quick.*`` with ``--quick``) and prints the JSON.
+Runs one benchmark (or ``all``), writes ``<name>.json`` and ``<name>.png`` (``<name>-quick.*``
+with ``--quick``) into ``perf/out/`` (or ``--out DIR``) and prints the JSON. The committed
+figures in ``perf/results/`` are replaced only with ``--update-results``. A ``--quick``
+result is a smoke run (small sizes, one repeat): it says so in its JSON
+(``"smoke": true``) and is not comparable to perf/README.md's figures.
 
+    pip install -c constraints.txt -e '.[perf]'   # matplotlib for the plots (JSON is kept without it)
     python -m perf list
     python -m perf transfer --json
     python -m perf wan --json            # root: builds an emulated WAN link
@@ -27,7 +31,10 @@ import time
 import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(ROOT, "perf", "results")
+RESULTS = os.path.join(ROOT, "perf", "results")  # the committed figures (--update-results)
+DEFAULT_OUT = os.path.join(ROOT, "perf", "out")  # everything else (git-ignored)
+SMOKE_NOTE = "quick: a smoke run (small sizes, one repeat), to check the benchmark works; not comparable to " \
+             "perf/README.md's figures"
 # name -> module; "transfer" is adapted here (a sweep over perf.transfer.main)
 BENCHMARKS = {
     "transfer": "perf.transfer",
@@ -82,7 +89,7 @@ def _captured_json(main, argv: list[str]) -> dict:
     return json.loads(lines[-1])
 
 
-def run_one(name: str, argv: list[str], quick: bool) -> tuple[dict, str, str]:
+def run_one(name: str, argv: list[str], quick: bool, out_dir: str = DEFAULT_OUT) -> tuple[dict, str, str]:
     """Run benchmark ``name``; returns (result, json path, png path). Raises Skipped."""
     if name in NOT_YET:
         raise Skipped(NOT_YET[name])
@@ -104,8 +111,10 @@ def run_one(name: str, argv: list[str], quick: bool) -> tuple[dict, str, str]:
             result = module.run(args) if hasattr(module, "run") else _captured_json(module.main, [*args, "--json"])
         except SystemExit as exc:  # argparse in a benchmark's main: a failure of that benchmark, not of the suite
             raise RuntimeError(f"perf.{name} exited with {exc.code} for arguments {args}") from None
-    os.makedirs(RESULTS, exist_ok=True)
-    stem = os.path.join(RESULTS, name + ("-quick" if quick else ""))
+    if quick and isinstance(result, dict):
+        result = {"smoke": True, "smoke_note": SMOKE_NOTE, **result}
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, name + ("-quick" if quick else ""))
     with open(stem + ".json", "w") as f:
         json.dump(result, f, indent=2)
     try:
@@ -133,7 +142,18 @@ def main(argv: list[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     as_json = "--json" in rest
     quick = "--quick" in rest
-    rest = [a for a in rest if a not in ("--json", "--quick")]
+    out_dir = DEFAULT_OUT
+    if "--update-results" in rest:
+        if quick:
+            raise SystemExit("perf: --update-results replaces the committed figures: not with --quick")
+        out_dir = RESULTS
+    if "--out" in rest:
+        at = rest.index("--out")
+        if at + 1 >= len(rest) or rest[at + 1].startswith("--"):
+            raise SystemExit("perf: --out needs a folder")
+        out_dir = os.path.abspath(rest[at + 1])
+        del rest[at:at + 2]
+    rest = [a for a in rest if a not in ("--json", "--quick", "--update-results")]
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
@@ -142,10 +162,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     names = list(BENCHMARKS) if name == "all" else [name]
     summary, failed = {}, False
-    for bench in names:
+    if quick:
+        print(f"perf: {SMOKE_NOTE}", file=sys.stderr, flush=True)
+    for number, bench in enumerate(names, 1):
         t0 = time.monotonic()
+        print(f"perf {bench}: running ({number}/{len(names)}) ...", file=sys.stderr, flush=True)
         try:
-            result, json_path, png_path = run_one(bench, rest if name != "all" else [], quick)
+            result, json_path, png_path = run_one(bench, rest if name != "all" else [], quick, out_dir)
         except Skipped as exc:
             print(f"perf {bench}: skipped: {exc}", file=sys.stderr, flush=True)
             summary[bench] = {"status": "skipped", "reason": str(exc)}

@@ -35,7 +35,6 @@ LAYERS = {
         "v": TensorSpec((8, 128), "bfloat16", per_token=True),
     },
 }
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def best(fn, repeats: int) -> float:
@@ -153,13 +152,6 @@ def main(argv=None) -> None:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "note": "CPU path (numpy); the CUDA kernels need a GPU machine: see kvwire/cuda and perf/gpu_check.sh",
     }
-    if not args.quick:  # a smoke run must not overwrite the full results
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "codec.json").write_text(json.dumps(result, indent=1))
-        try:
-            plot(rows, RESULTS / "codec.png")
-        except ImportError:
-            pass
     print(json.dumps(result) if args.json else json.dumps(result, indent=1))
 
 
