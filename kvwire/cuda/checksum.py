@@ -8,13 +8,18 @@ per 4 KiB, are copied to host, where they are combined with the frame header.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
-from numba import uint64
+from numba import config, uint64
 
 from ..wire.blocksum import BLOCK_BYTES, BLOCK_WORDS, MULTIPLIERS, combine, num_blocks
 from .compat import cuda
 
 THREADS = 256
+
+if config.ENABLE_CUDASIM:  # the simulator's numpy scalars warn where the GPU wraps mod 2**64, as the checksum means to
+    warnings.filterwarnings("ignore", "overflow encountered in scalar", RuntimeWarning, __name__)
 
 
 @cuda.jit
