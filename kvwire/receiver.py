@@ -20,6 +20,7 @@ import numpy as np
 
 from . import device
 from .address import check_address
+from .arguments import check_layout, check_positive, check_secret
 from .errors import (
     KVWireError,
     PeerLostError,
@@ -199,8 +200,12 @@ class Receiver:
         claim_timeout_s: float | None = None,
         transport_options=None,
     ):
-        self.layout = layout
-        self._secret = secret
+        self.layout = check_layout(layout, "Receiver")
+        self._secret = check_secret(secret, "Receiver")
+        check_positive("Receiver", max_bytes=max_bytes, max_request_timeout_s=max_request_timeout_s,
+                       handshake_timeout_s=handshake_timeout_s, claim_timeout_s=claim_timeout_s)
+        if resume_grace_s < 0:
+            raise ValueError(f"Receiver: resume_grace_s must be >= 0, got {resume_grace_s!r}")
         self._max_bytes = max_bytes
         self._max_request_timeout_s = max_request_timeout_s
         self._handshake_timeout_s = handshake_timeout_s

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 
 from . import device
 from .address import check_address
+from .arguments import check_layout, check_positive, check_secret
 from .errors import (
     AuthenticationError,
     KVWireError,
@@ -123,6 +124,11 @@ class Sender:
         link_bandwidth_bps: float | None = None,
         link_loss: float | None = None,
     ):
+        check_layout(layout, "Sender")
+        secret = check_secret(secret, "Sender")
+        check_positive("Sender", timeout=timeout, max_queued_chunks=max_queued_chunks)
+        if resume_window_s < 0:
+            raise ValueError(f"Sender: resume_window_s must be >= 0, got {resume_window_s!r}")
         if streams is not None and not 1 <= streams <= 1024:
             raise ValueError(f"streams must be in 1..1024, got {streams}")
         if chunk_bytes is not None and not 4096 <= chunk_bytes <= 1 << 30:

@@ -174,7 +174,11 @@ class RouterConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 def load(path: str | Path) -> RouterConfig:
     """The config in a TOML file; ValueError naming the file and the bad field."""
     try:
-        return msgspec.toml.decode(Path(path).read_bytes(), type=RouterConfig)
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"router config {path}: cannot read it ({exc.strerror})") from None
+    try:
+        return msgspec.toml.decode(data, type=RouterConfig)
     except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
         raise ValueError(f"router config {path}: {exc}") from None
 

@@ -102,3 +102,25 @@ def test_cluster_flags_without_a_cluster_are_refused():
     with pytest.raises(SystemExit):  # argparse: "argument --control-interval: '0' is not a number > 0"
         from_args(parser().parse_args(["router", "--port", "0", "--decode", "http://d", "--prefill", "http://l",
                                        "--control-interval", "0"]))
+
+
+@pytest.mark.parametrize("toml,message", [
+    ('decode = ["d:8200"]\nprefill = ["http://p:8100"]\n',
+     "decode worker: 'd:8200' is not an http:// URL (e.g. 'http://d:8200')"),
+    ('decode = ["http://d:8200"]\n[[prfaas]]\nname = "far"\nprefill = ["ftp://p:1"]\negress_gbps = 1.0\n',
+     "PrfaaS cluster 'far': prefill worker: 'ftp://p:1' is not an http:// URL (e.g. 'http://10.0.0.2:8100')"),
+    ('decode = ["http://d:8200"]\n[[prfaas]]\nname = "far"\nprefill = ["http://p:1"]\negress_gbps = 1.0\n'
+     'kv_addresses = { "http://d:8200" = "d" }\n',
+     "PrfaaS cluster 'far': kv_addresses['http://d:8200']: 'd' is not HOST:PORT (e.g. '10.0.0.2:7800')"),
+])
+def test_a_config_file_with_a_bad_address_is_refused_naming_it(tmp_path, toml, message):
+    path = tmp_path / "router.toml"
+    path.write_text(toml)
+    with pytest.raises(ValueError) as error:
+        router_config.load(path)
+    assert message in str(error.value)
+
+
+def test_worker_urls_lose_a_trailing_slash():
+    config = router_config.merge(None, prefill=["http://p:8100/"], decode=["http://d:8200/"])
+    assert (config.prefill, config.decode) == (["http://p:8100"], ["http://d:8200"])

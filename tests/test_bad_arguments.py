@@ -1,4 +1,4 @@
-"""Bad addresses and wrong peers: a clear error from the constructor, before any thread runs."""
+"""Bad addresses, bad arguments and wrong peers: a clear error from the constructor, before any thread runs."""
 
 import socket
 import ssl
@@ -97,3 +97,27 @@ def test_an_error_in_a_dial_thread_reaches_the_caller_as_itself(layout, receiver
     with pytest.raises(ValueError) as error:
         Sender(layout, receiver.address, backend="ucx", ssl_context=ssl.create_default_context(), streams=3)
     assert str(error.value) == "the ucx backend has no TLS; use backend='tcp' (or 'auto') with an ssl_context"
+
+
+@pytest.mark.parametrize("make,error,message", [
+    (lambda layout, address: Sender(layout, address, secret="s3cret"), TypeError,
+     "Sender: secret must be bytes or None, got str (encode it: secret.encode())"),
+    (lambda layout, address: Sender(layout, address, secret=b""), ValueError,
+     "Sender: secret is empty; give None to run without authentication"),
+    (lambda layout, address: Sender({"k": None}, address), TypeError,
+     "Sender: layout must be a kvwire.KVLayout, got dict"),
+    (lambda layout, address: Sender(layout, address, timeout=0), ValueError,
+     "Sender: timeout must be a number > 0, got 0"),
+    (lambda layout, address: Receiver(layout, secret="s3cret"), TypeError,
+     "Receiver: secret must be bytes or None, got str (encode it: secret.encode())"),
+    (lambda layout, address: Receiver(layout, max_bytes=-1), ValueError,
+     "Receiver: max_bytes must be a number > 0, got -1"),
+    (lambda layout, address: Receiver(layout, backend="tpc"), ValueError,
+     "unknown backend 'tpc'; known backends: ['auto', 'tcp', 'ucx']"),
+])
+def test_a_bad_argument_is_named_by_the_constructor(layout, receiver, make, error, message):
+    before = threading.active_count()
+    with pytest.raises(error) as raised:
+        make(layout, receiver.address)
+    assert str(raised.value) == message
+    assert threading.active_count() == before
