@@ -193,10 +193,13 @@ class Router:
                 await self.kv_address(decode_url)
         return self._model_names[decode_url]
 
-    async def served_models(self) -> list[str]:
-        for url in self.options.decode:
-            with contextlib.suppress(UpstreamError, KeyError, IndexError, TypeError):
-                await self.model_name(url)
+    async def served_models(self, *, cached: bool = False) -> list[str]:
+        """What the decode workers serve; ``cached``: what is known, asking only if nothing is
+        (a request must not wait on a worker that is down to learn a name)."""
+        if not (cached and self._model_names):
+            for url in self.options.decode:
+                with contextlib.suppress(UpstreamError, KeyError, IndexError, TypeError):
+                    await self.model_name(url)
         return sorted(set(self._model_names.values()))
 
     async def check_model(self, job: dict) -> None:
@@ -204,7 +207,7 @@ class Router:
         wanted = job["model"]
         if wanted is None:
             return
-        served = await self.served_models()
+        served = await self.served_models(cached=True)
         if served and wanted not in served:
             raise UpstreamError(404, NOT_FOUND, f"The model `{wanted}` does not exist (served: {', '.join(served)})")
 

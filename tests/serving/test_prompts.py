@@ -30,10 +30,20 @@ def test_text_prompt_is_tokenized_when_the_folder_has_a_tokenizer(with_tokenizer
     assert prompt_token_ids("hello kv wire world", with_tokenizer) == [4, 6, 7, 5]
 
 
-def test_text_prompt_without_tokenizer_names_the_folder(kimi):
+@pytest.fixture(scope="module")
+def without_tokenizer(kimi_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("untokenized") / "model"
+    shutil.copytree(kimi_dir, path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (path / name).unlink(missing_ok=True)
+    return load(path)
+
+
+def test_text_prompt_without_tokenizer_names_the_folder(without_tokenizer):
     with pytest.raises(BadRequest) as info:
-        prompt_token_ids("hello", kimi)
-    assert str(info.value) == f"`prompt` is text but the model at {kimi.path} has no tokenizer; send a list of token ids"
+        prompt_token_ids("hello", without_tokenizer)
+    assert str(info.value) == (f"`prompt` is text but the model at {without_tokenizer.path} has no tokenizer; "
+                               "send a list of token ids")
 
 
 def test_token_ids_pass_through_and_are_checked_against_the_vocabulary(kimi):
@@ -47,7 +57,24 @@ def test_streamed_text_is_the_incremental_decoding(with_tokenizer):
     worker.loaded = with_tokenizer
     pieces, text = [], ""
     for n in range(1, 4):
-        piece, text = worker._text_delta([4, 5, 6][:n], text)
+        piece, text = worker._text_delta([4, 5, 6][:n], text, n == 3)
         pieces.append(piece)
     assert pieces == ["hello", " world", " kv"]
     assert text == "hello world kv"
+
+
+def test_a_character_split_across_byte_tokens_waits_for_its_last_byte(kimi):
+    """The tiny checkpoints' byte-level tokenizer: 'é' is two byte tokens; the first alone
+    would decode to U+FFFD, so the stream holds it back and the pieces join to decode()."""
+    worker = DecodeWorker.__new__(DecodeWorker)
+    worker.loaded = kimi
+    tokens = kimi.tokenizer("é!")["input_ids"]
+    first_byte = kimi.tokenizer.convert_tokens_to_ids("Ã")  # byte 0xC3 in the byte-level alphabet
+    sequence = [first_byte, kimi.tokenizer.convert_tokens_to_ids("©"), *tokens]  # 0xC3 0xA9 = 'é'
+    pieces, text = [], ""
+    for n in range(1, len(sequence) + 1):
+        piece, text = worker._text_delta(sequence[:n], text, n == len(sequence))
+        pieces.append(piece)
+    assert pieces[0] == ""  # half a character
+    assert "\ufffd" not in "".join(pieces)
+    assert "".join(pieces) == kimi.tokenizer.decode(sequence, skip_special_tokens=True) == "éé!"
