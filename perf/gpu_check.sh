@@ -12,7 +12,9 @@
 #        ucxx-cu13==0.52.0 libucxx-cu13==0.52.0 libucx-cu13==1.21.0 rmm-cu13==26.10.0 \
 #        librmm-cu13==26.10.0 rapids-logger==0.3.0 msgspec
 # 2. says what UCX sees there: CUDA support, transports, fabrics;
-# 3. runs the conformance suite with CUDA tensors (KVWIRE_TEST_DEVICE=cuda) over tcp and ucx;
+# 3. runs the kernel tests on the GPU (codes bit-identical to the CPU path, the GPU
+#    blocksum equal to its definition), then the conformance suite with CUDA tensors
+#    (KVWIRE_TEST_DEVICE=cuda) over tcp and ucx;
 # 4. moves one CUDA buffer between two processes on the one GPU (perf/gpu_ucx.py): raw ucxx,
 #    kvwire's UCX connection with same-host transports, and with its default options; every
 #    byte checked on the GPU; GB/s next to a device-to-device copy;
@@ -24,7 +26,10 @@
 #    64 MiB send waits for its completion, as before c7e21ca);
 # 6. runs the codec kernels on the GPU (perf/gpu_codec.py): bit-identical to the CPU path,
 #    and their throughput next to a device-to-device copy.
-# It takes about five minutes; each step has a timeout, and every log lands in $OUT.
+# It takes about five minutes (each step has a timeout; together they stay under 10); every
+# log lands in $OUT, and the JSON (last line of stdout) also as $OUT/gpu_check.json, with a
+# plot of it as $OUT/gpu_check.png where matplotlib imports. Commit the JSON of a run at the
+# final commit as perf/results/gpu_check.json.
 # GPU_CHECK_DEVICE=cpu PYTHON=.venv/bin/python bash perf/gpu_check.sh is a dry run without a
 # GPU (host memory; the codec step then reports its error).
 set -u
@@ -61,8 +66,15 @@ EOF
 context_json=$(result "$OUT/gpu_ucx_context.txt")
 echo "$context_json" >&2
 
+SIM=0; [ "$DEVICE" = cuda ] || SIM=1  # a dry run checks the kernels on numba's simulator
+echo "== kernel tests on the GPU" >&2
+timeout 150 env KVWIRE_TEST_DEVICE="$DEVICE" NUMBA_ENABLE_CUDASIM=$SIM "$PY" -m pytest -q -p no:cacheprovider \
+  tests/test_kernels.py -k "not ptx" > "$OUT/gpu_kernel_tests.txt" 2>&1
+kernels_rc=$?
+tail -3 "$OUT/gpu_kernel_tests.txt" >&2
+
 echo "== conformance with CUDA tensors" >&2
-timeout 200 env KVWIRE_TEST_DEVICE="$DEVICE" NUMBA_ENABLE_CUDASIM=0 "$PY" -m pytest -q -p no:cacheprovider \
+timeout 150 env KVWIRE_TEST_DEVICE="$DEVICE" NUMBA_ENABLE_CUDASIM=0 "$PY" -m pytest -q -p no:cacheprovider \
   tests/test_conformance.py > "$OUT/gpu_conformance.txt" 2>&1
 conformance_rc=$?
 tail -5 "$OUT/gpu_conformance.txt" >&2
@@ -76,20 +88,24 @@ echo "== kvwire Sender/Receiver: CUDA tensors over UCX into CUDA buffers, checks
 timeout 150 "$PY" -m perf.gpu_kv --json --device "$DEVICE" > "$OUT/gpu_kv.txt" 2>&1
 kv_json=$(result "$OUT/gpu_kv.txt")
 echo "$kv_json" >&2
-timeout 90 "$PY" -m perf.gpu_kv --json --device "$DEVICE" --settings default --repeats 3 --tensors-per-layer 2 \
+timeout 60 "$PY" -m perf.gpu_kv --json --device "$DEVICE" --settings default --repeats 3 --tensors-per-layer 2 \
   > "$OUT/gpu_kv_two_tensors.txt" 2>&1
 kv_two_json=$(result "$OUT/gpu_kv_two_tensors.txt")
-timeout 90 "$PY" -m perf.gpu_kv --json --device "$DEVICE" --settings default --repeats 3 --send-window-mib 0 \
+timeout 60 "$PY" -m perf.gpu_kv --json --device "$DEVICE" --settings default --repeats 3 --send-window-mib 0 \
   > "$OUT/gpu_kv_window0.txt" 2>&1
 kv_window0_json=$(result "$OUT/gpu_kv_window0.txt")
 echo "two tensors per layer: $kv_two_json" >&2
 echo "send window 0: $kv_window0_json" >&2
 
 echo "== codec kernels (fused gather+quantize, dequantize+scatter) vs device-to-device copy" >&2
-timeout 150 "$PY" -m perf.gpu_codec --json > "$OUT/gpu_codec.txt" 2>&1
+timeout 120 "$PY" -m perf.gpu_codec --json > "$OUT/gpu_codec.txt" 2>&1
 codec_json=$(result "$OUT/gpu_codec.txt")
 
 conformance_tail=$(tail -3 "$OUT/gpu_conformance.txt" | quote)
-cat <<EOF
-{"gpu_check": "kvwire ucx", "install_rc": $install_rc, "ucx_context": $context_json, "conformance_rc": $conformance_rc, "conformance_tail": $conformance_tail, "transfer": $ucx_json, "kvwire_device_path": $kv_json, "kvwire_device_path_two_tensors_per_layer": $kv_two_json, "kvwire_device_path_send_window_0": $kv_window0_json, "codec_kernels": $codec_json}
+kernels_tail=$(tail -3 "$OUT/gpu_kernel_tests.txt" | quote)
+cat > "$OUT/gpu_check.json" <<EOF
+{"gpu_check": "kvwire ucx", "device": "$DEVICE", "commit": "$(git rev-parse --short HEAD 2>/dev/null)", "install_rc": $install_rc, "ucx_context": $context_json, "kernel_tests_rc": $kernels_rc, "kernel_tests_tail": $kernels_tail, "conformance_rc": $conformance_rc, "conformance_tail": $conformance_tail, "transfer": $ucx_json, "kvwire_device_path": $kv_json, "kvwire_device_path_two_tensors_per_layer": $kv_two_json, "kvwire_device_path_send_window_0": $kv_window0_json, "codec_kernels": $codec_json}
 EOF
+timeout 60 "$PY" -c 'import json, sys; from perf import plots; plots.plot_generic(json.load(open(sys.argv[1])), sys.argv[2])' \
+  "$OUT/gpu_check.json" "$OUT/gpu_check.png" >&2 || echo "(no plot: matplotlib missing or the result did not fit)" >&2
+cat "$OUT/gpu_check.json"

@@ -95,7 +95,8 @@ def parser() -> argparse.ArgumentParser:
     router.set_defaults(run=run_router)
 
     profile = commands.add_parser("profile", help="measure prefill time, KV bytes and decode step: a kvwire-plan profile")
-    profile.add_argument("--model", type=flags.checkpoint, metavar="DIR", help="a local checkpoint (default: the demo's tiny Kimi-Linear)")
+    profile.add_argument("--model", type=flags.checkpoint, metavar="DIR",
+                         help="a local checkpoint (default: the demo's tiny Kimi-Linear)")
     profile.add_argument("--dtype", choices=["float32", "bfloat16"])
     profile.add_argument("--lengths", type=flags.token_counts, default=[256, 1024, 4096],
                          help="comma-separated prompt lengths (default 256,1024,4096)")
@@ -112,7 +113,8 @@ def parser() -> argparse.ArgumentParser:
     profile.set_defaults(run=run_profile)
 
     demo = commands.add_parser("demo", help="run decode, prefill and router here and check tokens against generate()")
-    demo.add_argument("--model", type=flags.checkpoint, metavar="DIR", help="a local checkpoint (default: a seeded tiny Kimi-Linear)")
+    demo.add_argument("--model", type=flags.checkpoint, metavar="DIR",
+                      help="a local checkpoint (default: a seeded tiny Kimi-Linear)")
     demo.add_argument("--max-tokens", type=flags.positive_int, default=16, help="tokens per request (default 16)")
     demo.add_argument("--prompt-lengths", type=flags.token_counts, default=[16, 200, 1000],
                       help="comma-separated prompt lengths in tokens (default 16,200,1000)")
@@ -216,7 +218,8 @@ def _serve(app, sock, on_ready) -> int:
 def run_decode(args) -> int:
     from .decode import DecodeOptions, DecodeWorker
 
-    http_socket = flags.bind("--port", args.host, args.port)  # both ports checked before the model loads
+    # both ports are checked before the model loads
+    http_socket = flags.bind("--port", args.host, args.port, host_flag="--host")
     flags.check_listen_free("--kv-listen", args.kv_listen)
     _quiet_transformers()
     options = DecodeOptions(kv_listen=args.kv_listen, kv_advertise=args.kv_advertise, backend=_backend(args.kv_backend),
@@ -236,7 +239,7 @@ def run_decode(args) -> int:
 def run_prefill(args) -> int:
     from .prefill import PrefillOptions, PrefillWorker
 
-    http_socket = flags.bind("--port", args.host, args.port)
+    http_socket = flags.bind("--port", args.host, args.port, host_flag="--host")
     _quiet_transformers()
     options = PrefillOptions(backend=_backend(args.kv_backend), secret=_secret(args.secret_file), streams=args.streams,
                              **_prefix_cache(args))
@@ -286,7 +289,8 @@ def run_router(args) -> int:
     logging.getLogger("serving.policy").setLevel(logging.INFO)  # every change of t, with its reason
 
     config = router_config(args)
-    return _serve(Router(config).app(), flags.bind("--port", args.host, args.port), _announce("router"))
+    http_socket = flags.bind("--port", args.host, args.port, host_flag="--host")
+    return _serve(Router(config).app(), http_socket, _announce("router"))
 
 
 def run_profile(args) -> int:

@@ -107,8 +107,9 @@ class UsageError(Exception):
     """A flag's value cannot work here (a port in use): the CLI prints it as one line, exit 2."""
 
 
-def bind(flag: str, host: str, port_number: int) -> socket.socket:
-    """A listening TCP socket on host:port for ``flag``; UsageError naming the flag otherwise."""
+def bind(flag: str, host: str, port_number: int, *, host_flag: str | None = None) -> socket.socket:
+    """A listening TCP socket on host:port for ``flag``; UsageError naming the flag otherwise
+    (``host_flag`` where the host, given by its own flag, is what is wrong)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -116,7 +117,13 @@ def bind(flag: str, host: str, port_number: int) -> socket.socket:
         sock.bind((host, port_number))
     except OSError as exc:
         sock.close()
-        why = "the port is in use (another worker running?)" if exc.errno == errno.EADDRINUSE else exc.strerror
+        why = {errno.EADDRINUSE: "the port is in use (another worker running?)",
+               errno.EADDRNOTAVAIL: f"{host} is not an address of this machine",
+               errno.EACCES: "permission denied (ports below 1024 need root)"}.get(exc.errno, exc.strerror)
+        if isinstance(exc, socket.gaierror):
+            why = f"host {host!r} not found ({exc.strerror})"
+        if host_flag and (isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL):
+            raise UsageError(f"{host_flag} {host}: cannot listen: {why}") from None
         raise UsageError(f"{flag} {host}:{port_number}: cannot listen: {why}") from None
     sock.listen(512)
     return sock

@@ -40,6 +40,8 @@ def taken_port():
      "kvwire-serve router: error: argument --port: '80000' is not a port number in 0..65535"),
     (["router", "--prefill", "http://p:1", "--decode", "http://d:2", "--decode-kv", "http://d:2=d", "--port", "0"],
      "kvwire-serve router: error: argument --decode-kv: 'http://d:2=d': 'd' is not HOST:PORT (e.g. '10.0.0.2:7800')"),
+    (["router", "--prefill", "http://p:1", "--decode", "http://d:2", "--host", "10.9.9.9", "--port", "0"],
+     "kvwire-serve router: --host 10.9.9.9: cannot listen: 10.9.9.9 is not an address of this machine"),
     (["router", "--config", "/no/such.toml", "--port", "0"],
      "kvwire-serve router: router config /no/such.toml: cannot read it (No such file or directory)"),
     (["router", "--prefill", "http://p:1", "--port", "0"],
