@@ -98,7 +98,7 @@ def parser() -> argparse.ArgumentParser:
     profile.add_argument("--model", type=flags.checkpoint, metavar="DIR",
                          help="a local checkpoint (default: the demo's tiny Kimi-Linear)")
     profile.add_argument("--dtype", choices=["float32", "bfloat16"])
-    profile.add_argument("--lengths", type=flags.token_counts, default=[256, 1024, 4096],
+    profile.add_argument("--lengths", type=flags.profile_lengths, default=[256, 1024, 4096],
                          help="comma-separated prompt lengths (default 256,1024,4096)")
     profile.add_argument("--repeats", type=flags.positive_int, default=3,
                          help="runs per length; the median is kept (default 3)")

@@ -103,6 +103,14 @@ def token_counts(value: str) -> list[int]:
     return counts
 
 
+def profile_lengths(value: str) -> list[int]:
+    """At least two increasing prompt lengths, e.g. 256,1024,4096 (the planner interpolates)."""
+    counts = token_counts(value)
+    if len(counts) < 2 or sorted(set(counts)) != counts:
+        raise argparse.ArgumentTypeError(f"need at least two increasing prompt lengths, got {counts}")
+    return counts
+
+
 class UsageError(Exception):
     """A flag's value cannot work here (a port in use): the CLI prints it as one line, exit 2."""
 

@@ -58,8 +58,8 @@ def taken_port():
     (["demo", "--prompt-lengths", "16,lots"],
      "kvwire-serve demo: error: argument --prompt-lengths: '16,lots' is not a comma-separated list of token counts "
      ">= 1 (e.g. 16,200)"),
-    (["profile", "--lengths", "0"],
-     "kvwire-serve profile: error: argument --lengths: '0' is not a comma-separated list of token counts >= 1 "
+    (["profile", "--lengths", "0,16"],
+     "kvwire-serve profile: error: argument --lengths: '0,16' is not a comma-separated list of token counts >= 1 "
      "(e.g. 16,200)"),
 ])
 def test_a_bad_flag_is_one_line_naming_it(args, message, kimi_dir):

@@ -27,4 +27,6 @@ def test_profile_of_a_real_model_plans(kimi, kimi_dir, tmp_path, capsys):
 def test_profile_needs_two_lengths(kimi_dir):
     done = subprocess.run([sys.executable, "-m", "serving", "profile", "--model", str(kimi_dir), "--lengths", "16"],
                           capture_output=True, text=True, timeout=120)
-    assert done.returncode != 0 and "need at least two increasing prompt lengths, got [16]" in done.stderr
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        "kvwire-serve profile: error: argument --lengths: need at least two increasing prompt lengths, got [16]")
