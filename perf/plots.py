@@ -125,6 +125,33 @@ def plot_generic(result: dict, path: str) -> None:
     _finish(fig, ax, result, path)
 
 
+def plot_gpu_check(result: dict, path: str) -> None:
+    """Every throughput of perf/gpu_check.sh's JSON (keys ending in ``gbps``, at any depth),
+    one bar each, so kvwire's figures stand next to the baselines measured in the same call."""
+    bars: list[tuple[str, float]] = []
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}.{key}" if prefix else key)
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{prefix}[{i}]")
+        elif isinstance(node, (int, float)) and not isinstance(node, bool) and prefix.endswith("gbps"):
+            bars.append((prefix, float(node)))
+
+    walk(result, "")
+    fig, ax = plt.subplots(figsize=(8, max(2.5, 0.28 * len(bars) + 1)))
+    if bars:
+        ax.barh([k for k, _ in bars][::-1], [v for _, v in bars][::-1])
+        ax.set_xlabel("GB/s")
+        ax.tick_params(labelsize=6)
+    else:
+        ax.text(0.5, 0.5, "no throughput in this run (see the JSON's errors)", ha="center")
+    ax.set_title(f"gpu_check on {result.get('device', '?')} at {result.get('commit') or '?'}", fontsize=10)
+    _finish(fig, ax, result, path)
+
+
 def plot_codec(result: dict, path: str) -> None:
     """perf.codec's own plot takes its rows."""
     from perf import codec
