@@ -101,7 +101,7 @@ def parser() -> argparse.ArgumentParser:
     profile.add_argument("--lengths", type=flags.profile_lengths, default=[256, 1024, 4096],
                          help="comma-separated prompt lengths (default 256,1024,4096)")
     profile.add_argument("--repeats", type=flags.positive_int, default=3,
-                         help="runs per length; the median is kept (default 3)")
+                         help="runs per length; the fastest is kept (default 3)")
     profile.add_argument("--prfaas-instances", type=flags.positive_int, default=1,
                          help="prefill instances in the PrfaaS cluster, for kvwire-plan (default 1)")
     profile.add_argument("--pd-instances", type=flags.positive_int, default=2,

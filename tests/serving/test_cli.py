@@ -1,4 +1,8 @@
-"""Bad input to the real ``kvwire-serve`` command: one line naming the flag, at once, before any model loads."""
+"""Bad input to the real ``kvwire-serve`` command: one line naming the flag, at once, before any model loads.
+
+The issue's own cases run the command as a subprocess; the many others call its entry
+point, ``serving.cli.main``, in this process (same parser, same checks, no interpreter
+start-up per case)."""
 
 import os
 import socket
@@ -14,6 +18,18 @@ def kvwire_serve(*args: str, env: dict | None = None, timeout: float = 60) -> tu
     done = subprocess.run([sys.executable, "-m", "serving", *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
     return done.returncode, done.stderr, time.monotonic() - started
+
+
+def cli(capsys, *args: str) -> tuple[int, str, float]:
+    """``kvwire-serve ARGS`` through its entry point, in this process."""
+    from serving.cli import main
+
+    started = time.monotonic()
+    try:
+        code = main(list(args))
+    except SystemExit as exc:  # argparse
+        code = exc.code
+    return code, capsys.readouterr().err, time.monotonic() - started
 
 
 def last_line(stderr: str) -> str:
@@ -62,8 +78,8 @@ def taken_port():
      "kvwire-serve profile: error: argument --lengths: '0,16' is not a comma-separated list of token counts >= 1 "
      "(e.g. 16,200)"),
 ])
-def test_a_bad_flag_is_one_line_naming_it(args, message, kimi_dir):
-    code, stderr, elapsed = kvwire_serve(*(a.replace("{model}", str(kimi_dir)) for a in args))
+def test_a_bad_flag_is_one_line_naming_it(args, message, kimi_dir, capsys):
+    code, stderr, elapsed = cli(capsys, *(a.replace("{model}", str(kimi_dir)) for a in args))
     assert code == 2, stderr
     assert last_line(stderr) == message
     assert "Traceback" not in stderr
@@ -72,18 +88,30 @@ def test_a_bad_flag_is_one_line_naming_it(args, message, kimi_dir):
 
 @pytest.mark.parametrize("role,flag", [("decode", "--port"), ("decode", "--kv-listen"), ("prefill", "--port"),
                                        ("router", "--port")])
-def test_a_port_in_use_is_named_with_its_flag_before_the_model_loads(role, flag, taken_port, kimi_dir):
+def test_a_port_in_use_is_named_with_its_flag_before_the_model_loads(role, flag, taken_port, kimi_dir, capsys):
     ports = {"--port": "0", "--kv-listen": "127.0.0.1:0"}
     ports[flag] = str(taken_port) if flag == "--port" else f"127.0.0.1:{taken_port}"
     args = {"decode": ["--model", str(kimi_dir), "--port", ports["--port"], "--kv-listen", ports["--kv-listen"]],
             "prefill": ["--model", str(kimi_dir), "--port", ports["--port"]],
             "router": ["--prefill", "http://127.0.0.1:1", "--decode", "http://127.0.0.1:2", "--port", ports["--port"]]}
-    code, stderr, elapsed = kvwire_serve(role, *args[role])
+    code, stderr, elapsed = cli(capsys, role, *args[role])
     assert code == 2, stderr
     assert last_line(stderr) == (f"kvwire-serve {role}: {flag} 127.0.0.1:{taken_port}: cannot listen: the port is in "
                                  "use (another worker running?)")
     assert "Traceback" not in stderr
     assert elapsed < 10
+
+
+def test_the_command_itself_refuses_a_url_without_scheme_and_a_kv_port_in_use(taken_port, kimi_dir):
+    code, stderr, elapsed = kvwire_serve("router", "--prefill", "localhost:8100", "--decode", "http://127.0.0.1:8200",
+                                         "--port", "0")
+    assert (code, last_line(stderr)) == (2, "kvwire-serve router: error: argument --prefill: 'localhost:8100' is not "
+                                            "an http:// URL (e.g. 'http://localhost:8100')")
+    code, stderr, elapsed = kvwire_serve("decode", "--model", str(kimi_dir), "--port", "0", "--kv-listen",
+                                         f"127.0.0.1:{taken_port}")
+    assert (code, last_line(stderr)) == (2, f"kvwire-serve decode: --kv-listen 127.0.0.1:{taken_port}: cannot "
+                                            "listen: the port is in use (another worker running?)")
+    assert "Traceback" not in stderr and elapsed < 10
 
 
 def test_make_model_writes_a_checkpoint_with_a_tokenizer_and_shows_progress(tmp_path):
