@@ -65,7 +65,8 @@ async def start(app: web.Application, sock: socket.socket) -> tuple[web.AppRunne
     site = web.SockSite(runner, sock)
     await site.start()
     host, bound = sock.getsockname()[:2]
-    url_host = "127.0.0.1" if host in ("0.0.0.0", "") else ("[::1]" if host == "::" else host)
+    url_host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    url_host = f"[{url_host}]" if ":" in url_host else url_host
     return runner, f"http://{url_host}:{bound}"
 
 
