@@ -27,15 +27,10 @@ from pathlib import Path
 
 import msgspec
 
+from kvwire.address import check_address
+
 
 ENGINES = ("auto", "kvwire", "vllm")
-
-
-def check_address(address: str, what: str) -> None:
-    """ValueError naming ``what`` unless ``address`` is HOST:PORT with a port in range."""
-    from kvwire.address import parse_address
-
-    parse_address(address, what=what)
 
 
 def url_problem(url: object) -> str | None:
@@ -96,7 +91,7 @@ class PrfaasConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         msgspec.structs.force_setattr(self, "prefill", [check_url(url, f"PrfaaS cluster {self.name!r}: prefill worker")
                                                         for url in self.prefill])
         for url, address in self.kv_addresses.items():
-            check_address(address, f"PrfaaS cluster {self.name!r}: kv_addresses[{url!r}]")
+            check_address(address, what=f"PrfaaS cluster {self.name!r}: kv_addresses[{url!r}]")
         if self.egress_gbps <= 0:
             raise ValueError(f"PrfaaS cluster {self.name!r}: egress_gbps must be > 0, got {self.egress_gbps}")
         if not 0 <= self.threshold_tokens <= self.max_threshold_tokens:
@@ -137,7 +132,7 @@ class RouterConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         for url, address in self.decode_kv.items():
             if url not in self.decode:
                 raise ValueError(f"decode_kv names {url}, which is not a decode worker ({self.decode})")
-            check_address(address, f"decode_kv[{url!r}]")
+            check_address(address, what=f"decode_kv[{url!r}]")
         if not self.decode:
             raise ValueError("the router needs at least one decode worker URL")
         if not self.prefill and not self.prfaas:

@@ -100,7 +100,6 @@ def test_every_kernel_compiles_to_ptx_for_sm80_and_sm90():
     assert "sm_90: 7 kernels compiled" in done.stdout
 
 
-@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the simulator's uint64 scalars wrap
 @pytest.mark.parametrize("nbytes", [1, 3, 4095, 4096, 4097, 3 * 4096 + 5])
 def test_gpu_blocksum_equals_the_cpu_definition(nbytes):
     from kvwire.cuda import checksum
