@@ -85,11 +85,14 @@ def test_a_prefill_instance_killed_mid_transfer(vllm_model, engine_logs, secret_
         params = {"do_remote_prefill": True, "kvwire": {"request_id": ids[i], "num_tokens": len(prompts[i]) - 1}}
         results[i] = engine.generate([prompts[i]], MAX_TOKENS, [params])[0]
 
+    targets = [{"request_id": ids[i], "decode": relays[i].address} for i in range(2)]
+    victim.generate(prompts, 1, [{"do_remote_decode": True, "kvwire": t} for t in targets])
+    # The decode requests come once the pushes are under way: asked before the prefill, a
+    # loaded machine's prefill could outlast their 5 s load timeout (a TransferTimeout,
+    # not the lost sender this test is about).
     threads = [threading.Thread(target=decode_one, args=(engine, i)) for i, engine in enumerate((decode, strict))]
     for thread in threads:
         thread.start()
-    targets = [{"request_id": ids[i], "decode": relays[i].address} for i in range(2)]
-    victim.generate(prompts, 1, [{"do_remote_decode": True, "kvwire": t} for t in targets])
     time.sleep(1.0)  # ~200 KB of ~1.1 MB each have crossed
     victim.kill()
     for thread in threads:
