@@ -16,6 +16,10 @@ A benchmark is a module ``perf/<name>.py`` that provides ``run(argv) -> dict`` (
 ``main(argv)`` printing its JSON), and optionally ``QUICK_ARGS`` (arguments for
 ``--quick``, default ``["--quick"]``), ``unavailable() -> str | None`` (why it cannot run
 here) and ``plot(result, png_path)``. Modules not written yet are skipped with a message.
+A GPU benchmark on a machine without a GPU is skipped ("no GPU"); where it has
+``DRY_RUN_ARGS`` those run instead (host memory) and are reported beside the skip as a
+dry run, so its code stays checked without passing for a measurement. A result with a
+``failure`` (vllm-pd: kvwire's tokens differ from NIXL's) is written, then fails the run.
 """
 
 from __future__ import annotations
@@ -45,8 +49,8 @@ BENCHMARKS = {
     "tls-wan": "perf.tls_wan",
     "load": "perf.load",
     "router": "perf.router",
-    "gpu-ucx": "perf.gpu_ucx",  # host memory without a GPU
-    "gpu-kv": "perf.gpu_kv",  # host memory without a GPU
+    "gpu-ucx": "perf.gpu_ucx",  # skipped without a GPU (a dry run in host memory instead)
+    "gpu-kv": "perf.gpu_kv",  # skipped without a GPU (a dry run in host memory instead)
     "gpu-codec": "perf.gpu_codec",  # skipped without a GPU
     "vllm-pd": "perf.vllm_pd",  # skipped without vLLM; NIXL rows without nixl
 }
@@ -56,7 +60,15 @@ NOT_YET: dict[str, str] = {}
 
 
 class Skipped(Exception):
-    """The benchmark cannot run here; the message says why."""
+    """The benchmark cannot run here; the message says why, ``dry_run`` what its dry run gave."""
+
+    def __init__(self, reason: str, dry_run: dict | None = None):
+        super().__init__(reason)
+        self.dry_run = dry_run
+
+
+class Failed(Exception):
+    """The benchmark ran and its result says it failed (the JSON is written)."""
 
 
 def run_transfer(argv: list[str], quick: bool) -> dict:
@@ -101,6 +113,10 @@ def run_one(name: str, argv: list[str], quick: bool, out_dir: str = DEFAULT_OUT)
     module = importlib.import_module(module_name)
     reason = getattr(module, "unavailable", lambda: None)()
     if reason:
+        from perf import devices
+
+        if hasattr(module, "DRY_RUN_ARGS") and reason == devices.gpu_missing():
+            raise Skipped(reason, _dry_run(module, name, out_dir))
         raise Skipped(reason)
     if name == "transfer":
         result = run_transfer(argv, quick)
@@ -131,7 +147,24 @@ def run_one(name: str, argv: list[str], quick: bool, out_dir: str = DEFAULT_OUT)
             f"perf {name}: {plot.__name__} failed ({type(exc).__name__}: {exc}); generic plot instead", file=sys.stderr
         )
         plots.plot_generic(result, stem + ".png")
+    if isinstance(result, dict) and result.get("failure"):
+        raise Failed(f"{result['failure']} (result in {stem}.json)")
     return result, stem + ".json", stem + ".png"
+
+
+def _dry_run(module, name: str, out_dir: str) -> dict:
+    """A GPU benchmark's dry run in host memory: whether its code works, kept apart from figures."""
+    from perf import devices
+
+    try:
+        result = _captured_json(module.main, [*module.DRY_RUN_ARGS, "--json"])
+    except Exception as exc:  # noqa: BLE001 - reported as the dry run's failure
+        return {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "note": devices.DRY_RUN_NOTE}
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}-dry-run.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    return {"status": "ok", "json": path, "note": devices.DRY_RUN_NOTE}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,8 +203,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result, json_path, png_path = run_one(bench, rest if name != "all" else [], quick, out_dir)
         except Skipped as exc:
-            print(f"perf {bench}: skipped: {exc}", file=sys.stderr, flush=True)
             summary[bench] = {"status": "skipped", "reason": str(exc)}
+            dry = ""
+            if exc.dry_run is not None:
+                summary[bench]["dry_run"] = exc.dry_run
+                failed = failed or exc.dry_run["status"] != "ok"
+                dry = f"; its dry run in host memory: {exc.dry_run['status']} {exc.dry_run.get('error', '')}"
+            print(f"perf {bench}: skipped: {exc}{dry}", file=sys.stderr, flush=True)
             continue
         except Exception as exc:  # noqa: BLE001 - one broken benchmark must not hide the others' results
             traceback.print_exc()

@@ -1,8 +1,10 @@
 """Where the GPU benchmarks (gpu_ucx, gpu_kv, gpu_codec) run here, whether they can, and
 the receiver process they measure against.
 
-With no CUDA GPU, gpu_ucx and gpu_kv run the same code with host memory (``--device
-cpu``): CI's smoke keeps them working between the rare sessions that have a GPU.
+With no CUDA GPU, gpu_ucx and gpu_kv are skipped ("no GPU"); ``perf`` then runs their
+``DRY_RUN_ARGS`` (the same code with host memory, ``--device cpu``), so CI's smoke keeps
+them working between the rare sessions that have a GPU, and reports the dry run beside
+the skip, never as a measurement.
 """
 
 from __future__ import annotations
@@ -19,6 +21,14 @@ def cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+DRY_RUN_NOTE = "a dry run in host memory (--device cpu): checks the code works, not a GPU measurement"
+
+
+def gpu_missing() -> str | None:
+    """Why a GPU benchmark measures nothing here, or None."""
+    return None if cuda_available() else "no GPU (torch sees no CUDA device)"
 
 
 def default_device() -> str:

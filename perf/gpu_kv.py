@@ -29,11 +29,13 @@ import time
 
 from perf import devices
 
-QUICK_ARGS = ["--mib-per-layer", "4", "--repeats", "2"]  # CI: host memory, small
+QUICK_ARGS = ["--mib-per-layer", "4", "--repeats", "2"]  # CI-sized, on a GPU
+# without a GPU: host memory (devices.DRY_RUN_NOTE)
+DRY_RUN_ARGS = ["--device", "cpu", "--mib-per-layer", "4", "--repeats", "2"]
 
 
 def unavailable() -> str | None:
-    return devices.ucx_missing()
+    return devices.ucx_missing() or devices.gpu_missing()
 
 
 def names(per_layer: int) -> list[str]:
@@ -245,6 +247,8 @@ def main(argv=None) -> int:
         "tensors_per_layer": args.tensors_per_layer,
         "send_window_mib": args.send_window_mib,
     }
+    if args.device == "cpu":
+        result["dry_run"] = devices.DRY_RUN_NOTE
     for name in args.settings.split(","):
         shared_memory = name == "shared_memory"
         try:

@@ -27,11 +27,13 @@ import time
 
 from perf import devices
 
-QUICK_ARGS = ["--mib", "16", "--repeats", "2"]  # CI: host memory, small
+QUICK_ARGS = ["--mib", "16", "--repeats", "2"]  # CI-sized, on a GPU
+# without a GPU: host memory (devices.DRY_RUN_NOTE)
+DRY_RUN_ARGS = ["--device", "cpu", "--mib", "16", "--repeats", "2"]
 
 
 def unavailable() -> str | None:
-    return devices.ucx_missing()
+    return devices.ucx_missing() or devices.gpu_missing()
 
 
 CASES = ["raw_ucxx", "kvwire_shared_memory", "kvwire_default"]
@@ -206,6 +208,8 @@ def main(argv=None) -> int:
         return 0
     nbytes = args.mib << 20
     report: dict = {"benchmark": "gpu_ucx", "device": args.device, "bytes": nbytes, "cases": {}}
+    if args.device == "cpu":
+        report["dry_run"] = devices.DRY_RUN_NOTE
     for case in args.cases.split(","):
         try:
             result = sender(case, args.device, nbytes, args.repeats)

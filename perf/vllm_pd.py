@@ -6,10 +6,13 @@ For each prompt length: the prefill request (``max_tokens=1``, as vLLM's proxy s
 then the decode request's time to its first token, which is where each connector's KV
 transfer shows (kvwire: the tail of a push that ran during the prefill; NIXL: the pull,
 which starts when the decode request arrives). TTFT = the two in series, as a proxy
-sees them. Also the bytes each moved and the greedy tokens against one plain instance.
+sees them. Also the bytes each moved, and the greedy tokens: kvwire's must equal NIXL's
+on the same link (the same split and settings), or the run fails (``failure``); against
+one plain instance they are only reported (the split runs other bf16 kernels, so a
+near-tie of the tiny random model may flip).
 
     python -m perf vllm-pd --json                 # loopback + WAN (root), kvwire + NIXL
-    python -m perf vllm-pd --quick --json         # CI smoke: loopback, kvwire only, 4 layers
+    python -m perf vllm-pd --quick --json         # CI smoke: loopback, 4 layers, kvwire + NIXL
 
 NIXL needs ``pip install --no-deps nixl-cu12==1.5.1 nixl==1.5.1``; without it its rows
 are skipped with the reason.
@@ -72,7 +75,7 @@ def _pair(connector: str, model: str, logs: str, link=None):
         ports = (_port(), _port()) if link is None else (5601, 5602)
         env = {"UCX_TLS": "tcp,self"}
         decode = Engine("nixl-decode", model, "--connector", "NixlConnector", "--kv-role", "kv_both",
-                        log_dir=logs, env={**env, "VLLM_NIXL_SIDE_CHANNEL_PORT": str(ports[0]),
+                        "--load-failure-policy", "fail", log_dir=logs, env={**env, "VLLM_NIXL_SIDE_CHANNEL_PORT": str(ports[0]),
                                            "VLLM_NIXL_SIDE_CHANNEL_HOST": host_d}, **launch)
         prefill = Engine("nixl-prefill", model, "--connector", "NixlConnector", "--kv-role", "kv_both",
                          log_dir=logs, env={**env, "VLLM_NIXL_SIDE_CHANNEL_PORT": str(ports[1]),
@@ -109,7 +112,7 @@ def _measure(prefill, decode, connector: str, prompts, max_tokens: int, referenc
             "prompt_tokens": len(p), "prefill_s": statistics.median(prefills),
             "decode_first_token_s": statistics.median(decodes), "ttft_s": ttft,
             "transfer_share_of_ttft": statistics.median(decodes) / ttft,  # the decode side's wait, its step included
-            "tokens_equal": sum(a == b for a, b in zip(tokens, ref)), "max_tokens": max_tokens,
+            "tokens_equal_single_instance": sum(a == b for a, b in zip(tokens, ref)), "max_tokens": max_tokens,
             "tokens": tokens, **info,
         })
     return rows
@@ -130,7 +133,7 @@ def run(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.quick:
-        args.layers, args.lengths, args.links, args.connectors, args.repeats = 4, "256", "loopback", "kvwire", 1
+        args.layers, args.lengths, args.links, args.connectors, args.repeats = 4, "256,700", "loopback", "kvwire,nixl", 1
     from serving.model import vllm_tiny_config, write_tiny_checkpoint
 
     lengths = [int(n) for n in args.lengths.split(",")]
@@ -174,7 +177,24 @@ def run(argv: list[str] | None = None) -> dict:
         if mine and theirs:
             result.setdefault("ttft_ratio_kvwire_to_nixl", {})[link_name] = [
                 round(a["ttft_s"] / b["ttft_s"], 3) for a, b in zip(mine, theirs)]
+            differ = tokens_differ(mine, theirs)
+            result.setdefault("tokens_kvwire_equal_nixl", {})[link_name] = not differ
+            if differ:
+                result.setdefault("failure", f"kvwire's tokens differ from NixlConnector's on {link_name}: "
+                                             + "; ".join(differ))
     return result
+
+
+def tokens_differ(mine: list[dict], theirs: list[dict]) -> list[str]:
+    """Where kvwire's greedy tokens differ from NIXL's, per prompt (nothing: all equal)."""
+    out = []
+    for a, b in zip(mine, theirs):
+        if a["tokens"] != b["tokens"]:
+            at = next((i for i, (x, y) in enumerate(zip(a["tokens"], b["tokens"])) if x != y),
+                      min(len(a["tokens"]), len(b["tokens"])))
+            out.append(f"{a['prompt_tokens']}-token prompt, from token {at} ({a['tokens'][at:at + 1]} vs "
+                       f"{b['tokens'][at:at + 1]})")
+    return out
 
 
 def plot(result: dict, png_path: str) -> None:

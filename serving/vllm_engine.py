@@ -1,5 +1,5 @@
 """One offline vLLM engine in its own process, driven by JSON lines: what the connector's
-tests and ``perf vllm-pd`` run as prefill, decode and single (reference) instances.
+tests and ``perf vllm-pd`` run as prefill, decode and single instances.
 
     python -m serving.vllm_engine --model DIR [--kv-role kv_producer --kv-extra JSON]
 

@@ -1,5 +1,6 @@
 """Failures through the connector fail (or recompute) one request, say why, and leak nothing."""
 
+import re
 import threading
 import time
 
@@ -34,27 +35,33 @@ def recomputed(prefill, decode, prompts, targets=None) -> tuple[dict, list[dict]
     return report, decoded
 
 
-def test_a_wrong_secret_is_refused_and_the_decode_side_recomputes(strangers, pair, reference):
+def test_a_wrong_secret_is_refused_and_the_decode_side_recomputes(strangers, pair, single_instance):
     bad_secret, _ = strangers
     _, decode = pair
     prompts = [prompt(200, 31)]
     report, decoded = recomputed(bad_secret.wait_ready(), decode, prompts)
     assert "AuthenticationError" in report["error"], report["error"]
-    assert [out["token_ids"] for out in decoded] == reference(prompts)  # recomputed, so still right
+    assert [out["token_ids"] for out in decoded] == single_instance(prompts)  # recomputed: one instance's work
     assert "AuthenticationError" in bad_secret.log_text()
 
 
 def test_a_mismatched_model_is_refused_with_the_layer_named(strangers, pair):
+    """Twice the KV heads: refused in the handshake, before any decode, as a layout
+    mismatch naming the layer and its tensors. How they differ (the same tensor of
+    another shape, or another tensor: vLLM's CPU attention names its whole blocks by a
+    block size it chooses per machine and model) is this machine's vLLM's choice."""
     _, other = strangers
     _, decode = pair
     report, _ = recomputed(other.wait_ready(), decode, [prompt(200, 32)])
-    assert "LayoutMismatchError" in report["error"] and "layer 1 tensor" in report["error"], report["error"]
-    assert "1=model.layers.1.self_attn.attn" in report["error"]
+    error = report["error"]
+    assert "LayoutMismatchError" in error and re.search(r"layer 1( tensor 'kv|: tensors only on)", error), error
+    assert "1=model.layers.1.self_attn.attn" in error
     log = other.log_text()
     assert "LayoutMismatchError" in log and "1=model.layers.1.self_attn.attn" in log
 
 
-def test_a_prefill_instance_killed_mid_transfer(vllm_model, engine_logs, secret_file, pair, decode_address, reference):
+def test_a_prefill_instance_killed_mid_transfer(vllm_model, engine_logs, secret_file, pair, decode_address,
+                                                single_instance):
     """The push crawls through a throttled relay; the prefill instance is SIGKILLed while
     it is on the way. The recompute-policy decode instance recomputes (right tokens, the
     error reported); the fail-policy one fails that request; both keep serving."""
@@ -73,7 +80,7 @@ def test_a_prefill_instance_killed_mid_transfer(vllm_model, engine_logs, secret_
     recomputed = decode.generate(lone, MAX_TOKENS, [nowhere])[0]
     report = recomputed["kv_transfer_params"]["kvwire"]
     assert report["recomputed"] is True and "PushFailed" in report["error"] and "no decode address" in report["error"]
-    assert recomputed["token_ids"] == reference(lone)[0]
+    assert recomputed["token_ids"] == single_instance(lone)[0]  # recomputed: one instance's work
 
     slow = Fault(rate_bytes_per_s=200_000)
     relays = [FaultyRelay(address, slow) for address in (decode_address, fail_address)]
@@ -100,7 +107,7 @@ def test_a_prefill_instance_killed_mid_transfer(vllm_model, engine_logs, secret_
     recomputed, failed = results[0], results[1]
     assert recomputed["kv_transfer_params"]["kvwire"]["recomputed"] is True
     assert "PeerLostError" in recomputed["kv_transfer_params"]["kvwire"]["error"]
-    assert recomputed["token_ids"] == reference([prompts[0]])[0]
+    assert recomputed["token_ids"] == single_instance([prompts[0]])[0]
     assert failed["finish_reason"] == "error" or not failed["token_ids"], failed
     # both still serve
     assert strict.generate([prompt(20, 43)], 4)[0]["token_ids"]
@@ -109,7 +116,7 @@ def test_a_prefill_instance_killed_mid_transfer(vllm_model, engine_logs, secret_
     strict.close()
 
 
-def test_a_corrupted_push_is_never_used(pair, decode_address, reference):
+def test_a_corrupted_push_is_never_used(pair, decode_address, single_instance):
     """A bit flipped on the way (a relay between the instances): the decode side's check
     fails that push with IntegrityError and vLLM recomputes; the tokens stay right."""
     prefill, decode = pair
@@ -120,4 +127,4 @@ def test_a_corrupted_push_is_never_used(pair, decode_address, reference):
     finally:
         relay.close()
     assert "IntegrityError" in report["error"], report["error"]
-    assert [out["token_ids"] for out in decoded] == reference(prompts)
+    assert [out["token_ids"] for out in decoded] == single_instance(prompts)

@@ -10,10 +10,18 @@ import urllib.request
 
 import pytest
 
-from .conftest import free_port, prompt
+from .conftest import MAX_TOKENS, free_port, nixl_reference, prompt
 from .engines import ROOT
 
 openai = pytest.importorskip("openai", reason="the openai client is in the test extra")
+PROMPTS = [prompt(129, 1), prompt(300, 1)]  # sharing 129 tokens: the decode server's own prefix cache may hold some
+
+
+@pytest.fixture(scope="module")
+def nixl_plain(vllm_model, engine_logs):
+    """NixlConnector P/D, offline engines with the servers' settings (prefix caching on,
+    vLLM's default steps), the prompts one at a time in the order the test sends them."""
+    return nixl_reference("nixl-http", vllm_model, PROMPTS, log_dir=engine_logs)
 
 
 def _server(model: str, port: int, kv_config: dict, log_path) -> subprocess.Popen:
@@ -69,11 +77,10 @@ def served(vllm_model, engine_logs, secret_file):
                 proc.kill()
 
 
-def test_openai_client_through_the_router_gets_single_instance_tokens(served, reference, vllm_model):
+def test_openai_client_through_the_router_gets_nixls_tokens(nixl_plain, served, vllm_model):
     client = openai.OpenAI(base_url=served["router"] + "/v1", api_key="unused")
-    prompts = [prompt(129, 1), prompt(300, 1)]
-    for p, expected in zip(prompts, reference(prompts)):
-        answer = client.completions.create(model=vllm_model, prompt=p, max_tokens=16, temperature=0,
+    for p, expected in zip(PROMPTS, nixl_plain.tokens(PROMPTS, MAX_TOKENS)):
+        answer = client.completions.create(model=vllm_model, prompt=p, max_tokens=MAX_TOKENS, temperature=0,
                                            extra_body={"return_token_ids": True})
         assert answer.choices[0].token_ids == expected
         report = answer.model_extra["kv_transfer_params"]["kvwire"]
