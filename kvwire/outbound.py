@@ -288,8 +288,10 @@ class Transfer:
         with self._cv:
             return [i for i, seg in enumerate(self._segments) if seg is not None and not self._acked[i]]
 
-    def _layer_acked(self, layer: int) -> bool:
-        """Record the receiver's ack; True when the whole request is confirmed."""
+    def _layer_acked(self, layer: int, on_complete=None) -> bool:
+        """Record the receiver's ack; True when the whole request is confirmed, and then
+        ``on_complete(stats)`` has run before ``finish()`` returns (the sender's metrics
+        count the request by the time its caller sees it done)."""
         with self._cv:
             if self._acked[layer] or self.error is not None:
                 return False
@@ -299,6 +301,8 @@ class Transfer:
                 return False
             self._finished_at = time.monotonic()
             self._segments = [[] for _ in self._segments]  # stop borrowing the caller's arrays
+            if on_complete is not None:
+                on_complete(self.stats)
             self._cv.notify_all()
             return True
 

@@ -457,11 +457,12 @@ class Sender:
 
     def _on_ack(self, msg: Ack) -> None:
         xfer = self._transfers.get(msg.rid)
-        if xfer is not None and 0 <= msg.layer < xfer.num_layers and xfer._layer_acked(msg.layer):
+        if xfer is not None and 0 <= msg.layer < xfer.num_layers and xfer._layer_acked(msg.layer, self._completed):
             with self._cv:
                 self._transfers.pop(msg.rid, None)
-            stats = xfer.stats
-            self._counters.completed(stats.wire_bytes, stats.seconds)
+
+    def _completed(self, stats) -> None:
+        self._counters.completed(stats.wire_bytes, stats.seconds)
 
     def _on_abort(self, msg: Abort) -> None:
         with self._cv:

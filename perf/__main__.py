@@ -133,23 +133,28 @@ def run_one(name: str, argv: list[str], quick: bool, out_dir: str = DEFAULT_OUT)
     stem = os.path.join(out_dir, name + ("-quick" if quick else ""))
     with open(stem + ".json", "w") as f:
         json.dump(result, f, indent=2)
+    png = _plot(module, name, result, stem + ".png")
+    if isinstance(result, dict) and result.get("failure"):
+        raise Failed(f"{result['failure']} (result in {stem}.json)")
+    return result, stem + ".json", png
+
+
+def _plot(module, name: str, result: dict, png: str) -> str | None:
+    """Draw ``result`` into ``png``; None without matplotlib (the measurement stands without its picture)."""
     try:
         from perf import plots
-    except ImportError as exc:  # the measurement stands without its picture
+    except ImportError as exc:
         print(f"perf {name}: no plot ({exc}: pip install -c constraints.txt -e '.[perf]')", file=sys.stderr)
-        return result, stem + ".json", None
-
+        return None
     plot = plots.PLOTS.get(name) or getattr(module, "plot", None) or plots.plot_generic
     try:
-        plot(result, stem + ".png")
+        plot(result, png)
     except Exception as exc:  # noqa: BLE001 - a plot that does not fit the result must not lose the result
         print(
             f"perf {name}: {plot.__name__} failed ({type(exc).__name__}: {exc}); generic plot instead", file=sys.stderr
         )
-        plots.plot_generic(result, stem + ".png")
-    if isinstance(result, dict) and result.get("failure"):
-        raise Failed(f"{result['failure']} (result in {stem}.json)")
-    return result, stem + ".json", stem + ".png"
+        plots.plot_generic(result, png)
+    return png
 
 
 def _dry_run(module, name: str, out_dir: str) -> dict:

@@ -14,8 +14,8 @@ near-tie of the tiny random model may flip).
     python -m perf vllm-pd --json                 # loopback + WAN (root), kvwire + NIXL
     python -m perf vllm-pd --quick --json         # CI smoke: loopback, 4 layers, kvwire + NIXL
 
-NIXL needs ``pip install --no-deps nixl-cu12==1.5.1 nixl==1.5.1``; without it its rows
-are skipped with the reason.
+NIXL comes with the test extra (``pip install -c constraints.txt -e '.[nixl]'``); without
+it its rows are skipped with the reason, and the tokens are not checked.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def _prompts(lengths, seed=5):
 
 def _nixl_missing() -> str | None:
     if importlib.util.find_spec("nixl") is None and importlib.util.find_spec("nixl_cu12") is None:
-        return "nixl is not installed (pip install --no-deps nixl-cu12==1.5.1 nixl==1.5.1)"
+        return "nixl is not installed (pip install -c constraints.txt -e '.[nixl]')"
     return None
 
 
@@ -75,7 +75,8 @@ def _pair(connector: str, model: str, logs: str, link=None):
         ports = (_port(), _port()) if link is None else (5601, 5602)
         env = {"UCX_TLS": "tcp,self"}
         decode = Engine("nixl-decode", model, "--connector", "NixlConnector", "--kv-role", "kv_both",
-                        "--load-failure-policy", "fail", log_dir=logs, env={**env, "VLLM_NIXL_SIDE_CHANNEL_PORT": str(ports[0]),
+                        "--load-failure-policy", "fail",  # a failed pull errs, never a silent recompute
+                        log_dir=logs, env={**env, "VLLM_NIXL_SIDE_CHANNEL_PORT": str(ports[0]),
                                            "VLLM_NIXL_SIDE_CHANNEL_HOST": host_d}, **launch)
         prefill = Engine("nixl-prefill", model, "--connector", "NixlConnector", "--kv-role", "kv_both",
                          log_dir=logs, env={**env, "VLLM_NIXL_SIDE_CHANNEL_PORT": str(ports[1]),
