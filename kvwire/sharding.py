@@ -94,7 +94,8 @@ class ShardedAxis:
         """The ranks holding ``head`` of ``segment`` (several where it is replicated)."""
         heads = self.segments[segment].num_heads
         if tp <= heads:
-            return range(head // (heads // tp), head // (heads // tp) + 1)
+            owner = head // (heads // tp)
+            return range(owner, owner + 1)
         copies = tp // heads
         return range(head * copies, (head + 1) * copies)
 

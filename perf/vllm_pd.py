@@ -29,7 +29,7 @@ import socket
 import statistics
 import tempfile
 
-from serving.vllm_engine import Engine, start_all
+from serving.vllm_engine import Engine, first_difference, nixl_engine, start_all
 
 QUICK_ARGS = ["--quick"]
 PAGE_BYTES = 64 << 10  # one block of one layer for this model (an attention block; GDN pages are padded to it)
@@ -73,14 +73,8 @@ def _pair(connector: str, model: str, logs: str, link=None):
                          json.dumps({"decode": listen}), log_dir=logs, **launch)
     else:
         ports = (_port(), _port()) if link is None else (5601, 5602)
-        env = {"UCX_TLS": "tcp,self"}
-        decode = Engine("nixl-decode", model, "--connector", "NixlConnector", "--kv-role", "kv_both",
-                        "--load-failure-policy", "fail",  # a failed pull errs, never a silent recompute
-                        log_dir=logs, env={**env, "VLLM_NIXL_SIDE_CHANNEL_PORT": str(ports[0]),
-                                           "VLLM_NIXL_SIDE_CHANNEL_HOST": host_d}, **launch)
-        prefill = Engine("nixl-prefill", model, "--connector", "NixlConnector", "--kv-role", "kv_both",
-                         log_dir=logs, env={**env, "VLLM_NIXL_SIDE_CHANNEL_PORT": str(ports[1]),
-                                            "VLLM_NIXL_SIDE_CHANNEL_HOST": host_p}, **launch)
+        decode = nixl_engine("nixl-decode", model, host=host_d, port=ports[0], log_dir=logs, **launch)
+        prefill = nixl_engine("nixl-prefill", model, host=host_p, port=ports[1], log_dir=logs, **launch)
     start_all(decode, prefill)
     return prefill, decode
 
@@ -190,9 +184,8 @@ def tokens_differ(mine: list[dict], theirs: list[dict]) -> list[str]:
     """Where kvwire's greedy tokens differ from NIXL's, per prompt (nothing: all equal)."""
     out = []
     for a, b in zip(mine, theirs):
-        if a["tokens"] != b["tokens"]:
-            at = next((i for i, (x, y) in enumerate(zip(a["tokens"], b["tokens"])) if x != y),
-                      min(len(a["tokens"]), len(b["tokens"])))
+        at = first_difference(a["tokens"], b["tokens"])
+        if at is not None:
             out.append(f"{a['prompt_tokens']}-token prompt, from token {at} ({a['tokens'][at:at + 1]} vs "
                        f"{b['tokens'][at:at + 1]})")
     return out

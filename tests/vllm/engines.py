@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import socket
 
-from serving.vllm_engine import ROOT, Engine, start_all  # noqa: F401  (the tests' engines)
+from serving.vllm_engine import ROOT, Engine, nixl_engine, start_all  # noqa: F401  (the tests' engines)
 
 
 def free_port() -> int:
@@ -62,8 +62,9 @@ class NixlPD:
     where depends on the machine. ``NixlPD.run`` starts the pair, sends each prompt alone
     (``one_by_one``, as the kvwire tests compare theirs) in the order given, so its prefix
     cache sees the history the kvwire pair's does, and stops the pair again: its engines'
-    UCX progress threads would otherwise compete with the tests for the CPU. The decode
-    side fails a load instead of recomputing, so a reference never comes from a recompute.
+    UCX progress threads would otherwise compete with the tests for the CPU. Its decode
+    side fails a load instead of recomputing (``nixl_engine``), so a reference never comes
+    from a recompute.
     """
 
     def __init__(self, made: dict[tuple, list[int]]):
@@ -75,10 +76,8 @@ class NixlPD:
         caching = ["--prefix-caching"] if prefix_caching else []
 
         def engine(side: str, extra=()) -> Engine:
-            env = {"UCX_TLS": "tcp,self", "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
-                   "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port())}
-            return Engine(f"{name}-{side}", model, "--connector", "NixlConnector", "--kv-role", "kv_both",
-                          "--load-failure-policy", "fail", *caching, *extra, log_dir=log_dir, env=env)
+            return nixl_engine(f"{name}-{side}", model, *caching, *extra, host="127.0.0.1", port=free_port(),
+                               log_dir=log_dir)
 
         decode, prefill = engine("decode"), engine("prefill", prefill_args)
         made: dict[tuple, list[int]] = {}
