@@ -6,7 +6,6 @@ import json
 import pytest
 
 from kvwire.integrations.vllm.config import ConnectorConfig
-
 from serving.vllm_engine import Engine
 
 
@@ -59,15 +58,3 @@ def test_a_port_in_use_stops_the_decode_engine_naming_it(vllm_model, engine_logs
     assert (f"kv_connector_extra_config['listen'] (rank 0): cannot listen on {address}: Address already in use"
             in log), log[-2000:]
 
-
-def test_a_lossy_codec_is_refused_where_kv_travels_as_whole_blocks(vllm_model, engine_logs):
-    """vLLM's CPU attention blocks are opaque (their rows are not tokens), so a codec's
-    scale groups would mix tokens and unused rows: refused at start-up, not garbled."""
-    engine = Engine("int8-on-cpu", vllm_model, "--kv-role", "kv_producer", "--kv-extra",
-                    json.dumps({"decode": "127.0.0.1:1", "codec": "int8"}), log_dir=engine_logs)
-    with pytest.raises(RuntimeError, match="exited"):
-        engine.wait_ready(240)
-    log = engine.log_text()
-    engine.close()
-    assert "kv_connector_extra_config['codec'] = 'int8' needs per-token KV" in log
-    assert "model.layers.1.self_attn.attn (vLLM's CPU attention layout) travels as whole blocks" in log

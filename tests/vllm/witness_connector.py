@@ -9,7 +9,9 @@ tensors, written to ``$KVWIRE_WITNESS_DIR`` as ``<kvwire id>.<side>.npz``.
   before its own step writes the last prompt token: the same, in the decode side's blocks.
 
 The blocks are indexed here from vLLM's block ids and the cache tensor's own shape, not
-through kvwire's gather/scatter, so a wrong block or row on either side shows.
+through kvwire's gather/scatter, so a wrong block or row on either side shows. A CPU
+attention block is read by token (its first ``num_tokens`` positions), since its other
+rows hold whatever each side's memory held.
 """
 
 from __future__ import annotations
@@ -39,7 +41,13 @@ def held_bytes(worker: ConnectorWorker, block_ids, num_tokens: int) -> dict[str,
             kernel_block = layer.kernel_block  # the cache tensor's block dimension
             ratio = layer.block_size // kernel_block
             kernel_ids = [b * ratio + k for b in ids for k in range(ratio)][: -(-num_tokens // kernel_block)]
-            rows = tensor[:, kernel_ids] if layer.form == "nhd" else tensor[kernel_ids]
+            if layer.form == "nhd":
+                rows = tensor[:, kernel_ids]
+            elif layer.form == "cpu":  # the block's interior by token (an order checked in test_cpu_blocks)
+                flat = tensor[kernel_ids].reshape(len(kernel_ids), -1)[:, layer.order]
+                rows = flat.reshape(len(kernel_ids) * kernel_block, -1)[:num_tokens]
+            else:
+                rows = tensor[kernel_ids]
             out[layer.name] = _raw(rows)
         else:
             slot = ids[-1]  # vLLM keeps the running state in the group's last block of the request

@@ -44,10 +44,12 @@ class AttentionLayer:
     - FlashAttention-style ``[2, blocks, block, kv_heads, head]``: ``kv`` per token,
       ``(kv_heads, 2, head)`` (keys then values), moved by token position; MLA
       ``[blocks, block, latent]``: ``latent`` per token, ``(1, latent)``.
-    - vLLM CPU ``[blocks, kv_heads, block, 2 * head]``: the rows of a block are not its
-      tokens (per block and head the kernel keeps keys, then values, in an ISA-specific
-      arrangement), so whole blocks travel as ``block_size`` rows each, tagged with the
-      block size: both sides must then use the same one (the handshake checks it).
+    - vLLM CPU ``[blocks, kv_heads, block, 2 * head]``: per block and head the kernel
+      keeps keys, then values, in an ISA-specific arrangement (AMX interleaves pairs of
+      tokens), so the rows of a block are not its tokens. ``cpu_token_order`` learns the
+      arrangement from the kernel's own write op; blocks are read and written through it,
+      and tokens travel as ``kv`` by position like any other layout: the two sides may
+      use different block sizes (vLLM derives them from the tensor-parallel size) or ISAs.
     """
 
     def __init__(self, name: str, cache, spec, num_blocks: int):
@@ -63,8 +65,9 @@ class AttentionLayer:
             self.form, self.kernel_block = "mla", shape[1]
             self.tensors = {"latent": TensorSpec((1, head), dtype, per_token=True)}
         elif len(shape) == 4 and shape[0] == num_blocks and shape[1] == heads and shape[3] == 2 * head:
-            self.form, self.kernel_block = "blocks", shape[2]
-            self.tensors = {f"kv_cpu_blocks_of_{shape[2]}": TensorSpec((heads, 2, head), dtype, per_token=True)}
+            self.form, self.kernel_block = "cpu", shape[2]
+            self.tensors = {"kv": TensorSpec((heads, 2, head), dtype, per_token=True)}
+            self.order = cpu_token_order(name, cache.dtype, shape[2], heads, head)
         elif len(shape) == 5 and shape[0] == 2 and shape[1] == num_blocks and shape[3:] == (heads, head):
             self.form, self.kernel_block = "nhd", shape[2]
             self.tensors = {"kv": TensorSpec((heads, 2, head), dtype, per_token=True)}
@@ -79,10 +82,6 @@ class AttentionLayer:
                              f"of the kernel's {self.kernel_block}")
         (self.wire_name,) = self.tensors
         self._torch = torch
-
-    @property
-    def moves_blocks(self) -> bool:
-        return self.form == "blocks"
 
     def _kernel_blocks(self, block_ids, start: int, stop: int):
         """Kernel block ids of the request's blocks covering tokens start..stop-1."""
@@ -105,13 +104,16 @@ class AttentionLayer:
         local = positions // self.kernel_block - start // self.kernel_block
         return blocks[local.to(blocks.device)], (positions % self.kernel_block).to(self.cache.device)
 
+    def _cpu_tokens(self, blocks):
+        """Kernel blocks ``blocks`` of the CPU layout as per-token ``(tokens, heads, 2, head)``."""
+        flat = self.cache[blocks].reshape(len(blocks), -1)
+        return flat[:, self.order].reshape(len(blocks) * self.kernel_block, *self.tensors["kv"].shape)
+
     def gather(self, block_ids, num_tokens: int) -> dict:
-        """Tokens 0..num_tokens-1 (whole blocks: a multiple of the block size), contiguous,
-        in kvwire's per-token shape (one copy)."""
+        """Tokens 0..num_tokens-1, contiguous, in kvwire's per-token shape."""
         name = self.wire_name
-        if self.form == "blocks":
-            blocks = self._kernel_blocks(block_ids, 0, num_tokens)
-            return {name: self.cache[blocks].reshape(num_tokens, *self.tensors[name].shape)}
+        if self.form == "cpu":
+            return {name: self._cpu_tokens(self._kernel_blocks(block_ids, 0, num_tokens))[:num_tokens]}
         blocks, rows = self._rows(block_ids, 0, num_tokens)
         if self.form == "nhd":  # advanced indices side by side stay in place: [2, tokens, heads, head]
             return {name: self.cache[:, blocks, rows].permute(1, 2, 0, 3).contiguous()}
@@ -119,21 +121,71 @@ class AttentionLayer:
 
     def scatter(self, block_ids, start: int, num_tokens: int, tensors: dict) -> None:
         """Write tokens start..num_tokens-1 of received ``tensors`` into this engine's
-        blocks (whole blocks from the one holding ``start``, for the CPU layout)."""
+        blocks. On CPU the rows before ``start`` (a local prefix hit) are kept and the
+        rows past the prompt in its last block are zeroed: vLLM's hybrid pool shares
+        memory between groups, so they may hold another group's state bits (NaN as bf16),
+        and the CPU kernel's tile arithmetic over masked rows would spread them."""
         if start >= num_tokens:
             return
         source = tensors[self.wire_name]
-        if self.form == "blocks":
+        if self.form == "cpu":  # read, modify, write the blocks holding those tokens
+            blocks = self._kernel_blocks(block_ids, start, num_tokens)
+            tokens = self._cpu_tokens(blocks)
             first = start - start % self.kernel_block
-            stop = -(-num_tokens // self.kernel_block) * self.kernel_block
-            blocks = self._kernel_blocks(block_ids, first, stop)
-            self.cache[blocks] = source[first:stop].reshape(len(blocks), *self.cache.shape[1:])
+            tokens[start - first:num_tokens - first] = source[start:num_tokens]
+            tokens[num_tokens - first:] = 0
+            flat = self.cache.new_empty((len(blocks), self.order.numel()))
+            flat[:, self.order] = tokens.reshape(len(blocks), -1)
+            self.cache[blocks] = flat.reshape(len(blocks), *self.cache.shape[1:])
             return
         blocks, rows = self._rows(block_ids, start, num_tokens)
         if self.form == "nhd":
             self.cache[:, blocks, rows] = source[start:num_tokens].permute(2, 0, 1, 3)
         else:
             self.cache[blocks, rows] = source[start:num_tokens, 0]
+
+
+def cpu_token_order(name: str, dtype, block_size: int, num_heads: int, head_size: int):
+    """Where vLLM's CPU attention kernel keeps each element of one block: ``order[e]`` is
+    the position, in the block's flat storage ``[heads, block, 2 * head]``, of element
+    ``e`` of its per-token view ``[block, heads, 2 (keys, values), head]``.
+
+    The arrangement is the kernel's (and differs by ISA), so it is learnt from the
+    kernel's own write op rather than copied here: each element is written as its index,
+    a few base-128 digits at a time (small integers are exact in bf16 and fp16), and read
+    back. A result that is not a permutation is refused rather than used.
+    """
+    import torch
+
+    try:
+        from vllm import _custom_ops as ops
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+    except ImportError as exc:
+        raise ValueError(f"KVWireConnector: layer {name!r}: vLLM's CPU attention ops are missing ({exc})") from None
+    if not dtype.is_floating_point or dtype.itemsize < 2:
+        raise ValueError(f"KVWireConnector: layer {name!r}: a {dtype} CPU KV cache is not supported "
+                         "(use kv_cache_dtype 'auto')")
+    isa = _get_attn_isa(dtype, block_size, head_size)
+    count = block_size * num_heads * 2 * head_size
+    element = torch.arange(count, dtype=torch.long).reshape(block_size, num_heads, 2, head_size)
+    owner = torch.zeros(count, dtype=torch.long)
+    cache = torch.zeros(1, num_heads, block_size * 2, head_size, dtype=dtype)
+    keys, values = cache.chunk(2, dim=2)
+    scale = 1
+    while scale < count:
+        cache.zero_()
+        digit = ((element // scale) % 128 + 1).to(dtype)  # 1..128: a written zero would not show
+        ops.cpu_attn_reshape_and_cache(digit[:, :, 0].contiguous(), digit[:, :, 1].contiguous(), keys, values,
+                                       torch.arange(block_size, dtype=torch.long), isa, k_scale=1.0, v_scale=1.0,
+                                       kv_cache_dtype="auto")
+        owner += (cache.reshape(-1).to(torch.long) - 1) * scale
+        scale *= 128
+    if not torch.equal(owner.sort().values, torch.arange(count)):
+        raise ValueError(f"KVWireConnector: layer {name!r}: vLLM's CPU attention kernel ({isa}) keeps a block in "
+                         "an arrangement kvwire cannot read")
+    order = torch.empty(count, dtype=torch.long)
+    order[owner] = torch.arange(count)
+    return order
 
 
 class StateLayer:
@@ -167,7 +219,7 @@ class CacheLayout:
     layout: KVLayout
 
     @classmethod
-    def build(cls, kv_cache_config, caches: dict[str, Any]) -> "CacheLayout":
+    def build(cls, kv_cache_config, caches: dict[str, Any]) -> CacheLayout:
         """From vLLM's ``kv_cache_config`` and each layer's cache as the model uses it
         (``static_forward_context[name].kv_cache``: a tensor, or a tuple of state views)."""
         group_of, spec_of = {}, {}
@@ -190,15 +242,6 @@ class CacheLayout:
                 layers.append(AttentionLayer(name, cache, spec, kv_cache_config.num_blocks))
         layout = KVLayout([layer.tensors for layer in layers])
         return cls(layers, [group_of[n] for n in names], layout)
-
-    def wire_tokens(self, num_tokens: int) -> int:
-        """Tokens a push of ``num_tokens`` carries: rounded up to whole blocks where some
-        layer moves whole blocks (the rows past ``num_tokens`` are never read)."""
-        sizes = {layer.kernel_block for layer in self.layers if getattr(layer, "moves_blocks", False)}
-        if not sizes:
-            return num_tokens
-        block = max(sizes)
-        return -(-num_tokens // block) * block
 
     def names(self) -> str:
         """``0=model.layers.0.linear_attn, 1=...``: for errors that name kvwire layer indices."""

@@ -42,7 +42,7 @@ class ConnectorConfig:
     max_receive_mib: int = 4096  # consumer: receiver memory budget
 
     @classmethod
-    def parse(cls, extra: dict[str, Any] | None, *, role: str) -> "ConnectorConfig":
+    def parse(cls, extra: dict[str, Any] | None, *, role: str) -> ConnectorConfig:
         extra = dict(extra or {})
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(extra) - known)

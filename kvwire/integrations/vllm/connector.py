@@ -37,7 +37,7 @@ class KVWireWorkerMetadata(KVConnectorWorkerMetadata):
 
     outcomes: dict[str, tuple[bool, str | None, int, float]] = field(default_factory=dict)
 
-    def aggregate(self, other: "KVConnectorWorkerMetadata") -> "KVWireWorkerMetadata":
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVWireWorkerMetadata:
         merged = dict(self.outcomes)
         for req_id, outcome in getattr(other, "outcomes", {}).items():
             if req_id not in merged or not outcome[0]:  # one rank's failure fails the load

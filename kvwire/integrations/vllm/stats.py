@@ -38,7 +38,7 @@ class KVWireStats(KVConnectorStats):
         name = error if isinstance(error, str) else type(error).__name__
         self.data["failures"][name] = self.data["failures"].get(name, 0) + 1
 
-    def aggregate(self, other: KVConnectorStats) -> "KVWireStats":
+    def aggregate(self, other: KVConnectorStats) -> KVWireStats:
         theirs = other.data
         for key in _LISTS:
             self.data[key] = self.data[key] + list(theirs.get(key, ()))

@@ -88,14 +88,6 @@ class ConnectorWorker:
         self.cache = CacheLayout.build(self.kv_cache_config, caches)
         self.layer_of = {layer.name: i for i, layer in enumerate(self.cache.layers)}
         log.info("kvwire layout %s: %s", self.cache.layout.fingerprint, self.cache.names())
-        opaque = [layer.name for layer in self.cache.layers if getattr(layer, "moves_blocks", False)]
-        if self.config.codec != "none" and opaque:
-            # A lossy codec scales groups of values; in whole CPU blocks those mix tokens,
-            # including the unused rows of a request's last block (any bits at all).
-            raise ValueError(
-                f"KVWireConnector: kv_connector_extra_config['codec'] = {self.config.codec!r} needs per-token KV, "
-                f"but {opaque[0]} (vLLM's CPU attention layout) travels as whole blocks; use codec 'none' here"
-            )
         if self.role in ("kv_consumer", "kv_both"):
             listen = rank_address(self.config.listen, self.rank)
             try:
@@ -149,7 +141,7 @@ class ConnectorWorker:
     def _open(self, send: SendPlan) -> None:
         try:
             sender = self._sender(send.address).result(timeout=self.config.connect_timeout_s)
-            transfer = sender.open(send.kvwire_id, self.cache.wire_tokens(send.num_tokens), codec=self.config.codec,
+            transfer = sender.open(send.kvwire_id, send.num_tokens, codec=self.config.codec,
                                    timeout=self.config.transfer_timeout_s)
         except concurrent.futures.TimeoutError:
             self._send_failed(send, TransferTimeout(f"no connection to {send.address} within "
@@ -275,9 +267,9 @@ class ConnectorWorker:
                     raise TransferTimeout(f"no prefill instance pushed request {plan.kvwire_id!r} within "
                                           f"{self.config.load_timeout_s}s (load_timeout_s){refused}{where}") from None
                 return False
-            if load.handle.num_tokens != self.cache.wire_tokens(plan.num_tokens):
+            if load.handle.num_tokens != plan.num_tokens:
                 raise ValueError(f"the push of {plan.kvwire_id!r} holds {load.handle.num_tokens} tokens, this request "
-                                 f"needs {plan.num_tokens} (pushed as {self.cache.wire_tokens(plan.num_tokens)})")
+                                 f"needs {plan.num_tokens}")
         handle = load.handle
         if not handle.done:
             if handle.error is not None:
