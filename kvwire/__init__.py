@@ -17,6 +17,7 @@ from .inbound import ReceivedRequest
 from .layout import KVLayout, TensorSpec
 from .metrics import PeerMetrics
 from .outbound import Transfer, TransferStats
+from .probe import probe
 from .receiver import Receiver
 from .sender import Sender
 
@@ -42,4 +43,5 @@ __all__ = [
     "TransferAborted",
     "TransferStats",
     "TransferTimeout",
+    "probe",
 ]

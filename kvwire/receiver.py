@@ -145,6 +145,7 @@ class _Session:
 
     session_id: bytes
     peer: str
+    layout: KVLayout  # the sender's: the receiver's own or one it also accepts
     streams: list[_Stream] = field(default_factory=list)
     requests: dict[int, InboundRequest] = field(default_factory=dict)
     max_rid: int = -1
@@ -183,6 +184,12 @@ class Receiver:
     claim_timeout_s : float, optional
         Free a request that completed this long ago but that nobody ``wait()``-ed for
         (its engine-side consumer vanished); None keeps it until ``release``.
+    also_accepted : sequence of KVLayout
+        Other layouts senders may use (a tensor-parallel peer's shard pieces): each
+        session's requests take its sender's layout. ``expect`` uses ``layout``'s.
+    info : bytes
+        Published to authenticated probes (``kvwire.probe``), at most 64 KiB: what a
+        sender must know before it picks a layout (a decode instance's ranks, its TP).
     """
 
     def __init__(
@@ -199,8 +206,15 @@ class Receiver:
         resume_grace_s: float = 2.0,
         claim_timeout_s: float | None = None,
         transport_options=None,
+        also_accepted: Sequence[KVLayout] = (),
+        info: bytes = b"",
     ):
         self.layout = check_layout(layout, "Receiver")
+        self._layouts = {other.fingerprint: check_layout(other, "Receiver also_accepted") for other in also_accepted}
+        self._layouts[self.layout.fingerprint] = self.layout
+        if len(info) > 1 << 16:
+            raise ValueError(f"Receiver: info is {len(info)} bytes, at most 65536 travel in a handshake")
+        self._info = bytes(info)
         self._secret = check_secret(secret, "Receiver")
         check_positive("Receiver", max_bytes=max_bytes, max_request_timeout_s=max_request_timeout_s,
                        handshake_timeout_s=handshake_timeout_s, claim_timeout_s=claim_timeout_s)
@@ -375,11 +389,15 @@ class Receiver:
         try:
             conn = self._listener.start_tls(conn, self._handshake_timeout_s)
             conn.set_timeout(self._handshake_timeout_s)
-            hello = server_handshake(conn, layout=self.layout, secret=self._secret, welcome=self._welcome)
+            hello = server_handshake(conn, layout=self.layout, secret=self._secret, welcome=self._welcome,
+                                     also_accepted=self._layouts)
             conn.set_timeout(None)
         except KVWireError as exc:
             log.warning("refused connection from %s: %s: %s", conn.peer, type(exc).__name__, exc)
             self._refusals.append((time.monotonic(), conn.peer, exc))
+            conn.close()
+            return
+        if hello.probe:  # it had its answer (the info) in the Welcome
             conn.close()
             return
         stream = self._join(hello, conn)
@@ -393,13 +411,16 @@ class Receiver:
 
     def _welcome(self, hello) -> Welcome:
         with self._lock:
+            if hello.probe:
+                return Welcome(self._max_bytes, info=self._info)
             return Welcome(self._max_bytes, session_known=hello.session_id in self._sessions)
 
     def _join(self, hello, conn: Connection) -> _Stream:
         with self._lock:
             session = self._sessions.get(hello.session_id)
             if session is None:
-                session = self._sessions[hello.session_id] = _Session(hello.session_id, conn.peer)
+                layout = self._layouts[hello.fingerprint]
+                session = self._sessions[hello.session_id] = _Session(hello.session_id, conn.peer, layout)
             stream = _Stream(conn, session)
             session.streams.append(stream)
             session.orphaned_at = None
@@ -507,7 +528,7 @@ class Receiver:
 
     def _admit(self, msg: Open, session: _Session) -> InboundRequest:
         try:
-            self.layout.check_codec(msg.codec)
+            session.layout.check_codec(msg.codec)
         except ValueError as exc:
             raise RequestRejected(f"request {msg.request_id!r}: {exc}") from None
         timeout_s = min(msg.timeout_s, self._max_request_timeout_s)
@@ -522,7 +543,7 @@ class Receiver:
                     f"request {msg.request_id!r} was released by the receiving application before it arrived"
                 )
             expected = self._expected.pop(msg.request_id, None)
-            need = self.layout.receive_bytes(msg.num_tokens, msg.codec)
+            need = session.layout.receive_bytes(msg.num_tokens, msg.codec)
             if self._bytes_in_use + need > self._max_bytes:
                 raise RequestRejected(
                     f"request {msg.request_id!r} needs {need} bytes; receiver budget has "
@@ -531,7 +552,7 @@ class Receiver:
             state = InboundRequest(
                 msg.request_id,
                 msg.num_tokens,
-                self.layout,
+                session.layout,
                 msg.codec,
                 msg.chunk_bytes,
                 timeout_s,

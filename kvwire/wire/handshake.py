@@ -1,4 +1,6 @@
 """The handshake every stream starts with: version, mutual HMAC proof, layout check.
+A probe runs the same proofs without a layout and gets the receiver's published info
+(``Welcome.info``: for example a decode instance's ranks and geometry) instead of a stream.
 
 Sender: Hello -> receiver: Challenge -> sender: Auth -> receiver: Welcome or Reject.
 Each side proves the secret over both nonces and the session id, under its own label,
@@ -11,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from typing import Callable
+from typing import Callable, Container
 
 from ..errors import (
     AuthenticationError,
@@ -64,15 +66,18 @@ def _raise_if_reject(message) -> None:
 def client_handshake(
     conn: Connection,
     *,
-    layout: KVLayout,
+    layout: KVLayout | None,
     secret: bytes | None,
     session_id: bytes,
     stream_index: int,
     num_streams: int,
     resume: bool = False,
 ) -> Welcome:
-    """Run the sender's side; raises AuthenticationError, LayoutMismatchError, ..."""
-    hello = Hello(PROTOCOL_VERSION, session_id, stream_index, num_streams, layout.fingerprint, os.urandom(32), resume)
+    """Run the sender's side; raises AuthenticationError, LayoutMismatchError, ...
+    ``layout=None`` probes: the Welcome carries the receiver's info, and nothing follows."""
+    fingerprint = "" if layout is None else layout.fingerprint
+    hello = Hello(PROTOCOL_VERSION, session_id, stream_index, num_streams, fingerprint, os.urandom(32), resume,
+                  probe=layout is None)
     send_message(conn, hello)
     challenge = read_handshake_message(conn, framing.MAX_STREAM_HEADER_BYTES)
     _raise_if_reject(challenge)
@@ -83,7 +88,7 @@ def client_handshake(
             why = "has no secret configured" if not challenge.proof else "has a different secret"
             send_message(conn, Reject("auth", f"sender: receiver's proof is wrong (it {why})"))
             raise AuthenticationError(f"receiver at {conn.peer} failed to prove the shared secret (it {why})")
-    differs = challenge.fingerprint != layout.fingerprint
+    differs = layout is not None and challenge.fingerprint != layout.fingerprint
     proof = _proof(secret, _SENDER_LABEL, hello, challenge.nonce)
     send_message(conn, Auth(proof, layout.describe() if differs else None))
     reply = read_handshake_message(conn, framing.MAX_STREAM_HEADER_BYTES)
@@ -92,10 +97,16 @@ def client_handshake(
 
 
 def server_handshake(
-    conn: Connection, *, layout: KVLayout, secret: bytes | None, welcome: Callable[[Hello], Welcome]
+    conn: Connection,
+    *,
+    layout: KVLayout,
+    secret: bytes | None,
+    welcome: Callable[[Hello], Welcome],
+    also_accepted: Container[str] = (),
 ) -> Hello:
     """Run the receiver's side; refuses the peer (telling it why) and raises on failure.
-    ``welcome`` makes the accepting reply once the peer is authenticated."""
+    ``welcome`` makes the accepting reply once the peer is authenticated. A sender's layout
+    must be ``layout`` or have a fingerprint in ``also_accepted``; a probe has none."""
     hello = framing.expect(read_handshake_message(conn, framing.MAX_STREAM_HEADER_BYTES), Hello)
     if hello.protocol != PROTOCOL_VERSION:
         _refuse(
@@ -115,7 +126,7 @@ def server_handshake(
             _refuse(conn, AuthenticationError("sender sent no proof, but this receiver requires a secret"))
         if not hmac.compare_digest(expected, auth.proof):
             _refuse(conn, AuthenticationError("sender's proof of the shared secret is wrong (different secret)"))
-    if hello.fingerprint != layout.fingerprint:
+    if not hello.probe and hello.fingerprint != layout.fingerprint and hello.fingerprint not in also_accepted:
         _refuse(conn, LayoutMismatchError(_layout_difference(layout, auth)))
     send_message(conn, welcome(hello))
     return hello

@@ -11,7 +11,7 @@ from typing import Annotated, Literal, Union
 import msgspec
 from msgspec import Meta
 
-PROTOCOL_VERSION = 2  # 2: Data.algorithm
+PROTOCOL_VERSION = 3  # 2: Data.algorithm; 3: Hello.probe, Welcome.info
 
 Name = Annotated[str, Meta(min_length=1, max_length=256)]
 Reason = Annotated[str, Meta(max_length=4096)]
@@ -51,6 +51,7 @@ class Hello(_Message, tag="hello"):
     fingerprint: Annotated[str, Meta(max_length=64)]
     nonce: Nonce
     resume: bool = False  # replaces a lost stream of a session the receiver may still hold
+    probe: bool = False  # only asks for the receiver's published info (no layout, no session)
 
 
 class Challenge(_Message, tag="challenge"):
@@ -75,6 +76,7 @@ class Welcome(_Message, tag="welcome"):
 
     max_request_bytes: Count
     session_known: bool = False
+    info: Annotated[bytes, Meta(max_length=1 << 16)] = b""  # what the receiver publishes, to probes
 
 
 class Reject(_Message, tag="reject"):
