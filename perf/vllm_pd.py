@@ -11,8 +11,12 @@ on the same link (the same split and settings), or the run fails (``failure``); 
 one plain instance they are only reported (the split runs other bf16 kernels, so a
 near-tie of the tiny random model may flip).
 
-    python -m perf vllm-pd --json                 # loopback + WAN (root), kvwire + NIXL
-    python -m perf vllm-pd --quick --json         # CI smoke: loopback, 4 layers, kvwire + NIXL
+Tensor parallelism: ``--tp 1:1,2:1,1:2`` (the default) also runs a TP=2 prefill instance
+with a TP=1 decode instance and the reverse, each connector in that configuration (kvwire
+sends each decode rank its pieces; the rows carry the bytes the decode ranks took in all).
+
+    python -m perf vllm-pd --json                 # loopback + WAN (root), kvwire + NIXL, TP 1:1, 2:1, 1:2
+    python -m perf vllm-pd --quick --json         # CI smoke: loopback, 4 layers, kvwire + NIXL, TP 1:1
 
 NIXL comes with the test extra (``pip install -c constraints.txt -e '.[nixl]'``); without
 it its rows are skipped with the reason, and the tokens are not checked.
@@ -25,11 +29,10 @@ import contextlib
 import importlib.util
 import json
 import random
-import socket
 import statistics
 import tempfile
 
-from serving.vllm_engine import Engine, first_difference, nixl_engine, start_all
+from serving.vllm_engine import Engine, first_difference, free_port, nixl_engine, start_all
 
 QUICK_ARGS = ["--quick"]
 PAGE_BYTES = 64 << 10  # one block of one layer for this model (an attention block; GDN pages are padded to it)
@@ -39,12 +42,6 @@ def unavailable() -> str | None:
     if importlib.util.find_spec("vllm") is None:
         return "vLLM is not installed (pip install -e '.[vllm]')"
     return None
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _prompts(lengths, seed=5):
@@ -58,23 +55,29 @@ def _nixl_missing() -> str | None:
     return None
 
 
-def _pair(connector: str, model: str, logs: str, link=None):
-    """(prefill, decode) engines; in namespaces a and b of ``link`` when given."""
+def _tp_args(size: int) -> list[str]:
+    return ["--tensor-parallel-size", str(size)] if size > 1 else []
+
+
+def _pair(connector: str, model: str, logs: str, link=None, tp=(1, 1)):
+    """(prefill, decode) engines of TP sizes ``tp``; in namespaces a and b of ``link`` when given."""
     host_p, host_d = (link.addr_a, link.addr_b) if link else ("127.0.0.1", "127.0.0.1")
     launch = {}
     sides = iter("ba")
     if link is not None:
         launch["popen"] = lambda argv, **kw: link.popen(next(sides), argv, **kw)
+    prefill_args, decode_args = _tp_args(tp[0]), _tp_args(tp[1])
     if connector == "kvwire":
-        listen = f"{host_d}:{_port() if link is None else 7800}"
+        listen = f"{host_d}:{free_port(tp[1]) if link is None else 7800}"
         decode = Engine("kvwire-decode", model, "--kv-role", "kv_consumer", "--kv-extra",
-                        json.dumps({"listen": listen, "load_timeout_s": 120}), log_dir=logs, **launch)
+                        json.dumps({"listen": listen, "load_timeout_s": 120}), *decode_args, log_dir=logs, **launch)
         prefill = Engine("kvwire-prefill", model, "--kv-role", "kv_producer", "--kv-extra",
-                         json.dumps({"decode": listen}), log_dir=logs, **launch)
-    else:
-        ports = (_port(), _port()) if link is None else (5601, 5602)
-        decode = nixl_engine("nixl-decode", model, host=host_d, port=ports[0], log_dir=logs, **launch)
-        prefill = nixl_engine("nixl-prefill", model, host=host_p, port=ports[1], log_dir=logs, **launch)
+                         json.dumps({"decode": listen}), *prefill_args, log_dir=logs, **launch)
+    else:  # NIXL's side channel takes port + rank
+        ports = (free_port(tp[1]), free_port(tp[0])) if link is None else (5601, 5611)
+        decode = nixl_engine("nixl-decode", model, *decode_args, host=host_d, port=ports[0], log_dir=logs, **launch)
+        prefill = nixl_engine("nixl-prefill", model, *prefill_args, host=host_p, port=ports[1], log_dir=logs,
+                              **launch)
     start_all(decode, prefill)
     return prefill, decode
 
@@ -119,6 +122,7 @@ def run(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lengths", default="512,1024,3072")
     ap.add_argument("--links", default="loopback,wan")
     ap.add_argument("--connectors", default="kvwire,nixl")
+    ap.add_argument("--tp", default="1:1,2:1,1:2", help="prefill:decode tensor-parallel sizes, comma-separated")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rate-mbit", type=float, default=1000)
@@ -129,9 +133,11 @@ def run(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.quick:
         args.layers, args.lengths, args.links, args.connectors, args.repeats = 4, "256,700", "loopback", "kvwire,nixl", 1
+        args.tp = "1:1"
     from serving.model import vllm_tiny_config, write_tiny_checkpoint
 
     lengths = [int(n) for n in args.lengths.split(",")]
+    configurations = [tuple(int(n) for n in c.split(":")) for c in args.tp.split(",")]
     prompts = _prompts(lengths)
     result = {"benchmark": "vllm-pd", "quick": args.quick, "layers": args.layers, "lengths": lengths,
               "link": {"rate_mbit": args.rate_mbit, "rtt_ms": args.rtt_ms, "loss": args.loss},
@@ -142,9 +148,9 @@ def run(argv: list[str] | None = None) -> dict:
         single = Engine("single", model, log_dir=tmp).wait_ready()
         reference = [out["token_ids"] for out in single.generate(prompts, args.max_tokens)]
         single.close()
-        for link_name in args.links.split(","):
+        for link_name, tp in ((name, tp) for name in args.links.split(",") for tp in configurations):
             for connector in args.connectors.split(","):
-                key = f"{connector}/{link_name}"
+                key = _key(connector, link_name, tp)
                 reason = _nixl_missing() if connector == "nixl" else None
                 if link_name == "wan" and reason is None:
                     from kvwire.testing.wan import unavailable_reason
@@ -160,24 +166,30 @@ def run(argv: list[str] | None = None) -> dict:
 
                         link = stack.enter_context(WanLink(LinkSpec(rate_mbit=args.rate_mbit, rtt_ms=args.rtt_ms,
                                                                     loss=args.loss)))
-                    prefill, decode = _pair(connector, model, tmp, link)
+                    prefill, decode = _pair(connector, model, tmp, link, tp)
                     stack.callback(prefill.close)
                     stack.callback(decode.close)
                     warm = _prompts([64], seed=99)
                     _measure(prefill, decode, connector, warm, 2, [[]], args.layers, 1)
                     result["runs"][key] = _measure(prefill, decode, connector, prompts, args.max_tokens, reference,
                                                    args.layers, args.repeats)
-    for link_name in args.links.split(","):
-        mine, theirs = result["runs"].get(f"kvwire/{link_name}"), result["runs"].get(f"nixl/{link_name}")
+    for link_name, tp in ((name, tp) for name in args.links.split(",") for tp in configurations):
+        mine, theirs = result["runs"].get(_key("kvwire", link_name, tp)), result["runs"].get(_key("nixl", link_name, tp))
         if mine and theirs:
-            result.setdefault("ttft_ratio_kvwire_to_nixl", {})[link_name] = [
+            where = _key("", link_name, tp).lstrip("/")
+            result.setdefault("ttft_ratio_kvwire_to_nixl", {})[where] = [
                 round(a["ttft_s"] / b["ttft_s"], 3) for a, b in zip(mine, theirs)]
             differ = tokens_differ(mine, theirs)
-            result.setdefault("tokens_kvwire_equal_nixl", {})[link_name] = not differ
+            result.setdefault("tokens_kvwire_equal_nixl", {})[where] = not differ
             if differ:
-                result.setdefault("failure", f"kvwire's tokens differ from NixlConnector's on {link_name}: "
+                result.setdefault("failure", f"kvwire's tokens differ from NixlConnector's on {where}: "
                                              + "; ".join(differ))
     return result
+
+
+def _key(connector: str, link_name: str, tp: tuple[int, int]) -> str:
+    """``kvwire/loopback`` for TP 1:1, ``kvwire/loopback/tp2to1`` otherwise."""
+    return f"{connector}/{link_name}" + ("" if tp == (1, 1) else f"/tp{tp[0]}to{tp[1]}")
 
 
 def tokens_differ(mine: list[dict], theirs: list[dict]) -> list[str]:

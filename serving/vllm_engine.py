@@ -18,6 +18,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -40,7 +41,8 @@ def build(args):
         )
     return LLM(
         model=args.model, skip_tokenizer_init=True, enforce_eager=True, max_model_len=args.max_model_len,
-        distributed_executor_backend="uni", enable_prefix_caching=args.prefix_caching, seed=0,
+        distributed_executor_backend="uni" if args.tensor_parallel_size == 1 else "mp",
+        tensor_parallel_size=args.tensor_parallel_size, enable_prefix_caching=args.prefix_caching, seed=0,
         max_num_batched_tokens=args.max_num_batched_tokens, kv_transfer_config=kv_config,
     )
 
@@ -81,13 +83,23 @@ def main(argv=None) -> None:
     parser.add_argument("--prefix-caching", action="store_true")
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="ranks in worker processes; on CPU each is bound to a core of its own")
     args = parser.parse_args(argv)
+    if args.tensor_parallel_size > 1:  # vLLM CPU binds each rank's threads; one NUMA node here
+        cores = sorted(os.sched_getaffinity(0))
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND",
+                              "|".join(str(cores[r % len(cores)]) for r in range(args.tensor_parallel_size)))
     if args.connector_module is None and args.connector.startswith("KVWire"):
         args.connector_module = "kvwire.integrations.vllm"
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    out = sys.stdout
-    sys.stdout = sys.stderr  # vLLM's own prints must not mix with the JSON lines
+    # vLLM's own prints (and its worker processes', which inherit fd 1) must not mix with
+    # the JSON lines: those go to a copy of stdout, and fd 1 becomes stderr.
+    sys.stdout.flush()
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     llm = build(args)
     out.write(json.dumps({"ready": True, "free_blocks": free_blocks(llm)}) + "\n")
     out.flush()
@@ -191,6 +203,21 @@ def first_difference(tokens: list[int], other: list[int]) -> int | None:
     """The first position where two token lists differ (a length counts), or None."""
     at = next((i for i, (a, b) in enumerate(zip(tokens, other)) if a != b), min(len(tokens), len(other)))
     return None if at == len(tokens) == len(other) else at
+
+
+def free_port(count: int = 1) -> int:
+    """A free port, the first of ``count`` free in a row (a TP instance's ranks take port + r)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        try:
+            for port in range(base + 1, base + count):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
 
 
 def start_all(*engines: Engine) -> list[Engine]:

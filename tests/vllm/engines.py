@@ -4,15 +4,8 @@ and the reference a kvwire pair is judged by: vLLM's own P/D with ``NixlConnecto
 from __future__ import annotations
 
 import json
-import socket
 
-from serving.vllm_engine import ROOT, Engine, nixl_engine, start_all  # noqa: F401  (the tests' engines)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from serving.vllm_engine import ROOT, Engine, free_port, nixl_engine, start_all  # noqa: F401  (the tests' engines)
 
 
 def consumer_args(listen: str, *, secret_file=None, prefix_caching=True, policy="recompute", **extra) -> list[str]:
@@ -72,14 +65,14 @@ class NixlPD:
 
     @classmethod
     def run(cls, name: str, model: str, prompts, max_tokens: int, *, log_dir, prefix_caching=True,
-            prefill_args=()) -> NixlPD:
+            prefill_args=(), decode_args=()) -> NixlPD:
         caching = ["--prefix-caching"] if prefix_caching else []
 
         def engine(side: str, extra=()) -> Engine:
             return nixl_engine(f"{name}-{side}", model, *caching, *extra, host="127.0.0.1", port=free_port(),
                                log_dir=log_dir)
 
-        decode, prefill = engine("decode"), engine("prefill", prefill_args)
+        decode, prefill = engine("decode", decode_args), engine("prefill", prefill_args)
         made: dict[tuple, list[int]] = {}
         try:
             start_all(decode, prefill)

@@ -1,6 +1,7 @@
 """A witness for the transport's promise inside the engine: KVWireConnector as it is, plus
 a copy of the bytes each side holds for a pushed request, read straight from vLLM's cache
-tensors, written to ``$KVWIRE_WITNESS_DIR`` as ``<kvwire id>.<side>.npz``.
+tensors, written to ``$KVWIRE_WITNESS_DIR`` as ``<kvwire id>.<side>.npz`` (``.<side>.rank<r>.npz``
+for a rank of a tensor-parallel instance).
 
 - prefill: at the end of the step that completes the prompt (``wait_for_save``, before
   kvwire is handed the states), the request's attention blocks (every block holding its
@@ -27,7 +28,8 @@ from kvwire.integrations.vllm.worker import ConnectorWorker
 
 
 def _raw(tensor) -> np.ndarray:
-    return tensor.contiguous().view(-1).view(torch.uint8).numpy()  # written out at once: no copy needed
+    """The bytes, shaped like the tensor (its last dimension in bytes), so shards can be joined."""
+    return tensor.contiguous().view(torch.uint8).numpy()  # written out at once: no copy needed
 
 
 def held_bytes(worker: ConnectorWorker, block_ids, num_tokens: int) -> dict[str, np.ndarray]:
@@ -45,7 +47,7 @@ def held_bytes(worker: ConnectorWorker, block_ids, num_tokens: int) -> dict[str,
                 rows = tensor[:, kernel_ids]
             elif layer.form == "cpu":  # the block's interior by token (an order checked in test_cpu_blocks)
                 flat = tensor[kernel_ids].reshape(len(kernel_ids), -1)[:, layer.order]
-                rows = flat.reshape(len(kernel_ids) * kernel_block, -1)[:num_tokens]
+                rows = flat.reshape(len(kernel_ids) * kernel_block, *layer.tensors["kv"].shape)[:num_tokens]
             else:
                 rows = tensor[kernel_ids]
             out[layer.name] = _raw(rows)
@@ -56,22 +58,24 @@ def held_bytes(worker: ConnectorWorker, block_ids, num_tokens: int) -> dict[str,
     return out
 
 
-def _write(kvwire_id: str, side: str, arrays: dict[str, np.ndarray]) -> None:
+def _write(worker: ConnectorWorker, kvwire_id: str, side: str, arrays: dict[str, np.ndarray]) -> None:
+    """``<kvwire id>.<side>.npz``; a rank of a TP instance adds ``.rank<r>``."""
     folder = os.environ["KVWIRE_WITNESS_DIR"]
-    np.savez(os.path.join(folder, f"{kvwire_id}.{side}.npz"), **arrays)
+    rank = f".rank{worker.rank}" if worker.tp_size > 1 else ""
+    np.savez(os.path.join(folder, f"{kvwire_id}.{side}{rank}.npz"), **arrays)
 
 
 class WitnessWorker(ConnectorWorker):
     def wait_for_save(self) -> None:
         for push in self._pushes:
-            _write(push.plan.kvwire_id, "prefill", held_bytes(self, push.plan.block_ids, push.plan.num_tokens))
+            _write(self, push.plan.kvwire_id, "prefill", held_bytes(self, push.plan.block_ids, push.plan.num_tokens))
         super().wait_for_save()
 
     def land(self, plan, layers) -> None:
         super().land(plan, layers)
         arrays = held_bytes(self, plan.block_ids, plan.num_tokens)
         arrays["first_loaded_token"] = np.array([plan.first])
-        _write(plan.kvwire_id, "decode", arrays)
+        _write(self, plan.kvwire_id, "decode", arrays)
 
 
 class WitnessConnector(KVWireConnector):

@@ -243,6 +243,15 @@ class CacheLayout:
         layout = KVLayout([layer.tensors for layer in layers])
         return cls(layers, [group_of[n] for n in names], layout)
 
+    def kinds(self) -> list[str]:
+        """Each layer's kind for ``topology.geometry_of``: "attention", "mla" or "state"."""
+        return ["state" if isinstance(layer, StateLayer) else "mla" if layer.form == "mla" else "attention"
+                for layer in self.layers]
+
+    def block_size(self) -> int:
+        """The attention block size (0 without attention layers)."""
+        return max((layer.block_size for layer in self.layers if isinstance(layer, AttentionLayer)), default=0)
+
     def names(self) -> str:
         """``0=model.layers.0.linear_attn, 1=...``: for errors that name kvwire layer indices."""
         return ", ".join(f"{i}={layer.name}" for i, layer in enumerate(self.layers))

@@ -40,8 +40,11 @@ class KVWireWorkerMetadata(KVConnectorWorkerMetadata):
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVWireWorkerMetadata:
         merged = dict(self.outcomes)
         for req_id, outcome in getattr(other, "outcomes", {}).items():
-            if req_id not in merged or not outcome[0]:  # one rank's failure fails the load
+            mine = merged.get(req_id)
+            if mine is None or not outcome[0]:  # one rank's failure fails the load
                 merged[req_id] = outcome
+            elif mine[0]:  # every rank landed its shard: the request's bytes are theirs together
+                merged[req_id] = (True, None, mine[2] + outcome[2], max(mine[3], outcome[3]))
         return KVWireWorkerMetadata(merged)
 
 

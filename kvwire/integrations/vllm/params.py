@@ -31,6 +31,7 @@ class PushTarget(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True)
     num_tokens: int | None = None  # tokens pushed (the prompt less the one the decode side computes)
     layout: str | None = None  # the prefill instance's KVLayout fingerprint
     error: str | None = None  # the prefill side already knows the push failed
+    prefill_tp: int | None = None  # the prefill instance's tensor-parallel size (pieces travel per rank pair)
 
 
 class LoadReport(msgspec.Struct):

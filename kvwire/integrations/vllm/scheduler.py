@@ -45,6 +45,7 @@ class LoadPlan:
     num_tokens: int
     address: str | None = None  # the decode address the push was sent to, if known
     error: str | None = None  # the prefill side already knows there is no push: fail the load at once
+    prefill_tp: int | None = None  # the prefill instance's TP size (None: this instance's)
 
 
 @dataclass
@@ -54,7 +55,7 @@ class StepPlan:
     connect: list[str] = field(default_factory=list)  # decode addresses to dial ahead of a push
     sends: list[SendPlan] = field(default_factory=list)
     loads: list[LoadPlan] = field(default_factory=list)
-    releases: list[str] = field(default_factory=list)  # pushes nobody will load (kvwire ids)
+    releases: list[tuple[str, int | None]] = field(default_factory=list)  # pushes nobody will load (kvwire id, prefill TP)
 
 
 @dataclass
@@ -70,6 +71,7 @@ class ConnectorScheduler:
         self.config = config
         self.role = role
         self.has_state_layers = kv_cache_config.has_mamba_layers
+        self.tp_size = vllm_config.parallel_config.tensor_parallel_size
         self.kv_manager = None  # bound by the connector (bind_kv_cache_manager)
         transfer = vllm_config.kv_transfer_config
         self.recompute_failures = getattr(transfer, "kv_load_failure_policy", "recompute") == "recompute"
@@ -115,6 +117,7 @@ class ConnectorScheduler:
             request.max_tokens = 1
             params["_kvwire_truncated"] = True
         target.num_tokens = request.num_prompt_tokens
+        target.prefill_tp = self.tp_size
         self._producing[request.request_id] = _Producing(target, request.num_prompt_tokens)
 
     def _schedule_sends(self, scheduler_output) -> None:
@@ -179,12 +182,12 @@ class ConnectorScheduler:
         report = LoadReport(target.request_id, local_tokens=pushed - num_external_tokens)
         self._reports[request.request_id] = report
         if num_external_tokens <= 0:
-            self._plan.releases.append(target.request_id)  # all cached here: drop the push
+            self._plan.releases.append((target.request_id, target.prefill_tp))  # all cached here: drop the push
             return
         plan = LoadPlan(
             request.request_id, target.request_id,
             tuple(list(ids) for ids in self.kv_manager.get_block_ids(request.request_id)),
-            pushed - num_external_tokens, pushed, target.decode, target.error,
+            pushed - num_external_tokens, pushed, target.decode, target.error, target.prefill_tp,
         )
         self._loading[request.request_id] = plan
         self._plan.loads.append(plan)
@@ -217,7 +220,7 @@ class ConnectorScheduler:
             target = state.target
             if not state.sent and target.error is None:
                 target.error = f"the prefill of request {req_id} did not complete ({request.status.name})"
-                self._plan.releases.append(target.request_id)  # nothing is pushed
+                self._plan.releases.append((target.request_id, None))  # nothing is pushed
             return False, {
                 "do_remote_prefill": True,
                 "do_remote_decode": False,
@@ -227,7 +230,7 @@ class ConnectorScheduler:
             }
         loading = self._loading.pop(req_id, None)
         if loading is not None:  # finished (aborted) while its KV was still on the way
-            self._plan.releases.append(loading.kvwire_id)
+            self._plan.releases.append((loading.kvwire_id, loading.prefill_tp))
         report = self._reports.pop(req_id, None)
         if report is None:
             return False, None
