@@ -1,5 +1,6 @@
 """Two vLLM OpenAI servers with KVWireConnector behind ``kvwire-serve router``, driven
-with the ``openai`` client as a user would."""
+with the ``openai`` client as a user would: with the same tensor-parallel size, and with
+TP=2 -> TP=1 and TP=1 -> TP=2 (each judged against NixlConnector in that configuration)."""
 
 import json
 import os
@@ -15,20 +16,38 @@ from .engines import ROOT
 
 openai = pytest.importorskip("openai", reason="the openai client is in the test extra")
 PROMPTS = [prompt(129, 1), prompt(300, 1)]  # sharing 129 tokens: the decode server's own prefix cache may hold some
+CONFIGS = [(1, 1), (2, 1), (1, 2)]  # (prefill TP, decode TP)
+pytestmark = pytest.mark.timeout(600)  # a configuration starts four engines, TP ones with worker processes
+
+
+def _tp_args(size: int) -> list[str]:
+    return ["--tensor-parallel-size", str(size)] if size > 1 else []
+
+
+@pytest.fixture(scope="module", params=CONFIGS, ids=[f"prefill_tp{p}-decode_tp{d}" for p, d in CONFIGS])
+def tp(request):
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def nixl_plain(vllm_model, engine_logs):
+def nixl_plain(tp, vllm_model, engine_logs):
     """NixlConnector P/D, offline engines with the servers' settings (prefix caching on,
-    vLLM's default steps), the prompts one at a time in the order the test sends them."""
-    return nixl_reference("nixl-http", vllm_model, PROMPTS, log_dir=engine_logs)
+    vLLM's default steps, the TP sizes), the prompts one at a time in the order the test
+    sends them."""
+    return nixl_reference(f"nixl-http-tp{tp[0]}to{tp[1]}", vllm_model, PROMPTS, log_dir=engine_logs,
+                          prefill_args=_tp_args(tp[0]), decode_args=_tp_args(tp[1]))
 
 
-def _server(model: str, port: int, kv_config: dict, log_path) -> subprocess.Popen:
+def _server(model: str, port: int, kv_config: dict, log_path, tp_size: int = 1) -> subprocess.Popen:
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1", PYTHONPATH=ROOT)
+    parallel = ["--distributed-executor-backend", "uni"]
+    if tp_size > 1:  # vLLM CPU binds each rank's threads to a core
+        cores = sorted(os.sched_getaffinity(0))
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(cores[r % len(cores)]) for r in range(tp_size))
+        parallel = ["--distributed-executor-backend", "mp", "--tensor-parallel-size", str(tp_size)]
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
-            "--skip-tokenizer-init", "--enforce-eager", "--max-model-len", "4096",
-            "--distributed-executor-backend", "uni", "--kv-transfer-config", json.dumps(kv_config)]
+            "--skip-tokenizer-init", "--enforce-eager", "--max-model-len", "4096", *parallel,
+            "--kv-transfer-config", json.dumps(kv_config)]
     return subprocess.Popen(argv, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
 
@@ -46,16 +65,16 @@ def _wait_http(url: str, proc: subprocess.Popen, log_path, timeout: float = 240.
 
 
 @pytest.fixture(scope="module")
-def served(vllm_model, engine_logs, secret_file):
-    """decode and prefill vLLM servers and the router in front of them."""
-    decode_port, prefill_port, router_port, kv_port = free_port(), free_port(), free_port(), free_port()
+def served(tp, vllm_model, engine_logs, secret_file):
+    """decode and prefill vLLM servers (TP sizes ``tp``) and the router in front of them."""
+    decode_port, prefill_port, router_port, kv_port = free_port(), free_port(), free_port(), free_port(tp[1])
     connector = {"kv_connector": "KVWireConnector", "kv_connector_module_path": "kvwire.integrations.vllm"}
-    logs = {name: engine_logs / f"http-{name}.log" for name in ("decode", "prefill", "router")}
+    logs = {name: engine_logs / f"http-tp{tp[0]}to{tp[1]}-{name}.log" for name in ("decode", "prefill", "router")}
     procs = {
         "decode": _server(vllm_model, decode_port, {**connector, "kv_role": "kv_consumer", "kv_connector_extra_config": {
-            "listen": f"127.0.0.1:{kv_port}", "secret_file": str(secret_file)}}, logs["decode"]),
+            "listen": f"127.0.0.1:{kv_port}", "secret_file": str(secret_file)}}, logs["decode"], tp[1]),
         "prefill": _server(vllm_model, prefill_port, {**connector, "kv_role": "kv_producer", "kv_connector_extra_config": {
-            "secret_file": str(secret_file)}}, logs["prefill"]),
+            "secret_file": str(secret_file)}}, logs["prefill"], tp[0]),
     }
     decode_url, prefill_url = f"http://127.0.0.1:{decode_port}", f"http://127.0.0.1:{prefill_port}"
     try:
@@ -77,7 +96,7 @@ def served(vllm_model, engine_logs, secret_file):
                 proc.kill()
 
 
-def test_openai_client_through_the_router_gets_nixls_tokens(nixl_plain, served, vllm_model):
+def test_openai_client_through_the_router_gets_nixls_tokens(tp, nixl_plain, served, vllm_model):
     client = openai.OpenAI(base_url=served["router"] + "/v1", api_key="unused")
     for p, expected in zip(PROMPTS, nixl_plain.tokens(PROMPTS, MAX_TOKENS)):
         answer = client.completions.create(model=vllm_model, prompt=p, max_tokens=MAX_TOKENS, temperature=0,
@@ -91,6 +110,7 @@ def test_openai_client_through_the_router_gets_nixls_tokens(nixl_plain, served, 
         route = answer.model_extra["kvwire"]
         assert route["prefill_worker"] == served["prefill"] and route["decode_worker"] == served["decode"]
         assert route["push"]["num_tokens"] == len(p) - 1
+        assert route["push"]["prefill_tp"] == tp[0]
 
 
 def test_router_health_knows_the_vllm_servers_and_metrics_reach_prometheus(served):
