@@ -57,7 +57,9 @@ def test_another_model_is_refused_before_anything_is_pushed(tp_pair, other_model
     """The pair's prefill instance sent to a decode instance of another model (twice the KV
     heads, TP=1): with the same TP the decode side refuses the kvwire handshake, naming the
     layer; with another TP the prefill rank refuses at the probe, naming the layer and both
-    TP sizes. Nothing is loaded; the decode side computes the prompt itself."""
+    TP sizes. Nothing is loaded; the decode side computes the prompt itself. The prefill
+    instance remembers the refusal: the next request's answer carries the reason, and its
+    decode request fails over at once."""
     prefill_tp, _, _, prefill, _ = tp_pair
     listen = f"127.0.0.1:{free_port()}"
     stranger = Engine(f"other-model-decode-for-tp{prefill_tp}", other_model,
@@ -74,5 +76,10 @@ def test_another_model_is_refused_before_anything_is_pushed(tp_pair, other_model
             assert ("LayoutMismatchError: the decode instance at 127.0.0.1:" in prefill.log_text()
                     and "(TP 1) and this prefill instance (TP 2) hold another model: layer 1: kv bfloat16[2, 2, "
                     in prefill.log_text()), prefill.log_tail()
+        _, (again,) = one_by_one(prefill, stranger, [prompt(90, 85)], MAX_TOKENS, [{"decode": listen}])
+        report = again["kv_transfer_params"]["kvwire"]
+        assert report["recomputed"] is True and "PushFailed" in report["error"], report
+        assert f"cannot push to the decode instance at {listen}: LayoutMismatchError" in report["error"], report
+        assert "layer 1" in report["error"], report
     finally:
         stranger.close()

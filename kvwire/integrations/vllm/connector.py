@@ -33,9 +33,12 @@ class KVWireMetadata(KVConnectorMetadata):
 
 @dataclass
 class KVWireWorkerMetadata(KVConnectorWorkerMetadata):
-    """Load outcomes, worker -> scheduler: {req_id: (ok, error, bytes, seconds)}."""
+    """Worker -> scheduler: load outcomes {req_id: (ok, error, bytes, seconds)}, and decode
+    addresses this prefill instance cannot pair with {address: why} (another model, TP
+    sizes that do not divide), so later requests to them say why at once."""
 
     outcomes: dict[str, tuple[bool, str | None, int, float]] = field(default_factory=dict)
+    unpairable: dict[str, str] = field(default_factory=dict)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVWireWorkerMetadata:
         merged = dict(self.outcomes)
@@ -45,7 +48,7 @@ class KVWireWorkerMetadata(KVConnectorWorkerMetadata):
                 merged[req_id] = outcome
             elif mine[0]:  # every rank landed its shard: the request's bytes are theirs together
                 merged[req_id] = (True, None, mine[2] + outcome[2], max(mine[3], outcome[3]))
-        return KVWireWorkerMetadata(merged)
+        return KVWireWorkerMetadata(merged, {**self.unpairable, **getattr(other, "unpairable", {})})
 
 
 class KVWireConnector(KVConnectorBase_V1, SupportsHMA):
@@ -90,6 +93,8 @@ class KVWireConnector(KVConnectorBase_V1, SupportsHMA):
         meta = connector_output.kv_connector_worker_meta
         for req_id, (ok, error, nbytes, seconds) in getattr(meta, "outcomes", {}).items():
             self.scheduler.loaded(req_id, ok=ok, error=error, nbytes=nbytes, seconds=seconds)
+        for address, why in getattr(meta, "unpairable", {}).items():
+            self.scheduler.unpairable(address, why)
 
     def request_finished(self, request, block_ids) -> tuple[bool, dict[str, Any] | None]:
         return self.scheduler.request_finished(request, block_ids)
@@ -119,8 +124,8 @@ class KVWireConnector(KVConnectorBase_V1, SupportsHMA):
         return KVConnectorTransferResults(finished_recving=finished, failed_recving=failed)
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
-        outcomes = self.worker.take_outcomes()
-        return KVWireWorkerMetadata(outcomes) if outcomes else None
+        outcomes, unpairable = self.worker.take_outcomes()
+        return KVWireWorkerMetadata(outcomes, unpairable) if outcomes or unpairable else None
 
     def get_kv_connector_stats(self):
         return self.worker.take_stats() if self.worker is not None else None

@@ -14,6 +14,7 @@ it finished once every layer arrived verified and sits in this instance's own bl
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,8 @@ from .config import ConnectorConfig
 from .params import LoadReport, PushTarget, new_request_id, push_target, to_dict
 
 log = logging.getLogger(__name__)
+
+UNPAIRABLE_FOR_S = 30.0  # how long a decode instance refused at the probe is not tried again
 
 
 @dataclass
@@ -78,6 +81,7 @@ class ConnectorScheduler:
         self._producing: dict[str, _Producing] = {}
         self._loading: dict[str, LoadPlan] = {}
         self._reports: dict[str, LoadReport] = {}
+        self._unpairable: dict[str, tuple[str, float]] = {}  # decode address -> (why, when learnt)
         self._plan = StepPlan()
 
     # -- prefill side ----------------------------------------------------------------------
@@ -100,6 +104,12 @@ class ConnectorScheduler:
         except ValueError as exc:
             target = PushTarget(error=str(exc))
         target.decode = target.decode or self.config.decode
+        refused = self._unpairable.get(target.decode)
+        if refused is not None and target.error is None:
+            if time.monotonic() - refused[1] < UNPAIRABLE_FOR_S:
+                target.error = f"this prefill instance cannot push to the decode instance at {target.decode}: {refused[0]}"
+            else:  # it may have been fixed: probe it again
+                del self._unpairable[target.decode]
         target.request_id = target.request_id or new_request_id(request.request_id)
         if target.decode is None and target.error is None:
             target.error = ("no decode address: the prefill request's kv_transfer_params['kvwire']['decode'] "
@@ -139,6 +149,10 @@ class ConnectorScheduler:
                     req_id, state.target.request_id, state.target.decode,
                     tuple(list(ids) for ids in self.kv_manager.get_block_ids(req_id)), state.num_tokens,
                 ))
+
+    def unpairable(self, address: str, why: str) -> None:
+        """A worker found that this instance cannot push to ``address`` at all."""
+        self._unpairable[address] = (why, time.monotonic())
 
     # -- decode side -----------------------------------------------------------------------
 

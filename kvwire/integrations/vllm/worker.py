@@ -136,6 +136,7 @@ class ConnectorWorker:
         self._lock = threading.Lock()
         self._stats = KVWireStats()
         self._outcomes: dict[str, tuple[bool, str | None, int, float]] = {}  # for the scheduler
+        self._unpairable: dict[str, str] = {}  # decode addresses refused at the probe, for the scheduler
 
     # -- set-up ----------------------------------------------------------------------------
 
@@ -258,6 +259,8 @@ class ConnectorWorker:
                 stale = self._senders.pop(send.address, None)  # dial afresh next time
                 if stale is not None and stale.done() and stale.exception() is None:
                     stale.result().close()
+            if isinstance(exc, LayoutMismatchError):
+                self._unpairable[send.address] = f"{type(exc).__name__}: {exc}"
             self._send_failed(send, exc)
             return
         self._pushes.append(_Push(send, route, transfers))
@@ -456,9 +459,10 @@ class ConnectorWorker:
 
     # -- reporting -------------------------------------------------------------------------
 
-    def take_outcomes(self) -> dict[str, tuple[bool, str | None, int, float]]:
+    def take_outcomes(self) -> tuple[dict[str, tuple[bool, str | None, int, float]], dict[str, str]]:
         outcomes, self._outcomes = self._outcomes, {}
-        return outcomes
+        unpairable, self._unpairable = self._unpairable, {}
+        return outcomes, unpairable
 
     def take_stats(self) -> KVWireStats | None:
         with self._lock:
