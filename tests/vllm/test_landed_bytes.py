@@ -10,18 +10,24 @@ from .conftest import MAX_TOKENS, free_port, loaded, prompt
 from .engines import Engine, consumer_args, disaggregated, producer_args, start_all
 
 
-@pytest.fixture(scope="module")
-def witnessed(vllm_model, engine_logs, secret_file, tmp_path_factory):
-    """A pair running the witness connector (prefix caching off: every token travels)."""
-    folder = tmp_path_factory.mktemp("witness")
+def witness_pair(name: str, model: str, folder, engine_logs, secret_file, prefill_args=()) -> tuple[Engine, Engine]:
+    """(prefill, decode) running the witness connector, writing into ``folder`` (prefix
+    caching off: every token travels)."""
     listen = f"127.0.0.1:{free_port()}"
     witness = ["--connector", "WitnessConnector", "--connector-module", "tests.vllm.witness_connector"]
     env = {"KVWIRE_WITNESS_DIR": str(folder)}
-    decode = Engine("witness-decode", vllm_model, *witness, *consumer_args(listen, secret_file=secret_file,
+    decode = Engine(f"{name}-decode", model, *witness, *consumer_args(listen, secret_file=secret_file,
                     prefix_caching=False), log_dir=engine_logs, env=env)
-    prefill = Engine("witness-prefill", vllm_model, *witness, *producer_args(listen, secret_file=secret_file,
-                     prefix_caching=False), log_dir=engine_logs, env=env)
+    prefill = Engine(f"{name}-prefill", model, *witness, *producer_args(listen, secret_file=secret_file,
+                     prefix_caching=False), *prefill_args, log_dir=engine_logs, env=env)
     start_all(decode, prefill)
+    return prefill, decode
+
+
+@pytest.fixture(scope="module")
+def witnessed(vllm_model, engine_logs, secret_file, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("witness")
+    prefill, decode = witness_pair("witness", vllm_model, folder, engine_logs, secret_file)
     yield prefill, decode, folder
     prefill.close()
     decode.close()
@@ -67,15 +73,9 @@ def test_a_tp2_prefill_lands_the_bytes_a_tp1_decode_holds(vllm_model, engine_log
     from serving.model import vllm_tiny_config
 
     folder = tmp_path_factory.mktemp("witness-tp")
-    listen = f"127.0.0.1:{free_port()}"
-    witness = ["--connector", "WitnessConnector", "--connector-module", "tests.vllm.witness_connector"]
-    env = {"KVWIRE_WITNESS_DIR": str(folder)}
-    decode = Engine("witness-tp1-decode", vllm_model, *witness, *consumer_args(listen, secret_file=secret_file,
-                    prefix_caching=False), log_dir=engine_logs, env=env)
-    prefill = Engine("witness-tp2-prefill", vllm_model, *witness, *producer_args(listen, secret_file=secret_file,
-                     prefix_caching=False), "--tensor-parallel-size", "2", log_dir=engine_logs, env=env)
+    prefill, decode = witness_pair("witness-tp2to1", vllm_model, folder, engine_logs, secret_file,
+                                   ["--tensor-parallel-size", "2"])
     try:
-        start_all(decode, prefill)
         _, decoded = disaggregated(prefill, decode, [prompt(400, 73)], MAX_TOKENS, [{"request_id": "witness-tp"}])
         assert loaded(decoded) == [399]
     finally:

@@ -346,6 +346,8 @@ class ConnectorWorker:
         None where the prefill instance has this TP (one push of this rank's whole shard)."""
         if prefill_tp is None or prefill_tp == self.tp_size:
             return {kvwire_id: None}
+        if self.geometry.unsharded():
+            return {}  # no push can come (the prefill side refused to pair)
         sources = topology.sources_of(self.geometry, prefill_tp, self.tp_size, self.rank)
         return {f"{kvwire_id}/{source}": source for source in sources}
 
@@ -393,6 +395,10 @@ class ConnectorWorker:
             raise PushFailed(f"the prefill instance reported: {plan.error}")
         waited = time.monotonic() - load.started_monotonic
         push_ids = self._push_ids(plan.kvwire_id, plan.prefill_tp)
+        if not push_ids:
+            raise LayoutMismatchError(
+                f"a prefill instance of TP {plan.prefill_tp} cannot push to this one (TP {self.tp_size}): kvwire does "
+                f"not know how vLLM shards {self.geometry.unsharded()[0]} across ranks")
         for push_id in push_ids:
             if push_id in load.handles:
                 continue
