@@ -32,7 +32,7 @@ import random
 import statistics
 import tempfile
 
-from serving.vllm_engine import Engine, first_difference, free_port, nixl_engine, start_all
+from serving.vllm_engine import Engine, first_difference, free_port, nixl_engine, start_all, tensor_parallel_args
 
 QUICK_ARGS = ["--quick"]
 PAGE_BYTES = 64 << 10  # one block of one layer for this model (an attention block; GDN pages are padded to it)
@@ -55,10 +55,6 @@ def _nixl_missing() -> str | None:
     return None
 
 
-def _tp_args(size: int) -> list[str]:
-    return ["--tensor-parallel-size", str(size)] if size > 1 else []
-
-
 def _pair(connector: str, model: str, logs: str, link=None, tp=(1, 1)):
     """(prefill, decode) engines of TP sizes ``tp``; in namespaces a and b of ``link`` when given."""
     host_p, host_d = (link.addr_a, link.addr_b) if link else ("127.0.0.1", "127.0.0.1")
@@ -66,7 +62,7 @@ def _pair(connector: str, model: str, logs: str, link=None, tp=(1, 1)):
     sides = iter("ba")
     if link is not None:
         launch["popen"] = lambda argv, **kw: link.popen(next(sides), argv, **kw)
-    prefill_args, decode_args = _tp_args(tp[0]), _tp_args(tp[1])
+    prefill_args, decode_args = tensor_parallel_args(tp[0]), tensor_parallel_args(tp[1])
     if connector == "kvwire":
         listen = f"{host_d}:{free_port(tp[1]) if link is None else 7800}"
         decode = Engine("kvwire-decode", model, "--kv-role", "kv_consumer", "--kv-extra",

@@ -27,6 +27,18 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def tensor_parallel_args(size: int) -> list[str]:
+    """This module's flags for an engine of ``size`` ranks (none for one)."""
+    return ["--tensor-parallel-size", str(size)] if size > 1 else []
+
+
+def cpu_thread_binding(size: int) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for ``size`` ranks, a core of this process's each: vLLM
+    CPU binds each rank's threads, and on one NUMA node refuses two ranks without it."""
+    cores = sorted(os.sched_getaffinity(0))
+    return "|".join(str(cores[r % len(cores)]) for r in range(size))
+
+
 def build(args):
     from vllm import LLM
     from vllm.config import KVTransferConfig
@@ -86,10 +98,8 @@ def main(argv=None) -> None:
     parser.add_argument("--tensor-parallel-size", type=int, default=1,
                         help="ranks in worker processes; on CPU each is bound to a core of its own")
     args = parser.parse_args(argv)
-    if args.tensor_parallel_size > 1:  # vLLM CPU binds each rank's threads; one NUMA node here
-        cores = sorted(os.sched_getaffinity(0))
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND",
-                              "|".join(str(cores[r % len(cores)]) for r in range(args.tensor_parallel_size)))
+    if args.tensor_parallel_size > 1:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_thread_binding(args.tensor_parallel_size))
     if args.connector_module is None and args.connector.startswith("KVWire"):
         args.connector_module = "kvwire.integrations.vllm"
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

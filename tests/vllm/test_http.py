@@ -12,16 +12,14 @@ import urllib.request
 import pytest
 
 from .conftest import MAX_TOKENS, free_port, nixl_reference, prompt
+from serving.vllm_engine import cpu_thread_binding, tensor_parallel_args
+
 from .engines import ROOT
 
 openai = pytest.importorskip("openai", reason="the openai client is in the test extra")
 PROMPTS = [prompt(129, 1), prompt(300, 1)]  # sharing 129 tokens: the decode server's own prefix cache may hold some
 CONFIGS = [(1, 1), (2, 1), (1, 2)]  # (prefill TP, decode TP)
 pytestmark = pytest.mark.timeout(600)  # a configuration starts four engines, TP ones with worker processes
-
-
-def _tp_args(size: int) -> list[str]:
-    return ["--tensor-parallel-size", str(size)] if size > 1 else []
 
 
 @pytest.fixture(scope="module", params=CONFIGS, ids=[f"prefill_tp{p}-decode_tp{d}" for p, d in CONFIGS])
@@ -35,15 +33,14 @@ def nixl_plain(tp, vllm_model, engine_logs):
     vLLM's default steps, the TP sizes), the prompts one at a time in the order the test
     sends them."""
     return nixl_reference(f"nixl-http-tp{tp[0]}to{tp[1]}", vllm_model, PROMPTS, log_dir=engine_logs,
-                          prefill_args=_tp_args(tp[0]), decode_args=_tp_args(tp[1]))
+                          prefill_args=tensor_parallel_args(tp[0]), decode_args=tensor_parallel_args(tp[1]))
 
 
 def _server(model: str, port: int, kv_config: dict, log_path, tp_size: int = 1) -> subprocess.Popen:
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1", PYTHONPATH=ROOT)
     parallel = ["--distributed-executor-backend", "uni"]
-    if tp_size > 1:  # vLLM CPU binds each rank's threads to a core
-        cores = sorted(os.sched_getaffinity(0))
-        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(cores[r % len(cores)]) for r in range(tp_size))
+    if tp_size > 1:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(tp_size)
         parallel = ["--distributed-executor-backend", "mp", "--tensor-parallel-size", str(tp_size)]
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
             "--skip-tokenizer-init", "--enforce-eager", "--max-model-len", "4096", *parallel,

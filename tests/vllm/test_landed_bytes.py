@@ -6,6 +6,8 @@ hold exactly the bytes the prefill side held for that request, per layer, by pos
 import numpy as np
 import pytest
 
+from serving.vllm_engine import tensor_parallel_args
+
 from .conftest import MAX_TOKENS, free_port, loaded, prompt
 from .engines import Engine, consumer_args, disaggregated, producer_args, start_all
 
@@ -74,7 +76,7 @@ def test_a_tp2_prefill_lands_the_bytes_a_tp1_decode_holds(vllm_model, engine_log
 
     folder = tmp_path_factory.mktemp("witness-tp")
     prefill, decode = witness_pair("witness-tp2to1", vllm_model, folder, engine_logs, secret_file,
-                                   ["--tensor-parallel-size", "2"])
+                                   tensor_parallel_args(2))
     try:
         _, decoded = disaggregated(prefill, decode, [prompt(400, 73)], MAX_TOKENS, [{"request_id": "witness-tp"}])
         assert loaded(decoded) == [399]

@@ -7,6 +7,8 @@ TP size and ranks by probing it, and each sends each decode rank only its pieces
 
 import pytest
 
+from serving.vllm_engine import tensor_parallel_args
+
 from .conftest import MAX_TOKENS, free_port, loaded, nixl_reference, prompt
 from .engines import Engine, consumer_args, one_by_one, producer_args, start_all
 
@@ -16,22 +18,18 @@ CONFIGS = [(2, 1), (1, 2)]
 pytestmark = pytest.mark.timeout(600)  # each configuration starts four engines, two of them with TP workers
 
 
-def tp_args(size: int) -> list[str]:
-    return ["--tensor-parallel-size", str(size)] if size > 1 else []
-
-
 @pytest.fixture(scope="module", params=CONFIGS, ids=[f"prefill_tp{p}-decode_tp{d}" for p, d in CONFIGS])
 def tp_pair(request, vllm_model, engine_logs, secret_file):
     """(prefill TP, decode TP, NIXL's tokens, kvwire prefill, kvwire decode)."""
     prefill_tp, decode_tp = request.param
     name = f"tp{prefill_tp}to{decode_tp}"
     nixl = nixl_reference(f"nixl-{name}", vllm_model, PROMPTS, log_dir=engine_logs,
-                          prefill_args=tp_args(prefill_tp), decode_args=tp_args(decode_tp))
+                          prefill_args=tensor_parallel_args(prefill_tp), decode_args=tensor_parallel_args(decode_tp))
     listen = f"127.0.0.1:{free_port(decode_tp)}"
     decode = Engine(f"{name}-decode", vllm_model, *consumer_args(listen, secret_file=secret_file),
-                    *tp_args(decode_tp), log_dir=engine_logs)
+                    *tensor_parallel_args(decode_tp), log_dir=engine_logs)
     prefill = Engine(f"{name}-prefill", vllm_model, *producer_args(listen, secret_file=secret_file),
-                     *tp_args(prefill_tp), log_dir=engine_logs)
+                     *tensor_parallel_args(prefill_tp), log_dir=engine_logs)
     start_all(decode, prefill)
     yield prefill_tp, decode_tp, nixl, prefill, decode
     prefill.close()

@@ -107,8 +107,10 @@ def pieces(tensor: ShardedTensor, source_tp: int, source: int, target_tp: int, t
     return tuple(p for p in _plan(tensor.sharded, source_tp, target_tp) if p.source == source and p.target == target)
 
 
+@functools.lru_cache(maxsize=4096)
 def piece_layout(geometry: Geometry, source_tp: int, source: int, target_tp: int, target: int) -> KVLayout | None:
-    """The layout of what ``source`` sends ``target`` (None: nothing)."""
+    """The layout of what ``source`` sends ``target`` (None: nothing); remembered, since
+    a decode rank asks for its sources at every poll of a load."""
     layers, anything = [], False
     for layer in geometry.layers:
         tensors = {}
@@ -181,8 +183,9 @@ def assemble(received: dict[int, dict[str, Any]], layer: tuple[ShardedTensor, ..
         whole, dim = None, tensor.dim()
         for source, arrays in received.items():
             offset = 0
-            for p in pieces(tensor, source_tp, source, target_tp, target):
-                part = np.asarray(arrays[tensor.name])
+            carried = pieces(tensor, source_tp, source, target_tp, target)
+            part = np.asarray(arrays[tensor.name]) if carried else None
+            for p in carried:
                 if whole is None:
                     whole = np.empty(shape, dtype=part.dtype)
                 index = [slice(None)] * len(shape)

@@ -418,17 +418,19 @@ class ConnectorWorker:
                 if waited > self.config.load_timeout_s + self.config.transfer_timeout_s:
                     raise TransferTimeout(f"request {push_id!r} did not complete in time")
                 return False
-        received = {push_ids[push_id]: handle.wait_all(timeout=0) for push_id, handle in load.handles.items()}
-        for handle in load.handles.values():
-            handle.release()
-        if None in received:
-            layers = received[None]
-        else:  # this rank's shard, joined from the prefill ranks' pieces
-            layers = [topology.assemble({source: got[index] for source, got in received.items()},
-                                        self.geometry.layers[index], plan.prefill_tp, self.tp_size, self.rank,
-                                        plan.num_tokens) for index in range(len(self.cache.layers))]
-        self.land(plan, layers)
-        nbytes = sum(np.asarray(a).nbytes for got in received.values() for layer in got for a in layer.values())
+        try:  # the received arrays are the receiver's memory: released once landed (or failed)
+            received = {push_ids[push_id]: handle.wait_all(timeout=0) for push_id, handle in load.handles.items()}
+            if None in received:
+                layers = received[None]
+            else:  # this rank's shard, joined from the prefill ranks' pieces
+                layers = [topology.assemble({source: got[index] for source, got in received.items()},
+                                            self.geometry.layers[index], plan.prefill_tp, self.tp_size, self.rank,
+                                            plan.num_tokens) for index in range(len(self.cache.layers))]
+            self.land(plan, layers)
+            nbytes = sum(np.asarray(a).nbytes for got in received.values() for layer in got for a in layer.values())
+        finally:
+            for handle in load.handles.values():
+                handle.release()
         seconds = time.monotonic() - load.started_monotonic
         with self._lock:
             self._stats.data["loaded_requests"] += 1
