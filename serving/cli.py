@@ -39,8 +39,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (argparse prints its usage block first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="kvwire-serve", description=__doc__.splitlines()[0].replace("``", ""))
+    top = OneLineParser(prog="kvwire-serve", description=__doc__.splitlines()[0].replace("``", ""))
     top.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                      help="what goes to stderr (default: warning)")
     top.add_argument("--debug", action="store_true", help="debug logging, and tracebacks instead of one-line errors")
@@ -143,6 +150,9 @@ def _worker_arguments(command: argparse.ArgumentParser) -> None:
                          help="keep KV and linear states of prompt prefixes at block boundaries, LRU up to this size")
     command.add_argument("--block-tokens", type=flags.positive_int, default=64,
                          help="prefix cache block size in tokens (default 64)")
+    command.add_argument("--max-model-len", type=flags.positive_int, metavar="TOKENS",
+                         help="longest prompt plus completion served (default: the model's max_position_embeddings, "
+                              "at most 32768: a CPU forward's memory grows with the prompt's square)")
 
 
 def _backend(name: str) -> str:
@@ -185,7 +195,7 @@ def _load(args):
 
     try:
         with progress.step(f"loading the model from {args.model}"):
-            return load(args.model, dtype=args.dtype)
+            return load(args.model, dtype=args.dtype, max_model_len=getattr(args, "max_model_len", None))
     except (OSError, ValueError) as exc:
         raise flags.UsageError(f"cannot load --model {args.model}: {exc}") from None
 
@@ -283,6 +293,19 @@ def router_config(args):
         raise flags.UsageError(str(exc)) from None
 
 
+def check_worker_roles(config) -> None:
+    """A worker URL given in the wrong role (a prefill worker as --decode, a router, something
+    not kvwire) stops the router at start with one line per URL."""
+    from .identify import wrong_roles
+
+    urls = {url: ("--decode", "decode") for url in config.decode}
+    urls.update({url: ("--prefill", "prefill") for url in config.prefill})
+    urls.update({url: (f"--prfaas ({cluster.name})", "prefill") for cluster in config.prfaas for url in cluster.prefill})
+    wrong = asyncio.run(wrong_roles(urls, timeout_s=config.connect_timeout_s))
+    if wrong:
+        raise flags.UsageError("; ".join(wrong))
+
+
 def run_router(args) -> int:
     from .router import Router
 
@@ -290,6 +313,7 @@ def run_router(args) -> int:
 
     config = router_config(args)
     http_socket = flags.bind("--port", args.host, args.port, host_flag="--host")
+    check_worker_roles(config)
     return _serve(Router(config).app(), http_socket, _announce("router"))
 
 

@@ -23,6 +23,7 @@ The answer is NDJSON: ``{"kv_source", "kv_error", "rebuild_s"}``, then one
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import socket
@@ -39,7 +40,7 @@ from .hybrid_cache import kv_layout, new_cache, rebuild_layer, restore, snapshot
 from .metrics import Registry, render_peers
 from .model import LoadedModel
 from .prefix_reuse import prefill_reusing
-from .prompts import check_prompt_shape, parse_max_tokens, parse_sampling
+from .prompts import check_prompt_shape, parse_max_tokens, parse_sampling, parse_stop
 from .steps import decode_step, pick_token, warm_up
 from .worker_state import boundary_suffix, cache_info, new_prefix_cache, state_body
 
@@ -203,7 +204,7 @@ class DecodeWorker:
     def _health(self) -> dict:
         return {"model": self.loaded.path, "architecture": self.loaded.architecture, "dtype": self.loaded.dtype_name,
                 "kv_address": self.kv_address, "layout_fingerprint": self.layout.fingerprint,
-                "prefix_cache": cache_info(self.prefix_cache)}
+                "prefix_cache": cache_info(self.prefix_cache), "max_model_len": self.loaded.max_model_len}
 
     def _peer_metrics(self) -> list[str]:
         return render_peers("decode", self.receiver.metrics())
@@ -216,12 +217,19 @@ class DecodeWorker:
                 raise BadRequest("`prompt_token_ids` must be a list of token ids")
             max_tokens = parse_max_tokens(body)
             sampling = parse_sampling(body)
+            stop, stop_token_ids = parse_stop(body)
+            if stop and self.loaded.tokenizer is None:
+                raise BadRequest(f"`stop` strings need a tokenizer, and the model at {self.loaded.path} has none; "
+                                 "use `stop_token_ids`")
+            rng_state = base64.b64decode(body["rng_state"]) if body.get("rng_state") else None
         except (BadRequest, KeyError, TypeError, ValueError) as exc:
             return json_error(400, INVALID_REQUEST, str(exc) if isinstance(exc, BadRequest) else describe(exc))
-        generator = sampling.generator()
+        fresh = sampling.generator()  # a recomputed prefill draws the first token itself
         started = time.perf_counter()
         try:
-            cache, first_token, kv_source, kv_error = await self.cache_for(body, sampling, generator)
+            cache, first_token, kv_source, kv_error = await self.cache_for(body, sampling, fresh)
+            # the prefill worker drew the first token: continue its random stream
+            generator = sampling.generator(rng_state) if kv_source == "transfer" and rng_state else fresh
         except KVWireError as exc:
             self.num_failed.inc(1, type(exc).__name__)
             return json_error(502, type(exc).__name__, str(exc))
@@ -234,7 +242,8 @@ class DecodeWorker:
         await response.prepare(request)
         await _line(response, {"kv_source": kv_source, "kv_error": kv_error, "rebuild_s": time.perf_counter() - started})
         try:
-            await self._stream_tokens(response, cache, first_token, max_tokens, sampling, generator)
+            await self._stream_tokens(response, cache, first_token, max_tokens, sampling, generator, stop,
+                                      frozenset(stop_token_ids))
         except (ConnectionError, asyncio.CancelledError):
             raise  # the router went away: nothing to tell it
         except Exception as exc:
@@ -244,37 +253,37 @@ class DecodeWorker:
         await response.write_eof()
         return response
 
-    async def _stream_tokens(self, response, cache, token: int, max_tokens: int, sampling, generator) -> None:
+    async def _stream_tokens(self, response, cache, token: int, max_tokens: int, sampling, generator,
+                             stop: list[str] = (), stop_token_ids: frozenset[int] = frozenset()) -> None:
+        """One line per token until EOS, a stop token or string, or ``max_tokens``. The text
+        stops before a stop string (as vLLM's); text that may be the start of one is held back."""
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         tokens: list[int] = []
         text = ""
-        finish_reason = "length"
+        hold = max((len(s) for s in stop), default=1) - 1
         while True:
             tokens.append(token)
             self.num_tokens.inc()
-            stop = token in self.loaded.eos_token_ids
-            last = stop or len(tokens) >= max_tokens
-            piece, text = self._text_delta(tokens, text, last)
+            stopped = token in self.loaded.eos_token_ids or token in stop_token_ids
+            full = self._decoded(tokens)
+            cut = _stop_string_at(full, stop, max(0, len(text) - hold))
+            if cut is not None:
+                full, stopped = full[:cut], True
+            last = stopped or len(tokens) >= max_tokens
+            piece, text = _settled(full, text, 0 if last else hold, last)
             await _line(response, {"token": token, "text": piece})
             if last:
-                finish_reason = "stop" if stop else "length"
                 break
             logits = await loop.run_in_executor(self._model_thread, decode_step, self.loaded.model, cache, token)
             token = pick_token(logits, sampling, generator)
-        await _line(response, {"finish_reason": finish_reason, "num_tokens": len(tokens),
+        await _line(response, {"finish_reason": "stop" if stopped else "length", "num_tokens": len(tokens),
                                "decode_s": time.perf_counter() - started})
 
-    def _text_delta(self, tokens: list[int], text: str, last: bool) -> tuple[str, str]:
-        """The new text since ``text``. A byte-level token may end inside a UTF-8 character:
-        that text waits for the next token (as vLLM's detokenizer does), so the pieces join
-        to exactly ``decode(tokens)``."""
+    def _decoded(self, tokens: list[int]) -> str:
         if self.loaded.tokenizer is None:
-            return "", text
-        full = self.loaded.tokenizer.decode(tokens, skip_special_tokens=True)
-        if not last and (full.endswith("\ufffd") or not full.startswith(text)):
-            return "", text
-        return full[len(text):], full
+            return ""
+        return self.loaded.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def close(self) -> None:
         self.receiver.close()
@@ -284,6 +293,25 @@ class DecodeWorker:
 
 async def _line(response: web.StreamResponse, message: dict) -> None:
     await response.write(json.dumps(message).encode() + b"\n")
+
+
+def _stop_string_at(text: str, stop: list[str], start: int) -> int | None:
+    """Where the first stop string found in ``text[start:]`` begins (None: none)."""
+    found = [i for i in (text.find(s, start) for s in stop) if i >= 0]
+    return min(found) if found else None
+
+
+def _settled(full: str, text: str, hold: int, last: bool) -> tuple[str, str]:
+    """(new text, text sent so far) once ``full`` is the decoded output. A byte-level token may
+    end inside a UTF-8 character, and the last ``hold`` characters may begin a stop string:
+    that text waits for the next token (as vLLM's detokenizer does), so the pieces join to
+    exactly the final text."""
+    if last:
+        return full[len(text):], full
+    settled = full[:len(full) - hold]
+    if full.endswith("\ufffd") or len(settled) <= len(text) or not settled.startswith(text):
+        return "", text
+    return settled[len(text):], settled
 
 
 def _reachable(address: str) -> str:

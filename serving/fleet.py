@@ -24,6 +24,7 @@ import aiohttp
 from kvwire.metrics import PeerMetrics
 
 from . import vllm_upstream
+from .identify import Identity, NotAWorker, identify
 from .policy import (
     LinkSample,
     Placement,
@@ -42,6 +43,26 @@ from .worker_state import peers_from_json
 log = logging.getLogger(__name__)
 
 HISTORY = 50
+UNREACHED = frozenset({"PeerLostError", "TransferTimeout"})  # a probe that got no answer, not a wrong one
+PROBE_EVERY_S = 10.0  # a pair's KV handshake is checked again this often (and when either side changes)
+
+
+class PairRefused(Exception):
+    """No prefill worker can send KV to the decode worker: ``error_type`` names why (an
+    AuthenticationError from the handshake, a layout or model mismatch)."""
+
+    def __init__(self, error_type: str, message: str):
+        super().__init__(message)
+        self.error_type = error_type
+
+
+@dataclass
+class PairCheck:
+    """Whether one prefill worker can send KV to one decode worker, as last checked."""
+
+    key: tuple  # what it was checked for: both identities and the KV address
+    checked_at: float
+    problem: tuple[str, str] | None  # (error type, message); None: it can
 
 
 @dataclass
@@ -60,6 +81,7 @@ class WorkerState:
     error: str | None = None  # why its last poll failed (None: it answered)
     mismatch: str | None = None  # why its prefixes are ignored
     engine: str | None = None  # "kvwire" (a kvwire-serve worker) or "vllm" (an OpenAI server); None: not known yet
+    identity: Identity | None = None  # what it last said it is
     waiting: float = 0.0  # requests queued at a vLLM server (its vllm:num_requests_waiting)
 
     @property
@@ -90,7 +112,7 @@ class Decision:
     route: Route
     decode: Placement
     decode_hash: str | None  # the decode worker's boundary the KV continues (None: from token 0)
-    kv_address_override: str | None  # the decode KV address as reached from the PrfaaS cluster
+    kv_address: str | None  # the decode worker's KV address as the prefill worker dials it (None: not known)
     send_boundary: bool  # both workers keep prefixes of the same blocks: send the boundary states
 
 
@@ -107,6 +129,8 @@ class Fleet:
         }
         self.geometry: tuple[int, str] | None = None
         self.polls = 0
+        self.pairs: dict[tuple[str, str], PairCheck] = {}
+        self._probes: dict[tuple[str, str], asyncio.Task] = {}
 
     # -- the control loop -----------------------------------------------------------------
 
@@ -124,21 +148,32 @@ class Fleet:
         """One round: every worker's state, then one LinkSample per PrfaaS cluster."""
         await asyncio.gather(*(self._poll_worker(session, w) for w in self.workers.values()))
         self.polls += 1
+        self._check_pairs(session)
         now = time.monotonic()
         for cluster in self.clusters.values():
             self._step(cluster, now)
 
     async def _poll_worker(self, session: aiohttp.ClientSession, worker: WorkerState) -> None:
         timeout = aiohttp.ClientTimeout(total=max(1.0, 2 * self.config.control.interval_s))
+        try:
+            identity = await identify(session, worker.url, timeout)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            self._unreachable(worker, f"{type(exc).__name__}: {exc}")
+            return
+        except NotAWorker as exc:
+            self._unreachable(worker, str(exc))
+            return
+        role = self.role_of(worker.url)
+        if not identity.serves(role):
+            self._unreachable(worker, f"it is {identity.describe()}, not a {role} worker")
+            return
+        if self.config.engine != "auto" and identity.engine != self.config.engine:
+            self._unreachable(worker, f"it is {identity.describe()}, but the router was told --engine "
+                                      f"{self.config.engine}")
+            return
         if worker.engine is None:
-            try:
-                worker.engine = self.config.engine if self.config.engine != "auto" else (
-                    "vllm" if await vllm_upstream.is_vllm(session, worker.url, timeout) else "kvwire")
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                self._unreachable(worker, f"{type(exc).__name__}: {exc}")
-                return
-            log.info("worker %s is a %s", worker.url,
-                     "vLLM server" if worker.engine == "vllm" else "kvwire-serve worker")
+            log.info("worker %s is %s", worker.url, identity.describe())
+        worker.engine, worker.identity = identity.engine, identity
         if worker.engine == "vllm":
             await self._poll_vllm(session, worker, timeout)
             return
@@ -192,6 +227,98 @@ class Fleet:
         self._answered(worker)
         worker.peers, worker.waiting = vllm_upstream.parse_metrics(text, worker.url)
 
+    def role_of(self, url: str) -> str:
+        return "decode" if url in self.config.decode else "prefill"
+
+    # -- can each prefill worker send KV to each decode worker? ----------------------------
+
+    def kv_address_for(self, prefill_url: str, decode_url: str) -> str | None:
+        """The decode worker's KV address as ``prefill_url`` dials it: a PrfaaS cluster's
+        ``kv_addresses`` entry, the router's ``decode_kv``, or what the worker reports."""
+        for cluster in self.clusters.values():
+            if prefill_url in cluster.config.prefill and decode_url in cluster.config.kv_addresses:
+                return cluster.config.kv_addresses[decode_url]
+        if decode_url in self.config.decode_kv:
+            return self.config.decode_kv[decode_url]
+        identity = self.workers[decode_url].identity
+        return identity.kv_address if identity else None
+
+    def _check_pairs(self, session: aiohttp.ClientSession) -> None:
+        """Compare every answering (prefill, decode) pair's identities; probe the KV handshake
+        of kvwire-serve pairs (through the prefill worker) when new, changed or due."""
+        now = time.monotonic()
+        for prefill_url in self.config.prefill_urls:
+            for decode_url in self.config.decode:
+                prefill, decode = self.workers[prefill_url], self.workers[decode_url]
+                pair = (prefill_url, decode_url)
+                if not (prefill.reachable and decode.reachable and prefill.identity and decode.identity):
+                    continue  # unreachable workers are reported as such; their pair is checked once they answer
+                address = self.kv_address_for(prefill_url, decode_url)
+                key = (prefill.identity, decode.identity, address)
+                problem = pair_mismatch(prefill.identity, decode.identity, prefill_url, decode_url, address)
+                if problem is not None or prefill.engine != "kvwire":
+                    self._record(pair, PairCheck(key, now, problem))
+                    continue
+                check = self.pairs.get(pair)
+                due = check is None or check.key != key or now - check.checked_at > PROBE_EVERY_S
+                if due and pair not in self._probes:
+                    self._probes[pair] = asyncio.create_task(self._probe(session, pair, key, address))
+
+    async def _probe(self, session: aiohttp.ClientSession, pair: tuple[str, str], key: tuple, address: str) -> None:
+        prefill_url, decode_url = pair
+        timeout = aiohttp.ClientTimeout(total=self.config.connect_timeout_s * 2 + 1)
+        try:
+            async with session.post(prefill_url + "/internal/probe", json={"kv_address": address,
+                                    "timeout_s": self.config.connect_timeout_s}, timeout=timeout) as response:
+                body = await response.json(content_type=None)
+            error = body.get("error") if isinstance(body, dict) else {"type": "ProtocolError",
+                                                                      "message": f"/internal/probe answered {body!r}"}
+            problem = None
+            if error is not None:
+                message = f"prefill worker {prefill_url} cannot send KV to decode worker {decode_url} at {address}"
+                problem = (str(error.get("type")), f"{message}: {error.get('message')}")
+            self._record(pair, PairCheck(key, time.monotonic(), problem))
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            pass  # the prefill worker's own poll reports it; probe again next round
+        finally:
+            self._probes.pop(pair, None)
+
+    def _record(self, pair: tuple[str, str], check: PairCheck) -> None:
+        before = self.pairs.get(pair)
+        if check.problem != (before.problem if before else None):
+            if check.problem:
+                log.error("%s", check.problem[1])
+            elif before is not None:
+                log.warning("prefill worker %s can send KV to decode worker %s again", *pair)
+        self.pairs[pair] = check
+
+    def refuse_pair(self, prefill_url: str, decode_url: str, error_type: str, message: str) -> None:
+        """A request's transfer was refused for a misconfiguration: refuse the pair until a probe says otherwise."""
+        check = self.pairs.get((prefill_url, decode_url))
+        self._record((prefill_url, decode_url), PairCheck(check.key if check else (), time.monotonic(),
+                                                          (error_type, message)))
+
+    async def settle(self) -> None:
+        """Wait for the pair probes under way (at start, so the first /health already says)."""
+        if self._probes:
+            await asyncio.gather(*list(self._probes.values()), return_exceptions=True)
+
+    def max_model_len(self) -> int | None:
+        """The longest request every worker that said so can hold (None: none said)."""
+        limits = [w.identity.max_model_len for w in self.workers.values() if w.identity and w.identity.max_model_len]
+        return min(limits) if limits else None
+
+    def broken(self, prefill_url: str, decode_url: str) -> tuple[str, str] | None:
+        """Why requests must not go to this pair (None: they may). A KV address that cannot be
+        reached degrades /health but is still tried while the decode worker may recompute
+        (kv_fallback "recompute"); a misconfiguration never is."""
+        check = self.pairs.get((prefill_url, decode_url))
+        if check is None or check.problem is None:
+            return None
+        if check.problem[0] in UNREACHED and self.config.kv_fallback == "recompute":
+            return None
+        return check.problem
+
     def _step(self, cluster: ClusterState, now: float) -> None:
         """One controller sample for ``cluster``; skipped (t holds) unless every worker answered,
         since a missing worker's bytes would read as an idle link, and its late ones as a burst."""
@@ -229,17 +356,27 @@ class Fleet:
 
         # A PrfaaS cluster none of whose workers answers is skipped; a local pool is kept
         # whole (its failures then surface on the request, with the fallback).
-        clusters = [PrfaasCluster(name, c.controller.threshold_tokens, tuple(answering(c.config.prefill, False)))
+        # A decode worker no prefill worker can send KV to is a last resort; then only the
+        # prefill workers that can send to the chosen one are candidates.
+        prefill_urls = self.config.prefill_urls
+        decodes = answering(self.config.decode, True)
+        decode = place(blocks, [v for v in decodes if any(not self.broken(p, v.name) for p in prefill_urls)] or decodes)
+
+        def pairable(views):
+            return [v for v in views if not self.broken(v.name, decode.worker)]
+
+        local = pairable(answering(self.config.prefill, True))
+        clusters = [PrfaasCluster(name, c.controller.threshold_tokens, tuple(pairable(answering(c.config.prefill, False))))
                     for name, c in self.clusters.items()]
-        chosen = route(blocks, answering(self.config.prefill, True), clusters)
-        decode = place(blocks, answering(self.config.decode, True))
+        if not local and not any(c.workers for c in clusters):
+            problems = [self.broken(p, decode.worker) for p in prefill_urls if self.broken(p, decode.worker)]
+            if problems:
+                raise PairRefused(problems[0][0], "; ".join(message for _, message in problems))
+        chosen = route(blocks, local, clusters)
         num_blocks = decode.cached_tokens // blocks.block_tokens if blocks.hashes else 0
-        override = None
-        if chosen.cluster is not None:
-            override = self.clusters[chosen.cluster].config.kv_addresses.get(decode.worker)
         return Decision(
             route=chosen, decode=decode, decode_hash=blocks.hashes[num_blocks - 1] if num_blocks else None,
-            kv_address_override=override,
+            kv_address=self.kv_address_for(chosen.placement.worker, decode.worker),
             send_boundary=self.geometry is not None and all(
                 self.workers[url].geometry == self.geometry for url in (decode.worker, chosen.placement.worker)),
         )
@@ -259,6 +396,7 @@ class Fleet:
             if not any(self.workers[url].reachable for url in urls):
                 errors = "; ".join(f"{url}: {self.workers[url].error}" for url in urls)
                 problems.append(f"no {role} worker is reachable ({errors})")
+        problems += [check.problem[1] for check in self.pairs.values() if check.problem]
         return "; ".join(problems) or None
 
     def health(self) -> dict:
@@ -271,7 +409,35 @@ class Fleet:
             },
             "prefix_block_tokens": self.geometry[0] if self.geometry else None,
             "workers": {url: {"prefix_blocks": len(w.blocks), "in_flight": w.in_flight, "reachable": w.reachable,
-                              "error": w.error, "prefixes_ignored": w.mismatch}
+                              "error": w.error, "prefixes_ignored": w.mismatch,
+                              "is": w.identity.describe() if w.identity else None}
                         for url, w in self.workers.items()},
+            "pairs": {f"{p} -> {d}": check.problem[1] if check.problem else "ok"
+                      for (p, d), check in self.pairs.items()},
             "polls": self.polls,
         }
+
+
+def pair_mismatch(prefill: Identity, decode: Identity, prefill_url: str, decode_url: str,
+             address: str | None) -> tuple[str, str] | None:
+    """Why KV from ``prefill`` cannot serve ``decode`` as far as their own reports tell: another
+    engine, model, dtype or KV layout, or no KV address known (None: no reason)."""
+    pair = f"prefill worker {prefill_url} cannot send KV to decode worker {decode_url}"
+    if prefill.engine != decode.engine:
+        return "misconfigured", f"{pair}: one is {prefill.describe()}, the other {decode.describe()}"
+    if prefill.engine == "vllm":
+        if prefill.model != decode.model:
+            return "LayoutMismatchError", f"{pair}: they serve other models ({prefill.model!r} and {decode.model!r})"
+    else:
+        for what, theirs in (("architecture", (prefill.architecture, decode.architecture)),
+                             ("dtype", (prefill.dtype, decode.dtype)),
+                             ("KV layout fingerprint", (prefill.layout_fingerprint, decode.layout_fingerprint))):
+            if theirs[0] != theirs[1]:
+                return "LayoutMismatchError", (f"{pair}: {what} {theirs[0]} and {theirs[1]} differ "
+                                               f"({prefill.architecture}, {prefill.dtype} vs {decode.architecture}, "
+                                               f"{decode.dtype})")
+    if address is None:
+        return "misconfigured", (f"{pair}: the decode worker's kvwire address is not known (a vLLM decode server "
+                                 "whose connector listens on port 0, or publishes no vllm:kvwire_info): give "
+                                 "--decode-kv URL=HOST:PORT")
+    return None

@@ -32,6 +32,9 @@ def block_gpu_kernels() -> None:
         sys.modules[name] = None  # makes `import name` raise ImportError
 
 
+DEFAULT_MAX_MODEL_LEN = 32768  # a transformers forward on CPU needs memory growing with the prompt's square
+
+
 @dataclass
 class LoadedModel:
     """A causal LM plus what the workers need to know about it."""
@@ -40,6 +43,7 @@ class LoadedModel:
     config: object
     path: str
     tokenizer: object | None
+    max_model_len: int = DEFAULT_MAX_MODEL_LEN  # prompt plus completion tokens a request may have
 
     @property
     def architecture(self) -> str:
@@ -59,11 +63,13 @@ class LoadedModel:
         return frozenset([eos] if isinstance(eos, int) else eos)
 
 
-def load(path: str | Path, *, dtype: str | None = None) -> LoadedModel:
+def load(path: str | Path, *, dtype: str | None = None, max_model_len: int | None = None) -> LoadedModel:
     """Load a local HF-format checkpoint of one of ``ARCHITECTURES`` for inference.
 
     ``dtype`` overrides the checkpoint's dtype ("float32", "bfloat16"); the tokenizer is
-    loaded only when the folder has one (prompts may then be text).
+    loaded only when the folder has one (prompts may then be text). ``max_model_len``
+    bounds prompt plus completion (default: the model's ``max_position_embeddings``, at
+    most DEFAULT_MAX_MODEL_LEN), and is what the workers report to the router.
     """
     block_gpu_kernels()
     import torch
@@ -81,7 +87,11 @@ def load(path: str | Path, *, dtype: str | None = None) -> LoadedModel:
     model = model_class.from_pretrained(path, dtype=torch_dtype).eval()
     model.requires_grad_(False)
     log.info("loaded %s from %s (%s, %d layers)", architecture, path, model.dtype, config.num_hidden_layers)
-    return LoadedModel(model, config, str(path), _tokenizer(path))
+    longest = getattr(config, "max_position_embeddings", None) or DEFAULT_MAX_MODEL_LEN
+    if max_model_len is not None and max_model_len > longest:
+        raise ValueError(f"--max-model-len {max_model_len} is more than the model's max_position_embeddings "
+                         f"({longest})")
+    return LoadedModel(model, config, str(path), _tokenizer(path), max_model_len or min(longest, DEFAULT_MAX_MODEL_LEN))
 
 
 def _tokenizer(path: Path):

@@ -19,6 +19,7 @@ prompt the decode worker already holds: only the KV after it is sent. With
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import threading
 import time
@@ -27,7 +28,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from kvwire import KVWireError, PeerLostError, Sender
+from kvwire import KVWireError, PeerLostError, Sender, probe
+from kvwire.address import check_address
 
 from .http import INVALID_REQUEST, BadRequest, base_app, describe, json_error
 from .hybrid_cache import kv_layout
@@ -35,10 +37,12 @@ from .metrics import Registry, render_peers
 from .model import LoadedModel
 from .prefix_reuse import prefill_reusing
 from .prompts import chat_token_ids, parse_sampling, prompt_token_ids
-from .steps import pick_token, warm_up
+from .steps import generator_state, pick_token, warm_up
 from .worker_state import boundary_suffix, cache_info, new_prefix_cache, state_body
 
 log = logging.getLogger(__name__)
+
+PREFILL_FAILED = "prefill_failed"  # the forward itself failed: recomputing it elsewhere would fail the same way
 
 
 @dataclass(frozen=True)
@@ -113,8 +117,10 @@ class PrefillWorker:
                 send_from: int = 0, send_boundary: bool = False):
         """(model thread) Prefill with per-layer sends of the tokens from ``send_from`` on.
 
-        Returns (transfers, first token, seconds, result): the KV transfer, then the
-        boundary transfer if one was sent; finish them all before dropping ``result``.
+        Returns (transfers, (first token, random state after it), seconds, result): the KV
+        transfer, then the boundary transfer if one was sent; finish them all before
+        dropping ``result``. The random state (None when greedy) lets the decode worker
+        continue the request's sampling stream where this draw left it.
         """
         xfer = self.open(address, request_id, len(token_ids) - send_from, timeout_s)
         transfers = [xfer]
@@ -130,8 +136,9 @@ class PrefillWorker:
             for transfer in transfers:
                 transfer.abort(f"prefill failed: {describe(exc)}")
             raise
-        first_token = pick_token(result.logits, sampling, sampling.generator())
-        return transfers, first_token, time.perf_counter() - started, result
+        generator = sampling.generator()
+        first_token = pick_token(result.logits, sampling, generator)
+        return transfers, (first_token, generator_state(generator)), time.perf_counter() - started, result
 
     def close(self) -> None:
         with self._senders_lock:
@@ -147,12 +154,14 @@ class PrefillWorker:
         app = base_app("prefill", self.registry, self._health, self._peer_metrics)
         app.router.add_post("/internal/prefill", self.handle_prefill)
         app.router.add_post("/internal/tokenize", self.handle_tokenize)
+        app.router.add_post("/internal/probe", self.handle_probe)
         app.router.add_get("/internal/state", self.handle_state)
         return app
 
     def _health(self) -> dict:
         return {"model": self.loaded.path, "architecture": self.loaded.architecture, "dtype": self.loaded.dtype_name,
-                "layout_fingerprint": self.layout.fingerprint, "prefix_cache": cache_info(self.prefix_cache)}
+                "layout_fingerprint": self.layout.fingerprint, "prefix_cache": cache_info(self.prefix_cache),
+                "max_model_len": self.loaded.max_model_len}
 
     def _senders_snapshot(self) -> dict[str, Sender]:
         with self._senders_lock:
@@ -183,6 +192,23 @@ class PrefillWorker:
         except (BadRequest, AttributeError, ValueError) as exc:
             return json_error(400, INVALID_REQUEST, str(exc) if isinstance(exc, BadRequest) else describe(exc))
 
+    async def handle_probe(self, request: web.Request) -> web.Response:
+        """Can this worker send KV to ``kv_address``? The handshake's proof of the secret, no
+        KV moved (kvwire.probe): ``{"ok": true}`` or ``{"error": {"type", "message"}}``."""
+        try:
+            body = await request.json()
+            address = check_address(body["kv_address"], what="`kv_address`")
+            timeout_s = float(body.get("timeout_s", self.options.connect_timeout_s))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            return json_error(400, INVALID_REQUEST, describe(exc))
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._io, lambda: probe(address, backend=self.options.backend,
+                                                               secret=self.options.secret, timeout=timeout_s))
+        except KVWireError as exc:
+            return web.json_response({"error": {"type": type(exc).__name__, "message": str(exc)}})
+        return web.json_response({"ok": True})
+
     def _peer_metrics(self) -> list[str]:
         senders = self._senders_snapshot()
         return render_peers("prefill", {address: sender.metrics() for address, sender in senders.items()})
@@ -197,6 +223,9 @@ class PrefillWorker:
             timeout_s = float(body.get("timeout_s", self.options.kv_timeout_s))
             send_from = int(body.get("decode_cached_tokens", 0))
             send_boundary = bool(body.get("send_boundary", False))
+            if len(token_ids) > self.loaded.max_model_len:
+                raise BadRequest(f"the prompt has {len(token_ids)} tokens, more than this model's maximum length of "
+                                 f"{self.loaded.max_model_len} (--max-model-len)")
             if not 0 <= send_from < len(token_ids):
                 raise BadRequest(f"`decode_cached_tokens` is {send_from}, outside [0, {len(token_ids)}) for this prompt")
         except (BadRequest, KeyError, TypeError, ValueError) as exc:
@@ -206,7 +235,7 @@ class PrefillWorker:
         deadline = time.monotonic() + timeout_s  # one deadline for the prefill and the KV transfer
         transfers = []
         try:
-            transfers, first_token, prefill_s, result = await loop.run_in_executor(
+            transfers, (first_token, rng_state), prefill_s, result = await loop.run_in_executor(
                 self._model_thread, self.compute, request_id, token_ids, address, sampling, timeout_s,
                 send_from, send_boundary,
             )
@@ -219,11 +248,11 @@ class PrefillWorker:
             self.kv_failures.inc(1, type(exc).__name__)
             log.warning("request %s: KV transfer to %s failed: %s", request_id, address, describe(exc))
             return json_error(502, type(exc).__name__, str(exc))
-        except Exception as exc:  # a bug must answer, not hang the router
+        except Exception as exc:  # the model failed (memory...) or a bug: answer, and never as a KV failure
             _abort_rest(transfers, f"prefill of {request_id!r} failed")
             log.exception("request %s: prefill failed", request_id)
             self.num_requests.inc(1, "error")
-            return json_error(500, "internal_error", describe(exc))
+            return json_error(500, PREFILL_FAILED, f"the prefill of {len(token_ids)} tokens failed: {describe(exc)}")
         prefix = {"reused_tokens": result.reused_tokens, "computed_tokens": len(token_ids) - result.reused_tokens,
                   "boundary_tokens": result.boundary_tokens, "sent_from_token": send_from,
                   "boundary_sent": len(transfers) > 1}
@@ -240,6 +269,7 @@ class PrefillWorker:
             "request_id": request_id,
             "prompt_token_ids": token_ids,
             "first_token": first_token,
+            "rng_state": base64.b64encode(rng_state).decode() if rng_state is not None else None,
             "prefill_s": prefill_s,
             "prefix": prefix,
             "kv": {

@@ -61,7 +61,8 @@ def parse_max_tokens(body: dict, default: int = 16) -> int:
 
 
 def parse_sampling(body: dict) -> Sampling:
-    """``temperature`` (0 = greedy, the default) and an optional integer ``seed``."""
+    """``temperature`` (0 = greedy, the default), ``top_p``, ``top_k`` (-1 or 0: off) and an
+    optional integer ``seed``."""
     temperature = body.get("temperature", 0.0)
     if temperature is None:
         temperature = 0.0
@@ -70,7 +71,57 @@ def parse_sampling(body: dict) -> Sampling:
     seed = body.get("seed")
     if seed is not None and type(seed) is not int:
         raise BadRequest(f"`seed` must be an integer, got {seed!r}")
-    return Sampling(float(temperature), seed)
+    top_p = 1.0 if body.get("top_p") is None else body["top_p"]
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise BadRequest(f"`top_p` must be a number in (0, 1], got {top_p!r}")
+    top_k = 0 if body.get("top_k") is None else body["top_k"]
+    if type(top_k) is not int or top_k < -1:
+        raise BadRequest(f"`top_k` must be an integer, -1 or 0 for all tokens, got {top_k!r}")
+    return Sampling(float(temperature), seed, float(top_p), max(top_k, 0))
+
+
+def parse_stop(body: dict) -> tuple[list[str], list[int]]:
+    """``stop`` (a string or a list of strings) and ``stop_token_ids`` (vLLM's extension)."""
+    stop = body.get("stop")
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise BadRequest(f"`stop` must be a non-empty string or a list of them, got {body['stop']!r}")
+    ids = body.get("stop_token_ids") or []
+    if not isinstance(ids, list) or not all(type(t) is int and 0 <= t <= MAX_TOKEN_ID for t in ids):
+        raise BadRequest(f"`stop_token_ids` must be a list of token ids, got {body['stop_token_ids']!r}")
+    return stop, ids
+
+
+# Parameters kvwire-serve workers do not implement: refused (400) unless at their default,
+# never silently ignored. vLLM servers behind the router take them as they are.
+NOT_SUPPORTED = {
+    "logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False),
+    "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "repetition_penalty": (None, 1, 1.0),
+    "best_of": (None, 1), "logit_bias": (None, {}), "suffix": (None, ""), "min_tokens": (None, 0),
+    "min_p": (None, 0, 0.0), "tools": (None, []), "tool_choice": (None, "none"), "response_format": (None,),
+}
+# Parameters that are honoured, or that change nothing a client can see.
+SUPPORTED = {
+    "model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
+    "stop", "stop_token_ids", "stream", "stream_options", "n", "return_token_ids", "user",
+}
+
+
+def check_parameters(body: dict) -> None:
+    """A parameter kvwire-serve workers would not honour is a 400 naming it."""
+    for name, value in body.items():
+        if name in SUPPORTED:
+            continue
+        if name in NOT_SUPPORTED:
+            if any(value == default and type(value) is type(default) for default in NOT_SUPPORTED[name]):
+                continue
+            raise BadRequest(f"`{name}` is not supported by kvwire-serve workers (got {value!r}); vLLM servers behind "
+                             "the router take it")
+        raise BadRequest(f"unknown parameter `{name}`")
+    options = body.get("stream_options")
+    if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage"}
+                                or not isinstance(options.get("include_usage", False), bool)):
+        raise BadRequest(f"`stream_options` may only hold `include_usage` (true or false), got {options!r}")
 
 
 CHAT_ROLES = ("system", "user", "assistant", "developer", "tool")

@@ -32,12 +32,14 @@ import uuid
 import aiohttp
 from aiohttp import web
 
+from kvwire.errors import KVWireError
+
 from . import vllm_upstream
-from .fleet import Decision, Fleet
+from .fleet import Decision, Fleet, PairRefused
 from .http import INVALID_REQUEST, BadRequest, base_app, describe, error_body, json_error
 from .metrics import Registry
 from .policy import NoWorkerError
-from .prompts import check_messages, check_prompt_shape, parse_max_tokens, parse_sampling
+from .prompts import check_messages, check_parameters, check_prompt_shape, parse_max_tokens, parse_sampling, parse_stop
 from .router_config import RouterConfig
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,8 @@ UNAVAILABLE = "worker_unavailable"
 NOT_FOUND = "NotFoundError"
 # kvwire errors that mean the deployment is misconfigured, not that a transfer was unlucky
 MISCONFIGURATION = frozenset({"AuthenticationError", "LayoutMismatchError", "ProtocolError"})
+# what a failed KV transfer is answered with (a kvwire error class): only these may be recomputed
+KV_TRANSFER_ERRORS = frozenset(cls.__name__ for cls in (KVWireError, *KVWireError.__subclasses__()))
 
 
 class UpstreamError(Exception):
@@ -68,8 +72,6 @@ class Router:
         self.fleet = Fleet(config)
         self._session: aiohttp.ClientSession | None = None
         self._control: asyncio.Task | None = None
-        self._kv_addresses: dict[str, str] = {}
-        self._model_names: dict[str, str] = {}
         self._started = int(time.time())
         self.registry = Registry()
         self.num_requests = self.registry.counter("router_requests", "Completions by HTTP status", ("status",))
@@ -102,12 +104,8 @@ class Router:
             connector=aiohttp.TCPConnector(limit=0),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.options.connect_timeout_s),
         )
-        await self.fleet.poll(self._session)  # also learns which workers are vLLM servers
-        for url in self.options.decode:
-            try:
-                await self.model_name(url)
-            except UpstreamError as exc:
-                log.warning("decode worker %s not ready yet: %s", url, exc)
+        await self.fleet.poll(self._session)  # what each worker is, and whether each pair can move KV
+        await self.fleet.settle()
         problem = self.fleet.unavailable()
         if problem:
             log.warning("router starts degraded: %s (/health answers 503 until they do)", problem)
@@ -129,10 +127,11 @@ class Router:
     def _health(self) -> dict:
         problem = self.fleet.unavailable()
         return {"status": "degraded" if problem else "ok", "reason": problem,
-                "models": sorted(set(self._model_names.values())),
+                "models": self.served_models(),
                 "prefill": list(self.options.prefill), "decode": list(self.options.decode),
                 "prfaas": {c.name: list(c.prefill) for c in self.options.prfaas},
-                "kv_addresses": dict(self._kv_addresses), **self.fleet.health()}
+                "kv_addresses": {url: self.fleet.kv_address_for("", url) for url in self.options.decode},
+                **self.fleet.health()}
 
     # -- what vllm_upstream uses -----------------------------------------------------------
 
@@ -175,39 +174,27 @@ class Router:
             return body["tokens"] if vllm else body["prompt_token_ids"]
         raise unreachable
 
-    async def kv_address(self, decode_url: str) -> str:
-        """The kvwire address of ``decode_url``, asked once from its /health."""
-        if decode_url not in self._kv_addresses:
-            health = await self._get_json(decode_url, "/health", "decode worker")
-            self._kv_addresses[decode_url] = health["kv_address"]
-            self._model_names[decode_url] = health.get("model", "")
-        return self._kv_addresses[decode_url]
+    def served_models(self) -> list[str]:
+        """What the decode workers serve, as they last said."""
+        return sorted({w.identity.model for url in self.options.decode if (w := self.fleet.workers[url]).identity})
 
-    async def model_name(self, decode_url: str) -> str:
-        """The model ``decode_url`` serves (its /health, or a vLLM server's /v1/models)."""
-        if decode_url not in self._model_names:
-            if self.fleet.workers[decode_url].engine == "vllm":
-                models = await self._get_json(decode_url, "/v1/models", "decode server")
-                self._model_names[decode_url] = models["data"][0]["id"]
-            else:
-                await self.kv_address(decode_url)
-        return self._model_names[decode_url]
+    def check_length(self, job: dict, token_ids: list[int]) -> None:
+        """A request longer than any worker can hold is a 400 at once, naming both numbers."""
+        limit = self.fleet.max_model_len()
+        if limit is None:
+            return
+        asked = job["max_tokens"] if "max_tokens" in job["body"] or "max_completion_tokens" in job["body"] else 0
+        if len(token_ids) + asked > limit:
+            more = f" and asks for {asked} more tokens" if asked else ""
+            raise UpstreamError(400, INVALID_REQUEST, f"the prompt has {len(token_ids)} tokens{more}: more than this "
+                                f"model's maximum length of {limit} tokens")
 
-    async def served_models(self, *, cached: bool = False) -> list[str]:
-        """What the decode workers serve; ``cached``: what is known, asking only if nothing is
-        (a request must not wait on a worker that is down to learn a name)."""
-        if not (cached and self._model_names):
-            for url in self.options.decode:
-                with contextlib.suppress(UpstreamError, KeyError, IndexError, TypeError):
-                    await self.model_name(url)
-        return sorted(set(self._model_names.values()))
-
-    async def check_model(self, job: dict) -> None:
+    def check_model(self, job: dict) -> None:
         """A request naming a model nobody here serves is a 404, as vLLM answers it."""
         wanted = job["model"]
         if wanted is None:
             return
-        served = await self.served_models(cached=True)
+        served = self.served_models()
         if served and wanted not in served:
             raise UpstreamError(404, NOT_FOUND, f"The model `{wanted}` does not exist (served: {', '.join(served)})")
 
@@ -241,7 +228,7 @@ class Router:
         return await self._handle(request, chat=True)
 
     async def handle_models(self, request: web.Request) -> web.Response:
-        models = await self.served_models()
+        models = self.served_models()
         return web.json_response({"object": "list", "data": [
             {"id": name, "object": "model", "created": self._started, "owned_by": "kvwire", "root": name}
             for name in models]})
@@ -256,18 +243,23 @@ class Router:
             self.num_requests.inc(1, "400")
             return json_error(400, INVALID_REQUEST, str(exc) if isinstance(exc, BadRequest) else f"invalid JSON: {exc}")
         try:
-            await self.check_model(job)
+            self.check_model(job)
             token_ids = await self.token_ids(job["prompt"])
+            self.check_length(job, token_ids)
             decision = self.fleet.decide(token_ids)
             self._check_decode_alive(decision.decode.worker)
         except UpstreamError as exc:
             self.num_requests.inc(1, str(exc.status))
             return exc.response()
+        except PairRefused as exc:
+            self.num_requests.inc(1, "503")
+            return json_error(503, exc.error_type, f"{exc}; no prefill was started")
         except NoWorkerError as exc:
             self.num_requests.inc(1, "503")
             return json_error(503, UNAVAILABLE, str(exc))
         job["prompt_token_ids"] = token_ids
-        job["model"] = job["model"] or self._model_names.get(decision.decode.worker, "")
+        identity = self.fleet.workers[decision.decode.worker].identity
+        job["model"] = job["model"] or (identity.model if identity else "")
         decode_url = decision.decode.worker
         self.num_routed.inc(1, decision.route.cluster or "local")
         self.fleet.acquire(decode_url)  # the prefill worker only while it prefills (_prefill_step)
@@ -290,15 +282,16 @@ class Router:
         info = {"request_id": job["id"], "prefill_worker": prefill_url, "decode_worker": decode_url,
                 "route": _route_info(decision, self.fleet)}
         if self.fleet.workers[decode_url].engine == "vllm":
-            if job["chat"]:
-                self.num_requests.inc(1, "501")
-                return json_error(501, "not_implemented", "/v1/chat/completions through the router is not yet "
-                                  "supported for vLLM servers; send /v1/completions with the prompt")
             try:
                 return await vllm_upstream.complete(self, request, job, decision, info)
             except UpstreamError as exc:
                 self.num_requests.inc(1, str(exc.status))
                 return exc.response()
+        try:
+            check_parameters(job["body"])
+        except BadRequest as exc:
+            self.num_requests.inc(1, "400")
+            return json_error(400, INVALID_REQUEST, str(exc))
         try:
             decode_job = await self._prefill_step(job, decision, info)
             upstream = await self._open_decode(decode_url, decode_job, info)
@@ -325,26 +318,28 @@ class Router:
         prefill_url, decode_url = decision.route.placement.worker, decision.decode.worker
         cached = decision.decode.cached_tokens
         decode_job = {
-            "request_id": job["id"], "max_tokens": job["max_tokens"], "temperature": job["temperature"],
-            "seed": job["seed"], "fallback": self.options.kv_fallback, "first_token": None, "kv_error": None,
-            "prompt_token_ids": job["prompt_token_ids"], "cached_tokens": 0, "cached_hash": None, "boundary_tokens": 0,
+            "request_id": job["id"], "max_tokens": job["max_tokens"], **job["sampling"], "stop": job["stop"],
+            "stop_token_ids": job["stop_token_ids"], "fallback": self.options.kv_fallback, "first_token": None,
+            "rng_state": None, "kv_error": None, "prompt_token_ids": job["prompt_token_ids"], "cached_tokens": 0,
+            "cached_hash": None, "boundary_tokens": 0,
         }
         self.fleet.acquire(prefill_url)
         try:
-            kv_address = decision.kv_address_override or await self.kv_address(decode_url)
+            kv_address = decision.kv_address
             result = await self.prefill(prefill_url, {
                 "request_id": job["id"], "prompt": job["prompt_token_ids"], "kv_address": kv_address,
-                "temperature": job["temperature"], "seed": job["seed"], "timeout_s": self.options.prefill_timeout_s,
+                **job["sampling"], "timeout_s": self.options.prefill_timeout_s,
                 "decode_cached_tokens": cached, "send_boundary": decision.send_boundary,
             })
         except UpstreamError as exc:
-            if exc.status == 400 or exc.error_type == UNAVAILABLE:  # a bad prompt, or no prefill: no KV to fall back on
+            if exc.error_type not in KV_TRANSFER_ERRORS:  # a bad prompt, no prefill worker, a failed forward
                 raise
             kv_error = f"{exc.error_type}: {exc}"
             self.num_fallbacks.inc(1, exc.error_type)
-            self._kv_addresses.pop(decode_url, None)  # ask again: the worker may have restarted elsewhere
             if exc.error_type in MISCONFIGURATION:
                 log.error("request %s: KV transfer refused, a misconfiguration: %s", job["id"], kv_error)
+                self.fleet.refuse_pair(prefill_url, decode_url, exc.error_type, f"prefill worker {prefill_url} cannot "
+                                       f"send KV to decode worker {decode_url}: {exc}")
                 raise UpstreamError(exc.status, exc.error_type, f"{exc} (a misconfiguration between prefill worker "
                                     f"{prefill_url} and decode worker {decode_url}: not recomputed)") from None
             if self.options.kv_fallback == "error":
@@ -357,7 +352,8 @@ class Router:
         finally:
             self.fleet.release(prefill_url)
         prefix = result.get("prefix", {})
-        decode_job.update(first_token=result["first_token"], cached_tokens=cached, cached_hash=decision.decode_hash,
+        decode_job.update(first_token=result["first_token"], rng_state=result.get("rng_state"), cached_tokens=cached,
+                          cached_hash=decision.decode_hash,
                           boundary_tokens=prefix.get("boundary_tokens", 0) if prefix.get("boundary_sent") else 0)
         self.reused_tokens.inc(prefix.get("reused_tokens", 0))
         info.update(prefill_s=result["prefill_s"], prompt_tokens=len(result["prompt_token_ids"]), kv=result["kv"],
@@ -434,6 +430,8 @@ class Router:
         chunk = _chunk(job, [_choice(job, "", line["finish_reason"], [], delta=True)])
         chunk.update(usage=_usage(info["prompt_tokens"], num_tokens), kvwire=_extension(info, line, started))
         await _event(response, chunk)
+        if job["include_usage"]:  # OpenAI's stream_options: a last chunk with no choices, only the usage
+            await _event(response, {**_chunk(job, []), "usage": _usage(info["prompt_tokens"], num_tokens)})
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         self._account(info, num_tokens, "200")
@@ -469,10 +467,14 @@ def _parse(body: dict, *, chat: bool = False) -> dict:
     if chat and body.get("max_completion_tokens") is not None and body.get("max_tokens") is None:
         body = {**body, "max_tokens": body["max_completion_tokens"]}
     sampling = parse_sampling(body)
+    stop, stop_token_ids = parse_stop(body)
     return {
         "body": body, "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
         "model": model, "chat": chat, "prompt": prompt, "max_tokens": parse_max_tokens(body),
-        "temperature": sampling.temperature, "seed": sampling.seed, "stream": body.get("stream", False),
+        "sampling": {"temperature": sampling.temperature, "seed": sampling.seed, "top_p": sampling.top_p,
+                     "top_k": sampling.top_k},
+        "stop": stop, "stop_token_ids": stop_token_ids, "stream": body.get("stream", False),
+        "include_usage": bool((body.get("stream_options") or {}).get("include_usage", False)),
         "return_token_ids": body.get("return_token_ids", False),
     }
 

@@ -17,19 +17,34 @@ from .model import cache_keyword
 
 @dataclass(frozen=True)
 class Sampling:
-    """How the next token is picked: greedy at ``temperature == 0``."""
+    """How the next token is picked: greedy at ``temperature == 0``, else a draw after
+    temperature, top-k (0: off) and top-p (1: off), in transformers' order and arithmetic,
+    so that a seeded request draws what ``generate(do_sample=True)`` after
+    ``torch.manual_seed(seed)`` draws."""
 
     temperature: float = 0.0
     seed: int | None = None
+    top_p: float = 1.0
+    top_k: int = 0
 
-    def generator(self):
+    def generator(self, state: bytes | None = None):
+        """The request's random stream; ``state`` continues one another worker started
+        (the prefill worker draws the first token, the decode worker the rest)."""
         import torch
 
         if self.temperature == 0:
             return None
         generator = torch.Generator()
-        generator.manual_seed(self.seed if self.seed is not None else torch.seed())
+        if state is not None:
+            generator.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
+        else:
+            generator.manual_seed(self.seed if self.seed is not None else torch.seed())
         return generator
+
+
+def generator_state(generator) -> bytes | None:
+    """What ``Sampling.generator(state)`` needs to continue ``generator``'s stream."""
+    return None if generator is None else generator.get_state().numpy().tobytes()
 
 
 def pick_token(logits, sampling: Sampling, generator) -> int:
@@ -38,8 +53,16 @@ def pick_token(logits, sampling: Sampling, generator) -> int:
 
     if sampling.temperature == 0:
         return int(torch.argmax(logits, dim=-1))
-    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    scores = logits.float()[None]
+    scores = TemperatureLogitsWarper(sampling.temperature)(None, scores)
+    if sampling.top_k > 0:
+        scores = TopKLogitsWarper(sampling.top_k)(None, scores)
+    if sampling.top_p < 1.0:
+        scores = TopPLogitsWarper(sampling.top_p)(None, scores)
+    probs = torch.softmax(scores, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator)[0])
 
 
 def forward(model, cache, token_ids: Sequence[int], hooks=None):

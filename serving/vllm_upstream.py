@@ -35,25 +35,24 @@ _SAMPLE = re.compile(r'^(?P<name>[a-zA-Z_:][\w:]*)(?:\{(?P<labels>[^}]*)\})?\s+(
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
-async def is_vllm(session: aiohttp.ClientSession, url: str, timeout: aiohttp.ClientTimeout) -> bool:
-    """A vLLM OpenAI server answers /v1/models and has no kvwire worker state."""
-    async with session.get(url + "/internal/state", timeout=timeout) as response:
-        if response.status == 200:
-            return False
-    async with session.get(url + "/v1/models", timeout=timeout) as response:
-        return response.status == 200
+def parse_samples(text: str):
+    """(name, labels, value) of each sample in a Prometheus text page."""
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if match is None:
+            continue
+        try:
+            value = float(match["value"])
+        except ValueError:
+            continue
+        yield match["name"], dict(_LABEL.findall(match["labels"] or "")), value
 
 
 def parse_metrics(text: str, worker: str) -> tuple[list[PeerMetrics], float]:
     """kvwire's link gauges per peer and the waiting requests, from Prometheus text."""
     peers: dict[str, dict[str, float]] = {}
     waiting = 0.0
-    for line in text.splitlines():
-        match = _SAMPLE.match(line)
-        if match is None:
-            continue
-        name, value = match["name"], float(match["value"])
-        labels = dict(_LABEL.findall(match["labels"] or ""))
+    for name, labels, value in parse_samples(text):
         if name == "vllm:num_requests_waiting":
             waiting += value
         elif name.startswith("vllm:kvwire_link_") and "peer" in labels:
@@ -74,17 +73,21 @@ async def complete(router, request: web.Request, job: dict, decision, info: dict
     started = time.perf_counter()
     kv_id = f"{job['id']}-{uuid.uuid4().hex[:8]}"
     target = {"request_id": kv_id}
-    address = decision.kv_address_override or router.options.decode_kv.get(decode_url)
+    address = decision.kv_address
     if address:
         target["decode"] = address
     body = dict(job["body"])
-    prompt = job["prompt_token_ids"] if isinstance(job["prompt"], list) else job["prompt"]
-    prefill_body = {**body, "prompt": prompt, "max_tokens": 1, "stream": False,
+    if not job["chat"]:  # a chat's messages go to both servers, each renders them with the model's template
+        body["prompt"] = job["prompt_token_ids"] if isinstance(job["prompt"], list) else job["prompt"]
+    path = "/v1/chat/completions" if job["chat"] else "/v1/completions"
+    prefill_body = {**body, "max_tokens": 1, "stream": False,
                     "kv_transfer_params": {"do_remote_decode": True, "kvwire": target}}
-    prefill_body.pop("stream_options", None)
+    for name in ("stream_options", "max_completion_tokens"):
+        prefill_body.pop(name, None)
     router.fleet.acquire(prefill_url)
     try:
-        prefilled = await _post_json(router, prefill_url, prefill_body, router.options.prefill_timeout_s, "prefill")
+        prefilled = await _post_json(router, prefill_url + path, prefill_body, router.options.prefill_timeout_s,
+                                     "prefill")
     finally:
         router.fleet.release(prefill_url)
     params = prefilled.get("kv_transfer_params")
@@ -96,10 +99,10 @@ async def complete(router, request: web.Request, job: dict, decision, info: dict
     if push.get("error") and router.options.kv_fallback == "error":
         raise router.upstream_error(502, "KVWireError", f"the prefill server could not push the KV: {push['error']}")
     info.update(prefill_s=time.perf_counter() - started, push=push)
-    decode_body = {**body, "prompt": prompt, "kv_transfer_params": params}
+    decode_body = {**body, "kv_transfer_params": params}
     if job["stream"]:
-        return await _relay_stream(router, request, decode_url, decode_body, info, started)
-    answer = await _post_json(router, decode_url, decode_body, router.options.prefill_timeout_s, "decode")
+        return await _relay_stream(router, request, decode_url + path, decode_body, info, started)
+    answer = await _post_json(router, decode_url + path, decode_body, router.options.prefill_timeout_s, "decode")
     report = (answer.get("kv_transfer_params") or {}).get("kvwire", {})
     if report.get("error") and router.options.kv_fallback == "error":
         raise router.upstream_error(502, report["error"].split(":", 1)[0],
@@ -112,7 +115,7 @@ async def complete(router, request: web.Request, job: dict, decision, info: dict
 async def _post_json(router, url: str, body: dict, timeout_s: float, role: str) -> dict:
     timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=router.options.connect_timeout_s)
     try:
-        async with router.session.post(url + "/v1/completions", json=body, timeout=timeout) as response:
+        async with router.session.post(url, json=body, timeout=timeout) as response:
             text = await response.text()
             status = response.status
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
@@ -135,7 +138,7 @@ async def _relay_stream(router, request, decode_url: str, body: dict, info: dict
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=router.options.connect_timeout_s,
                                     sock_read=router.options.token_timeout_s)
     try:
-        upstream = await router.session.post(decode_url + "/v1/completions", json=body, timeout=timeout)
+        upstream = await router.session.post(decode_url, json=body, timeout=timeout)
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         raise router.upstream_error(502, "worker_unavailable",
                                     f"decode server {decode_url} is unreachable: {type(exc).__name__}: {exc}") from None

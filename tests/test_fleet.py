@@ -27,7 +27,7 @@ def test_short_prompt_stays_local_and_long_goes_far():
     assert f.decide(list(range(10))).route.cluster is None
     decision = f.decide(list(range(11)))
     assert decision.route.cluster == "far" and decision.route.placement.worker == "http://p1"
-    assert decision.decode.worker == "http://d1" and decision.kv_address_override is None and decision.send_boundary
+    assert decision.decode.worker == "http://d1" and decision.kv_address is None and decision.send_boundary
 
 
 def test_prefix_holders_win_and_the_kv_starts_after_the_decode_prefix():
@@ -56,7 +56,7 @@ def test_kv_address_as_reached_from_the_cluster():
     f = fleet()
     f.workers["http://d1"].in_flight = 5  # d2 is less busy
     decision = f.decide(list(range(20)))
-    assert decision.decode.worker == "http://d2" and decision.kv_address_override == "wan:2"
+    assert decision.decode.worker == "http://d2" and decision.kv_address == "wan:2"
 
 
 def test_a_busy_link_raises_t_and_records_why():

@@ -82,6 +82,8 @@ def test_a_bad_flag_is_one_line_naming_it(args, message, kimi_dir, capsys):
     code, stderr, elapsed = cli(capsys, *(a.replace("{model}", str(kimi_dir)) for a in args))
     assert code == 2, stderr
     assert last_line(stderr) == message
+    if ": error: argument" in message:
+        assert stderr.strip() == message  # one line, no usage block before it
     assert "Traceback" not in stderr
     assert elapsed < 10  # said before any model loads
 

@@ -42,7 +42,7 @@ def test_disaggregated_greedy_tokens_equal_generate(checkpoints, decode_process,
         for num_tokens in (5, 300):
             prompt = np.random.default_rng(num_tokens).integers(3, 512, num_tokens).tolist()
             request_id = f"case{case}-{num_tokens}"
-            (xfer,), first, _, _result = worker.compute(request_id, prompt, addresses[case], Sampling(), 30.0)
+            (xfer,), (first, _), _, _result = worker.compute(request_id, prompt, addresses[case], Sampling(), 30.0)
             stats = xfer.finish(timeout=30)
             assert stats.raw_bytes == worker.layout.nbytes(num_tokens)
             child.stdin.write(json.dumps({"model": case, "request_id": request_id, "first_token": first,

@@ -1,12 +1,10 @@
 """Failures become clear HTTP errors or a recomputed prefill, quickly, never wrong tokens."""
 
 import json
-import os
 import socket
 import time
 
 import numpy as np
-import pytest
 
 from serving import client, launch
 from serving.steps import generate_monolithic
@@ -14,39 +12,8 @@ from serving.steps import generate_monolithic
 PROMPT = np.random.default_rng(11).integers(3, 512, 30).tolist()
 
 
-@pytest.fixture(scope="module")
-def wrong_secret_prefill(kimi_dir, tmp_path_factory):
-    """A prefill worker whose kvwire secret the decode worker does not share."""
-    secret = tmp_path_factory.mktemp("wrong") / "secret"
-    secret.write_text(os.urandom(16).hex())
-    worker = launch.start("prefill", ["--model", str(kimi_dir), "--port", "0", "--secret-file", str(secret)])
-    yield worker
-    worker.stop()
-
-
 def router(prefill, decode, *extra):
     return launch.start("router", ["--prefill", prefill.url, "--decode", decode.url, "--port", "0", *extra])
-
-
-@pytest.mark.parametrize("fallback", [[], ["--kv-fallback", "error"]])
-def test_a_wrong_secret_is_an_error_never_a_silent_recompute(cluster, wrong_secret_prefill, fallback):
-    front = router(wrong_secret_prefill, cluster["decode"], *fallback)
-    try:
-        started = time.monotonic()
-        result = client.complete(front.url, {"prompt": PROMPT, "max_tokens": 6})
-        elapsed = time.monotonic() - started
-        log = front.stderr_tail()
-    finally:
-        front.stop()
-    assert result.status == 502
-    assert result.body["error"]["type"] == "AuthenticationError"
-    kv_address = cluster["decode"].info["kv_address"]
-    assert result.body["error"]["message"] == (
-        f"receiver at {kv_address} failed to prove the shared secret (it has a different secret) (a misconfiguration "
-        f"between prefill worker {wrong_secret_prefill.url} and decode worker {cluster['decode'].url}: not recomputed)"
-    )
-    assert elapsed < 5
-    assert "KV transfer refused, a misconfiguration: AuthenticationError" in log
 
 
 def test_a_transfer_that_fails_in_transit_is_recomputed_with_the_same_tokens(cluster, kimi, tmp_path):

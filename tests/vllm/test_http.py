@@ -43,7 +43,7 @@ def _server(model: str, port: int, kv_config: dict, log_path, tp_size: int = 1) 
         env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(tp_size)
         parallel = ["--distributed-executor-backend", "mp", "--tensor-parallel-size", str(tp_size)]
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
-            "--skip-tokenizer-init", "--enforce-eager", "--max-model-len", "4096", *parallel,
+            "--enforce-eager", "--max-model-len", "4096", *parallel,
             "--kv-transfer-config", json.dumps(kv_config)]
     return subprocess.Popen(argv, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
@@ -79,10 +79,11 @@ def served(tp, vllm_model, engine_logs, secret_file):
             _wait_http(url + "/v1/models", procs[name], logs[name])
         procs["router"] = subprocess.Popen(
             [sys.executable, "-m", "serving", "router", "--prefill", prefill_url, "--decode", decode_url,
-             "--decode-kv", f"{decode_url}=127.0.0.1:{kv_port}", "--port", str(router_port)],
+             "--port", str(router_port)],  # the decode server's kvwire address is learned from its /metrics
             stdout=open(logs["router"], "w"), stderr=subprocess.STDOUT, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
         _wait_http(f"http://127.0.0.1:{router_port}/health", procs["router"], logs["router"], 60)
-        yield {"router": f"http://127.0.0.1:{router_port}", "decode": decode_url, "prefill": prefill_url}
+        yield {"router": f"http://127.0.0.1:{router_port}", "decode": decode_url, "prefill": prefill_url,
+               "kv_address": f"127.0.0.1:{kv_port}"}
     finally:
         for proc in procs.values():
             proc.terminate()
@@ -110,10 +111,40 @@ def test_openai_client_through_the_router_gets_nixls_tokens(tp, nixl_plain, serv
         assert route["push"]["prefill_tp"] == tp[0]
 
 
+def test_a_chat_through_the_router_is_the_completion_of_its_rendered_prompt(served, vllm_model):
+    """Both servers render the chat with the model's template; the P/D split is the same."""
+    client = openai.OpenAI(base_url=served["router"] + "/v1", api_key="unused")
+    messages = [{"role": "user", "content": "Tell me a story about a cat who lived in a library."}]
+    chat = client.chat.completions.create(model=vllm_model, messages=messages, max_tokens=MAX_TOKENS, temperature=0,
+                                          extra_body={"return_token_ids": True})
+    prompt_ids = chat.model_extra["prompt_token_ids"]
+    report = chat.model_extra["kv_transfer_params"]["kvwire"]
+    assert report["error"] is None and report["loaded_tokens"] + report["local_tokens"] == len(prompt_ids) - 1
+    assert report["loaded_tokens"] > 0
+    completion = client.completions.create(model=vllm_model, prompt=prompt_ids, max_tokens=MAX_TOKENS, temperature=0,
+                                           extra_body={"return_token_ids": True})
+    assert chat.choices[0].model_extra["token_ids"] == completion.choices[0].token_ids
+    assert chat.choices[0].message.content == completion.choices[0].text
+
+
+def test_swapped_vllm_servers_are_refused_at_start_in_one_line(served):
+    done = subprocess.run([sys.executable, "-m", "serving", "router", "--prefill", served["decode"], "--decode",
+                           served["prefill"], "--port", "0"], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"kvwire-serve router: --decode {served['prefill']} is a vLLM server with KVWireConnector as prefill (kv_role), "
+        f"not a decode worker; --prefill {served['decode']} is a vLLM server with KVWireConnector as decode (kv_role), "
+        "not a prefill worker")
+
+
 def test_router_health_knows_the_vllm_servers_and_metrics_reach_prometheus(served):
     with urllib.request.urlopen(served["router"] + "/health", timeout=5) as response:
         health = json.load(response)
     assert all(w["reachable"] for w in health["workers"].values()), health
+    assert health["status"] == "ok" and health["pairs"] == {f"{served['prefill']} -> {served['decode']}": "ok"}
+    assert health["kv_addresses"] == {served["decode"]: served["kv_address"]}  # from vllm:kvwire_info
+    assert health["workers"][served["decode"]]["is"] == "a vLLM server with KVWireConnector as decode (kv_role)"
     with urllib.request.urlopen(served["decode"] + "/metrics", timeout=5) as response:
         metrics = response.read().decode()
     loaded = [line for line in metrics.splitlines() if line.startswith("vllm:kvwire_loaded_tokens_total")]

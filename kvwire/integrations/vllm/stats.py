@@ -91,6 +91,15 @@ class KVWirePromMetrics(KVConnectorPromMetrics):
                                   extra_labels=("peer",))
         self.link_bytes = per_engine(self._gauge_cls, "link_bytes", "kvwire bytes moved to or from the peer so far",
                                      extra_labels=("peer",))
+        # What a router needs before the first request: the role and the address to push to.
+        transfer = vllm_config.kv_transfer_config
+        extra = transfer.kv_connector_extra_config or {}
+        self.info = per_engine(self._gauge_cls, "info", "This instance's KVWireConnector: kv_role, and the kvwire "
+                               "address its Receiver listens on (listen) or it pushes to by default (decode)",
+                               extra_labels=("kv_role", "listen", "decode"))
+        for values in per_engine_labelvalues.values():
+            self.info.labels(*(str(v) for v in values), str(transfer.kv_role), str(extra.get("listen") or ""),
+                             str(extra.get("decode") or "")).set(1)
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         labels = [str(v) for v in self.per_engine_labelvalues[engine_idx]]
