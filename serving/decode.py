@@ -40,8 +40,8 @@ from .hybrid_cache import kv_layout, new_cache, rebuild_layer, restore, snapshot
 from .metrics import Registry, render_peers
 from .model import LoadedModel
 from .prefix_reuse import prefill_reusing
-from .prompts import check_prompt_shape, parse_max_tokens, parse_sampling, parse_stop
-from .steps import decode_step, pick_token, warm_up
+from .prompts import check_prompt_shape, parse_logprobs, parse_max_tokens, parse_sampling, parse_stop
+from .steps import decode_step, pick_token, token_logprobs, warm_up
 from .worker_state import boundary_suffix, cache_info, new_prefix_cache, state_body
 
 log = logging.getLogger(__name__)
@@ -134,9 +134,10 @@ class DecodeWorker:
             log.exception("request %s: keeping the %d-token prefix failed", request_id, boundary)
 
     def recompute(self, token_ids: list[int], sampling, generator):
-        """(model thread) The prefill, done here (reusing our prefix cache); returns (cache, first token)."""
+        """(model thread) The prefill, done here (reusing our prefix cache); returns (cache,
+        first token, the logits it was drawn from)."""
         result = prefill_reusing(self.loaded.model, token_ids, self.prefix_cache)
-        return result.cache, pick_token(result.logits, sampling, generator)
+        return result.cache, pick_token(result.logits, sampling, generator), result.logits
 
     def _base(self, body: dict):
         """The prefix entry this request's KV continues: (hit or None, error text or None)."""
@@ -148,8 +149,8 @@ class DecodeWorker:
             return None, f"PrefixEvicted: the {cached_tokens}-token prefix the KV continues is no longer cached here"
         return hit, None
 
-    async def cache_for(self, body: dict, sampling, generator) -> tuple[object, int, str, str | None]:
-        """(cache, first token, kv_source, kv_error) for a decode request."""
+    async def cache_for(self, body: dict, sampling, generator) -> tuple[object, int, str, str | None, object]:
+        """(cache, first token, kv_source, kv_error, the first token's logits if drawn here) for a decode request."""
         loop = asyncio.get_running_loop()
         request_id = str(body["request_id"])
         first_token = body.get("first_token")
@@ -161,7 +162,7 @@ class DecodeWorker:
                 cache = await loop.run_in_executor(self._io, self.receive, request_id, timeout_s, base,
                                                    len(body["prompt_token_ids"]))
                 self._keep_boundary_later(body, cache, timeout_s)
-                return cache, int(first_token), "transfer", None
+                return cache, int(first_token), "transfer", None, None
             except KVWireError as exc:
                 kv_error = describe(exc)
                 if body.get("fallback", "recompute") != "recompute":
@@ -175,10 +176,10 @@ class DecodeWorker:
         if body.get("boundary_tokens"):
             self.receiver.release(request_id + boundary_suffix)
         self.num_recomputed.inc(1, (kv_error or "none").split(":")[0])
-        cache, first = await loop.run_in_executor(
+        cache, first, logits = await loop.run_in_executor(
             self._model_thread, self.recompute, body["prompt_token_ids"], sampling, generator
         )
-        return cache, first, "recomputed", kv_error
+        return cache, first, "recomputed", kv_error, logits
 
     def _keep_boundary_later(self, body: dict, cache, timeout_s: float) -> None:
         boundary = int(body.get("boundary_tokens") or 0)
@@ -222,12 +223,13 @@ class DecodeWorker:
                 raise BadRequest(f"`stop` strings need a tokenizer, and the model at {self.loaded.path} has none; "
                                  "use `stop_token_ids`")
             rng_state = base64.b64decode(body["rng_state"]) if body.get("rng_state") else None
+            num_logprobs = parse_logprobs(body, chat=False)
         except (BadRequest, KeyError, TypeError, ValueError) as exc:
             return json_error(400, INVALID_REQUEST, str(exc) if isinstance(exc, BadRequest) else describe(exc))
         fresh = sampling.generator()  # a recomputed prefill draws the first token itself
         started = time.perf_counter()
         try:
-            cache, first_token, kv_source, kv_error = await self.cache_for(body, sampling, fresh)
+            cache, first_token, kv_source, kv_error, first_logits = await self.cache_for(body, sampling, fresh)
             # the prefill worker drew the first token: continue its random stream
             generator = sampling.generator(rng_state) if kv_source == "transfer" and rng_state else fresh
         except KVWireError as exc:
@@ -240,10 +242,19 @@ class DecodeWorker:
         self.num_requests.inc(1, kv_source)
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)
-        await _line(response, {"kv_source": kv_source, "kv_error": kv_error, "rebuild_s": time.perf_counter() - started})
+        header = {"kv_source": kv_source, "kv_error": kv_error, "rebuild_s": time.perf_counter() - started}
+        if body.get("echo"):
+            header["prompt_text"] = self._decoded(body["prompt_token_ids"])
+        await _line(response, header)
+        if num_logprobs is None:
+            first_logprobs = None
+        elif first_logits is not None:
+            first_logprobs = token_logprobs(first_logits, first_token, num_logprobs)
+        else:
+            first_logprobs = body.get("first_logprobs")
         try:
             await self._stream_tokens(response, cache, first_token, max_tokens, sampling, generator, stop,
-                                      frozenset(stop_token_ids))
+                                      frozenset(stop_token_ids), num_logprobs, first_logprobs)
         except (ConnectionError, asyncio.CancelledError):
             raise  # the router went away: nothing to tell it
         except Exception as exc:
@@ -254,9 +265,12 @@ class DecodeWorker:
         return response
 
     async def _stream_tokens(self, response, cache, token: int, max_tokens: int, sampling, generator,
-                             stop: list[str] = (), stop_token_ids: frozenset[int] = frozenset()) -> None:
+                             stop: list[str] = (), stop_token_ids: frozenset[int] = frozenset(),
+                             num_logprobs: int | None = None, logprobs=None) -> None:
         """One line per token until EOS, a stop token or string, or ``max_tokens``. The text
-        stops before a stop string (as vLLM's); text that may be the start of one is held back."""
+        stops before a stop string (as vLLM's); text that may be the start of one is held back.
+        With ``num_logprobs`` each line carries the token's logprobs (``logprobs``: the
+        first token's, from whoever drew it)."""
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         tokens: list[int] = []
@@ -272,13 +286,26 @@ class DecodeWorker:
                 full, stopped = full[:cut], True
             last = stopped or len(tokens) >= max_tokens
             piece, text = _settled(full, text, 0 if last else hold, last)
-            await _line(response, {"token": token, "text": piece})
+            line = {"token": token, "text": piece}
+            if num_logprobs is not None:
+                line["logprobs"] = self._logprobs_line(token, *logprobs)
+            await _line(response, line)
             if last:
                 break
             logits = await loop.run_in_executor(self._model_thread, decode_step, self.loaded.model, cache, token)
-            token = pick_token(logits, sampling, generator)
+            token = pick_token(logits, sampling, generator, tokens)
+            if num_logprobs is not None:
+                logprobs = token_logprobs(logits, token, num_logprobs)
         await _line(response, {"finish_reason": "stop" if stopped else "length", "num_tokens": len(tokens),
                                "decode_s": time.perf_counter() - started})
+
+    def _logprobs_line(self, token: int, logprob: float, top: list) -> dict:
+        """One token's logprobs with token strings as vLLM writes them (each id decoded alone)."""
+        return {"token": self._piece(token), "logprob": logprob,
+                "top": [[self._piece(int(i)), lp] for i, lp in top]}
+
+    def _piece(self, token: int) -> str:
+        return self.loaded.tokenizer.decode([token]) if self.loaded.tokenizer is not None else f"<{token}>"
 
     def _decoded(self, tokens: list[int]) -> str:
         if self.loaded.tokenizer is None:

@@ -36,8 +36,8 @@ from .hybrid_cache import kv_layout
 from .metrics import Registry, render_peers
 from .model import LoadedModel
 from .prefix_reuse import prefill_reusing
-from .prompts import chat_token_ids, parse_sampling, prompt_token_ids
-from .steps import generator_state, pick_token, warm_up
+from .prompts import chat_token_ids, parse_logprobs, parse_sampling, prompt_token_ids
+from .steps import generator_state, pick_token, token_logprobs, warm_up
 from .worker_state import boundary_suffix, cache_info, new_prefix_cache, state_body
 
 log = logging.getLogger(__name__)
@@ -223,6 +223,7 @@ class PrefillWorker:
             timeout_s = float(body.get("timeout_s", self.options.kv_timeout_s))
             send_from = int(body.get("decode_cached_tokens", 0))
             send_boundary = bool(body.get("send_boundary", False))
+            num_logprobs = parse_logprobs(body, chat=False)
             if len(token_ids) > self.loaded.max_model_len:
                 raise BadRequest(f"the prompt has {len(token_ids)} tokens, more than this model's maximum length of "
                                  f"{self.loaded.max_model_len} (--max-model-len)")
@@ -258,6 +259,7 @@ class PrefillWorker:
                   "boundary_sent": len(transfers) > 1}
         if len(transfers) > 1:  # the decode worker waits for it in the background: not on the TTFT path
             self._io.submit(self._finish_boundary, transfers[1], max(0.0, deadline - time.monotonic()), result)
+        first_logprobs = token_logprobs(result.logits, first_token, num_logprobs) if num_logprobs is not None else None
         del result  # the arrays send_layer borrowed may go now (the boundary's are kept by its task)
         self.num_requests.inc(1, "ok")
         self.num_prompt_tokens.inc(len(token_ids))
@@ -270,6 +272,7 @@ class PrefillWorker:
             "prompt_token_ids": token_ids,
             "first_token": first_token,
             "rng_state": base64.b64encode(rng_state).decode() if rng_state is not None else None,
+            "first_logprobs": first_logprobs,
             "prefill_s": prefill_s,
             "prefix": prefix,
             "kv": {

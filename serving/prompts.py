@@ -77,7 +77,34 @@ def parse_sampling(body: dict) -> Sampling:
     top_k = 0 if body.get("top_k") is None else body["top_k"]
     if type(top_k) is not int or top_k < -1:
         raise BadRequest(f"`top_k` must be an integer, -1 or 0 for all tokens, got {top_k!r}")
-    return Sampling(float(temperature), seed, float(top_p), max(top_k, 0))
+    penalties = {}
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = 0.0 if body.get(name) is None else body[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -2 <= value <= 2:
+            raise BadRequest(f"`{name}` must be a number in [-2, 2], got {value!r}")
+        penalties[name] = float(value)
+    return Sampling(float(temperature), seed, float(top_p), max(top_k, 0), **penalties)
+
+
+MAX_LOGPROBS = 20
+
+
+def parse_logprobs(body: dict, *, chat: bool) -> int | None:
+    """How many top tokens to report with each token's log-probability (None: no logprobs).
+    Completions say it as ``logprobs: N``; chats as ``logprobs: true`` and ``top_logprobs: N``."""
+    if chat:
+        wanted, top = body.get("logprobs"), body.get("top_logprobs")
+        if wanted not in (None, True, False):
+            raise BadRequest(f"`logprobs` must be true or false in a chat, got {wanted!r}")
+        if top is not None and (type(top) is not int or not 0 <= top <= MAX_LOGPROBS):
+            raise BadRequest(f"`top_logprobs` must be an integer in [0, {MAX_LOGPROBS}], got {top!r}")
+        if top and not wanted:
+            raise BadRequest("`top_logprobs` needs `logprobs: true`")
+        return (top or 0) if wanted else None
+    wanted = body.get("logprobs")
+    if wanted is not None and (type(wanted) is not int or not 0 <= wanted <= MAX_LOGPROBS):
+        raise BadRequest(f"`logprobs` must be an integer in [0, {MAX_LOGPROBS}], got {wanted!r}")
+    return wanted
 
 
 def parse_stop(body: dict) -> tuple[list[str], list[int]]:
@@ -95,15 +122,15 @@ def parse_stop(body: dict) -> tuple[list[str], list[int]]:
 # Parameters kvwire-serve workers do not implement: refused (400) unless at their default,
 # never silently ignored. vLLM servers behind the router take them as they are.
 NOT_SUPPORTED = {
-    "logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False),
-    "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "repetition_penalty": (None, 1, 1.0),
+    "repetition_penalty": (None, 1, 1.0),
     "best_of": (None, 1), "logit_bias": (None, {}), "suffix": (None, ""), "min_tokens": (None, 0),
     "min_p": (None, 0, 0.0), "tools": (None, []), "tool_choice": (None, "none"), "response_format": (None,),
 }
 # Parameters that are honoured, or that change nothing a client can see.
 SUPPORTED = {
     "model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
-    "stop", "stop_token_ids", "stream", "stream_options", "n", "return_token_ids", "user",
+    "stop", "stop_token_ids", "stream", "stream_options", "n", "return_token_ids", "user", "logprobs", "top_logprobs",
+    "echo", "presence_penalty", "frequency_penalty",
 }
 
 

@@ -39,7 +39,15 @@ from .fleet import Decision, Fleet, PairRefused
 from .http import INVALID_REQUEST, BadRequest, base_app, describe, error_body, json_error
 from .metrics import Registry
 from .policy import NoWorkerError
-from .prompts import check_messages, check_parameters, check_prompt_shape, parse_max_tokens, parse_sampling, parse_stop
+from .prompts import (
+    check_messages,
+    check_parameters,
+    check_prompt_shape,
+    parse_logprobs,
+    parse_max_tokens,
+    parse_sampling,
+    parse_stop,
+)
 from .router_config import RouterConfig
 
 log = logging.getLogger(__name__)
@@ -305,6 +313,8 @@ class Router:
                 self.num_requests.inc(1, str(exc.status))
                 return exc.response()
             info.update(kv_source=header["kv_source"], kv_error=header["kv_error"], rebuild_s=header["rebuild_s"])
+            if job["echo"]:  # the prompt as given, or its tokens as the decode worker's tokenizer reads them
+                job["echo_text"] = job["prompt"] if isinstance(job["prompt"], str) else header.get("prompt_text", "")
             if header["kv_source"] == "recomputed":
                 log.warning("request %s: the decode worker recomputed the prefill (%s)", job["id"], header["kv_error"])
             if job["stream"]:
@@ -319,6 +329,7 @@ class Router:
         cached = decision.decode.cached_tokens
         decode_job = {
             "request_id": job["id"], "max_tokens": job["max_tokens"], **job["sampling"], "stop": job["stop"],
+            "logprobs": job["logprobs"], "first_logprobs": None, "echo": job["echo"],
             "stop_token_ids": job["stop_token_ids"], "fallback": self.options.kv_fallback, "first_token": None,
             "rng_state": None, "kv_error": None, "prompt_token_ids": job["prompt_token_ids"], "cached_tokens": 0,
             "cached_hash": None, "boundary_tokens": 0,
@@ -328,7 +339,7 @@ class Router:
             kv_address = decision.kv_address
             result = await self.prefill(prefill_url, {
                 "request_id": job["id"], "prompt": job["prompt_token_ids"], "kv_address": kv_address,
-                **job["sampling"], "timeout_s": self.options.prefill_timeout_s,
+                **job["sampling"], "logprobs": job["logprobs"], "timeout_s": self.options.prefill_timeout_s,
                 "decode_cached_tokens": cached, "send_boundary": decision.send_boundary,
             })
         except UpstreamError as exc:
@@ -352,7 +363,8 @@ class Router:
         finally:
             self.fleet.release(prefill_url)
         prefix = result.get("prefix", {})
-        decode_job.update(first_token=result["first_token"], rng_state=result.get("rng_state"), cached_tokens=cached,
+        decode_job.update(first_token=result["first_token"], rng_state=result.get("rng_state"),
+                          first_logprobs=result.get("first_logprobs"), cached_tokens=cached,
                           cached_hash=decision.decode_hash,
                           boundary_tokens=prefix.get("boundary_tokens", 0) if prefix.get("boundary_sent") else 0)
         self.reused_tokens.inc(prefix.get("reused_tokens", 0))
@@ -383,7 +395,7 @@ class Router:
         return response
 
     async def _collect(self, job: dict, upstream, info: dict, started: float) -> web.Response:
-        tokens, text, final = [], [], None
+        tokens, text, logprobs, final = [], [job.get("echo_text", "")], [], None
         try:
             while final is None:
                 line = await _next_line(upstream, self.options.token_timeout_s)
@@ -394,12 +406,14 @@ class Router:
                         info["ttft_s"] = time.perf_counter() - started
                     tokens.append(line["token"])
                     text.append(line["text"])
+                    logprobs.append(line.get("logprobs"))
                 else:
                     final = line
         except UpstreamError as exc:
             self.num_requests.inc(1, str(exc.status))
             return exc.response()
-        choice = _choice(job, "".join(text), final["finish_reason"], tokens, delta=False)
+        choice = _choice(job, "".join(text), final["finish_reason"], tokens, delta=False,
+                         logprobs=_logprobs(job, logprobs, len(text[0])))
         self._account(info, len(tokens), "200")
         return web.json_response({
             "id": job["id"], "object": "chat.completion" if job["chat"] else "text_completion",
@@ -410,7 +424,9 @@ class Router:
     async def _stream(self, request, job: dict, upstream, info: dict, started: float) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
-        num_tokens = 0
+        num_tokens, offset = 0, len(job.get("echo_text", ""))
+        if offset:
+            await _event(response, _chunk(job, [_choice(job, job["echo_text"], None, [], delta=True)]))
         try:
             while True:
                 line = await _next_line(upstream, self.options.token_timeout_s)
@@ -421,7 +437,10 @@ class Router:
                 if num_tokens == 0:
                     info["ttft_s"] = time.perf_counter() - started
                 num_tokens += 1
-                await _event(response, _chunk(job, [_choice(job, line["text"], None, [line["token"]], delta=True)]))
+                logprobs = _logprobs(job, [line.get("logprobs")], offset)
+                offset += len(line["logprobs"]["token"]) if logprobs else 0
+                await _event(response, _chunk(job, [_choice(job, line["text"], None, [line["token"]], delta=True,
+                                                             logprobs=logprobs)]))
         except UpstreamError as exc:
             self._account(info, num_tokens, str(exc.status))
             await _event(response, error_body(exc.error_type, str(exc)))
@@ -468,11 +487,19 @@ def _parse(body: dict, *, chat: bool = False) -> dict:
         body = {**body, "max_tokens": body["max_completion_tokens"]}
     sampling = parse_sampling(body)
     stop, stop_token_ids = parse_stop(body)
+    logprobs = parse_logprobs(body, chat=chat)
+    if not isinstance(body.get("echo", False), bool):
+        raise BadRequest(f"`echo` must be true or false, got {body['echo']!r}")
+    if body.get("echo") and (chat or logprobs is not None):
+        raise BadRequest("`echo` is supported for /v1/completions without `logprobs` (the prompt's logprobs are "
+                         "not computed)" if not chat else "`echo` is not supported for chats")
     return {
         "body": body, "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
         "model": model, "chat": chat, "prompt": prompt, "max_tokens": parse_max_tokens(body),
         "sampling": {"temperature": sampling.temperature, "seed": sampling.seed, "top_p": sampling.top_p,
-                     "top_k": sampling.top_k},
+                     "top_k": sampling.top_k, "presence_penalty": sampling.presence_penalty,
+                     "frequency_penalty": sampling.frequency_penalty},
+        "logprobs": logprobs, "echo": bool(body.get("echo")),
         "stop": stop, "stop_token_ids": stop_token_ids, "stream": body.get("stream", False),
         "include_usage": bool((body.get("stream_options") or {}).get("include_usage", False)),
         "return_token_ids": body.get("return_token_ids", False),
@@ -495,19 +522,42 @@ def _chunk(job: dict, choices: list) -> dict:
     return {"id": job["id"], "object": kind, "created": job["created"], "model": job["model"], "choices": choices}
 
 
-def _choice(job: dict, text: str, finish_reason: str | None, token_ids: list[int], *, delta: bool) -> dict:
+def _choice(job: dict, text: str, finish_reason: str | None, token_ids: list[int], *, delta: bool,
+            logprobs: dict | None = None) -> dict:
     """One choice in the completions or the chat shape (``delta`` for a streamed chat chunk)."""
     choice: dict = {"index": 0}
     if not job["chat"]:
-        choice.update(text=text, logprobs=None)
+        choice.update(text=text, logprobs=logprobs)
     elif delta:
         choice["delta"] = {"role": "assistant", "content": text} if text or finish_reason is None else {}
     else:
         choice["message"] = {"role": "assistant", "content": text}
+    if job["chat"] and job["logprobs"] is not None:
+        choice["logprobs"] = logprobs
     choice["finish_reason"] = finish_reason
     if job["return_token_ids"]:
         choice["token_ids"] = token_ids
     return choice
+
+
+def _logprobs(job: dict, entries: list, offset: int) -> dict | None:
+    """The decode worker's per-token logprobs in OpenAI's shape: the completions one (parallel
+    lists, ``top_logprobs`` a dict that also holds the chosen token, ``text_offset`` from
+    ``offset``) or the chat one (``content``: a list of tokens with their bytes)."""
+    if job["logprobs"] is None:
+        return None
+    entries = [e for e in entries if e]
+    if job["chat"]:
+        def token(text, logprob):
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        return {"content": [{**token(e["token"], e["logprob"]), "top_logprobs": [token(*t) for t in e["top"]]}
+                            for e in entries]}
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{**dict(e["top"]), e["token"]: e["logprob"]} for e in entries], "text_offset": offsets}
 
 
 async def _event(response: web.StreamResponse, message: dict) -> None:

@@ -26,6 +26,8 @@ class Sampling:
     seed: int | None = None
     top_p: float = 1.0
     top_k: int = 0
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from each token already generated
+    frequency_penalty: float = 0.0  # ... and this times the number of times it was
 
     def generator(self, state: bytes | None = None):
         """The request's random stream; ``state`` continues one another worker started
@@ -47,10 +49,14 @@ def generator_state(generator) -> bytes | None:
     return None if generator is None else generator.get_state().numpy().tobytes()
 
 
-def pick_token(logits, sampling: Sampling, generator) -> int:
-    """The next token from a row of logits."""
+def pick_token(logits, sampling: Sampling, generator, generated: Sequence[int] = ()) -> int:
+    """The next token from a row of logits, after the penalties for the ``generated`` tokens
+    (as vLLM applies them: on the output so far, before temperature)."""
     import torch
 
+    if generated and (sampling.presence_penalty or sampling.frequency_penalty):
+        counts = torch.bincount(torch.tensor(list(generated)), minlength=logits.shape[-1]).to(torch.float32)
+        logits = logits.float() - sampling.frequency_penalty * counts - sampling.presence_penalty * (counts > 0).float()
     if sampling.temperature == 0:
         return int(torch.argmax(logits, dim=-1))
     from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
@@ -63,6 +69,17 @@ def pick_token(logits, sampling: Sampling, generator) -> int:
         scores = TopPLogitsWarper(sampling.top_p)(None, scores)
     probs = torch.softmax(scores, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator)[0])
+
+
+def token_logprobs(logits, token: int, num_top: int) -> tuple[float, list[tuple[int, float]]]:
+    """The model's own log-probability of ``token`` and the ``num_top`` likeliest tokens with
+    theirs (vLLM's raw logprobs: before penalties, temperature and filtering)."""
+    import torch
+
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    top = torch.topk(logprobs, num_top) if num_top else None
+    pairs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+    return float(logprobs[token]), pairs
 
 
 def forward(model, cache, token_ids: Sequence[int], hooks=None):
