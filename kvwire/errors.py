@@ -42,6 +42,11 @@ class TransferAborted(KVWireError):
     """The other side aborted the request (it said why)."""
 
 
+# Errors that mean the two ends are misconfigured (another secret, model or protocol), not
+# that a transfer was unlucky: retrying or recomputing would only hide them.
+MISCONFIGURATIONS = (AuthenticationError, LayoutMismatchError, ProtocolError)
+
+
 # Error kinds as they travel in Abort/Reject messages, mapped back to classes in one place.
 ERROR_KINDS: dict[str, type[KVWireError]] = {
     "layout": LayoutMismatchError,

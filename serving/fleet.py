@@ -63,6 +63,7 @@ class PairCheck:
     key: tuple  # what it was checked for: both identities and the KV address
     checked_at: float
     problem: tuple[str, str] | None  # (error type, message); None: it can
+    from_request: bool = False  # a request's transfer was refused: held until checked again
 
 
 @dataclass
@@ -256,10 +257,13 @@ class Fleet:
                 address = self.kv_address_for(prefill_url, decode_url)
                 key = (prefill.identity, decode.identity, address)
                 problem = pair_mismatch(prefill.identity, decode.identity, prefill_url, decode_url, address)
+                check = self.pairs.get(pair)
+                if problem is None and prefill.engine != "kvwire" and check is not None and check.from_request \
+                        and now - check.checked_at < PROBE_EVERY_S:
+                    continue  # nothing to probe a vLLM pair with: a refused push holds for a while
                 if problem is not None or prefill.engine != "kvwire":
                     self._record(pair, PairCheck(key, now, problem))
                     continue
-                check = self.pairs.get(pair)
                 due = check is None or check.key != key or now - check.checked_at > PROBE_EVERY_S
                 if due and pair not in self._probes:
                     self._probes[pair] = asyncio.create_task(self._probe(session, pair, key, address))
@@ -296,7 +300,7 @@ class Fleet:
         """A request's transfer was refused for a misconfiguration: refuse the pair until a probe says otherwise."""
         check = self.pairs.get((prefill_url, decode_url))
         self._record((prefill_url, decode_url), PairCheck(check.key if check else (), time.monotonic(),
-                                                          (error_type, message)))
+                                                          (error_type, message), from_request=True))
 
     async def settle(self) -> None:
         """Wait for the pair probes under way (at start, so the first /health already says)."""

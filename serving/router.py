@@ -32,7 +32,7 @@ import uuid
 import aiohttp
 from aiohttp import web
 
-from kvwire.errors import KVWireError
+from kvwire.errors import MISCONFIGURATIONS, KVWireError
 
 from . import vllm_upstream
 from .fleet import Decision, Fleet, PairRefused
@@ -54,8 +54,7 @@ log = logging.getLogger(__name__)
 
 UNAVAILABLE = "worker_unavailable"
 NOT_FOUND = "NotFoundError"
-# kvwire errors that mean the deployment is misconfigured, not that a transfer was unlucky
-MISCONFIGURATION = frozenset({"AuthenticationError", "LayoutMismatchError", "ProtocolError"})
+MISCONFIGURATION = frozenset(cls.__name__ for cls in MISCONFIGURATIONS)
 # what a failed KV transfer is answered with (a kvwire error class): only these may be recomputed
 KV_TRANSFER_ERRORS = frozenset(cls.__name__ for cls in (KVWireError, *KVWireError.__subclasses__()))
 

@@ -26,6 +26,7 @@ import uuid
 import aiohttp
 from aiohttp import web
 
+from kvwire.errors import MISCONFIGURATIONS
 from kvwire.metrics import PeerMetrics
 from kvwire.transport.base import LinkStats
 
@@ -96,6 +97,7 @@ async def complete(router, request: web.Request, job: dict, decision, info: dict
                                     f"prefill server {prefill_url} answered without kvwire kv_transfer_params: "
                                     "is it running KVWireConnector with kv_role kv_producer or kv_both?")
     push = params["kvwire"]
+    refuse_misconfigured(router, push.get("error"), prefill_url, decode_url)
     if push.get("error") and router.options.kv_fallback == "error":
         raise router.upstream_error(502, "KVWireError", f"the prefill server could not push the KV: {push['error']}")
     info.update(prefill_s=time.perf_counter() - started, push=push)
@@ -104,12 +106,25 @@ async def complete(router, request: web.Request, job: dict, decision, info: dict
         return await _relay_stream(router, request, decode_url + path, decode_body, info, started)
     answer = await _post_json(router, decode_url + path, decode_body, router.options.prefill_timeout_s, "decode")
     report = (answer.get("kv_transfer_params") or {}).get("kvwire", {})
+    refuse_misconfigured(router, report.get("error"), prefill_url, decode_url)
     if report.get("error") and router.options.kv_fallback == "error":
         raise router.upstream_error(502, report["error"].split(":", 1)[0],
                                     f"the KV of request {kv_id} did not arrive: {report['error']}")
     answer["kvwire"] = {**info, "load": report, "total_s": time.perf_counter() - started}
     router.account(info, answer.get("usage", {}).get("completion_tokens", 0), "200")
     return web.json_response(answer)
+
+
+def refuse_misconfigured(router, error: str | None, prefill_url: str, decode_url: str) -> None:
+    """A push refused for a misconfiguration (another secret, another model) is an error,
+    never a success the decode server recomputed; the pair is refused until checked again."""
+    kind = next((cls.__name__ for cls in MISCONFIGURATIONS if cls.__name__ in (error or "")), None)
+    if kind is None:
+        return
+    message = f"prefill server {prefill_url} cannot send KV to decode server {decode_url}: {error}"
+    log.error("%s", message)
+    router.fleet.refuse_pair(prefill_url, decode_url, kind, message)
+    raise router.upstream_error(502, kind, f"{message} (a misconfiguration: not recomputed)")
 
 
 async def _post_json(router, url: str, body: dict, timeout_s: float, role: str) -> dict:

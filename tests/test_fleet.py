@@ -1,5 +1,7 @@
 """The router's Fleet: routing on what workers reported, and the control step per cluster."""
 
+import pytest
+
 from kvwire.metrics import PeerMetrics
 from serving.fleet import Fleet
 from serving.prefix_cache import block_hashes
@@ -102,3 +104,42 @@ def test_queue_depth_counts_prefills_not_decoding_requests():
     f._step(cluster, now=1.0)
     f._step(cluster, now=2.0)
     assert cluster.last_sample.queue_depth == 2
+
+
+def vllm_pair():
+    """A Fleet of one vLLM prefill and one vLLM decode server, both answering."""
+    from serving.identify import Identity
+
+    f = Fleet(RouterConfig(decode=["http://d"], prefill=["http://p"]))
+    f.workers["http://p"].identity = Identity("vllm", "prefill", "m")
+    f.workers["http://d"].identity = Identity("vllm", "decode", "m", kv_address="d:7800")
+    for worker in f.workers.values():
+        worker.engine = "vllm"
+    return f
+
+
+def test_a_refused_vllm_push_refuses_the_pair_until_it_is_checked_again(monkeypatch):
+    from serving import fleet as fleet_module
+    from serving.fleet import PairRefused
+    from serving.router import Router, UpstreamError
+    from serving.vllm_upstream import refuse_misconfigured
+
+    f = vllm_pair()
+    f._check_pairs(session=None)
+    assert f.decide([1, 2, 3]).kv_address == "d:7800"
+    router = Router.__new__(Router)
+    router.fleet = f
+    error = ("this prefill instance cannot push to the decode instance at d:7800: AuthenticationError: receiver at "
+             "d:7800 failed to prove the shared secret (it has a different secret)")
+    with pytest.raises(UpstreamError) as caught:
+        refuse_misconfigured(router, error, "http://p", "http://d")
+    assert (caught.value.status, caught.value.error_type) == (502, "AuthenticationError")
+    assert str(caught.value).endswith("(a misconfiguration: not recomputed)")
+    refuse_misconfigured(router, "PeerLostError: cannot connect to d:7800", "http://p", "http://d")  # not one
+    f._check_pairs(session=None)  # a poll keeps the refusal: nothing can probe a vLLM pair
+    with pytest.raises(PairRefused, match="prefill server http://p cannot send KV to decode server http://d: this"):
+        f.decide([1, 2, 3])
+    assert f.unavailable().startswith("prefill server http://p cannot send KV")
+    monkeypatch.setattr(fleet_module, "PROBE_EVERY_S", 0.0)  # ... until it is due again
+    f._check_pairs(session=None)
+    assert f.decide([1, 2, 3]).kv_address == "d:7800" and f.unavailable() is None

@@ -127,6 +127,20 @@ def test_a_chat_through_the_router_is_the_completion_of_its_rendered_prompt(serv
     assert chat.choices[0].message.content == completion.choices[0].text
 
 
+def test_openai_parameters_pass_through_to_the_vllm_servers(served, vllm_model):
+    client = openai.OpenAI(base_url=served["router"] + "/v1", api_key="unused")
+    plain = client.completions.create(model=vllm_model, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0,
+                                      extra_body={"return_token_ids": True}).choices[0].token_ids
+    stop_at = plain.index(plain[3])
+    answer = client.completions.create(model=vllm_model, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0,
+                                       logprobs=2, extra_body={"return_token_ids": True, "stop_token_ids": [plain[3]]})
+    choice = answer.choices[0]
+    assert choice.finish_reason == "stop"
+    assert choice.token_ids == plain[:len(choice.token_ids)] and stop_at <= len(choice.token_ids) <= stop_at + 1
+    assert len(choice.logprobs.token_logprobs) == len(choice.token_ids)
+    assert all(len(top) >= 2 for top in choice.logprobs.top_logprobs)
+
+
 def test_swapped_vllm_servers_are_refused_at_start_in_one_line(served):
     done = subprocess.run([sys.executable, "-m", "serving", "router", "--prefill", served["decode"], "--decode",
                            served["prefill"], "--port", "0"], capture_output=True, text=True, timeout=60, cwd=ROOT,
