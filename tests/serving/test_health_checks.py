@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from serving import client, launch
+from serving.vllm_engine import free_port
 
 from .conftest import QWEN
 from .test_failures import PROMPT, prefill_count, router, wait_for_health
@@ -137,3 +138,22 @@ def test_a_prefill_that_fails_to_compute_is_passed_on_not_recomputed(cluster, ki
         f"the prefill of {len(PROMPT)} tokens failed: RuntimeError: DefaultCPUAllocator: not enough memory: you tried "
         f"to allocate {len(PROMPT) ** 2 * 8} bytes.")
     assert "KV transfer failed" not in log and "recompute" not in log
+
+
+def test_a_router_started_before_its_decode_worker_names_the_model_once_it_answers(cluster, kimi_dir, secret_file):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    front = launch.start("router", ["--prefill", cluster["prefill"].url, "--decode", url, "--port", "0",
+                                    "--control-interval", "0.2"])
+    decode = None
+    try:
+        assert client.get(front.url, "/health")[0] == 503
+        decode = launch.start("decode", ["--model", str(kimi_dir), "--port", str(port), "--kv-listen", "127.0.0.1:0",
+                                         "--secret-file", str(secret_file)])
+        wait_for_health(front, 200)
+        result = client.complete(front.url, {"prompt": PROMPT, "max_tokens": 2})
+    finally:
+        front.stop()
+        if decode is not None:
+            decode.stop()
+    assert result.status == 200 and result.body["model"] == str(kimi_dir)

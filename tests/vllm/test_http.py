@@ -141,6 +141,14 @@ def test_openai_parameters_pass_through_to_the_vllm_servers(served, vllm_model):
     assert all(len(top) >= 2 for top in choice.logprobs.top_logprobs)
 
 
+def test_a_prompt_longer_than_the_servers_hold_is_400_before_any_prefill(served, vllm_model):
+    client = openai.OpenAI(base_url=served["router"] + "/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=vllm_model, prompt=prompt(5000, 3), max_tokens=4)
+    assert caught.value.body["message"] == ("the prompt has 5000 tokens and asks for 4 more tokens: more than this "
+                                            "model's maximum length of 4096 tokens")  # the servers' --max-model-len
+
+
 def test_swapped_vllm_servers_are_refused_at_start_in_one_line(served):
     done = subprocess.run([sys.executable, "-m", "serving", "router", "--prefill", served["decode"], "--decode",
                            served["prefill"], "--port", "0"], capture_output=True, text=True, timeout=60, cwd=ROOT,
