@@ -36,8 +36,8 @@ def test_swapped_prefill_and_decode_are_refused_at_start_in_one_line(cluster):
     front, code, lines = start_router(["--prefill", decode, "--decode", prefill])
     assert front is None
     assert code == 2
-    assert lines == [f"kvwire-serve router: --decode {prefill} is a kvwire-serve prefill worker, not a decode worker; "
-                     f"--prefill {decode} is a kvwire-serve decode worker, not a prefill worker"]
+    assert lines == [(f"kvwire-serve router: --decode {prefill} is a kvwire-serve prefill worker, not a decode worker; "
+                      f"--prefill {decode} is a kvwire-serve decode worker, not a prefill worker")]
 
 
 def test_decode_pointed_at_a_router_or_at_something_else_is_refused_at_start(cluster):
@@ -47,8 +47,8 @@ def test_decode_pointed_at_a_router_or_at_something_else_is_refused_at_start(clu
     try:
         front, code, lines = start_router(["--prefill", cluster["prefill"].url, "--decode", cluster["router"].url])
         assert front is None and code == 2
-        assert lines == [f"kvwire-serve router: --decode {cluster['router'].url} is a kvwire-serve router, not a "
-                         "decode worker"]
+        assert lines == [(f"kvwire-serve router: --decode {cluster['router'].url} is a kvwire-serve router, not a "
+                          "decode worker")]
         front, code, lines = start_router(["--prefill", cluster["prefill"].url, "--decode", not_kvwire])
         assert front is None and code == 2
         assert lines[0].startswith(f"kvwire-serve router: --decode {not_kvwire} is neither a kvwire-serve worker nor "

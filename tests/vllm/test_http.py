@@ -11,15 +11,24 @@ import urllib.request
 
 import pytest
 
-from .conftest import MAX_TOKENS, free_port, nixl_reference, prompt
+from serving.model import vllm_tiny_config, write_tiny_checkpoint
 from serving.vllm_engine import cpu_thread_binding, tensor_parallel_args
 
+from .conftest import MAX_TOKENS, free_port, nixl_reference, prompt
 from .engines import ROOT
 
 openai = pytest.importorskip("openai", reason="the openai client is in the test extra")
 PROMPTS = [prompt(129, 1), prompt(300, 1)]  # sharing 129 tokens: the decode server's own prefix cache may hold some
 CONFIGS = [(1, 1), (2, 1), (1, 2)]  # (prefill TP, decode TP)
 pytestmark = pytest.mark.timeout(600)  # a configuration starts four engines, TP ones with worker processes
+
+
+@pytest.fixture(scope="module")
+def vllm_model(tmp_path_factory):
+    """conftest's tiny Qwen3-Next (the same seeded weights) with a tokenizer and chat template:
+    the OpenAI servers here also chat."""
+    return str(write_tiny_checkpoint(tmp_path_factory.mktemp("qwen3next-chat") / "m", config=vllm_tiny_config(4),
+                                     dtype="bfloat16"))
 
 
 @pytest.fixture(scope="module", params=CONFIGS, ids=[f"prefill_tp{p}-decode_tp{d}" for p, d in CONFIGS])
@@ -152,7 +161,7 @@ def test_a_prompt_longer_than_the_servers_hold_is_400_before_any_prefill(served,
 def test_swapped_vllm_servers_are_refused_at_start_in_one_line(served):
     done = subprocess.run([sys.executable, "-m", "serving", "router", "--prefill", served["decode"], "--decode",
                            served["prefill"], "--port", "0"], capture_output=True, text=True, timeout=60, cwd=ROOT,
-                          env=dict(os.environ, PYTHONPATH=ROOT))
+                          env=dict(os.environ, PYTHONPATH=ROOT), check=False)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == (
         f"kvwire-serve router: --decode {served['prefill']} is a vLLM server with KVWireConnector as prefill (kv_role), "
