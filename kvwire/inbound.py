@@ -7,16 +7,14 @@ checksum verified, and it has been decoded/scattered; nothing unverified is hand
 
 from __future__ import annotations
 
-import bisect
 import threading
 import time
 
 import numpy as np
 
 from .errors import KVWireError, TransferTimeout, again, remembered
-from .layout import KVLayout
 from .placement import Expectation, place_layer, typed
-
+from .protocol import MONOTONIC, Clock, RequestPlan, SegmentMap
 
 _LANDED, _VERIFIED = 2, 1  # a chunk's entry in InboundRequest._seen (0: not yet here)
 
@@ -25,24 +23,25 @@ class InboundRequest:
     def __init__(
         self,
         request_id: str,
-        num_tokens: int,
-        layout: KVLayout,
-        codec: str,
-        chunk_bytes: int,
+        plan: RequestPlan,
         timeout_s: float,
         peer: str,
         expectation: Expectation | None = None,
+        clock: Clock = MONOTONIC,
     ):
         self.request_id = request_id
-        self.num_tokens = num_tokens
-        self.codec = codec
+        self.plan = plan  # the sender's, rebuilt from its Open: bytes land where the sender cut them
+        self.num_tokens = num_tokens = plan.num_tokens
+        self.codec = plan.codec_name
         self.peer = peer
-        self.chunk_bytes = chunk_bytes
-        self.opened_at = time.monotonic()
+        self.chunk_bytes = plan.chunk_bytes
+        layout = plan.layout
+        self._clock = clock
+        self.opened_at = clock.now()
         self.deadline = self.opened_at + timeout_s
-        self.plans = layout.plans(num_tokens, codec)
-        self.num_layers = len(self.plans)
-        self.num_chunks = [max(1, -(-plan.nbytes // chunk_bytes)) for plan in self.plans]
+        self.plans = self.plan.layers
+        self.num_layers = self.plan.num_layers
+        self.num_chunks = self.plan.num_chunks
         self._seen = [bytearray(n) for n in self.num_chunks]
         self._missing = list(self.num_chunks)
         self._missing_total = sum(self.num_chunks)
@@ -57,31 +56,18 @@ class InboundRequest:
         self.rid = -1  # the sender session's number for it, and that session (set by the receiver)
         self.session = None
         self._layers = [
-            place_layer(i, plan, layout.layers[i], num_tokens, codec, expectation) for i, plan in enumerate(self.plans)
+            place_layer(i, plan, layout.layers[i], num_tokens, self.plan.codec, expectation)
+            for i, plan in enumerate(self.plans)
         ]
-        self._starts = [[start for start, _ in placed.segments] for placed in self._layers]
+        self._maps = [SegmentMap([(start, len(seg)) for start, seg in placed.segments]) for placed in self._layers]
         self.nbytes = sum(placed.own_bytes for placed in self._layers)
 
     # -- where bytes land ---------------------------------------------------------------
 
-    def chunk_size(self, layer: int, chunk: int) -> int:
-        start = chunk * self.chunk_bytes
-        return min(self.plans[layer].nbytes, start + self.chunk_bytes) - start
-
-    def targets(self, layer: int, chunk: int, nbytes: int) -> list[np.ndarray]:
+    def targets(self, layer: int, chunk: int) -> list[np.ndarray]:
         """The memory a chunk's bytes go to, in order (one view unless it spans buffers)."""
-        start = chunk * self.chunk_bytes
-        end = start + nbytes
         segments = self._layers[layer].segments
-        i = max(0, bisect.bisect_right(self._starts[layer], start) - 1)
-        views = []
-        while i < len(segments) and segments[i][0] < end:
-            seg_start, seg = segments[i]
-            lo, hi = max(start, seg_start), min(end, seg_start + len(seg))
-            if hi > lo:
-                views.append(seg[lo - seg_start : hi - seg_start])
-            i += 1
-        return views
+        return [segments[i][1][lo:hi] for i, lo, hi in self._maps[layer].spans(*self.plan.chunk_span(layer, chunk))]
 
     # -- state changes (called by the receiver's I/O threads) ---------------------------
 
@@ -149,7 +135,7 @@ class InboundRequest:
             self.ready[layer] = True
             self.num_ready += 1
             if self.num_ready == self.num_layers:
-                self.finished_at = time.monotonic()
+                self.finished_at = self._clock.now()
             self.cv.notify_all()
             return self.num_ready == self.num_layers
 

@@ -23,6 +23,7 @@ from .wire.messages import LayerDesc, TensorDesc
 # Each tensor starts on this boundary inside a layer's byte stream, so that views of a
 # received layer are aligned for any dtype and for vector loads.
 ALIGN_BYTES = 64
+_UNRESOLVED = object()  # KVLayout.plans: no codec instance given, resolve it from its name
 
 
 @dataclass(frozen=True)
@@ -137,12 +138,14 @@ class KVLayout:
         """Byte offsets of every wire array of ``layer`` for a request of ``num_tokens``."""
         return self.plans(num_tokens, codec)[layer]
 
-    def plans(self, num_tokens: int, codec: str = "none") -> tuple[LayerPlan, ...]:
-        """Plans of all layers for ``num_tokens`` (the last few are cached)."""
+    def plans(self, num_tokens: int, codec: str = "none", instance=_UNRESOLVED) -> tuple[LayerPlan, ...]:
+        """Plans of all layers for ``num_tokens`` (the last few are cached); ``instance``:
+        the codec already resolved (kvwire.protocol.RequestPlan resolves it once)."""
         key = (num_tokens, codec)
         cached = self._plan_cache.get(key)
         if cached is None:
-            cached = tuple(self._plan(sizes, num_tokens, get_codec(codec)) for sizes in self._sizes)
+            instance = get_codec(codec) if instance is _UNRESOLVED else instance
+            cached = tuple(self._plan(sizes, num_tokens, instance) for sizes in self._sizes)
             with self._plan_lock:
                 if len(self._plan_cache) >= 8:
                     self._plan_cache.pop(next(iter(self._plan_cache)))
@@ -179,9 +182,10 @@ class KVLayout:
         tensors when a codec is used (the budget a receiver checks at open)."""
         return self.wire_bytes(num_tokens, codec) + (self.nbytes(num_tokens) if codec != "none" else 0)
 
-    def check_codec(self, codec: str) -> None:
-        """ValueError if some tensor of this layout cannot travel with ``codec``."""
-        instance = get_codec(codec)
+    def check_codec(self, codec) -> None:
+        """ValueError if some tensor of this layout cannot travel with ``codec`` (a name, or a
+        resolved kvwire.codecs codec: None for lossless)."""
+        instance = get_codec(codec) if isinstance(codec, str) else codec
         for i, layer in enumerate(self.layers):
             for name, spec in layer.items():
                 if encodes(instance, spec):

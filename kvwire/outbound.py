@@ -8,22 +8,21 @@ small tensors is joined into one buffer once, so that no frame walks thousands o
 
 from __future__ import annotations
 
-import bisect
 import operator
 import threading
 import time
 from dataclasses import dataclass
 from typing import Mapping
 
-
 import numpy as np
 
 from . import device, paged
 from .arrays import as_bytes
-from .codecs import bits_to_float32, encodes, geometry, get_codec
+from .codecs import bits_to_float32, encodes, geometry
 from .dtypes import ITEMSIZE, accepts, exportable, numpy_dtype
 from .errors import KVWireError, PeerLostError, TransferAborted, TransferTimeout, again, remembered
-from .layout import ALIGN_BYTES, KVLayout, LayerPlan
+from .layout import ALIGN_BYTES, LayerPlan
+from .protocol import MONOTONIC, Clock, RequestPlan, SegmentMap
 
 _PAD = memoryview(bytes(ALIGN_BYTES))
 _SMALL_PIECE_BYTES = 64 * 1024
@@ -56,27 +55,27 @@ class Transfer:
         sender,
         request_id: str,
         rid: int,
-        num_tokens: int,
-        layout: KVLayout,
-        codec: str,
-        chunk_bytes: int,
+        plan: RequestPlan,
         timeout_s: float,
+        clock: Clock = MONOTONIC,
     ):
         self.request_id = request_id
         self.rid = rid
-        self.num_tokens = num_tokens
-        self.codec = codec
-        self.chunk_bytes = chunk_bytes
-        self.opened_at = time.monotonic()
+        self.plan = plan  # the receiver cuts the request by the same plan, rebuilt from the Open
+        self.num_tokens = plan.num_tokens
+        self.codec = plan.codec_name
+        self.chunk_bytes = plan.chunk_bytes
+        self._clock = clock
+        self.opened_at = clock.now()
         self.deadline = self.opened_at + timeout_s
         self._sender = sender
-        self._layout = layout
-        self._plans = layout.plans(num_tokens, codec)
-        self._codec = get_codec(codec)
-        self.num_layers = len(self._plans)
-        self.num_chunks = [max(1, -(-plan.nbytes // chunk_bytes)) for plan in self._plans]
+        self._layout = plan.layout
+        self._plans = self.plan.layers
+        self._codec = self.plan.codec
+        self.num_layers = self.plan.num_layers
+        self.num_chunks = self.plan.num_chunks
         self._segments: list[list[tuple[int, int, object]] | None] = [None] * self.num_layers
-        self._starts: list[list[int]] = [[] for _ in self._plans]
+        self._maps: list[SegmentMap | None] = [None] * self.num_layers
         self._resent_bytes = 0
         self.opening = None  # the Open message, re-sent on a resumed connection
         self._acked = [False] * self.num_layers
@@ -109,7 +108,7 @@ class Transfer:
         if self._codec is not None or block_ids is not None:
             tensors = self._prepare(layer, tensors, block_ids)
         self._segments[layer] = self._segments_of(layer, tensors)
-        self._starts[layer] = [segment[0] for segment in self._segments[layer]]
+        self._maps[layer] = SegmentMap([(start, length) for start, length, _ in self._segments[layer]])
         self._sender._enqueue(self, layer, self.num_chunks[layer])
         # Hand the GIL to the I/O threads now: a caller that goes straight on to its next
         # layer in Python would otherwise hold it for a whole switch interval (5 ms) and
@@ -169,7 +168,7 @@ class Transfer:
         missing = [i for i, seg in enumerate(self._segments) if seg is None]
         if missing and self.error is None:
             raise ValueError(f"request {self.request_id!r}: finish() before layers {missing} were sent")
-        wait_s = self.deadline - time.monotonic() if timeout is None else timeout
+        wait_s = self.deadline - self._clock.now() if timeout is None else timeout
         with self._cv:
             self._cv.wait_for(lambda: self.error is not None or self._num_acked == self.num_layers, max(0.0, wait_s))
         if self.error is None and self._num_acked < self.num_layers:
@@ -190,7 +189,7 @@ class Transfer:
 
     @property
     def stats(self) -> TransferStats:
-        end = self._finished_at or time.monotonic()
+        end = self._finished_at or self._clock.now()
         raw = self._layout.nbytes(self.num_tokens)
         return TransferStats(
             raw, self._wire_bytes, self.codec, self.num_layers, end - self.opened_at, self._resent_bytes
@@ -261,21 +260,17 @@ class Transfer:
 
     def chunk(self, layer: int, chunk: int) -> tuple[list, int]:
         """(buffers, total bytes) of one chunk of ``layer``'s byte stream."""
-        start = chunk * self.chunk_bytes
-        end = min(start + self.chunk_bytes, self._plans[layer].nbytes)
+        start, end = self.plan.chunk_span(layer, chunk)
         segments = self._segments[layer]
         pieces = []
-        i = max(0, bisect.bisect_right(self._starts[layer], start) - 1)
-        while i < len(segments) and segments[i][0] < end:
-            seg_start, seg_len, buffer = segments[i]
-            lo, hi = max(start, seg_start), min(end, seg_start + seg_len)
+        for i, lo, hi in self._maps[layer].spans(start, end):
+            _, seg_len, buffer = segments[i]
             if hi - lo == seg_len:
                 pieces.append(buffer)
-            elif hi > lo and device.is_device(buffer):
-                pieces.append(buffer[lo - seg_start : hi - seg_start])
-            elif hi > lo:
-                pieces.append(memoryview(buffer).cast("B")[lo - seg_start : hi - seg_start])
-            i += 1
+            elif device.is_device(buffer):
+                pieces.append(buffer[lo:hi])
+            else:
+                pieces.append(memoryview(buffer).cast("B")[lo:hi])
         return pieces, end - start
 
     def _chunk_written(self, layer: int, nbytes: int, resend: bool = False) -> None:
@@ -299,8 +294,9 @@ class Transfer:
             self._num_acked += 1
             if self._num_acked < self.num_layers:
                 return False
-            self._finished_at = time.monotonic()
+            self._finished_at = self._clock.now()
             self._segments = [[] for _ in self._segments]  # stop borrowing the caller's arrays
+            self._maps = [SegmentMap(()) for _ in self._maps]
             if on_complete is not None:
                 on_complete(self.stats)
             self._cv.notify_all()

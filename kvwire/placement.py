@@ -16,7 +16,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from . import arrays, device, dtypes, paged
-from .codecs import float32_to_bits, geometry, get_codec
+from .codecs import Codec, float32_to_bits, geometry
 from .errors import RequestRejected
 from .layout import ALIGN_BYTES, LayerPlan
 
@@ -41,11 +41,13 @@ class PlacedLayer:
 
 
 def place_layer(
-    index: int, plan: LayerPlan, layout_layer: Mapping, num_tokens: int, codec: str, expectation: Expectation | None
+    index: int, plan: LayerPlan, layout_layer: Mapping, num_tokens: int, codec: Codec | None,
+    expectation: Expectation | None,
 ) -> PlacedLayer:
+    """Where layer ``index``'s bytes land; ``codec`` is the request's, resolved once (None: lossless)."""
     expectation = expectation or Expectation()
     buffers = expectation.buffers.get(index, {})
-    if not buffers and codec == "none":  # the common case: one buffer; views are made on demand
+    if not buffers and codec is None:  # the common case: one buffer; views are made on demand
         storage = np.empty(plan.nbytes, dtype=np.uint8)
         return PlacedLayer([(0, storage)], [], [], plan.nbytes, storage)
     is_paged = expectation.block_ids is not None
@@ -85,7 +87,8 @@ def place_layer(
         if device.is_device(target) and name not in direct:  # a paged CUDA pool
             scales = slots.get(name + ".scales")
             finishers.append(
-                _device_scatter(codec, spec, num_tokens, wire, slot, scales, target, expectation.block_ids, where)
+                _device_scatter(codec.name if codec else "none", spec, num_tokens, wire, slot, scales, target,
+                                expectation.block_ids, where)
             )
             engine_arrays[name] = target
             outputs.append((name, None, spec.dtype, slot.shape))
@@ -140,8 +143,7 @@ def _segments(plan: LayerPlan, direct: Mapping[str, np.ndarray], on_device: set 
     return segments, wire, own
 
 
-def _decode(codec_name, spec, num_tokens, codes_bytes, codes_slot, scale_bytes, scale_slot, out: np.ndarray):
-    codec = get_codec(codec_name)
+def _decode(codec: Codec, spec, num_tokens, codes_bytes, codes_slot, scale_bytes, scale_slot, out: np.ndarray):
     heads, dim = geometry(spec.shape)
 
     def finish() -> None:

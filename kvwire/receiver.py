@@ -33,9 +33,10 @@ from .errors import (
     kind_of,
 )
 from .inbound import InboundRequest, ReceivedRequest
-from .placement import Expectation
 from .layout import KVLayout
 from .metrics import PeerCounters, PeerMetrics
+from .placement import Expectation
+from .protocol import MONOTONIC, RequestPlan
 from .transport import Connection, get_backend, takes_device_memory
 from .wire import framing
 from .wire.blocksum import frame_blocksum
@@ -215,6 +216,7 @@ class Receiver:
         if len(info) > 1 << 16:
             raise ValueError(f"Receiver: info is {len(info)} bytes, at most 65536 travel in a handshake")
         self._info = bytes(info)
+        self._clock = MONOTONIC  # deadlines and leases are read from it (a FakeClock in tests)
         self._secret = check_secret(secret, "Receiver")
         check_positive("Receiver", max_bytes=max_bytes, max_request_timeout_s=max_request_timeout_s,
                        handshake_timeout_s=handshake_timeout_s, claim_timeout_s=claim_timeout_s)
@@ -449,7 +451,7 @@ class Receiver:
         with self._lock:
             session.streams.remove(stream)
             if not session.streams:
-                session.orphaned_at = time.monotonic()
+                session.orphaned_at = self._clock.now()
                 session.lost_peer, session.lost_cause = stream.conn.peer, str(reason)
         if not isinstance(reason, PeerLostError):
             log.warning("closing connection from %s: %s: %s", stream.conn.peer, type(reason).__name__, reason)
@@ -528,7 +530,7 @@ class Receiver:
 
     def _admit(self, msg: Open, session: _Session) -> InboundRequest:
         try:
-            session.layout.check_codec(msg.codec)
+            plan = RequestPlan(session.layout, msg.num_tokens, msg.codec, msg.chunk_bytes)
         except ValueError as exc:
             raise RequestRejected(f"request {msg.request_id!r}: {exc}") from None
         timeout_s = min(msg.timeout_s, self._max_request_timeout_s)
@@ -543,22 +545,13 @@ class Receiver:
                     f"request {msg.request_id!r} was released by the receiving application before it arrived"
                 )
             expected = self._expected.pop(msg.request_id, None)
-            need = session.layout.receive_bytes(msg.num_tokens, msg.codec)
+            need = plan.receive_bytes
             if self._bytes_in_use + need > self._max_bytes:
                 raise RequestRejected(
                     f"request {msg.request_id!r} needs {need} bytes; receiver budget has "
                     f"{self._max_bytes - self._bytes_in_use} of {self._max_bytes} free"
                 )
-            state = InboundRequest(
-                msg.request_id,
-                msg.num_tokens,
-                session.layout,
-                msg.codec,
-                msg.chunk_bytes,
-                timeout_s,
-                session.peer,
-                expected,
-            )
+            state = InboundRequest(msg.request_id, plan, timeout_s, session.peer, expected, clock=self._clock)
             state.rid, state.session = msg.rid, session
             self._bytes_in_use += state.nbytes
             self._requests[msg.request_id] = state
@@ -596,13 +589,13 @@ class Receiver:
             if state.layer_complete(msg.layer):
                 self._tell(stream, Ack(msg.rid, msg.layer))
             return
-        problem = self._check_frame(state, msg)
+        problem = state.plan.check_data(msg.layer, msg.chunk, msg.nbytes)
         if problem is not None:
             self._drain(stream.conn, msg.nbytes)
             return self._fail(session, state, ProtocolError(f"request {state.request_id!r}: {problem}"))
         if not state.begin_write():
             return self._drain(stream.conn, msg.nbytes)
-        views = state.targets(msg.layer, msg.chunk, msg.nbytes)
+        views = state.targets(msg.layer, msg.chunk)
         on_device = any(map(device.is_device, views))
         # One CUDA view on a connection that takes device memory: UCX puts the bytes
         # straight there, like host bytes, and the GPU checks them in place. Else a landing
@@ -687,16 +680,6 @@ class Receiver:
         if to_device:
             device.synchronize()  # the copies are done before the landing buffer is reused
         return True
-
-    @staticmethod
-    def _check_frame(state: InboundRequest, msg: Data) -> str | None:
-        if msg.layer >= state.num_layers:
-            return f"frame for layer {msg.layer}, the layout has {state.num_layers}"
-        if msg.chunk >= state.num_chunks[msg.layer]:
-            return f"layer {msg.layer} chunk {msg.chunk} out of range ({state.num_chunks[msg.layer]} chunks)"
-        if msg.nbytes != state.chunk_size(msg.layer, msg.chunk):
-            return f"layer {msg.layer} chunk {msg.chunk} has {msg.nbytes} bytes, expected {state.chunk_size(msg.layer, msg.chunk)}"
-        return None
 
     def _on_abort(self, stream: _Stream, msg: Abort) -> None:
         session = stream.session
@@ -787,7 +770,7 @@ class Receiver:
                     return
                 self._lock.wait(0.1)
                 sessions = list(self._sessions.values())
-            now = time.monotonic()
+            now = self._clock.now()
             self._expire_orphans(now)
             self._release_unclaimed(now)
             for session in sessions:

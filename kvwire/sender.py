@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from . import device
 from .address import check_address
 from .arguments import check_layout, check_positive, check_secret
+from .codecs import CODECS, choose_codec
 from .errors import (
     AuthenticationError,
     KVWireError,
@@ -31,16 +32,16 @@ from .errors import (
     error_from_kind,
     kind_of,
 )
-from .codecs import CODECS, choose_codec
 from .layout import KVLayout
 from .metrics import PeerCounters, PeerMetrics
 from .outbound import Transfer
+from .protocol import MONOTONIC, RequestPlan
 from .transport import Connection, get_backend, takes_device_memory
 from .transport.tuning import HostLimits, LinkEstimate, Tuning, choose, resolve_congestion_control
 from .wire import framing
 from .wire.checksum import frame_checksum
 from .wire.handshake import client_handshake
-from .wire.messages import Abort, Ack, Data, Open
+from .wire.messages import Abort, Ack, Data
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,7 @@ class Sender:
         self.layout = layout
         self.address = check_address(address, what="Sender address")
         self._chunk_bytes = chunk_bytes
+        self._clock = MONOTONIC  # request deadlines are read from it (a FakeClock in tests)
         self._max_queued = max_queued_chunks
         self._cv = threading.Condition()
         self._queue: collections.deque = collections.deque()
@@ -272,8 +274,8 @@ class Sender:
             raise ValueError(f"timeout must be in (0, 604800] seconds, got {timeout}")
         if codec == "auto":
             codec = self.choose_codec(num_tokens, prefill_s)
-        self.layout.check_codec(codec)
-        need = self.layout.receive_bytes(num_tokens, codec)
+        plan = RequestPlan(self.layout, num_tokens, codec, self.chunk_bytes)  # checks the codec against the layout
+        need = plan.receive_bytes
         if need > self.max_request_bytes:
             raise RequestRejected(
                 f"request {request_id!r} needs {need} bytes, more than the receiver's budget of {self.max_request_bytes}"
@@ -284,10 +286,9 @@ class Sender:
                 raise PeerLostError(f"no live connection to {self.address}")
             rid = self._next_rid
             self._next_rid += 1
-            chunk_bytes = self.chunk_bytes  # (connections may have changed backend since the last request)
-            xfer = Transfer(self, request_id, rid, num_tokens, self.layout, codec, chunk_bytes, timeout)
+            xfer = Transfer(self, request_id, rid, plan, timeout, clock=self._clock)
             self._transfers[rid] = xfer
-            opening = xfer.opening = Open(rid, request_id, num_tokens, codec, chunk_bytes, timeout)
+            opening = xfer.opening = plan.open_message(rid, request_id, timeout)
             for stream in live:
                 stream.control.append(opening)
             self._cv.notify_all()
@@ -367,7 +368,7 @@ class Sender:
             with self._cv:
                 ok = self._cv.wait_for(
                     lambda: len(self._queue) < self._max_queued or xfer.error is not None,
-                    max(0.0, xfer.deadline - time.monotonic()),
+                    max(0.0, xfer.deadline - self._clock.now()),
                 )
                 if xfer.error is not None:
                     raise again(xfer.error)

@@ -74,7 +74,7 @@ def _tls_failed(peer: str, exc: BaseException) -> Exception:
     return PeerLostError(f"TLS handshake with {peer} failed: {exc}")
 
 
-def _configure(sock: socket.socket, options: TcpOptions) -> None:
+def configure_socket(sock: socket.socket, options: TcpOptions) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if options.buffer_bytes:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, options.buffer_bytes)
@@ -199,7 +199,7 @@ class TcpListener:
                 if self._closed:
                     return None
                 continue
-            _configure(sock, self._options)
+            configure_socket(sock, self._options)
             return TcpConnection(sock, format_address(addr[0], addr[1]))
 
     def start_tls(self, conn: TcpConnection, timeout_s: float) -> TcpConnection:
@@ -230,7 +230,7 @@ class TcpBackend:
         options = options or TcpOptions()
         host, port = parse_address(address, what="peer address")
         sock = dial(address, host, port, timeout_s)
-        _configure(sock, options)
+        configure_socket(sock, options)
         if ssl_context is not None:
             try:
                 sock = ssl_context.wrap_socket(sock, server_hostname=host)

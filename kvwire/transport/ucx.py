@@ -72,7 +72,7 @@ from .. import device
 from ..errors import KVWireError, PeerLostError, ProtocolError, TransferTimeout, again, remembered
 from .base import LinkStats
 from ..address import format_address, parse_address
-from .tcp import TcpOptions, _configure, bind_listening, dial
+from .tcp import TcpOptions, bind_listening, configure_socket, dial
 
 log = logging.getLogger(__name__)
 
@@ -984,7 +984,7 @@ class UcxListener:
                 if self._closed:
                     return None
                 continue
-            _configure(sock, TcpOptions(peer_timeout_s=self._options.peer_timeout_s))
+            configure_socket(sock, TcpOptions(peer_timeout_s=self._options.peer_timeout_s))
             return _Pending(sock, format_address(addr[0], addr[1]))
 
     def start_tls(self, conn: _Pending, timeout_s: float) -> UcxConnection:
@@ -1019,7 +1019,7 @@ class UcxBackend:
         options = _options(options)
         host, port = parse_address(address, what="peer address")
         sock = dial(address, host, port, timeout_s)
-        _configure(sock, TcpOptions(peer_timeout_s=options.peer_timeout_s))
+        configure_socket(sock, TcpOptions(peer_timeout_s=options.peer_timeout_s))
         try:
             return _bootstrap(sock, address, options, client=True, timeout_s=timeout_s)
         except KVWireError:

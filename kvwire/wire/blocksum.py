@@ -23,7 +23,7 @@ from typing import Iterable
 import numpy as np
 import xxhash
 
-from .checksum import _FIELDS
+from .checksum import frame_seed
 
 BLOCK_BYTES = 4096
 BLOCK_WORDS = BLOCK_BYTES // 4
@@ -57,8 +57,8 @@ def block_digests(payload) -> np.ndarray:
 
 def combine(rid: int, layer: int, chunk: int, nbytes: int, digests: np.ndarray) -> int:
     """The frame checksum from its block digests (host side of both paths)."""
-    seed = xxhash.xxh3_64_intdigest(_FIELDS.pack(rid, layer, chunk, nbytes))
-    return xxhash.xxh3_64_intdigest(np.ascontiguousarray(digests, dtype="<u8").tobytes(), seed=seed)
+    return xxhash.xxh3_64_intdigest(np.ascontiguousarray(digests, dtype="<u8").tobytes(),
+                                    seed=frame_seed(rid, layer, chunk, nbytes))
 
 
 def frame_blocksum(rid: int, layer: int, chunk: int, pieces: Iterable[memoryview], nbytes: int) -> int:

@@ -14,8 +14,13 @@ import xxhash
 _FIELDS = struct.Struct("<QIIQ")
 
 
+def frame_seed(rid: int, layer: int, chunk: int, nbytes: int) -> int:
+    """The hash seed that binds a frame's checksum to its place in the request."""
+    return xxhash.xxh3_64_intdigest(_FIELDS.pack(rid, layer, chunk, nbytes))
+
+
 def frame_checksum(rid: int, layer: int, chunk: int, pieces: Iterable[memoryview], nbytes: int) -> int:
-    seed = xxhash.xxh3_64_intdigest(_FIELDS.pack(rid, layer, chunk, nbytes))
+    seed = frame_seed(rid, layer, chunk, nbytes)
     hasher = xxhash.xxh3_64(seed=seed)
     for piece in pieces:
         hasher.update(piece)

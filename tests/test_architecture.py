@@ -1,0 +1,142 @@
+"""The shape of kvwire's import graph, checked: no cycles, no library module leaning on
+kvwire.testing, no private name reaching across modules, and a protocol core without I/O.
+
+Today's violations are listed below, one line each with the redesign stage that removes
+it; a new one fails here, and so does an allowlisted one that is gone (shrink the list).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent / "kvwire"
+IO_MODULES = {"socket", "selectors", "threading", "ssl", "asyncio", "ucxx", "kvwire.transport", "kvwire.sender",
+              "kvwire.receiver"}
+
+# Import cycles (each as its sorted modules) -> the stage that breaks it.
+ALLOWED_CYCLES: dict[tuple[str, ...], str] = {}
+# (importer, imported) pairs of a library module using kvwire.testing -> stage.
+ALLOWED_TESTING: dict[tuple[str, str], str] = {
+    ("kvwire.device", "kvwire.testing.hostcuda"): "stage 5: the simulator's host-backed arrays move to kvwire/cuda/",
+}
+# (module, "other.module._name") private names used across modules -> stage.
+ALLOWED_PRIVATE: dict[tuple[str, str], str] = {}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(path): path for path in ROOT.rglob("*.py")}
+
+
+def resolve(importer: str, node: ast.ImportFrom) -> str:
+    if not node.level:
+        return node.module or ""
+    package = importer if MODULES[importer].name == "__init__.py" else importer.rpartition(".")[0]
+    for _ in range(node.level - 1):
+        package = package.rpartition(".")[0]
+    return f"{package}.{node.module}" if node.module else package
+
+
+def imports(name: str) -> list[tuple[str, str | None]]:
+    """(module imported, name taken from it or None) for every import in ``name``, at any depth."""
+    tree = ast.parse(MODULES[name].read_text())
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, None) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = resolve(name, node)
+            for alias in node.names:
+                child = f"{base}.{alias.name}"
+                found.append((child, None) if child in MODULES else (base, alias.name))
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    return {name: {target for target, _ in imports(name) if target in MODULES and target != name} for name in MODULES}
+
+
+def cycles(edges: dict[str, set[str]]) -> list[tuple[str, ...]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on_stack, out = {}, {}, [], set(), []
+
+    def visit(node):
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in edges[node]:
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                out.append(tuple(sorted(component)))
+
+    for node in sorted(edges):
+        if node not in index:
+            visit(node)
+    return out
+
+
+def test_no_import_cycles():
+    found = set(cycles(graph()))
+    assert found - set(ALLOWED_CYCLES) == set(), "new import cycles"
+    assert set(ALLOWED_CYCLES) - found == set(), "allowlisted cycles that are gone: remove them from the list"
+
+
+def test_library_modules_do_not_import_kvwire_testing():
+    found = {(name, target) for name in MODULES if not name.startswith("kvwire.testing")
+             for target, _ in imports(name) if target.startswith("kvwire.testing")}
+    assert found - set(ALLOWED_TESTING) == set()
+    assert set(ALLOWED_TESTING) - found == set(), "allowlisted imports that are gone: remove them from the list"
+
+
+def private_uses(name: str) -> set[str]:
+    """Private names of other kvwire modules that ``name`` imports or reads as ``module._name``."""
+    tree = ast.parse(MODULES[name].read_text())
+    used = {f"{target}.{taken}" for target, taken in imports(name)
+            if taken and taken.startswith("_") and not taken.startswith("__") and target.startswith("kvwire")
+            and target != name}
+    aliases = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = resolve(name, node)
+            for alias in node.names:
+                if f"{base}.{alias.name}" in MODULES:
+                    aliases[alias.asname or alias.name] = f"{base}.{alias.name}"
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name in MODULES and alias.asname:
+                    aliases[alias.asname] = alias.name
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                and node.attr.startswith("_") and not node.attr.startswith("__")):
+            used.add(f"{aliases[node.value.id]}.{node.attr}")
+    return used
+
+
+def test_no_private_name_crosses_a_module():
+    found = {(name, used) for name in MODULES for used in private_uses(name)}
+    assert found - set(ALLOWED_PRIVATE) == set()
+    assert set(ALLOWED_PRIVATE) - found == set(), "allowlisted uses that are gone: remove them from the list"
+
+
+def test_the_protocol_core_does_no_io():
+    core = [name for name in MODULES if name.startswith("kvwire.protocol")]
+    assert core, "kvwire/protocol is missing"
+    for name in core:
+        for target, _ in imports(name):
+            assert not any(target == io or target.startswith(io + ".") for io in IO_MODULES), (name, target)
