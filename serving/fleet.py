@@ -157,7 +157,7 @@ class Fleet:
     async def _poll_worker(self, session: aiohttp.ClientSession, worker: WorkerState) -> None:
         timeout = aiohttp.ClientTimeout(total=max(1.0, 2 * self.config.control.interval_s))
         try:
-            identity = await identify(session, worker.url, timeout)
+            identity, metrics = await identify(session, worker.url, timeout)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             self._unreachable(worker, f"{type(exc).__name__}: {exc}")
             return
@@ -175,8 +175,9 @@ class Fleet:
         if worker.engine is None:
             log.info("worker %s is %s", worker.url, identity.describe())
         worker.engine, worker.identity = identity.engine, identity
-        if worker.engine == "vllm":
-            await self._poll_vllm(session, worker, timeout)
+        if worker.engine == "vllm":  # its kvwire link gauges and queue, from the /metrics identify read
+            self._answered(worker)
+            worker.peers, worker.waiting = vllm_upstream.parse_metrics(metrics, worker.url)
             return
         try:
             async with session.get(worker.url + "/internal/state", timeout=timeout) as response:
@@ -214,19 +215,6 @@ class Fleet:
         if not worker.reachable:
             log.warning("worker %s answers again", worker.url)
         worker.error = None
-
-    async def _poll_vllm(self, session: aiohttp.ClientSession, worker: WorkerState, timeout) -> None:
-        """A vLLM server's kvwire link gauges and queue, from its Prometheus /metrics."""
-        try:
-            async with session.get(worker.url + "/metrics", timeout=timeout) as response:
-                if response.status != 200:
-                    raise ValueError(f"GET /metrics answered HTTP {response.status}")
-                text = await response.text()
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-            self._unreachable(worker, str(exc) or type(exc).__name__)
-            return
-        self._answered(worker)
-        worker.peers, worker.waiting = vllm_upstream.parse_metrics(text, worker.url)
 
     def role_of(self, url: str) -> str:
         return "decode" if url in self.config.decode else "prefill"
@@ -373,7 +361,7 @@ class Fleet:
         clusters = [PrfaasCluster(name, c.controller.threshold_tokens, tuple(pairable(answering(c.config.prefill, False))))
                     for name, c in self.clusters.items()]
         if not local and not any(c.workers for c in clusters):
-            problems = [self.broken(p, decode.worker) for p in prefill_urls if self.broken(p, decode.worker)]
+            problems = [problem for p in prefill_urls if (problem := self.broken(p, decode.worker))]
             if problems:
                 raise PairRefused(problems[0][0], "; ".join(message for _, message in problems))
         chosen = route(blocks, local, clusters)

@@ -49,9 +49,12 @@ class Identity:
         return WHAT.get(self.role, f"a kvwire-serve {self.role}")
 
 
-async def identify(session: aiohttp.ClientSession, url: str, timeout: aiohttp.ClientTimeout) -> Identity:
-    """What serves ``url``. aiohttp errors (nothing answers) propagate; NotAWorker says what
-    answered when it is not a kvwire-serve process or a vLLM server with KVWireConnector."""
+async def identify(session: aiohttp.ClientSession, url: str,
+                   timeout: aiohttp.ClientTimeout) -> tuple[Identity, str | None]:
+    """What serves ``url``, and a vLLM server's Prometheus page read to learn it (None for a
+    kvwire-serve process), so that a poll reads it once. aiohttp errors (nothing answers)
+    propagate; NotAWorker says what answered when it is not a kvwire-serve process or a vLLM
+    server with KVWireConnector."""
     async with session.get(url + "/health", timeout=timeout) as response:
         status, text = response.status, await response.text()
     try:
@@ -61,7 +64,7 @@ async def identify(session: aiohttp.ClientSession, url: str, timeout: aiohttp.Cl
     if isinstance(health, dict) and isinstance(health.get("role"), str):
         return Identity("kvwire", health["role"], str(health.get("model", "")), health.get("architecture"),
                         health.get("dtype"), health.get("layout_fingerprint"), health.get("kv_address"),
-                        health.get("max_model_len"))
+                        health.get("max_model_len")), None
     async with session.get(url + "/v1/models", timeout=timeout) as response:
         models = await response.json(content_type=None) if response.status == 200 else None
     if not (isinstance(models, dict) and models.get("data")):
@@ -69,14 +72,17 @@ async def identify(session: aiohttp.ClientSession, url: str, timeout: aiohttp.Cl
                          f"{': ' + repr(text[:80]) if text.strip() else ''})")
     model = models["data"][0]
     async with session.get(url + "/metrics", timeout=timeout) as response:
-        metrics = await response.text() if response.status == 200 else ""
+        metrics_status, metrics = response.status, await response.text()
+    if metrics_status != 200:
+        raise NotAWorker(f"an OpenAI server serving {model.get('id')!r} whose GET /metrics answered HTTP "
+                         f"{metrics_status} (kvwire reads its connector's info there)")
     info = kvwire_info(metrics)
     if info is None:
         raise NotAWorker(f"an OpenAI server serving {model.get('id')!r} without KVWireConnector (its /metrics has "
                          "no vllm:kvwire_info)")
     role = ROLE_OF_KV_ROLE.get(info.get("kv_role", ""), info.get("kv_role", "?"))
     return Identity("vllm", role, str(model.get("id", "")), kv_address=advertised(info.get("listen"), url),
-                    max_model_len=model.get("max_model_len"))
+                    max_model_len=model.get("max_model_len")), metrics
 
 
 def kvwire_info(metrics_text: str) -> dict | None:
@@ -110,7 +116,7 @@ async def wrong_roles(urls: dict[str, tuple[str, str]], timeout_s: float) -> lis
 
     async def check(session, url, flag, role):
         try:
-            identity = await identify(session, url, timeout)
+            identity, _ = await identify(session, url, timeout)
         except (aiohttp.ClientError, TimeoutError):
             return None
         except NotAWorker as exc:

@@ -67,8 +67,7 @@ class RequestPlan:
     def receive_bytes(self) -> int:
         """Most receiver memory the request takes: its layer streams, plus the decoded
         tensors under a lossy codec (what a receiver's budget is checked against)."""
-        wire = sum(plan.nbytes for plan in self.layers)
-        return wire + (self.layout.nbytes(self.num_tokens) if self.codec is not None else 0)
+        return self.layout.receive_bytes(self.num_tokens, self.codec_name)
 
     def open_message(self, rid: int, request_id: str, timeout_s: float) -> Open:
         """The Open that tells the receiver this plan."""
