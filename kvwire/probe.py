@@ -12,8 +12,8 @@ import os
 
 from .address import check_address
 from .arguments import check_positive, check_secret
+from .handshake import client_handshake
 from .transport import get_backend
-from .wire.handshake import client_handshake
 
 
 def probe(address: str, *, backend: str = "tcp", secret: bytes | None = None, ssl_context=None,
@@ -25,9 +25,8 @@ def probe(address: str, *, backend: str = "tcp", secret: bytes | None = None, ss
     check_positive("probe", timeout=timeout)
     conn = get_backend(backend).connect(address, timeout_s=timeout, ssl_context=ssl_context, options=None)
     try:
-        conn.set_timeout(timeout)
         welcome = client_handshake(conn, layout=None, secret=secret, session_id=os.urandom(16), stream_index=0,
-                                   num_streams=1)
+                                   num_streams=1, timeout_s=timeout)
     finally:
         conn.close()
     return welcome.info

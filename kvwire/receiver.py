@@ -32,16 +32,16 @@ from .errors import (
     error_from_kind,
     kind_of,
 )
+from .handshake import server_handshake
 from .inbound import InboundRequest, ReceivedRequest
 from .layout import KVLayout
 from .metrics import PeerCounters, PeerMetrics
 from .placement import Expectation
 from .protocol import MONOTONIC, RequestPlan
-from .transport import Connection, get_backend, takes_device_memory
+from .transport import Connection, get_backend
 from .wire import framing
 from .wire.blocksum import frame_blocksum
 from .wire.checksum import frame_checksum
-from .wire.handshake import server_handshake
 from .wire.messages import Abort, Ack, Data, Open, Welcome
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ class _Stream:
         connection that cannot write them (TCP), is received and checked before it is
         copied into them: device memory if the connection takes it (UCX), else host
         memory. (A chunk bound for one CUDA buffer over UCX lands in it directly.)"""
-        if not takes_device_memory(self.conn):
+        if not self.conn.capabilities.device_memory:
             return self.scratch(nbytes)
         if self._device_scratch is None or len(self._device_scratch) < nbytes:
             self._device_scratch = device.empty(nbytes)
@@ -390,9 +390,8 @@ class Receiver:
     def _serve(self, conn: Connection) -> None:
         try:
             conn = self._listener.start_tls(conn, self._handshake_timeout_s)
-            conn.set_timeout(self._handshake_timeout_s)
             hello = server_handshake(conn, layout=self.layout, secret=self._secret, welcome=self._welcome,
-                                     also_accepted=self._layouts)
+                                     also_accepted=self._layouts, timeout_s=self._handshake_timeout_s)
             conn.set_timeout(None)
         except KVWireError as exc:
             log.warning("refused connection from %s: %s: %s", conn.peer, type(exc).__name__, exc)
@@ -600,7 +599,7 @@ class Receiver:
         # One CUDA view on a connection that takes device memory: UCX puts the bytes
         # straight there, like host bytes, and the GPU checks them in place. Else a landing
         # buffer: one receive instead of one per piece (and TCP cannot write the GPU).
-        in_place = not on_device or (len(views) == 1 and takes_device_memory(stream.conn))
+        in_place = not on_device or (len(views) == 1 and stream.conn.capabilities.device_memory)
         if not in_place or (len(views) > 8 and msg.nbytes < _SMALL_PIECE_BYTES * len(views)):
             try:
                 ok = self._receive_scattered(stream, msg, views, on_device)

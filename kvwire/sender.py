@@ -32,15 +32,16 @@ from .errors import (
     error_from_kind,
     kind_of,
 )
+from .handshake import client_handshake
 from .layout import KVLayout
 from .metrics import PeerCounters, PeerMetrics
 from .outbound import Transfer
 from .protocol import MONOTONIC, RequestPlan
-from .transport import Connection, get_backend, takes_device_memory
+from .transport import Connection, get_backend
+from .transport.base import tcp_settings, with_tcp_settings
 from .transport.tuning import HostLimits, LinkEstimate, Tuning, choose, resolve_congestion_control
 from .wire import framing
 from .wire.checksum import frame_checksum
-from .wire.handshake import client_handshake
 from .wire.messages import Abort, Ack, Data
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,6 @@ DEFAULT_CHUNK_BYTES = 4 << 20
 # buffer of its size (one per connection) before it is copied into the receiver's
 # buffers; a chunk bound for one CUDA buffer lands there directly.
 DEVICE_CHUNK_BYTES = 64 << 20
-UNTUNED_STREAMS = 4  # streams=None on a backend that reports no RTT and names no number of its own
 
 
 @dataclass(eq=False)
@@ -83,7 +83,7 @@ class Sender:
         measures the RTT, and ``kvwire.transport.tuning.choose`` decides how many to open
         from it, ``link_bandwidth_bps``, ``link_loss`` and this host's TCP limits (the
         decision and its reason: ``Sender.tuning``). A UCX connection stays alone (UCX
-        spreads one endpoint over its own lanes; see ``UcxConnection.default_streams``).
+        spreads one endpoint over its own lanes: its ``Capabilities.default_streams`` is 1).
     link_bandwidth_bps, link_loss : float, optional
         What is known of the path, for ``streams=None`` (unknown: 10 Gbit/s, 0.1% loss).
         ``transport_options=TcpOptions(congestion_control="auto")`` also lets it pick bbr.
@@ -154,8 +154,10 @@ class Sender:
         self._threads: list[threading.Thread] = []
         self.tuning: Tuning | None = None
         host = HostLimits.read()
-        if getattr(transport_options, "congestion_control", None) == "auto":
-            self._options = replace(transport_options, congestion_control=resolve_congestion_control("auto", host))
+        tcp = tcp_settings(transport_options)
+        if tcp is not None and tcp.congestion_control == "auto":
+            tcp = replace(tcp, congestion_control=resolve_congestion_control("auto", host))
+            self._options = with_tcp_settings(transport_options, tcp)
         if streams is None:
             conns, welcome = self._connect_tuned(host, link_bandwidth_bps, link_loss)
         else:
@@ -188,6 +190,7 @@ class Sender:
                 stream_index=index,
                 num_streams=self._num_streams,
                 resume=resume,
+                timeout_s=self._timeout,
             )
             conn.set_timeout(None)
         except KVWireError:
@@ -199,22 +202,24 @@ class Sender:
         """One connection measures the RTT; the tuning policy decides how many to open in all."""
         self._num_streams = 1
         first, welcome = self._connect_all()
-        stats = first[0].link_stats()
+        capabilities = first[0].capabilities
+        stats = first[0].link_stats() if capabilities.link_stats else None
         if stats is None:
-            self._num_streams = getattr(first[0], "default_streams", UNTUNED_STREAMS)
-            log.info("streams to %s: %d (%s connection)", self.address, self._num_streams, first[0].backend_name)
+            self._num_streams = capabilities.default_streams
+            log.info("streams to %s: %d (%s connection)", self.address, self._num_streams, capabilities.backend)
         else:
             link = LinkEstimate(rtt_s=(stats.min_rtt_ms or stats.rtt_ms) / 1000, bandwidth_bps=bandwidth_bps, loss=loss)
+            tcp = tcp_settings(self._options)
             self.tuning = choose(
                 link,
                 host,
-                buffer_bytes=getattr(self._options, "buffer_bytes", None),
-                congestion_control=getattr(self._options, "congestion_control", None),
+                buffer_bytes=None if tcp is None else tcp.buffer_bytes,
+                congestion_control=None if tcp is None else tcp.congestion_control,
             )
             log.info("streams to %s: %s", self.address, self.tuning.reason)
             self._num_streams = self.tuning.num_streams
-            if self._options is not None and self.tuning.buffer_bytes != self._options.buffer_bytes:
-                self._options = replace(self._options, buffer_bytes=self.tuning.buffer_bytes)
+            if tcp is not None and self.tuning.buffer_bytes != tcp.buffer_bytes:
+                self._options = with_tcp_settings(self._options, replace(tcp, buffer_bytes=self.tuning.buffer_bytes))
         try:
             rest, _ = self._connect_all(first_index=1)
         except KVWireError:
@@ -315,7 +320,7 @@ class Sender:
         """Whether CUDA tensors go out as they are (every connection is UCX that opened
         cuda_copy, or runs under numba's simulator); otherwise they are staged to host
         memory first."""
-        return bool(self._streams) and all(takes_device_memory(s.conn) for s in self._streams)
+        return bool(self._streams) and all(s.conn.capabilities.device_memory for s in self._streams)
 
     @property
     def chunk_bytes(self) -> int:
@@ -328,7 +333,7 @@ class Sender:
     @property
     def backend_names(self) -> list[str]:
         """The backend carrying each live connection ("tcp" or "ucx"); differs under backend="auto"."""
-        return [getattr(s.conn, "backend_name", "tcp") for s in self._streams if s.alive]
+        return [s.conn.capabilities.backend for s in self._streams if s.alive]
 
     @property
     def num_streams(self) -> int:
@@ -429,7 +434,7 @@ class Sender:
             if any(device.is_device(piece) for piece in pieces):
                 payload = device.join(pieces, nbytes)
                 checksum, algorithm = device.frame_blocksum(xfer.rid, layer, chunk, payload), "blocksum"
-                pieces = [payload if takes_device_memory(stream.conn) else device.to_host(payload)]
+                pieces = [payload if stream.conn.capabilities.device_memory else device.to_host(payload)]
             else:
                 checksum, algorithm = frame_checksum(xfer.rid, layer, chunk, pieces, nbytes), "xxh3"
         except Exception as exc:  # a bug must fail its request, never kill the stream silently

@@ -117,7 +117,7 @@ def receiver(case: str, device: str, nbytes: int, repeats: int) -> None:
     listener = get_backend("ucx").listen("127.0.0.1:0", options=kvwire_options(case))
     print(listener.address, flush=True)
     conn = listener.start_tls(listener.accept(), 30.0)
-    print(json.dumps({"transport": conn.transport, "takes_device_memory": conn.takes_device_memory}), flush=True)
+    print(json.dumps({"transport": conn.transport, "takes_device_memory": conn.capabilities.device_memory}), flush=True)
     for _ in range(repeats):
         conn.recv_into(target)  # UCX writes the target where it lives
         conn.send([b"1" if buffers.check_and_clear(target) else b"0"])

@@ -15,6 +15,7 @@ import socket
 from pathlib import Path
 
 from kvwire.address import address_problem, parse_address
+from kvwire.transport.sockets import bind_socket
 
 from .router_config import url_problem
 
@@ -118,13 +119,9 @@ class UsageError(Exception):
 def bind(flag: str, host: str, port_number: int, *, host_flag: str | None = None) -> socket.socket:
     """A listening TCP socket on host:port for ``flag``; UsageError naming the flag otherwise
     (``host_flag`` where the host, given by its own flag, is what is wrong)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((host, port_number))
+        return bind_socket(host, port_number, backlog=512)
     except OSError as exc:
-        sock.close()
         why = {errno.EADDRINUSE: "the port is in use (another worker running?)",
                errno.EADDRNOTAVAIL: f"{host} is not an address of this machine",
                errno.EACCES: "permission denied (ports below 1024 need root)"}.get(exc.errno, exc.strerror)
@@ -133,8 +130,6 @@ def bind(flag: str, host: str, port_number: int, *, host_flag: str | None = None
         if host_flag and (isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL):
             raise UsageError(f"{host_flag} {host}: cannot listen: {why}") from None
         raise UsageError(f"{flag} {host}:{port_number}: cannot listen: {why}") from None
-    sock.listen(512)
-    return sock
 
 
 def check_listen_free(flag: str, address: str) -> None:

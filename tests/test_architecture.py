@@ -134,6 +134,14 @@ def test_no_private_name_crosses_a_module():
     assert set(ALLOWED_PRIVATE) - found == set(), "allowlisted uses that are gone: remove them from the list"
 
 
+def test_bytes_and_decisions_do_not_depend_on_transports():
+    """kvwire/wire (bytes) and kvwire/protocol (decisions) know no backend: the drivers
+    (sender, receiver, handshake) bring a connection to them."""
+    for name in MODULES:
+        if name.startswith(("kvwire.wire", "kvwire.protocol")):
+            assert not [t for t, _ in imports(name) if t.startswith("kvwire.transport")], name
+
+
 def test_the_protocol_core_does_no_io():
     core = [name for name in MODULES if name.startswith("kvwire.protocol")]
     assert core, "kvwire/protocol is missing"

@@ -32,6 +32,12 @@ def test_a_probe_gets_the_published_info_and_opens_no_session():
         assert rx.metrics() == {}  # no sender joined
 
 
+def test_the_largest_info_a_receiver_takes_reaches_a_probe():
+    info = bytes(range(256)) * 256  # 64 KiB: Receiver's limit
+    with Receiver(layout_of(2), secret=b"s", info=info) as rx:
+        assert probe(rx.address, secret=b"s") == info
+
+
 def test_a_probe_proves_the_secret_like_a_sender():
     with Receiver(layout_of(2), secret=b"s", info=b"private") as rx:
         with pytest.raises(AuthenticationError, match="different secret"):

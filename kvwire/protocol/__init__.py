@@ -1,12 +1,17 @@
-"""The protocol core, without I/O: what a request is and when it is due, as plain objects.
+"""The protocol core, without I/O: what a request is and when it is due, and the handshake,
+as plain objects.
 
 Nothing here touches a socket, a thread or a transport (tests/test_architecture.py keeps
 it so): the sending and receiving sides both cut a request by the same ``RequestPlan``,
-and read time from a ``Clock`` a test can replace. Later stages move the handshake, the
-state machines, deadlines and the memory budget here, in the spirit of h11/httpcore.
+read time from a ``Clock`` a test can replace, and run the handshake as two state machines
+fed decoded messages (``kvwire.handshake`` drives them over a connection). Later stages
+move the sending and receiving state machines, deadlines and the memory budget here, in
+the spirit of h11/httpcore.
 """
 
 from .clock import MONOTONIC, Clock, FakeClock
+from .handshake import Accepted, ClientHandshake, ServerHandshake, Step
 from .plan import RequestPlan, SegmentMap
 
-__all__ = ["MONOTONIC", "Clock", "FakeClock", "RequestPlan", "SegmentMap"]
+__all__ = ["MONOTONIC", "Accepted", "ClientHandshake", "Clock", "FakeClock", "RequestPlan", "SegmentMap",
+           "ServerHandshake", "Step"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .base import Backend, Connection, LinkStats, Listener
+from .base import AutoOptions, Backend, Capabilities, Connection, LinkStats, Listener, TcpOptions, UcxOptions
 
 _FACTORIES: dict[str, Callable[[], Backend]] = {}
 
@@ -24,12 +24,6 @@ def get_backend(name: str) -> Backend:
     except KeyError:
         raise ValueError(f"unknown backend {name!r}; known backends: {sorted(_FACTORIES)}") from None
     return factory()
-
-
-def takes_device_memory(conn) -> bool:
-    """Whether CUDA arrays may be handed to ``conn`` as they are (False for a connection
-    that does not say)."""
-    return getattr(conn, "takes_device_memory", False)
 
 
 def _tcp() -> Backend:
@@ -54,4 +48,5 @@ register("tcp", _tcp)
 register("ucx", _ucx)
 register("auto", _auto)
 
-__all__ = ["Backend", "Connection", "LinkStats", "Listener", "get_backend", "register", "takes_device_memory"]
+__all__ = ["AutoOptions", "Backend", "Capabilities", "Connection", "LinkStats", "Listener", "TcpOptions", "UcxOptions",
+           "get_backend", "register"]

@@ -8,64 +8,20 @@ the same code with ``sendall`` per buffer, since SSL sockets have no ``sendmsg``
 
 from __future__ import annotations
 
-import logging
 import socket
 import ssl
 import struct
-from dataclasses import dataclass
 from typing import Sequence
 
-from ..address import format_address, parse_address
+from ..address import parse_address
 from ..errors import AuthenticationError, PeerLostError, TransferTimeout
-from .base import LinkStats
+from .base import Capabilities, LinkStats, TcpOptions, check_options
+from .sockets import ListeningSocket, configure_socket, dial
 
-log = logging.getLogger(__name__)
+__all__ = ["TcpBackend", "TcpConnection", "TcpListener", "TcpOptions", "parse_tcp_info"]
 
 _IOV_MAX = 1024
 _TCP_INFO_BYTES = 232
-
-
-@dataclass(frozen=True)
-class TcpOptions:
-    """Per-socket settings.
-
-    ``buffer_bytes=None`` leaves SO_SNDBUF/SO_RCVBUF to the kernel's autotuning (which
-    grows them up to net.ipv4.tcp_wmem/tcp_rmem max, and is what a long fat link wants);
-    setting it pins both. ``peer_timeout_s`` bounds how long unacknowledged data may sit
-    (TCP_USER_TIMEOUT) and drives keepalive, so a vanished host is noticed.
-    """
-
-    buffer_bytes: int | None = None
-    peer_timeout_s: float = 30.0
-    congestion_control: str | None = None
-
-
-def dial(address: str, host: str, port: int, timeout_s: float) -> socket.socket:
-    """A connected TCP socket, or PeerLostError saying why (unknown host, refused, timed out)."""
-    try:
-        return socket.create_connection((host, port), timeout=timeout_s)
-    except socket.gaierror as exc:
-        raise PeerLostError(f"cannot connect to {address}: host {host!r} not found ({exc.strerror})") from None
-    except (socket.timeout, TimeoutError):
-        raise PeerLostError(f"cannot connect to {address}: no answer within {timeout_s:g}s") from None
-    except OSError as exc:
-        raise PeerLostError(f"cannot connect to {address}: {exc.strerror or exc}") from None
-
-
-def bind_listening(address: str, host: str, port: int, options: TcpOptions) -> socket.socket:
-    """A listening socket on host:port, or OSError naming the address ("... in use")."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if options.buffer_bytes:  # must be set before listen() to apply to accepted sockets' window
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, options.buffer_bytes)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
-    sock.listen(256)
-    return sock
 
 
 def _tls_failed(peer: str, exc: BaseException) -> Exception:
@@ -74,30 +30,12 @@ def _tls_failed(peer: str, exc: BaseException) -> Exception:
     return PeerLostError(f"TLS handshake with {peer} failed: {exc}")
 
 
-def configure_socket(sock: socket.socket, options: TcpOptions) -> None:
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if options.buffer_bytes:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, options.buffer_bytes)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, options.buffer_bytes)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    idle = max(1, int(options.peer_timeout_s / 3))
-    for opt, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", idle), ("TCP_KEEPCNT", 3)):
-        if hasattr(socket, opt):
-            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
-    if hasattr(socket, "TCP_USER_TIMEOUT"):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(options.peer_timeout_s * 1000))
-    if options.congestion_control and hasattr(socket, "TCP_CONGESTION"):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, options.congestion_control.encode())
-        except OSError as exc:
-            log.warning("congestion control %r not available here: %s", options.congestion_control, exc)
-
-
 class TcpConnection:
     """One socket. All OS errors are mapped to kvwire errors here and nowhere else."""
 
-    backend_name = "tcp"
-    takes_device_memory = False  # CUDA arrays are staged to host before they reach a socket
+    # CUDA arrays are staged to host before they reach a socket; the kernel's TCP_INFO
+    # gives the RTT a Sender sizes its streams by.
+    capabilities = Capabilities("tcp", device_memory=False, link_stats=hasattr(socket, "TCP_INFO"))
 
     def __init__(self, sock: socket.socket, peer: str):
         self.sock = sock
@@ -183,24 +121,14 @@ def parse_tcp_info(raw: bytes) -> LinkStats | None:
 
 class TcpListener:
     def __init__(self, address: str, ssl_context: ssl.SSLContext | None, options: TcpOptions):
-        host, port = parse_address(address, what="listen address", listen=True)
-        self._sock = bind_listening(address, host, port, options)
-        self.address = format_address(host, self._sock.getsockname()[1])
+        self._port = ListeningSocket(address, options)
+        self.address = self._port.address
         self._ssl = ssl_context
-        self._options = options
-        self._closed = False
 
     def accept(self) -> TcpConnection | None:
         """Next raw connection; TLS handshake is left to the caller's thread (``start_tls``)."""
-        while True:
-            try:
-                sock, addr = self._sock.accept()
-            except OSError:
-                if self._closed:
-                    return None
-                continue
-            configure_socket(sock, self._options)
-            return TcpConnection(sock, format_address(addr[0], addr[1]))
+        accepted = self._port.accept()
+        return None if accepted is None else TcpConnection(*accepted)
 
     def start_tls(self, conn: TcpConnection, timeout_s: float) -> TcpConnection:
         """Wrap an accepted connection in TLS (server side), if a context was given."""
@@ -215,19 +143,15 @@ class TcpListener:
         return TcpConnection(tls, conn.peer)
 
     def close(self) -> None:
-        self._closed = True
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._sock.close()
+        self._port.close()
 
 
 class TcpBackend:
     name = "tcp"
+    options_type = TcpOptions
 
     def connect(self, address: str, *, timeout_s: float, ssl_context=None, options=None) -> TcpConnection:
-        options = options or TcpOptions()
+        options = check_options(self.name, options, TcpOptions)
         host, port = parse_address(address, what="peer address")
         sock = dial(address, host, port, timeout_s)
         configure_socket(sock, options)
@@ -240,4 +164,4 @@ class TcpBackend:
         return TcpConnection(sock, address)
 
     def listen(self, address: str, *, ssl_context=None, options=None) -> TcpListener:
-        return TcpListener(address, ssl_context, options or TcpOptions())
+        return TcpListener(address, ssl_context, check_options(self.name, options, TcpOptions))

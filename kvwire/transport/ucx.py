@@ -62,17 +62,16 @@ import struct
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Annotated
 
 import msgspec
 import numpy as np
 
 from .. import device
+from ..address import parse_address
 from ..errors import KVWireError, PeerLostError, ProtocolError, TransferTimeout, again, remembered
-from .base import LinkStats
-from ..address import format_address, parse_address
-from .tcp import TcpOptions, bind_listening, configure_socket, dial
+from .base import Capabilities, LinkStats, TcpOptions, UcxOptions, check_options
+from .sockets import ListeningSocket, configure_socket, dial
 
 log = logging.getLogger(__name__)
 
@@ -87,31 +86,6 @@ _IDLE_PROGRESS_S = 1.0  # the idle thread's longest sleep (UCX events and kicks 
 _IDLE_AFTER_S = 0.05  # the idle thread leads only once no thread has waited for this long (and checks this often)
 _CLOSE_GRACE_S = 0.25  # how long a failing connection waits for UCX to let go of buffers (see _fail)
 _UNBLOCK = b"\xff\xff\xff\xff"  # what unblock() sends: a control message no peer may send (too many segments)
-
-
-@dataclass(frozen=True)
-class UcxOptions:
-    """Settings of the UCX backend.
-
-    ``shared_memory``: let peers on the same host use shared memory / CMA / cuda_ipc (their
-    endpoints run without UCX error handling; the liveness socket catches a dead peer). Off
-    by default: a peer SIGKILLed mid-transfer can then abort or stall this process (see the
-    module docstring). Both sides must set it.
-    ``inline_bytes``: buffers smaller than this travel inside the control message.
-    ``send_window_bytes``: bytes a connection's ``send`` may leave in flight, besides its
-    own, before it waits (0: every send waits until the peer has taken its bytes).
-    ``peer_timeout_s``: keepalive of the liveness socket, and the limit of the UCX ping.
-    ``ucx_config``: ``(("TLS", "tcp"), ...)`` UCX settings (names without the ``UCX_``
-    prefix) for the process's UCX context, applied when the first UCX connection of the
-    process is made (over ``UCX_*`` environment variables, and over kvwire's own defaults:
-    ``tuned_defaults``).
-    """
-
-    shared_memory: bool = False
-    inline_bytes: int = 16 * 1024
-    send_window_bytes: int = 16 << 20
-    peer_timeout_s: float = 30.0
-    ucx_config: tuple[tuple[str, str], ...] = ()
 
 
 class _Hello(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -178,6 +152,16 @@ def fabric_transports(context_info: str) -> list[str]:
 def fabrics(options: UcxOptions | None = None) -> list[str]:
     """This process's UCX fabric transports (starting its UCX context if need be)."""
     return _Hub.get(options or UcxOptions()).fabrics
+
+
+def local_capabilities(options: UcxOptions | None = None) -> Capabilities:
+    """What UCX offers from this process before any peer is known: whether it takes CUDA
+    memory, its fabric transports, and whether shared memory is offered to a peer on this
+    host. Starts the process's UCX context; raises where UCX cannot start."""
+    options = options or UcxOptions()
+    hub = _Hub.get(options)
+    return Capabilities("ucx", device_memory=hub.cuda or device.simulated(), default_streams=1,
+                        fabrics=tuple(hub.fabrics), shared_memory=options.shared_memory)
 
 
 def ucx_available() -> bool:
@@ -478,9 +462,9 @@ def _bootstrap(sock: socket.socket, peer: str, options: UcxOptions, *, client: b
     except Exception as exc:  # noqa: BLE001 - any UCX failure here means "not reachable over UCX"
         raise _map_error(exc, peer) from None
     conn = UcxConnection(
-        hub, sock, ep, peer, send_prefix=theirs.tag_prefix, recv_prefix=mine.tag_prefix, local=local, options=options
+        hub, sock, ep, peer, send_prefix=theirs.tag_prefix, recv_prefix=mine.tag_prefix, local=local, options=options,
+        shared_fabrics=tuple(sorted(set(hub.fabrics) & set(theirs.fabrics))),
     )
-    conn.shared_fabrics = sorted(set(hub.fabrics) & set(theirs.fabrics))
     try:
         conn.set_timeout(min(timeout_s, options.peer_timeout_s))
         _ping(conn, client)
@@ -512,14 +496,6 @@ def _ping(conn: UcxConnection, client: bool) -> None:
 class UcxConnection:
     """One byte stream over a UCX endpoint; see the module docstring for the framing."""
 
-    backend_name = "ucx"
-    # What a Sender with streams=None opens. UCX stripes one endpoint over its own lanes
-    # (multi-rail), and one worker per process carries every connection: more connections
-    # only add threads handing the worker to each other. On loopback (shared memory, 4 MiB
-    # chunks) 1 connection moved 1 / 16 / 256 MiB at 1.9 / 6.8 / 8.3 GB/s, 2 at
-    # 1.1 / 5.4 / 6.4 and 4 at 0.7 / 3.5 / 7.4.
-    default_streams = 1
-
     def __init__(
         self,
         hub: _Hub,
@@ -531,10 +507,19 @@ class UcxConnection:
         recv_prefix: int,
         local: bool,
         options: UcxOptions,
+        shared_fabrics: tuple[str, ...] = (),
     ):
         self.peer = peer
         self.transport = "ucx-local" if local else "ucx-net"
-        self.shared_fabrics: list[str] = []  # fabric transports both ends have (set by the bootstrap)
+        # default_streams=1: UCX stripes one endpoint over its own lanes (multi-rail), and one
+        # worker per process carries every connection: more connections only add threads
+        # handing the worker to each other. On loopback (shared memory, 4 MiB chunks) 1
+        # connection moved 1 / 16 / 256 MiB at 1.9 / 6.8 / 8.3 GB/s, 2 at 1.1 / 5.4 / 6.4 and
+        # 4 at 0.7 / 3.5 / 7.4. CUDA memory goes as is where UCX opened cuda_copy (a GPU is
+        # there; cuda_ipc and GPUDirect RDMA where available), or, under numba's simulator,
+        # where device memory is host memory.
+        self.capabilities = Capabilities("ucx", device_memory=hub.cuda or device.simulated(), default_streams=1,
+                                         fabrics=shared_fabrics, shared_memory=local)
         self._hub = hub
         self._sock = sock
         self._ep = ep
@@ -562,13 +547,6 @@ class UcxConnection:
         self._recvs: list = []  # (request, sequence number) of receives posted and maybe pending
         self._sock_fd = sock.fileno()
         hub.watch(self)
-
-    @property
-    def takes_device_memory(self) -> bool:
-        """Whether CUDA memory may be handed to this connection as is: UCX opened
-        cuda_copy (a GPU is there; cuda_ipc and GPUDirect RDMA where available), or, under
-        numba's simulator, device memory is host memory."""
-        return self._hub.cuda or device.simulated()
 
     # -- Connection interface ------------------------------------------------------------
 
@@ -948,8 +926,6 @@ def accept_bootstrap(sock: socket.socket, peer: str, options: UcxOptions, timeou
 class _Pending:
     """An accepted TCP connection whose UCX bootstrap runs later, in its own thread."""
 
-    backend_name = "ucx"
-
     def __init__(self, sock: socket.socket, peer: str):
         self.sock = sock
         self.peer = peer
@@ -969,54 +945,33 @@ class UcxListener:
     """A TCP port for bootstraps; ``start_tls`` (per connection thread) does the UCX part."""
 
     def __init__(self, address: str, options: UcxOptions):
-        host, port = parse_address(address, what="listen address", listen=True)
-        self._sock = bind_listening(address, host, port, TcpOptions())
-        self.address = format_address(host, self._sock.getsockname()[1])
+        self._port = ListeningSocket(address, TcpOptions(peer_timeout_s=options.peer_timeout_s))
+        self.address = self._port.address
         self._options = options
-        self._closed = False
         _Hub.get(options)  # fail at listen(), not at the first peer, when UCX cannot start
 
     def accept(self) -> _Pending | None:
-        while True:
-            try:
-                sock, addr = self._sock.accept()
-            except OSError:
-                if self._closed:
-                    return None
-                continue
-            configure_socket(sock, TcpOptions(peer_timeout_s=self._options.peer_timeout_s))
-            return _Pending(sock, format_address(addr[0], addr[1]))
+        accepted = self._port.accept()
+        return None if accepted is None else _Pending(*accepted)
 
     def start_tls(self, conn: _Pending, timeout_s: float) -> UcxConnection:
         """Run the UCX bootstrap of an accepted connection (no TLS over UCX)."""
         return accept_bootstrap(conn.sock, conn.peer, self._options, timeout_s)
 
     def close(self) -> None:
-        self._closed = True
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._sock.close()
-
-
-def _options(options) -> UcxOptions:
-    if options is None:
-        return UcxOptions()
-    if not isinstance(options, UcxOptions):
-        raise TypeError(f"the ucx backend takes UcxOptions, got {type(options).__name__}")
-    return options
+        self._port.close()
 
 
 class UcxBackend:
     """``backend="ucx"``: host and CUDA memory over UCX; no TLS (use ``tcp`` across sites)."""
 
     name = "ucx"
+    options_type = UcxOptions
 
     def connect(self, address: str, *, timeout_s: float, ssl_context=None, options=None) -> UcxConnection:
         if ssl_context is not None:
             raise ValueError("the ucx backend has no TLS; use backend='tcp' (or 'auto') with an ssl_context")
-        options = _options(options)
+        options = check_options(self.name, options, UcxOptions)
         host, port = parse_address(address, what="peer address")
         sock = dial(address, host, port, timeout_s)
         configure_socket(sock, TcpOptions(peer_timeout_s=options.peer_timeout_s))
@@ -1029,4 +984,4 @@ class UcxBackend:
     def listen(self, address: str, *, ssl_context=None, options=None) -> UcxListener:
         if ssl_context is not None:
             raise ValueError("the ucx backend has no TLS; use backend='tcp' (or 'auto') with an ssl_context")
-        return UcxListener(address, _options(options))
+        return UcxListener(address, check_options(self.name, options, UcxOptions))

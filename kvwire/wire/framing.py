@@ -8,7 +8,6 @@ ProtocolError before anything is allocated for them.
 from __future__ import annotations
 
 import struct
-from typing import TypeVar
 
 import msgspec
 
@@ -18,14 +17,12 @@ from .messages import HandshakeMessage, StreamMessage
 PREFIX = struct.Struct(">I")
 PREFIX_BYTES = PREFIX.size
 MAX_STREAM_HEADER_BYTES = 64 * 1024
-MAX_HANDSHAKE_HEADER_BYTES = 64 * 1024 * 1024
+MAX_HANDSHAKE_HEADER_BYTES = 64 * 1024 * 1024  # an Auth may carry a whole layout
+MAX_WELCOME_HEADER_BYTES = MAX_STREAM_HEADER_BYTES + 4096  # a Welcome may carry 64 KiB of info
 
 _encoder = msgspec.msgpack.Encoder()
 _stream_decoder = msgspec.msgpack.Decoder(StreamMessage)
 _handshake_decoder = msgspec.msgpack.Decoder(HandshakeMessage)
-
-T = TypeVar("T")
-
 
 def encode(message: msgspec.Struct) -> bytes:
     """Prefix + header bytes of one message."""
@@ -56,10 +53,3 @@ def decode_stream(body: bytes | memoryview) -> StreamMessage:
 
 def decode_handshake(body: bytes | memoryview) -> HandshakeMessage:
     return _decode(_handshake_decoder, body)
-
-
-def expect(message: object, cls: type[T]) -> T:
-    """``message`` if it is a ``cls``, else ProtocolError naming both."""
-    if not isinstance(message, cls):
-        raise ProtocolError(f"expected a {cls.__name__} message, got {type(message).__name__}")
-    return message
