@@ -74,10 +74,13 @@ def test_a_seeded_sample_draws_what_generate_draws(api, kimi, stream):
                                     temperature=settings["temperature"], top_p=settings["top_p"],
                                     extra_body={"top_k": settings["top_k"], "return_token_ids": True})
     if stream:
-        got = [t for c in answer if c.choices for t in c.choices[0].model_extra.get("token_ids") or []]
+        chunks = list(answer)
+        got = [t for c in chunks if c.choices for t in c.choices[0].model_extra.get("token_ids") or []]
+        extension = next(c.model_extra["kvwire"] for c in chunks if "kvwire" in c.model_extra)
     else:
-        got = answer.choices[0].model_extra["token_ids"]
+        got, extension = answer.choices[0].model_extra["token_ids"], answer.model_extra["kvwire"]
     assert got == expected
+    assert extension["kv_source"] == "transfer"  # the decode worker continued the prefill's generator
     assert expected != generate_monolithic(kimi.model, PROMPT, MAX_TOKENS)  # it did sample
 
 
@@ -104,6 +107,7 @@ def test_logprobs_are_the_models_own(api, kimi, greedy):
                                     extra_body={"return_token_ids": True})
     logprobs = answer.choices[0].logprobs
     assert answer.choices[0].model_extra["token_ids"] == tokens
+    assert answer.model_extra["kvwire"]["kv_source"] == "transfer"  # the first token's logprobs came with the KV
     assert logprobs.tokens == [kimi.tokenizer.decode([t]) for t in tokens]
     for step, token in enumerate(tokens):
         expected = torch.log_softmax(out.logits[step][0].float(), dim=-1)
