@@ -28,6 +28,9 @@ class InboundRequest:
         peer: str,
         expectation: Expectation | None = None,
         clock: Clock = MONOTONIC,
+        *,
+        rid: int = -1,
+        session=None,
     ):
         self.request_id = request_id
         self.plan = plan  # the sender's, rebuilt from its Open: bytes land where the sender cut them
@@ -53,8 +56,8 @@ class InboundRequest:
         self.claimed = False  # an engine asked for it (Receiver.wait)
         self.cv = threading.Condition()
         self._active_writes = 0
-        self.rid = -1  # the sender session's number for it, and that session (set by the receiver)
-        self.session = None
+        self.rid = rid  # the sender session's number for it, and that session (the receiver's)
+        self.session = session
         self._layers = [
             place_layer(i, plan, layout.layers[i], num_tokens, self.plan.codec, expectation)
             for i, plan in enumerate(self.plans)

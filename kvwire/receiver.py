@@ -30,7 +30,6 @@ from .errors import (
     TransferTimeout,
     again,
     error_from_kind,
-    kind_of,
 )
 from .handshake import server_handshake
 from .inbound import InboundRequest, ReceivedRequest
@@ -38,6 +37,7 @@ from .layout import KVLayout
 from .metrics import PeerCounters, PeerMetrics
 from .placement import Expectation
 from .protocol import MONOTONIC, RequestPlan
+from .protocol.receiving import ReceiverBook, SessionBook
 from .transport import Connection, get_backend
 from .wire import framing
 from .wire.blocksum import frame_blocksum
@@ -49,15 +49,6 @@ log = logging.getLogger(__name__)
 _DRAIN_BYTES = 1 << 20
 _SMALL_PIECE_BYTES = 64 * 1024
 _OVERLAP_MIN_BYTES = 1 << 20  # chunks at least this large are verified while the next one arrives
-_REMEMBERED_FAILURES = 4096
-_REMEMBERED_OUTCOMES = 4096  # per session: a sender re-sends only requests it has not finished (small entries)
-
-
-def _remember(table: collections.OrderedDict, key, value, limit: int) -> None:
-    """Put ``key`` in a bounded table, dropping its oldest entries beyond ``limit``."""
-    table[key] = value
-    while len(table) > limit:
-        table.popitem(last=False)
 
 
 class _Verifier:
@@ -148,16 +139,12 @@ class _Session:
     peer: str
     layout: KVLayout  # the sender's: the receiver's own or one it also accepts
     streams: list[_Stream] = field(default_factory=list)
-    requests: dict[int, InboundRequest] = field(default_factory=dict)
-    max_rid: int = -1
+    book: SessionBook = field(default_factory=SessionBook)  # its requests by number, their outcomes (under lock)
     orphaned_at: float | None = None  # when its last connection closed (it may still resume)
     lost_peer: str = ""
     lost_cause: str = ""
     counters: PeerCounters = field(default_factory=PeerCounters)
     lock: threading.Lock = field(default_factory=threading.Lock)
-    # How requests this receiver let go of ended: None (every layer delivered) or the Abort
-    # it sent. Said again to a resumed sender re-sending their data (see _on_data).
-    outcomes: collections.OrderedDict = field(default_factory=collections.OrderedDict)  # (under lock)
 
 
 class Receiver:
@@ -231,14 +218,9 @@ class Receiver:
         self._listener = get_backend(backend).listen(listen, ssl_context=ssl_context, options=transport_options)
         self.address: str = self._listener.address
         self._lock = threading.Condition()
-        self._requests: dict[str, InboundRequest] = {}
-        self._failures: collections.OrderedDict[str, KVWireError] = collections.OrderedDict()
-        self._released: collections.OrderedDict[str, None] = collections.OrderedDict()  # before they arrived
-        self._expected: dict[str, Expectation] = {}
+        self._book = ReceiverBook(max_bytes)  # budget, requests by id, failures, expectations (under _lock)
         self._sessions: dict[bytes, _Session] = {}
-        self._bytes_in_use = 0
         self._refusals: collections.deque = collections.deque(maxlen=16)
-        self._closed = False
         self._threads: set[threading.Thread] = set()
         self._start(self._accept_loop, "kvwire-rx-accept")
         self._start(self._deadline_loop, "kvwire-rx-deadlines")
@@ -278,9 +260,7 @@ class Receiver:
             if unknown:
                 raise ValueError(f"expect({request_id!r}): layer {layer} has no tensors {sorted(unknown)}")
         with self._lock:
-            if request_id in self._requests:
-                raise ValueError(f"expect({request_id!r}): the request is already open")
-            self._expected[request_id] = Expectation(buffers, block_ids, keep_quantized)
+            self._book.expect(request_id, Expectation(buffers, block_ids, keep_quantized))
 
     def wait(self, request_id: str, timeout: float | None = None) -> ReceivedRequest:
         """A handle on ``request_id`` as soon as a sender has opened it (not completed it).
@@ -291,13 +271,14 @@ class Receiver:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             while True:
-                if request_id in self._requests:
-                    state = self._requests[request_id]
+                state = self._book.requests.get(request_id)
+                if state is not None:
                     state.claimed = True
                     return ReceivedRequest(state, self._release_state)
-                if request_id in self._failures:
-                    raise again(self._failures[request_id])
-                if self._closed:
+                failure = self._book.failure(request_id)
+                if failure is not None:
+                    raise again(failure)
+                if self._book.closed:
                     raise PeerLostError("receiver is closed")
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
@@ -311,10 +292,7 @@ class Receiver:
         gets RequestRejected), instead of waiting unclaimed for ``claim_timeout_s``.
         """
         with self._lock:
-            state = self._requests.get(request_id)
-            self._expected.pop(request_id, None)
-            if state is None:
-                _remember(self._released, request_id, None, _REMEMBERED_FAILURES)
+            state = self._book.release(request_id)
         if state is not None:
             self._release_state(state)
 
@@ -335,15 +313,15 @@ class Receiver:
 
     @property
     def bytes_in_use(self) -> int:
-        return self._bytes_in_use
+        return self._book.bytes_in_use
 
     def close(self) -> None:
         """Stop serving; requests still in flight fail with PeerLostError."""
         with self._lock:
-            if self._closed:
+            if self._book.closed:
                 return
-            self._closed = True
-            requests = list(self._requests.values())
+            self._book.closed = True
+            requests = list(self._book.requests.values())
             self._lock.notify_all()
         for state in requests:
             state.fail(PeerLostError("receiver closed"))
@@ -383,7 +361,7 @@ class Receiver:
     def _accept_loop(self) -> None:
         while True:
             conn = self._listener.accept()
-            if conn is None or self._closed:
+            if conn is None or self._book.closed:
                 return
             self._start(self._serve, f"kvwire-rx-{conn.peer}", conn)
 
@@ -425,7 +403,7 @@ class Receiver:
             stream = _Stream(conn, session)
             session.streams.append(stream)
             session.orphaned_at = None
-            if self._closed:
+            if self._book.closed:
                 conn.close()
         verb = "resumed" if hello.resume else "joined"
         log.log(
@@ -456,14 +434,8 @@ class Receiver:
             log.warning("closing connection from %s: %s: %s", stream.conn.peer, type(reason).__name__, reason)
 
     def _release_unclaimed(self, now: float) -> None:
-        if self._claim_timeout_s is None:
-            return
         with self._lock:
-            stale = [
-                s
-                for s in self._requests.values()
-                if not s.claimed and s.finished_at is not None and now - s.finished_at > self._claim_timeout_s
-            ]
+            stale = self._book.unclaimed(now, self._claim_timeout_s)
         for state in stale:
             log.warning(
                 "releasing request %r: complete for %.0fs and never claimed", state.request_id, now - state.finished_at
@@ -481,8 +453,7 @@ class Receiver:
                 del self._sessions[session.session_id]
         for session in expired:
             with session.lock:
-                # a request whose bytes all arrived does not need the connection any more
-                in_flight = [r for r in session.requests.values() if not r.has_all_chunks and r.error is None]
+                in_flight = session.book.in_flight()
             for state in in_flight:
                 error = PeerLostError(
                     f"request {state.request_id!r}: connection from {session.lost_peer} lost with "
@@ -514,15 +485,14 @@ class Receiver:
     def _on_open(self, stream: _Stream, msg: Open) -> None:
         session = stream.session
         with session.lock:
-            if msg.rid <= session.max_rid:
+            if not session.book.is_new(msg.rid):
                 return  # the copy of an Open another stream of this session already handled
-            session.max_rid = msg.rid
             try:
-                session.requests[msg.rid] = self._admit(msg, session)
+                session.book.opened(msg.rid, self._admit(msg, session))
                 return
             except RequestRejected as exc:
                 refusal = Abort(msg.rid, "rejected", str(exc))
-                _remember(session.outcomes, msg.rid, refusal, _REMEMBERED_OUTCOMES)  # said again if it is lost
+                session.book.refused(msg.rid, refusal)  # said again if it is lost
         log.warning("refused request %r from %s: %s", msg.request_id, session.peer, refusal.reason)
         session.counters.failed()
         self._tell(stream, refusal)
@@ -534,48 +504,22 @@ class Receiver:
             raise RequestRejected(f"request {msg.request_id!r}: {exc}") from None
         timeout_s = min(msg.timeout_s, self._max_request_timeout_s)
         with self._lock:
-            if self._closed:
-                raise RequestRejected("receiver is closing")
-            if msg.request_id in self._requests:
-                raise RequestRejected(f"request id {msg.request_id!r} is already in flight on this receiver")
-            if msg.request_id in self._released:
-                del self._released[msg.request_id]
-                raise RequestRejected(
-                    f"request {msg.request_id!r} was released by the receiving application before it arrived"
-                )
-            expected = self._expected.pop(msg.request_id, None)
-            need = plan.receive_bytes
-            if self._bytes_in_use + need > self._max_bytes:
-                raise RequestRejected(
-                    f"request {msg.request_id!r} needs {need} bytes; receiver budget has "
-                    f"{self._max_bytes - self._bytes_in_use} of {self._max_bytes} free"
-                )
-            state = InboundRequest(msg.request_id, plan, timeout_s, session.peer, expected, clock=self._clock)
-            state.rid, state.session = msg.rid, session
-            self._bytes_in_use += state.nbytes
-            self._requests[msg.request_id] = state
-            self._failures.pop(msg.request_id, None)
+            expected = self._book.admit(msg.request_id, plan.receive_bytes)
+            state = InboundRequest(msg.request_id, plan, timeout_s, session.peer, expected, clock=self._clock,
+                                   rid=msg.rid, session=session)
+            self._book.opened(state)
             self._lock.notify_all()
         return state
 
     def _on_data(self, stream: _Stream, msg: Data) -> None:
         session = stream.session
-        state = session.requests.get(msg.rid)
-        if state is None:
-            if msg.rid > session.max_rid:
-                raise ProtocolError(f"data for request number {msg.rid} before its Open")
-            self._drain(stream.conn, msg.nbytes)
-            # A resumed sender re-sends layers it had no ack for, of a request this receiver
-            # has finished with: the ack (or abort) died with the connection that carried
-            # it. Say it again, or the sender waits for it until its deadline.
+        state = session.book.requests.get(msg.rid)
+        if state is None:  # before its Open (a ProtocolError), or a request let go of
             with session.lock:
-                known, outcome = msg.rid in session.outcomes, session.outcomes.get(msg.rid)
-            key = (msg.rid, msg.layer if outcome is None else -1)
-            if known and key not in stream.answered_again:
-                if len(stream.answered_again) >= _REMEMBERED_OUTCOMES:
-                    stream.answered_again.clear()  # (at worst an answer is given twice)
-                stream.answered_again.add(key)
-                self._tell(stream, Ack(msg.rid, msg.layer) if outcome is None else outcome)
+                answer = session.book.data_for_unknown(msg, stream.answered_again)
+            self._drain(stream.conn, msg.nbytes)
+            if answer is not None:
+                self._tell(stream, answer)
             return
         if (
             msg.layer < state.num_layers
@@ -682,7 +626,7 @@ class Receiver:
 
     def _on_abort(self, stream: _Stream, msg: Abort) -> None:
         session = stream.session
-        state = session.requests.get(msg.rid)
+        state = session.book.requests.get(msg.rid)
         if state is not None:
             error = TransferAborted(f"request {state.request_id!r} aborted by the sender: {msg.reason}")
             self._fail(session, state, error, tell_sender=False)
@@ -725,7 +669,7 @@ class Receiver:
         session.counters.failed()
         abort = self._forget(state)
         with self._lock:
-            _remember(self._failures, state.request_id, error, _REMEMBERED_FAILURES)
+            self._book.failed(state.request_id, error)
             self._lock.notify_all()
         if tell_sender:
             self._tell_session(session, abort)
@@ -735,19 +679,10 @@ class Receiver:
         session remembers, and this returns, what the sender is told of it (None: every
         layer was delivered, else the Abort)."""
         session = state.session
-        if state.error is not None:
-            outcome = Abort(state.rid, kind_of(state.error), str(state.error))
-        elif state.done:
-            outcome = None
-        else:
-            outcome = Abort(state.rid, "aborted", f"receiver released request {state.request_id!r} before it completed")
         with session.lock:
-            session.requests.pop(state.rid, None)
-            _remember(session.outcomes, state.rid, outcome, _REMEMBERED_OUTCOMES)
+            outcome = session.book.let_go(state)
         with self._lock:
-            if self._requests.get(state.request_id) is state:
-                del self._requests[state.request_id]
-                self._bytes_in_use -= state.nbytes
+            self._book.forget(state)
         # Engine memory must not be written once we let go of it: wait out a write in
         # progress, and cut the connection if it is stuck mid-frame.
         if not state.wait_writes(2.0):
@@ -765,7 +700,7 @@ class Receiver:
     def _deadline_loop(self) -> None:
         while True:
             with self._lock:
-                if self._closed:
+                if self._book.closed:
                     return
                 self._lock.wait(0.1)
                 sessions = list(self._sessions.values())
@@ -774,7 +709,7 @@ class Receiver:
             self._release_unclaimed(now)
             for session in sessions:
                 with session.lock:
-                    late = [s for s in session.requests.values() if s.deadline < now and not s.has_all_chunks]
+                    late = session.book.late(now)
                 for state in late:
                     error = TransferTimeout(
                         f"request {state.request_id!r} from {state.peer} missed its deadline "

@@ -1,0 +1,167 @@
+"""The receiving side's bookkeeping, without I/O: who may open what, what memory is
+promised, what became of each request, and what is due.
+
+``ReceiverBook`` is the receiver's state across sessions: the memory budget, the requests
+in flight by id, failures and early releases remembered for a while, the engine's
+expectations. ``SessionBook`` is one sender session's: its requests by number, the highest
+number it opened, and how the requests it let go of ended (said again to a resumed sender
+re-sending their data). Both only decide; the Receiver (the driver) holds its locks around
+each call, moves the bytes and tells the peer. Requests are the driver's objects; the books
+read ``request_id``, ``nbytes``, ``rid``, ``deadline``, ``error``, ``done``,
+``has_all_chunks``, ``claimed`` and ``finished_at`` of them.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+from ..errors import KVWireError, ProtocolError, RequestRejected, kind_of
+from ..wire.messages import Abort, Ack, Data
+
+REMEMBERED_FAILURES = 4096
+REMEMBERED_OUTCOMES = 4096  # per session: a sender re-sends only requests it has not finished (small entries)
+
+
+def remember(table: collections.OrderedDict, key, value, limit: int) -> None:
+    """Put ``key`` in a bounded table, dropping its oldest entries beyond ``limit``."""
+    table[key] = value
+    while len(table) > limit:
+        table.popitem(last=False)
+
+
+class ReceiverBook:
+    """The receiver's state across sessions; the caller serializes every call (one lock)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.bytes_in_use = 0
+        self.closed = False
+        self.requests: dict[str, Any] = {}
+        self._failures: collections.OrderedDict[str, KVWireError] = collections.OrderedDict()
+        self._released: collections.OrderedDict[str, None] = collections.OrderedDict()  # before they arrived
+        self._expected: dict[str, Any] = {}
+
+    def expect(self, request_id: str, expectation) -> None:
+        """Keep where ``request_id``'s tensors should land until its sender opens it."""
+        if request_id in self.requests:
+            raise ValueError(f"expect({request_id!r}): the request is already open")
+        self._expected[request_id] = expectation
+
+    def admit(self, request_id: str, need: int):
+        """May a sender open ``request_id`` needing ``need`` bytes? Its expectation (or None)
+        if so; RequestRejected saying why not (closing, a duplicate id, released by the
+        engine before it arrived, over the budget)."""
+        if self.closed:
+            raise RequestRejected("receiver is closing")
+        if request_id in self.requests:
+            raise RequestRejected(f"request id {request_id!r} is already in flight on this receiver")
+        if request_id in self._released:
+            del self._released[request_id]
+            raise RequestRejected(f"request {request_id!r} was released by the receiving application before it arrived")
+        if self.bytes_in_use + need > self.max_bytes:
+            raise RequestRejected(
+                f"request {request_id!r} needs {need} bytes; receiver budget has "
+                f"{self.max_bytes - self.bytes_in_use} of {self.max_bytes} free"
+            )
+        return self._expected.pop(request_id, None)
+
+    def opened(self, request) -> None:
+        """An admitted request now holds its memory."""
+        self.requests[request.request_id] = request
+        self.bytes_in_use += request.nbytes
+        self._failures.pop(request.request_id, None)
+
+    def forget(self, request) -> None:
+        """Drop a request let go of and return its memory to the budget (once)."""
+        if self.requests.get(request.request_id) is request:
+            del self.requests[request.request_id]
+            self.bytes_in_use -= request.nbytes
+
+    def failed(self, request_id: str, error: KVWireError) -> None:
+        """Remember how ``request_id`` failed, for an engine that asks for it later."""
+        remember(self._failures, request_id, error, REMEMBERED_FAILURES)
+
+    def failure(self, request_id: str) -> KVWireError | None:
+        return self._failures.get(request_id)
+
+    def release(self, request_id: str):
+        """The engine lets go of ``request_id``: its request if in flight (the caller frees
+        it); else it is refused when its sender opens it."""
+        self._expected.pop(request_id, None)
+        request = self.requests.get(request_id)
+        if request is None:
+            remember(self._released, request_id, None, REMEMBERED_FAILURES)
+        return request
+
+    def unclaimed(self, now: float, claim_timeout_s: float | None) -> list:
+        """Requests complete for longer than ``claim_timeout_s`` that no engine waited for."""
+        if claim_timeout_s is None:
+            return []
+        return [r for r in self.requests.values()
+                if not r.claimed and r.finished_at is not None and now - r.finished_at > claim_timeout_s]
+
+
+class SessionBook:
+    """One sender session's requests by number (rid), and the outcomes of those let go of;
+    the caller serializes every call (the session's lock)."""
+
+    def __init__(self):
+        self.requests: dict[int, Any] = {}
+        self.max_rid = -1
+        self._outcomes: collections.OrderedDict[int, Abort | None] = collections.OrderedDict()
+
+    def is_new(self, rid: int) -> bool:
+        """Whether an Open is the first of request ``rid`` (every stream carries a copy)."""
+        if rid <= self.max_rid:
+            return False
+        self.max_rid = rid
+        return True
+
+    def opened(self, rid: int, request) -> None:
+        self.requests[rid] = request
+
+    def refused(self, rid: int, refusal: Abort) -> None:
+        """An Open refused: remembered so that it is said again if the refusal is lost."""
+        remember(self._outcomes, rid, refusal, REMEMBERED_OUTCOMES)
+
+    def let_go(self, request) -> Abort | None:
+        """Drop a request (failed, released or complete); what its sender is told of it,
+        remembered for a resumed sender: None (every layer delivered) or the Abort."""
+        if request.error is not None:
+            outcome = Abort(request.rid, kind_of(request.error), str(request.error))
+        elif request.done:
+            outcome = None
+        else:
+            outcome = Abort(request.rid, "aborted",
+                            f"receiver released request {request.request_id!r} before it completed")
+        self.requests.pop(request.rid, None)
+        remember(self._outcomes, request.rid, outcome, REMEMBERED_OUTCOMES)
+        return outcome
+
+    def data_for_unknown(self, msg: Data, answered: set) -> Ack | Abort | None:
+        """Data for a request this session does not hold: ProtocolError before its Open;
+        otherwise the bytes are drained, and a request let go of is answered again once per
+        stream and layer (``answered``: that stream's record): a resumed sender re-sends
+        layers it had no ack for, since the ack (or abort) died with the connection that
+        carried it, and would otherwise wait for it until its deadline."""
+        if msg.rid > self.max_rid:
+            raise ProtocolError(f"data for request number {msg.rid} before its Open")
+        if msg.rid not in self._outcomes:
+            return None
+        outcome = self._outcomes[msg.rid]
+        key = (msg.rid, msg.layer if outcome is None else -1)
+        if key in answered:
+            return None
+        if len(answered) >= REMEMBERED_OUTCOMES:
+            answered.clear()  # (at worst an answer is given twice)
+        answered.add(key)
+        return Ack(msg.rid, msg.layer) if outcome is None else outcome
+
+    def late(self, now: float) -> list:
+        """Requests whose deadline passed before all their bytes arrived."""
+        return [r for r in self.requests.values() if r.deadline < now and not r.has_all_chunks]
+
+    def in_flight(self) -> list:
+        """Requests still waiting for bytes (one whose bytes all arrived needs no connection)."""
+        return [r for r in self.requests.values() if not r.has_all_chunks and r.error is None]
