@@ -26,10 +26,8 @@ from .errors import (
     PeerLostError,
     ProtocolError,
     RequestRejected,
-    TransferAborted,
     TransferTimeout,
     again,
-    error_from_kind,
 )
 from .handshake import server_handshake
 from .inbound import InboundRequest, ReceivedRequest
@@ -37,7 +35,7 @@ from .layout import KVLayout
 from .metrics import PeerCounters, PeerMetrics
 from .placement import Expectation
 from .protocol import MONOTONIC, RequestPlan
-from .protocol.receiving import ReceiverBook, SessionBook
+from .protocol.receiving import Drain, ReceiverBook, SessionBook, chunk_checked
 from .transport import Connection, get_backend
 from .wire import framing
 from .wire.blocksum import frame_blocksum
@@ -453,13 +451,8 @@ class Receiver:
                 del self._sessions[session.session_id]
         for session in expired:
             with session.lock:
-                in_flight = session.book.in_flight()
-            for state in in_flight:
-                error = PeerLostError(
-                    f"request {state.request_id!r}: connection from {session.lost_peer} lost with "
-                    f"{state.num_ready}/{state.num_layers} layers arrived ({session.lost_cause}); "
-                    f"no reconnect within {self._resume_grace_s}s"
-                )
+                lost = session.book.lost(session.lost_peer, session.lost_cause, self._resume_grace_s)
+            for state, error in lost:
                 self._fail(session, state, error, tell_sender=False)
 
     def _read_frames(self, stream: _Stream) -> None:
@@ -513,29 +506,16 @@ class Receiver:
 
     def _on_data(self, stream: _Stream, msg: Data) -> None:
         session = stream.session
-        state = session.book.requests.get(msg.rid)
-        if state is None:  # before its Open (a ProtocolError), or a request let go of
-            with session.lock:
-                answer = session.book.data_for_unknown(msg, stream.answered_again)
+        with session.lock:
+            action = session.book.on_data(msg, stream.answered_again)  # ProtocolError: data before its Open
+        if isinstance(action, Drain):
             self._drain(stream.conn, msg.nbytes)
-            if answer is not None:
-                self._tell(stream, answer)
+            if action.reply is not None:
+                self._tell(stream, action.reply)
+            if action.error is not None:
+                self._fail(session, action.request, action.error)
             return
-        if (
-            msg.layer < state.num_layers
-            and msg.chunk < state.num_chunks[msg.layer]
-            and state.is_duplicate(msg.layer, msg.chunk)
-        ):
-            # a resumed sender re-sends what it had no ack for: keep what we verified,
-            # and repeat the ack of a complete layer (the first one may have been lost)
-            self._drain(stream.conn, msg.nbytes)
-            if state.layer_complete(msg.layer):
-                self._tell(stream, Ack(msg.rid, msg.layer))
-            return
-        problem = state.plan.check_data(msg.layer, msg.chunk, msg.nbytes)
-        if problem is not None:
-            self._drain(stream.conn, msg.nbytes)
-            return self._fail(session, state, ProtocolError(f"request {state.request_id!r}: {problem}"))
+        state = action.request
         if not state.begin_write():
             return self._drain(stream.conn, msg.nbytes)
         views = state.targets(msg.layer, msg.chunk)
@@ -569,26 +549,14 @@ class Receiver:
         """A chunk's bytes are in place and its checksum was compared: count, ack, finish."""
         session = stream.session
         session.counters.add_bytes(msg.nbytes)
-        if not ok:
-            return self._fail(
-                session,
-                state,
-                error_from_kind(
-                    "integrity",
-                    f"request {state.request_id!r} layer {msg.layer} chunk {msg.chunk}: "
-                    f"checksum mismatch, the data was corrupted in transit",
-                ),
-            )
-        if not state.record_chunk(msg.layer, msg.chunk):
-            if state.layer_complete(msg.layer):
-                # A copy (re-sent after a reconnect) was verified first and its ack may
-                # have gone to the connection that died: ack again, as for a duplicate.
-                self._ack(stream, msg)
-            return
-        self._ack(stream, msg)  # before the engine may act on the layer (and exit)
+        checked = chunk_checked(state, msg, ok)
+        if checked.error is not None:
+            return self._fail(session, state, checked.error)
+        if checked.ack:
+            self._ack(stream, msg)  # before the engine may act on the layer (and exit)
         # Decoding and scattering write engine memory: not once the request is released or
         # failed (this may run in the verifier thread, after the reader has moved on).
-        if not state.begin_write():
+        if not checked.finish or not state.begin_write():
             return
         try:
             completed = state.finish_layer(msg.layer)
@@ -626,10 +594,10 @@ class Receiver:
 
     def _on_abort(self, stream: _Stream, msg: Abort) -> None:
         session = stream.session
-        state = session.book.requests.get(msg.rid)
-        if state is not None:
-            error = TransferAborted(f"request {state.request_id!r} aborted by the sender: {msg.reason}")
-            self._fail(session, state, error, tell_sender=False)
+        with session.lock:
+            aborted = session.book.on_abort(msg.rid, msg.reason)
+        if aborted is not None:
+            self._fail(session, *aborted, tell_sender=False)
 
     @staticmethod
     def _drain(conn: Connection, nbytes: int) -> None:
@@ -710,11 +678,7 @@ class Receiver:
             for session in sessions:
                 with session.lock:
                     late = session.book.late(now)
-                for state in late:
-                    error = TransferTimeout(
-                        f"request {state.request_id!r} from {state.peer} missed its deadline "
-                        f"({state.num_ready}/{state.num_layers} layers arrived)"
-                    )
+                for state, error in late:
                     self._fail(session, state, error)
 
 

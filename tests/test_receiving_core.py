@@ -6,8 +6,20 @@ from dataclasses import dataclass
 import pytest
 
 from kvwire import IntegrityError, ProtocolError, RequestRejected
-from kvwire.protocol.receiving import REMEMBERED_OUTCOMES, ReceiverBook, SessionBook
+from kvwire.inbound import InboundRequest
+from kvwire.protocol import FakeClock, RequestPlan
+from kvwire.protocol.receiving import (
+    REMEMBERED_OUTCOMES,
+    Checked,
+    Drain,
+    Receive,
+    ReceiverBook,
+    SessionBook,
+    chunk_checked,
+)
 from kvwire.wire.messages import Abort, Ack, Data
+
+from .conftest import hybrid_layout
 
 
 @dataclass(eq=False)
@@ -158,13 +170,101 @@ def test_data_of_an_unknown_finished_request_is_drained_silently():
     assert book.data_for_unknown(data(REMEMBERED_OUTCOMES), set()) is not None
 
 
-def test_deadlines_and_lost_connections_pick_the_requests_still_missing_bytes():
+# -- one session's frames, with real requests (kvwire.inbound) and a fake clock ---------------
+
+
+@pytest.fixture
+def session():
+    """(a SessionBook holding request 0 of 64 tokens in 4 KiB chunks, that request, the clock)."""
+    clock = FakeClock(100.0)
+    plan = RequestPlan(hybrid_layout(), 64, "none", 4096)
+    request = InboundRequest("req", plan, 5.0, "sender-side", clock=clock, rid=0)
     book = SessionBook()
-    late = Request("late", rid=0, deadline=5.0)
-    arrived = Request("arrived", rid=1, deadline=5.0, has_all_chunks=True)
-    on_time = Request("on-time", rid=2, deadline=50.0)
-    failed = Request("failed", rid=3, deadline=50.0, error=IntegrityError("bad"))
-    for request in (late, arrived, on_time, failed):
-        book.opened(request.rid, request)
-    assert book.late(now=10.0) == [late]
-    assert book.in_flight() == [late, on_time]
+    book.is_new(0)
+    book.opened(0, request)
+    return book, request, clock
+
+
+def frame(request, layer, chunk, nbytes=None):
+    size = request.plan.chunk_size(layer, chunk) if nbytes is None else nbytes
+    return Data(0, layer, chunk, size, 0)
+
+
+def arrive(request, layer, chunk):
+    """A chunk received in place and checked: what the driver does between Receive and Checked."""
+    request.landed(layer, chunk)
+    return chunk_checked(request, frame(request, layer, chunk), ok=True)
+
+
+def test_a_chunk_of_a_held_request_is_received_into_it(session):
+    book, request, _ = session
+    assert book.on_data(frame(request, 0, 0), set()) == Receive(request)
+
+
+def test_a_chunk_outside_its_plan_is_drained_and_fails_the_request(session):
+    book, request, _ = session
+    action = book.on_data(frame(request, 0, 0, nbytes=7), set())
+    assert isinstance(action, Drain) and action.nbytes == 7 and action.request is request
+    assert isinstance(action.error, ProtocolError) and str(action.error).startswith("request 'req': layer 0 chunk 0")
+    action = book.on_data(Data(0, 9, 0, 16, 0), set())
+    assert str(action.error) == "request 'req': frame for layer 9, the layout has 4"
+
+
+def test_acks_go_per_layer_once_its_last_chunk_is_checked(session):
+    _, request, _ = session
+    chunks = request.num_chunks[3]
+    assert chunks > 1, "the test needs a layer of several chunks"
+    for chunk in range(chunks - 1):
+        assert arrive(request, 3, chunk) == Checked()  # more of the layer to come: no ack yet
+    assert arrive(request, 3, chunks - 1) == Checked(ack=True, finish=True)
+
+
+def test_a_duplicate_after_a_reconnect_is_drained_and_a_complete_layer_acked_again(session):
+    book, request, _ = session
+    request.landed(3, 0)  # received, awaiting its check: a copy must not be written over it
+    assert book.on_data(frame(request, 3, 0), set()) == Drain(frame(request, 3, 0).nbytes)
+    for chunk in range(request.num_chunks[3]):
+        arrive(request, 3, chunk)
+    assert book.on_data(frame(request, 3, 1), set()) == Drain(frame(request, 3, 1).nbytes, reply=Ack(0, 3))
+
+
+def test_a_copy_checked_after_the_first_acks_again_and_finishes_nothing(session):
+    _, request, _ = session
+    assert [arrive(request, 0, c) for c in range(request.num_chunks[0])][-1] == Checked(ack=True, finish=True)
+    assert chunk_checked(request, frame(request, 0, 0), ok=True) == Checked(ack=True)
+
+
+def test_a_corrupted_chunk_fails_its_request_with_an_integrity_error(session):
+    _, request, _ = session
+    checked = chunk_checked(request, frame(request, 2, 0), ok=False)
+    assert isinstance(checked.error, IntegrityError) and not checked.ack
+    assert str(checked.error) == "request 'req' layer 2 chunk 0: checksum mismatch, the data was corrupted in transit"
+
+
+def test_an_abort_names_the_request_and_the_sender_s_reason(session):
+    book, request, _ = session
+    aborted, error = book.on_abort(0, "prefill cancelled")
+    assert aborted is request
+    assert str(error) == "request 'req' aborted by the sender: prefill cancelled"
+    assert book.on_abort(5, "unknown") is None
+
+
+def test_a_deadline_passes_only_for_requests_still_missing_bytes(session):
+    book, request, clock = session
+    assert book.late(clock.now()) == []
+    clock.advance(5.5)
+    [(late, error)] = book.late(clock.now())
+    assert late is request
+    assert str(error) == "request 'req' from sender-side missed its deadline (0/4 layers arrived)"
+    for layer in range(request.num_layers):
+        for chunk in range(request.num_chunks[layer]):
+            arrive(request, layer, chunk)
+    assert book.late(clock.now()) == []  # every byte is here: finishing layers has no deadline
+
+
+def test_a_lost_session_fails_what_still_misses_bytes(session):
+    book, request, _ = session
+    [(lost, error)] = book.lost("10.0.0.1:5000", "connection reset", 2.0)
+    assert lost is request
+    assert str(error) == ("request 'req': connection from 10.0.0.1:5000 lost with 0/4 layers arrived "
+                          "(connection reset); no reconnect within 2.0s")

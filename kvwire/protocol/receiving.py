@@ -14,9 +14,19 @@ read ``request_id``, ``nbytes``, ``rid``, ``deadline``, ``error``, ``done``,
 from __future__ import annotations
 
 import collections
+from dataclasses import dataclass
 from typing import Any
 
-from ..errors import KVWireError, ProtocolError, RequestRejected, kind_of
+from ..errors import (
+    IntegrityError,
+    KVWireError,
+    PeerLostError,
+    ProtocolError,
+    RequestRejected,
+    TransferAborted,
+    TransferTimeout,
+    kind_of,
+)
 from ..wire.messages import Abort, Ack, Data
 
 REMEMBERED_FAILURES = 4096
@@ -28,6 +38,49 @@ def remember(table: collections.OrderedDict, key, value, limit: int) -> None:
     table[key] = value
     while len(table) > limit:
         table.popitem(last=False)
+
+
+@dataclass(frozen=True)
+class Drain:
+    """Read the frame's payload into nothing; then send ``reply`` back on the same stream
+    and fail ``request`` with ``error``, where given."""
+
+    nbytes: int
+    reply: Ack | Abort | None = None
+    request: Any = None
+    error: KVWireError | None = None
+
+
+@dataclass(frozen=True)
+class Receive:
+    """Receive the frame's payload into ``request``'s memory for its chunk."""
+
+    request: Any
+
+
+@dataclass(frozen=True)
+class Checked:
+    """What follows a chunk's checksum comparison: ``error`` fails the request; else ``ack``
+    the layer (before the engine may act on it) and, for its last chunk, ``finish`` it
+    (decode and scatter, then mark it ready)."""
+
+    ack: bool = False
+    finish: bool = False
+    error: KVWireError | None = None
+
+
+def chunk_checked(request, msg: Data, ok: bool) -> Checked:
+    """Count a chunk whose bytes are in place and were checked (``ok``: the checksum matched)."""
+    if not ok:
+        return Checked(error=IntegrityError(
+            f"request {request.request_id!r} layer {msg.layer} chunk {msg.chunk}: "
+            f"checksum mismatch, the data was corrupted in transit"
+        ))
+    if not request.record_chunk(msg.layer, msg.chunk):
+        # A copy (re-sent after a reconnect) was verified first and its ack may have gone to
+        # the connection that died: ack again, as for a duplicate.
+        return Checked(ack=request.layer_complete(msg.layer))
+    return Checked(ack=True, finish=True)
 
 
 class ReceiverBook:
@@ -158,10 +211,46 @@ class SessionBook:
         answered.add(key)
         return Ack(msg.rid, msg.layer) if outcome is None else outcome
 
-    def late(self, now: float) -> list:
-        """Requests whose deadline passed before all their bytes arrived."""
-        return [r for r in self.requests.values() if r.deadline < now and not r.has_all_chunks]
+    def on_data(self, msg: Data, answered: set) -> Drain | Receive:
+        """Where a Data frame's payload goes. Drained: data for a request let go of
+        (answered again, see ``data_for_unknown``), a chunk already here (a resumed sender
+        re-sends what it had no ack for: keep what arrived, and ack a complete layer again,
+        its first ack may have been lost), or a chunk outside its request's plan (which
+        fails it). ProtocolError for data before its Open."""
+        request = self.requests.get(msg.rid)
+        if request is None:
+            return Drain(msg.nbytes, self.data_for_unknown(msg, answered))
+        layer, chunk = msg.layer, msg.chunk
+        if layer < request.num_layers and chunk < request.num_chunks[layer] and request.is_duplicate(layer, chunk):
+            return Drain(msg.nbytes, Ack(msg.rid, layer) if request.layer_complete(layer) else None)
+        problem = request.plan.check_data(layer, chunk, msg.nbytes)
+        if problem is not None:
+            return Drain(msg.nbytes, request=request,
+                         error=ProtocolError(f"request {request.request_id!r}: {problem}"))
+        return Receive(request)
 
-    def in_flight(self) -> list:
-        """Requests still waiting for bytes (one whose bytes all arrived needs no connection)."""
-        return [r for r in self.requests.values() if not r.has_all_chunks and r.error is None]
+    def on_abort(self, rid: int, reason: str) -> tuple[Any, KVWireError] | None:
+        """The sender gave up on request ``rid``: (the request, its error) if this session holds it."""
+        request = self.requests.get(rid)
+        if request is None:
+            return None
+        return request, TransferAborted(f"request {request.request_id!r} aborted by the sender: {reason}")
+
+    def late(self, now: float) -> list[tuple[Any, KVWireError]]:
+        """(request, error) of each request whose deadline passed before all its bytes arrived."""
+        return [
+            (r, TransferTimeout(f"request {r.request_id!r} from {r.peer} missed its deadline "
+                                f"({r.num_ready}/{r.num_layers} layers arrived)"))
+            for r in self.requests.values() if r.deadline < now and not r.has_all_chunks
+        ]
+
+    def lost(self, peer: str, cause: str, grace_s: float) -> list[tuple[Any, KVWireError]]:
+        """(request, error) of each request still waiting for bytes once the session's last
+        connection (to ``peer``, closed for ``cause``) was not replaced within ``grace_s``.
+        A request whose bytes all arrived does not need the connection any more."""
+        return [
+            (r, PeerLostError(f"request {r.request_id!r}: connection from {peer} lost with "
+                              f"{r.num_ready}/{r.num_layers} layers arrived ({cause}); "
+                              f"no reconnect within {grace_s}s"))
+            for r in self.requests.values() if not r.has_all_chunks and r.error is None
+        ]
