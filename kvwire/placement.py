@@ -29,6 +29,21 @@ class Expectation:
     block_ids: object = None
     keep_quantized: bool = False
 
+    @classmethod
+    def of(cls, layout, request_id: str, buffers, block_ids=None, keep_quantized: bool = False) -> "Expectation":
+        """``buffers`` (a mapping by layer, or a list by layer) checked against ``layout``:
+        ValueError naming a layer out of range or a tensor the layer does not have."""
+        buffers = buffers or {}
+        if not isinstance(buffers, Mapping):
+            buffers = dict(enumerate(buffers))
+        for layer, tensors in buffers.items():
+            if not 0 <= layer < layout.num_layers:
+                raise ValueError(f"expect({request_id!r}): layer {layer} out of range (layout has {layout.num_layers})")
+            unknown = set(tensors) - set(layout.layers[layer])
+            if unknown:
+                raise ValueError(f"expect({request_id!r}): layer {layer} has no tensors {sorted(unknown)}")
+        return cls(buffers, block_ids, keep_quantized)
+
 
 @dataclass
 class PlacedLayer:

@@ -16,9 +16,6 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-import numpy as np
-
-from . import device
 from .address import check_address
 from .arguments import check_layout, check_positive, check_secret
 from .errors import (
@@ -31,6 +28,7 @@ from .errors import (
 )
 from .handshake import server_handshake
 from .inbound import InboundRequest, ReceivedRequest
+from .landing import Landing
 from .layout import KVLayout
 from .metrics import PeerCounters, PeerMetrics
 from .placement import Expectation
@@ -38,54 +36,9 @@ from .protocol import MONOTONIC, RequestPlan
 from .protocol.receiving import Drain, ReceiverBook, SessionBook, chunk_checked
 from .transport import Connection, get_backend
 from .wire import framing
-from .wire.blocksum import frame_blocksum
-from .wire.checksum import frame_checksum
 from .wire.messages import Abort, Ack, Data, Open, Welcome
 
 log = logging.getLogger(__name__)
-
-_DRAIN_BYTES = 1 << 20
-_SMALL_PIECE_BYTES = 64 * 1024
-_OVERLAP_MIN_BYTES = 1 << 20  # chunks at least this large are verified while the next one arrives
-
-
-class _Verifier:
-    """A thread that checks a stream's chunks while its reader receives the next one.
-
-    Receiving a chunk (a copy by the kernel or by UCX) and hashing it each take a core;
-    done one after the other in the reader thread, the link waited while the CPU hashed.
-    Jobs run in the order they were queued, so a layer's ack still follows its chunks.
-    """
-
-    def __init__(self, name: str):
-        self._jobs: collections.deque = collections.deque()
-        self._cv = threading.Condition()
-        self._closed = False
-        threading.Thread(target=self._run, name=name, daemon=True).start()
-
-    def submit(self, job) -> None:
-        with self._cv:
-            self._jobs.append(job)
-            self._cv.notify()
-
-    def close(self) -> None:
-        """Stop once the queued jobs have run."""
-        with self._cv:
-            self._closed = True
-            self._cv.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self._cv:
-                self._cv.wait_for(lambda: self._jobs or self._closed)
-                if not self._jobs:
-                    return
-                job = self._jobs.popleft()
-            try:
-                job()
-            except Exception:  # a job's failure is its request's, never the thread's
-                log.exception("verifying a chunk failed")
-            job = None  # waiting for the next job, this thread must not keep the last one's arrays alive
 
 
 @dataclass(eq=False)
@@ -98,35 +51,14 @@ class _Stream:
     # (rid, layer) of requests already let go of whose re-sent data this connection
     # answered again (layer -1: the Abort): once each, not once per chunk
     answered_again: set = field(default_factory=set)
-    _scratch: np.ndarray | None = None
-    _device_scratch: object = None
-    _verifier: _Verifier | None = None
+    landing: Landing = field(init=False)  # its receive buffers and verifier thread
 
-    def verifier(self) -> _Verifier:
-        if self._verifier is None:
-            self._verifier = _Verifier(f"kvwire-rx-verify-{self.conn.peer}")
-        return self._verifier
+    def __post_init__(self):
+        self.landing = Landing(self.conn)
 
     def send(self, message) -> None:
         with self.send_lock:
             self.conn.send([framing.encode(message)])
-
-    def scratch(self, nbytes: int) -> np.ndarray:
-        """This stream's reusable receive buffer, at least ``nbytes`` long."""
-        if self._scratch is None or len(self._scratch) < nbytes:
-            self._scratch = np.empty(nbytes, dtype=np.uint8)
-        return self._scratch[:nbytes]
-
-    def landing(self, nbytes: int):
-        """Where a chunk bound for several CUDA buffers, or for CUDA buffers over a
-        connection that cannot write them (TCP), is received and checked before it is
-        copied into them: device memory if the connection takes it (UCX), else host
-        memory. (A chunk bound for one CUDA buffer over UCX lands in it directly.)"""
-        if not self.conn.capabilities.device_memory:
-            return self.scratch(nbytes)
-        if self._device_scratch is None or len(self._device_scratch) < nbytes:
-            self._device_scratch = device.empty(nbytes)
-        return self._device_scratch[:nbytes]
 
 
 @dataclass(eq=False)
@@ -138,9 +70,6 @@ class _Session:
     layout: KVLayout  # the sender's: the receiver's own or one it also accepts
     streams: list[_Stream] = field(default_factory=list)
     book: SessionBook = field(default_factory=SessionBook)  # its requests by number, their outcomes (under lock)
-    orphaned_at: float | None = None  # when its last connection closed (it may still resume)
-    lost_peer: str = ""
-    lost_cause: str = ""
     counters: PeerCounters = field(default_factory=PeerCounters)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -217,12 +146,11 @@ class Receiver:
         self.address: str = self._listener.address
         self._lock = threading.Condition()
         self._book = ReceiverBook(max_bytes)  # budget, requests by id, failures, expectations (under _lock)
-        self._sessions: dict[bytes, _Session] = {}
         self._refusals: collections.deque = collections.deque(maxlen=16)
         self._threads: set[threading.Thread] = set()
         self._start(self._accept_loop, "kvwire-rx-accept")
         self._start(self._deadline_loop, "kvwire-rx-deadlines")
-        self._finalizer = weakref.finalize(self, Receiver._shutdown, self._listener, self._sessions)
+        self._finalizer = weakref.finalize(self, Receiver._shutdown, self._listener, self._book.sessions)
 
     # -- engine API ---------------------------------------------------------------------
 
@@ -246,19 +174,9 @@ class Receiver:
         the request with RequestRejected on both sides. Arrays must stay alive until
         ``release``; their content is undefined if the request fails.
         """
-        buffers = buffers or {}
-        if not isinstance(buffers, Mapping):
-            buffers = dict(enumerate(buffers))
-        for layer, tensors in buffers.items():
-            if not 0 <= layer < self.layout.num_layers:
-                raise ValueError(
-                    f"expect({request_id!r}): layer {layer} out of range (layout has {self.layout.num_layers})"
-                )
-            unknown = set(tensors) - set(self.layout.layers[layer])
-            if unknown:
-                raise ValueError(f"expect({request_id!r}): layer {layer} has no tensors {sorted(unknown)}")
+        expectation = Expectation.of(self.layout, request_id, buffers, block_ids, keep_quantized)
         with self._lock:
-            self._book.expect(request_id, Expectation(buffers, block_ids, keep_quantized))
+            self._book.expect(request_id, expectation)
 
     def wait(self, request_id: str, timeout: float | None = None) -> ReceivedRequest:
         """A handle on ``request_id`` as soon as a sender has opened it (not completed it).
@@ -297,7 +215,7 @@ class Receiver:
     def metrics(self) -> dict[str, PeerMetrics]:
         """Per connected sender: bytes, goodput EWMA and its connections' TCP_INFO."""
         with self._lock:
-            sessions = list(self._sessions.values())
+            sessions = list(self._book.sessions.values())
         return {
             s.peer: s.counters.snapshot(s.peer, tuple(filter(None, (st.conn.link_stats() for st in s.streams))))
             for s in sessions
@@ -390,17 +308,17 @@ class Receiver:
         with self._lock:
             if hello.probe:
                 return Welcome(self._max_bytes, info=self._info)
-            return Welcome(self._max_bytes, session_known=hello.session_id in self._sessions)
+            return Welcome(self._max_bytes, session_known=hello.session_id in self._book.sessions)
 
     def _join(self, hello, conn: Connection) -> _Stream:
         with self._lock:
-            session = self._sessions.get(hello.session_id)
+            session = self._book.sessions.get(hello.session_id)
             if session is None:
                 layout = self._layouts[hello.fingerprint]
-                session = self._sessions[hello.session_id] = _Session(hello.session_id, conn.peer, layout)
+                session = self._book.sessions[hello.session_id] = _Session(hello.session_id, conn.peer, layout)
             stream = _Stream(conn, session)
             session.streams.append(stream)
-            session.orphaned_at = None
+            session.book.orphaned_at = None
             if self._book.closed:
                 conn.close()
         verb = "resumed" if hello.resume else "joined"
@@ -420,40 +338,14 @@ class Receiver:
         session has had no connection for ``resume_grace_s``, they fail."""
         stream.alive = False
         stream.conn.close()
-        if stream._verifier is not None:
-            stream._verifier.close()
+        stream.landing.close()
         session = stream.session
         with self._lock:
             session.streams.remove(stream)
             if not session.streams:
-                session.orphaned_at = self._clock.now()
-                session.lost_peer, session.lost_cause = stream.conn.peer, str(reason)
+                session.book.orphaned(self._clock.now(), stream.conn.peer, str(reason))
         if not isinstance(reason, PeerLostError):
             log.warning("closing connection from %s: %s: %s", stream.conn.peer, type(reason).__name__, reason)
-
-    def _release_unclaimed(self, now: float) -> None:
-        with self._lock:
-            stale = self._book.unclaimed(now, self._claim_timeout_s)
-        for state in stale:
-            log.warning(
-                "releasing request %r: complete for %.0fs and never claimed", state.request_id, now - state.finished_at
-            )
-            self._release_state(state)
-
-    def _expire_orphans(self, now: float) -> None:
-        with self._lock:
-            expired = [
-                s
-                for s in self._sessions.values()
-                if s.orphaned_at is not None and now - s.orphaned_at >= self._resume_grace_s
-            ]
-            for session in expired:
-                del self._sessions[session.session_id]
-        for session in expired:
-            with session.lock:
-                lost = session.book.lost(session.lost_peer, session.lost_cause, self._resume_grace_s)
-            for state, error in lost:
-                self._fail(session, state, error, tell_sender=False)
 
     def _read_frames(self, stream: _Stream) -> None:
         conn = stream.conn
@@ -509,41 +401,17 @@ class Receiver:
         with session.lock:
             action = session.book.on_data(msg, stream.answered_again)  # ProtocolError: data before its Open
         if isinstance(action, Drain):
-            self._drain(stream.conn, msg.nbytes)
+            stream.landing.drain(msg.nbytes)
             if action.reply is not None:
                 self._tell(stream, action.reply)
             if action.error is not None:
                 self._fail(session, action.request, action.error)
             return
         state = action.request
-        if not state.begin_write():
-            return self._drain(stream.conn, msg.nbytes)
+        if not state.begin_write():  # released or failed meanwhile: its memory is not ours to write
+            return stream.landing.drain(msg.nbytes)
         views = state.targets(msg.layer, msg.chunk)
-        on_device = any(map(device.is_device, views))
-        # One CUDA view on a connection that takes device memory: UCX puts the bytes
-        # straight there, like host bytes, and the GPU checks them in place. Else a landing
-        # buffer: one receive instead of one per piece (and TCP cannot write the GPU).
-        in_place = not on_device or (len(views) == 1 and stream.conn.capabilities.device_memory)
-        if not in_place or (len(views) > 8 and msg.nbytes < _SMALL_PIECE_BYTES * len(views)):
-            try:
-                ok = self._receive_scattered(stream, msg, views, on_device)
-            finally:
-                state.end_write()
-            return self._chunk_checked(stream, state, msg, ok)
-        try:
-            for view in views:
-                stream.conn.recv_into(view if on_device else memoryview(view))
-            state.landed(msg.layer, msg.chunk)  # a copy arriving before the check is drained
-        finally:
-            state.end_write()  # verifying only reads (and holding this while queued deadlocked _forget)
-        verify = functools.partial(self._verify_in_place, stream, state, msg, views)
-        if msg.nbytes >= _OVERLAP_MIN_BYTES and not state.missing_only(msg.layer, msg.chunk):
-            stream.verifier().submit(verify)  # more of this request follows: receive it meanwhile
-        else:
-            verify()
-
-    def _verify_in_place(self, stream: _Stream, state: InboundRequest, msg: Data, views: list) -> None:
-        self._chunk_checked(stream, state, msg, _checksum_matches(msg, views))
+        stream.landing.receive(msg, state, views, functools.partial(self._chunk_checked, stream, state, msg))
 
     def _chunk_checked(self, stream: _Stream, state: InboundRequest, msg: Data, ok: bool) -> None:
         """A chunk's bytes are in place and its checksum was compared: count, ack, finish."""
@@ -572,40 +440,12 @@ class Receiver:
         if completed:
             session.counters.completed(state.nbytes, state.finished_at - state.opened_at)
 
-    @staticmethod
-    def _receive_scattered(stream: _Stream, msg: Data, views: list, to_device: bool) -> bool:
-        """Receive a chunk whole into a scratch buffer, verify it, then copy it into its
-        views; True if it verified. For a chunk spanning many small tensors (one receive
-        instead of one per tensor), and for a chunk bound for several CUDA buffers, or for
-        CUDA buffers over a connection that cannot write them (received and checked on the
-        GPU when the connection takes device memory). Either way bytes that fail
-        verification never reach the engine's arrays. ``to_device``: some view is CUDA memory."""
-        landing = stream.landing(msg.nbytes) if to_device else stream.scratch(msg.nbytes)
-        stream.conn.recv_into(landing if device.is_device(landing) else memoryview(landing))
-        if not _checksum_matches(msg, [landing]):
-            return False
-        position = 0
-        for view in views:
-            device.copy(view, landing[position : position + len(view)])
-            position += len(view)
-        if to_device:
-            device.synchronize()  # the copies are done before the landing buffer is reused
-        return True
-
     def _on_abort(self, stream: _Stream, msg: Abort) -> None:
         session = stream.session
         with session.lock:
             aborted = session.book.on_abort(msg.rid, msg.reason)
         if aborted is not None:
             self._fail(session, *aborted, tell_sender=False)
-
-    @staticmethod
-    def _drain(conn: Connection, nbytes: int) -> None:
-        scratch = memoryview(np.empty(min(nbytes, _DRAIN_BYTES), dtype=np.uint8))
-        while nbytes:
-            step = min(nbytes, len(scratch))
-            conn.recv_into(scratch[:step])
-            nbytes -= step
 
     # -- failure, release, deadlines ----------------------------------------------------
 
@@ -666,28 +506,29 @@ class Receiver:
             self._tell_session(state.session, outcome)
 
     def _deadline_loop(self) -> None:
+        """What the clock makes due: sessions not resumed in time, requests never claimed,
+        requests past their deadline."""
         while True:
             with self._lock:
                 if self._book.closed:
                     return
                 self._lock.wait(0.1)
-                sessions = list(self._sessions.values())
-            now = self._clock.now()
-            self._expire_orphans(now)
-            self._release_unclaimed(now)
+                now = self._clock.now()
+                sessions = list(self._book.sessions.values())
+                expired = self._book.expire_sessions(now, self._resume_grace_s)
+                stale = self._book.unclaimed(now, self._claim_timeout_s)
+            for session in expired:
+                with session.lock:
+                    lost = session.book.lost(self._resume_grace_s)
+                for state, error in lost:
+                    self._fail(session, state, error, tell_sender=False)
+            for state in stale:
+                log.warning("releasing request %r: complete for %.0fs and never claimed",
+                            state.request_id, now - state.finished_at)
+                self._release_state(state)
             for session in sessions:
                 with session.lock:
                     late = session.book.late(now)
                 for state, error in late:
                     self._fail(session, state, error)
 
-
-def _checksum_matches(msg: Data, pieces: list) -> bool:
-    """Whether a received payload (host or device pieces, in order) has the frame's checksum."""
-    on_device = [device.is_device(piece) for piece in pieces]
-    if msg.algorithm == "blocksum" and len(pieces) == 1 and on_device[0]:
-        return device.frame_blocksum(msg.rid, msg.layer, msg.chunk, pieces[0]) == msg.checksum
-    if any(on_device):
-        pieces = [device.to_host(piece) if here else piece for piece, here in zip(pieces, on_device)]
-    checksum = frame_blocksum if msg.algorithm == "blocksum" else frame_checksum
-    return checksum(msg.rid, msg.layer, msg.chunk, pieces, msg.nbytes) == msg.checksum

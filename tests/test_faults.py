@@ -20,8 +20,8 @@ from kvwire import (
     Sender,
     TensorSpec,
     TransferTimeout,
+    landing,
 )
-from kvwire import receiver as receiver_module
 from kvwire.testing.relay import Fault, FaultyRelay
 from kvwire.transport.ucx import ucx_available
 from kvwire.wire import framing
@@ -355,7 +355,7 @@ def test_a_copy_of_a_chunk_awaiting_its_check_is_drained_not_written_over_it(bac
     copy = original.copy()
     copy[:chunk] ^= 0xFF
     held, release = threading.Event(), threading.Event()
-    real = receiver_module._checksum_matches
+    real = landing.checksum_matches
 
     def held_in_the_verifier(msg, pieces):
         if threading.current_thread().name.startswith("kvwire-rx-verify"):
@@ -363,7 +363,7 @@ def test_a_copy_of_a_chunk_awaiting_its_check_is_drained_not_written_over_it(bac
             release.wait(10)
         return real(msg, pieces)
 
-    monkeypatch.setattr(receiver_module, "_checksum_matches", held_in_the_verifier)
+    monkeypatch.setattr(landing, "checksum_matches", held_in_the_verifier)
     with Receiver(one, "127.0.0.1:0", backend=backend, secret=SECRET) as rx:
         with Sender(one, rx.address, backend=backend, secret=SECRET, streams=2, chunk_bytes=chunk) as tx:
             xfer = tx.open("resent", tokens)  # (its Opens go out on both streams)

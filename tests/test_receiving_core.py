@@ -94,6 +94,22 @@ def test_a_failure_is_remembered_until_the_id_opens_again():
     assert book.failure("a") is None
 
 
+@dataclass(eq=False)
+class Session:
+    session_id: bytes
+    book: SessionBook
+
+
+def test_a_session_without_a_connection_expires_after_the_grace_period():
+    book = ReceiverBook(max_bytes=1000)
+    alive, orphan = Session(b"a", SessionBook()), Session(b"o", SessionBook())
+    book.sessions = {b"a": alive, b"o": orphan}
+    orphan.book.orphaned(10.0, "10.0.0.1:5000", "reset")
+    assert book.expire_sessions(now=11.9, grace_s=2.0) == []
+    assert book.expire_sessions(now=12.0, grace_s=2.0) == [orphan]
+    assert book.sessions == {b"a": alive}
+
+
 def test_unclaimed_requests_are_those_complete_longer_than_the_claim_timeout():
     book = ReceiverBook(max_bytes=1000)
     stale, fresh, claimed, running = (Request("stale", finished_at=1.0), Request("fresh", finished_at=9.0),
@@ -264,7 +280,8 @@ def test_a_deadline_passes_only_for_requests_still_missing_bytes(session):
 
 def test_a_lost_session_fails_what_still_misses_bytes(session):
     book, request, _ = session
-    [(lost, error)] = book.lost("10.0.0.1:5000", "connection reset", 2.0)
+    book.orphaned(101.0, "10.0.0.1:5000", "connection reset")
+    [(lost, error)] = book.lost(2.0)
     assert lost is request
     assert str(error) == ("request 'req': connection from 10.0.0.1:5000 lost with 0/4 layers arrived "
                           "(connection reset); no reconnect within 2.0s")

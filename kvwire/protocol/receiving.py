@@ -91,6 +91,7 @@ class ReceiverBook:
         self.bytes_in_use = 0
         self.closed = False
         self.requests: dict[str, Any] = {}
+        self.sessions: dict[bytes, Any] = {}  # the driver's session objects (each with a SessionBook), by id
         self._failures: collections.OrderedDict[str, KVWireError] = collections.OrderedDict()
         self._released: collections.OrderedDict[str, None] = collections.OrderedDict()  # before they arrived
         self._expected: dict[str, Any] = {}
@@ -147,6 +148,15 @@ class ReceiverBook:
             remember(self._released, request_id, None, REMEMBERED_FAILURES)
         return request
 
+    def expire_sessions(self, now: float, grace_s: float) -> list:
+        """Drop and return the sessions that have had no connection for ``grace_s``: their
+        sender did not resume in time (their requests still missing bytes fail)."""
+        expired = [s for s in self.sessions.values()
+                   if s.book.orphaned_at is not None and now - s.book.orphaned_at >= grace_s]
+        for session in expired:
+            del self.sessions[session.session_id]
+        return expired
+
     def unclaimed(self, now: float, claim_timeout_s: float | None) -> list:
         """Requests complete for longer than ``claim_timeout_s`` that no engine waited for."""
         if claim_timeout_s is None:
@@ -163,6 +173,14 @@ class SessionBook:
         self.requests: dict[int, Any] = {}
         self.max_rid = -1
         self._outcomes: collections.OrderedDict[int, Abort | None] = collections.OrderedDict()
+        # When the session's last connection closed (None while it has one), to whom and why;
+        # under the receiver's lock, like the sessions table (see ReceiverBook.expire_sessions).
+        self.orphaned_at: float | None = None
+        self.lost_peer = self.lost_cause = ""
+
+    def orphaned(self, now: float, peer: str, cause: str) -> None:
+        """The session's last connection closed: its sender may still resume."""
+        self.orphaned_at, self.lost_peer, self.lost_cause = now, peer, cause
 
     def is_new(self, rid: int) -> bool:
         """Whether an Open is the first of request ``rid`` (every stream carries a copy)."""
@@ -244,13 +262,13 @@ class SessionBook:
             for r in self.requests.values() if r.deadline < now and not r.has_all_chunks
         ]
 
-    def lost(self, peer: str, cause: str, grace_s: float) -> list[tuple[Any, KVWireError]]:
+    def lost(self, grace_s: float) -> list[tuple[Any, KVWireError]]:
         """(request, error) of each request still waiting for bytes once the session's last
-        connection (to ``peer``, closed for ``cause``) was not replaced within ``grace_s``.
-        A request whose bytes all arrived does not need the connection any more."""
+        connection was not replaced within ``grace_s``. A request whose bytes all arrived
+        does not need the connection any more."""
         return [
-            (r, PeerLostError(f"request {r.request_id!r}: connection from {peer} lost with "
-                              f"{r.num_ready}/{r.num_layers} layers arrived ({cause}); "
+            (r, PeerLostError(f"request {r.request_id!r}: connection from {self.lost_peer} lost with "
+                              f"{r.num_ready}/{r.num_layers} layers arrived ({self.lost_cause}); "
                               f"no reconnect within {grace_s}s"))
             for r in self.requests.values() if not r.has_all_chunks and r.error is None
         ]
