@@ -398,16 +398,19 @@ class Receiver:
 
     def _on_data(self, stream: _Stream, msg: Data) -> None:
         session = stream.session
-        with session.lock:
-            action = session.book.on_data(msg, stream.answered_again)  # ProtocolError: data before its Open
-        if isinstance(action, Drain):
+        state = session.book.requests.get(msg.rid)  # (a dict read: no lock, as on every chunk before)
+        if state is None:
+            with session.lock:
+                drain = Drain(msg.nbytes, session.book.data_for_unknown(msg, stream.answered_again))
+        else:
+            drain = session.book.on_chunk(state, msg)
+        if drain is not None:
             stream.landing.drain(msg.nbytes)
-            if action.reply is not None:
-                self._tell(stream, action.reply)
-            if action.error is not None:
-                self._fail(session, action.request, action.error)
+            if drain.reply is not None:
+                self._tell(stream, drain.reply)
+            if drain.error is not None:
+                self._fail(session, drain.request, drain.error)
             return
-        state = action.request
         if not state.begin_write():  # released or failed meanwhile: its memory is not ours to write
             return stream.landing.drain(msg.nbytes)
         views = state.targets(msg.layer, msg.chunk)

@@ -12,7 +12,6 @@ from kvwire.protocol.receiving import (
     REMEMBERED_OUTCOMES,
     Checked,
     Drain,
-    Receive,
     ReceiverBook,
     SessionBook,
     chunk_checked,
@@ -214,15 +213,15 @@ def arrive(request, layer, chunk):
 
 def test_a_chunk_of_a_held_request_is_received_into_it(session):
     book, request, _ = session
-    assert book.on_data(frame(request, 0, 0), set()) == Receive(request)
+    assert book.on_chunk(request, frame(request, 0, 0)) is None  # None: receive it
 
 
 def test_a_chunk_outside_its_plan_is_drained_and_fails_the_request(session):
     book, request, _ = session
-    action = book.on_data(frame(request, 0, 0, nbytes=7), set())
+    action = book.on_chunk(request, frame(request, 0, 0, nbytes=7))
     assert isinstance(action, Drain) and action.nbytes == 7 and action.request is request
     assert isinstance(action.error, ProtocolError) and str(action.error).startswith("request 'req': layer 0 chunk 0")
-    action = book.on_data(Data(0, 9, 0, 16, 0), set())
+    action = book.on_chunk(request, Data(0, 9, 0, 16, 0))
     assert str(action.error) == "request 'req': frame for layer 9, the layout has 4"
 
 
@@ -238,10 +237,10 @@ def test_acks_go_per_layer_once_its_last_chunk_is_checked(session):
 def test_a_duplicate_after_a_reconnect_is_drained_and_a_complete_layer_acked_again(session):
     book, request, _ = session
     request.landed(3, 0)  # received, awaiting its check: a copy must not be written over it
-    assert book.on_data(frame(request, 3, 0), set()) == Drain(frame(request, 3, 0).nbytes)
+    assert book.on_chunk(request, frame(request, 3, 0)) == Drain(frame(request, 3, 0).nbytes)
     for chunk in range(request.num_chunks[3]):
         arrive(request, 3, chunk)
-    assert book.on_data(frame(request, 3, 1), set()) == Drain(frame(request, 3, 1).nbytes, reply=Ack(0, 3))
+    assert book.on_chunk(request, frame(request, 3, 1)) == Drain(frame(request, 3, 1).nbytes, reply=Ack(0, 3))
 
 
 def test_a_copy_checked_after_the_first_acks_again_and_finishes_nothing(session):

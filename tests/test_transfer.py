@@ -403,7 +403,10 @@ def test_a_completed_request_nobody_claims_is_freed_after_claim_timeout(layout):
         wait_until(lambda: rx.bytes_in_use == 0, timeout=5)
         send_all(tx, "claimed", random_kv(layout, 10), 10)
         got = rx.wait("claimed", timeout=5)
-        time.sleep(0.6)
+        in_use = rx.bytes_in_use
+        send_all(tx, "later", random_kv(layout, 20), 20)  # completes after "claimed", unclaimed, another size
+        # only "later" freed (not "claimed" too, nor instead): "claimed" had its turn and stayed
+        wait_until(lambda: rx.bytes_in_use == in_use, timeout=5)
         assert got.layer(0)  # claimed requests stay until released
         got.release()
 

@@ -52,13 +52,6 @@ class Drain:
 
 
 @dataclass(frozen=True)
-class Receive:
-    """Receive the frame's payload into ``request``'s memory for its chunk."""
-
-    request: Any
-
-
-@dataclass(frozen=True)
 class Checked:
     """What follows a chunk's checksum comparison: ``error`` fails the request; else ``ack``
     the layer (before the engine may act on it) and, for its last chunk, ``finish`` it
@@ -67,6 +60,9 @@ class Checked:
     ack: bool = False
     finish: bool = False
     error: KVWireError | None = None
+
+
+NOTHING, ACK, ACK_AND_FINISH = Checked(), Checked(ack=True), Checked(ack=True, finish=True)  # (per chunk: no allocation)
 
 
 def chunk_checked(request, msg: Data, ok: bool) -> Checked:
@@ -79,8 +75,8 @@ def chunk_checked(request, msg: Data, ok: bool) -> Checked:
     if not request.record_chunk(msg.layer, msg.chunk):
         # A copy (re-sent after a reconnect) was verified first and its ack may have gone to
         # the connection that died: ack again, as for a duplicate.
-        return Checked(ack=request.layer_complete(msg.layer))
-    return Checked(ack=True, finish=True)
+        return ACK if request.layer_complete(msg.layer) else NOTHING
+    return ACK_AND_FINISH
 
 
 class ReceiverBook:
@@ -229,15 +225,14 @@ class SessionBook:
         answered.add(key)
         return Ack(msg.rid, msg.layer) if outcome is None else outcome
 
-    def on_data(self, msg: Data, answered: set) -> Drain | Receive:
-        """Where a Data frame's payload goes. Drained: data for a request let go of
-        (answered again, see ``data_for_unknown``), a chunk already here (a resumed sender
-        re-sends what it had no ack for: keep what arrived, and ack a complete layer again,
-        its first ack may have been lost), or a chunk outside its request's plan (which
-        fails it). ProtocolError for data before its Open."""
-        request = self.requests.get(msg.rid)
-        if request is None:
-            return Drain(msg.nbytes, self.data_for_unknown(msg, answered))
+    @staticmethod
+    def on_chunk(request, msg: Data) -> Drain | None:
+        """Where a Data frame's payload goes, for a request this session holds (found in
+        ``requests`` by the driver; for one it does not: ``data_for_unknown``): None to
+        receive it into the request's memory for its chunk, or a Drain: a chunk already here (a resumed sender re-sends what it had no ack for: keep what
+        arrived, and ack a complete layer again, its first ack may have been lost), or a
+        chunk outside its request's plan (which fails it). Reads only the request, which
+        keeps its own lock: the hot path takes no session lock."""
         layer, chunk = msg.layer, msg.chunk
         if layer < request.num_layers and chunk < request.num_chunks[layer] and request.is_duplicate(layer, chunk):
             return Drain(msg.nbytes, Ack(msg.rid, layer) if request.layer_complete(layer) else None)
@@ -245,7 +240,7 @@ class SessionBook:
         if problem is not None:
             return Drain(msg.nbytes, request=request,
                          error=ProtocolError(f"request {request.request_id!r}: {problem}"))
-        return Receive(request)
+        return None
 
     def on_abort(self, rid: int, reason: str) -> tuple[Any, KVWireError] | None:
         """The sender gave up on request ``rid``: (the request, its error) if this session holds it."""
