@@ -103,7 +103,7 @@ echo "two tensors per layer: $kv_two_json" >&2
 echo "send window 0: $kv_window0_json" >&2
 
 echo "== codec kernels (fused gather+quantize, dequantize+scatter) vs device-to-device copy" >&2
-timeout 60 "$PY" -m perf.gpu_codec --json > "$LOGS/gpu_codec.txt" 2>&1
+timeout 60 env NUMBA_ENABLE_CUDASIM=$SIM "$PY" -m perf.gpu_codec --json --device "$DEVICE" > "$LOGS/gpu_codec.txt" 2>&1
 codec_json=$(result "$LOGS/gpu_codec.txt")
 
 conformance_tail=$(tail -3 "$LOGS/gpu_conformance.txt" | quote)

@@ -5,10 +5,11 @@ promised, what became of each request, and what is due.
 in flight by id, failures and early releases remembered for a while, the engine's
 expectations. ``SessionBook`` is one sender session's: its requests by number, the highest
 number it opened, and how the requests it let go of ended (said again to a resumed sender
-re-sending their data). Both only decide; the Receiver (the driver) holds its locks around
-each call, moves the bytes and tells the peer. Requests are the driver's objects; the books
-read ``request_id``, ``nbytes``, ``rid``, ``deadline``, ``error``, ``done``,
-``has_all_chunks``, ``claimed`` and ``finished_at`` of them.
+re-sending their data). ``on_chunk`` and ``chunk_checked`` decide what a Data frame and
+its checksum comparison lead to. All of it only decides; the Receiver (the driver) holds its
+locks around each call (``on_chunk`` needs none), moves the bytes and tells the peer. The
+requests are the driver's (``kvwire.inbound.InboundRequest``), read here through their
+attributes and methods, never their payload.
 """
 
 from __future__ import annotations
