@@ -151,7 +151,7 @@ class TcpBackend:
     options_type = TcpOptions
 
     def connect(self, address: str, *, timeout_s: float, ssl_context=None, options=None) -> TcpConnection:
-        options = check_options(self.name, options, TcpOptions)
+        options = check_options(self.name, options, self.options_type)
         host, port = parse_address(address, what="peer address")
         sock = dial(address, host, port, timeout_s)
         configure_socket(sock, options)
@@ -164,4 +164,4 @@ class TcpBackend:
         return TcpConnection(sock, address)
 
     def listen(self, address: str, *, ssl_context=None, options=None) -> TcpListener:
-        return TcpListener(address, ssl_context, check_options(self.name, options, TcpOptions))
+        return TcpListener(address, ssl_context, check_options(self.name, options, self.options_type))

@@ -160,7 +160,7 @@ def local_capabilities(options: UcxOptions | None = None) -> Capabilities:
     host. Starts the process's UCX context; raises where UCX cannot start."""
     options = options or UcxOptions()
     hub = _Hub.get(options)
-    return Capabilities("ucx", device_memory=hub.cuda or device.simulated(), default_streams=1,
+    return Capabilities("ucx", device_memory=hub.takes_device_memory, default_streams=1,
                         fabrics=tuple(hub.fabrics), shared_memory=options.shared_memory)
 
 
@@ -280,6 +280,12 @@ class _Hub:
             with self.lock:
                 self._unblocking.append((self._self_ep.tag_send(buf, tag), buf))
         self.kick()
+
+    @property
+    def takes_device_memory(self) -> bool:
+        """CUDA memory may go to UCX as is: it opened cuda_copy (a GPU is there), or, under
+        numba's simulator, device memory is host memory."""
+        return self.cuda or device.simulated()
 
     def new_prefix(self) -> int:
         with self._id_lock:
@@ -518,7 +524,7 @@ class UcxConnection:
         # 4 at 0.7 / 3.5 / 7.4. CUDA memory goes as is where UCX opened cuda_copy (a GPU is
         # there; cuda_ipc and GPUDirect RDMA where available), or, under numba's simulator,
         # where device memory is host memory.
-        self.capabilities = Capabilities("ucx", device_memory=hub.cuda or device.simulated(), default_streams=1,
+        self.capabilities = Capabilities("ucx", device_memory=hub.takes_device_memory, default_streams=1,
                                          fabrics=shared_fabrics, shared_memory=local)
         self._hub = hub
         self._sock = sock
@@ -971,7 +977,7 @@ class UcxBackend:
     def connect(self, address: str, *, timeout_s: float, ssl_context=None, options=None) -> UcxConnection:
         if ssl_context is not None:
             raise ValueError("the ucx backend has no TLS; use backend='tcp' (or 'auto') with an ssl_context")
-        options = check_options(self.name, options, UcxOptions)
+        options = check_options(self.name, options, self.options_type)
         host, port = parse_address(address, what="peer address")
         sock = dial(address, host, port, timeout_s)
         configure_socket(sock, TcpOptions(peer_timeout_s=options.peer_timeout_s))
@@ -984,4 +990,4 @@ class UcxBackend:
     def listen(self, address: str, *, ssl_context=None, options=None) -> UcxListener:
         if ssl_context is not None:
             raise ValueError("the ucx backend has no TLS; use backend='tcp' (or 'auto') with an ssl_context")
-        return UcxListener(address, check_options(self.name, options, UcxOptions))
+        return UcxListener(address, check_options(self.name, options, self.options_type))
