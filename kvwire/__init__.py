@@ -7,8 +7,10 @@ from .errors import (
     IntegrityError,
     KVWireError,
     LayoutMismatchError,
+    LocalProtocolError,
     PeerLostError,
     ProtocolError,
+    RemoteProtocolError,
     RequestRejected,
     TransferAborted,
     TransferTimeout,
@@ -16,6 +18,7 @@ from .errors import (
 from .inbound import ReceivedRequest
 from .layout import KVLayout, TensorSpec
 from .metrics import PeerMetrics
+from .options import ReceiverOptions, SenderOptions
 from .outbound import Transfer, TransferStats
 from .probe import probe
 from .receiver import Receiver
@@ -31,13 +34,17 @@ __all__ = [
     "KVLayout",
     "KVWireError",
     "LayoutMismatchError",
+    "LocalProtocolError",
     "PeerLostError",
     "PeerMetrics",
     "ProtocolError",
     "ReceivedRequest",
     "Receiver",
+    "ReceiverOptions",
+    "RemoteProtocolError",
     "RequestRejected",
     "Sender",
+    "SenderOptions",
     "TensorSpec",
     "Transfer",
     "TransferAborted",

@@ -7,7 +7,33 @@ import copy
 
 
 class KVWireError(Exception):
-    """Base class of every kvwire transfer error."""
+    """Base class of every kvwire transfer error.
+
+    Beside its message, an error carries what code needs to act on it without reading
+    the text: the ``request_id``, ``layer`` and ``chunk`` it concerns and the ``peer``
+    (where known, else None); ``refused``, the peer's host actively refused the
+    connection (nothing listens there: a retry will not help until something does); and
+    ``remote``, the peer made the error (it said so in an Abort or Reject, or its bytes
+    broke the protocol) rather than this side.
+    """
+
+    remote = False
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        request_id: str | None = None,
+        layer: int | None = None,
+        chunk: int | None = None,
+        peer: str | None = None,
+        refused: bool = False,
+        remote: bool | None = None,
+    ):
+        super().__init__(message)
+        self.request_id, self.layer, self.chunk, self.peer, self.refused = request_id, layer, chunk, peer, refused
+        if remote is not None:
+            self.remote = remote
 
 
 class LayoutMismatchError(KVWireError):
@@ -31,7 +57,18 @@ class TransferTimeout(KVWireError, TimeoutError):
 
 
 class ProtocolError(KVWireError):
+    """Bytes or messages that break the kvwire protocol (which side: the subclass)."""
+
+
+class RemoteProtocolError(ProtocolError):
     """The peer sent bytes that are not a valid kvwire message at this point."""
+
+    remote = True
+
+
+class LocalProtocolError(ProtocolError):
+    """This side could not say what it meant within the protocol (a frame it failed to
+    build): a kvwire bug or an engine array it cannot read, never the peer's fault."""
 
 
 class RequestRejected(KVWireError):
@@ -63,7 +100,7 @@ ERROR_KINDS: dict[str, type[KVWireError]] = {
 def kind_of(error: BaseException) -> str:
     """The wire name of an error's class ("aborted" for anything unknown)."""
     for kind, cls in ERROR_KINDS.items():
-        if type(error) is cls:
+        if isinstance(error, cls):
             return kind
     return "aborted"
 
@@ -82,6 +119,7 @@ def again(error: KVWireError) -> KVWireError:
     return copy.copy(error)
 
 
-def error_from_kind(kind: str, message: str) -> KVWireError:
-    """Rebuild an error received from the peer; unknown kinds become TransferAborted."""
-    return ERROR_KINDS.get(kind, TransferAborted)(message)
+def error_from_kind(kind: str, message: str, **fields) -> KVWireError:
+    """Rebuild an error the peer reported (``remote``); unknown kinds become TransferAborted."""
+    cls = RemoteProtocolError if kind == "protocol" else ERROR_KINDS.get(kind, TransferAborted)
+    return cls(message, remote=True, **fields)

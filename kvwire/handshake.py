@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Container
 
-from .errors import KVWireError, ProtocolError
+from .errors import KVWireError, ProtocolError, RemoteProtocolError
 from .layout import KVLayout
 from .protocol.handshake import Accepted, ClientHandshake, ServerHandshake, Step
 from .transport.base import Connection
@@ -84,6 +84,6 @@ def read_message(conn: Connection, limit: int):
         conn.recv_into(memoryview(body))
         return framing.decode_handshake(body)
     except ProtocolError as exc:
-        raise ProtocolError(
+        raise RemoteProtocolError(
             f"the peer at {conn.peer} does not speak kvwire: it sent {bytes(prefix)!r}... ({exc})"
         ) from None

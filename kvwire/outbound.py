@@ -1,18 +1,20 @@
-"""Sender-side state of one request: the caller's arrays, chunked, and what was acked.
+"""The engine's side of one request being sent: its handle (``Transfer``) and its bytes
+(``LayerBytes``).
 
 A layer is a byte stream of its tensors in sorted-name order, each 64-byte aligned;
 it travels in chunks of ``chunk_bytes`` that stripe across the sender's connections.
 Chunks borrow the caller's memory: nothing is copied, except that a layer made of many
 small tensors is joined into one buffer once, so that no frame walks thousands of them.
+What was acked, and how the request ended, is the sending core's
+(``kvwire.protocol.sending``).
 """
 
 from __future__ import annotations
 
 import operator
-import threading
 import time
 from dataclasses import dataclass
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
@@ -20,9 +22,16 @@ from . import device, paged
 from .arrays import as_bytes
 from .codecs import bits_to_float32, encodes, geometry
 from .dtypes import ITEMSIZE, accepts, exportable, numpy_dtype
-from .errors import KVWireError, PeerLostError, TransferAborted, TransferTimeout, again, remembered
+from .errors import KVWireError, TransferAborted, again
 from .layout import ALIGN_BYTES, LayerPlan
 from .protocol import MONOTONIC, Clock, RequestPlan, SegmentMap
+from .protocol.sending import OutboundRequest
+from .wire import framing
+from .wire.checksum import frame_checksum
+from .wire.messages import Data
+
+if TYPE_CHECKING:
+    from .outbox import Outbox
 
 _PAD = memoryview(bytes(ALIGN_BYTES))
 _SMALL_PIECE_BYTES = 64 * 1024
@@ -48,42 +57,26 @@ class TransferStats:
 
 
 class Transfer:
-    """One request being sent, layer by layer. Made by ``Sender.open``."""
+    """One request being sent, layer by layer: the engine's handle on it. Made by
+    ``Sender.open``; the sender's queue (``kvwire.outbox``) carries its layers."""
 
-    def __init__(
-        self,
-        sender,
-        request_id: str,
-        rid: int,
-        plan: RequestPlan,
-        timeout_s: float,
-        clock: Clock = MONOTONIC,
-    ):
-        self.request_id = request_id
-        self.rid = rid
-        self.plan = plan  # the receiver cuts the request by the same plan, rebuilt from the Open
+    def __init__(self, request: OutboundRequest, outbox: Outbox, layers: LayerBytes, clock: Clock = MONOTONIC):
+        self._request = request
+        self._outbox = outbox
+        self._layers = layers
+        self._clock = clock
+        self.request_id = request.request_id
+        self.rid = request.rid
+        self.plan = plan = request.plan  # the receiver cuts the request by the same plan, rebuilt from the Open
         self.num_tokens = plan.num_tokens
         self.codec = plan.codec_name
         self.chunk_bytes = plan.chunk_bytes
-        self._clock = clock
-        self.opened_at = clock.now()
-        self.deadline = self.opened_at + timeout_s
-        self._sender = sender
+        self.num_layers = plan.num_layers
+        self.num_chunks = plan.num_chunks
+        self.opened_at = request.opened_at
+        self.deadline = request.deadline
         self._layout = plan.layout
-        self._plans = self.plan.layers
-        self._codec = self.plan.codec
-        self.num_layers = self.plan.num_layers
-        self.num_chunks = self.plan.num_chunks
-        self._segments: list[list[tuple[int, int, object]] | None] = [None] * self.num_layers
-        self._maps: list[SegmentMap | None] = [None] * self.num_layers
-        self._resent_bytes = 0
-        self.opening = None  # the Open message, re-sent on a resumed connection
-        self._acked = [False] * self.num_layers
-        self._num_acked = 0
-        self._wire_bytes = 0
-        self._finished_at: float | None = None
-        self.error: KVWireError | None = None
-        self._cv = threading.Condition()
+        self._codec = plan.codec
 
     # -- engine API ---------------------------------------------------------------------
 
@@ -103,13 +96,12 @@ class Transfer:
             raise again(self.error)
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"request {self.request_id!r}: layer {layer} out of range (layout has {self.num_layers})")
-        if self._segments[layer] is not None:
+        if self._layers.has(layer):
             raise ValueError(f"request {self.request_id!r}: layer {layer} was already sent")
         if self._codec is not None or block_ids is not None:
             tensors = self._prepare(layer, tensors, block_ids)
-        self._segments[layer] = self._segments_of(layer, tensors)
-        self._maps[layer] = SegmentMap([(start, length) for start, length, _ in self._segments[layer]])
-        self._sender._enqueue(self, layer, self.num_chunks[layer])
+        self._layers.take(layer, tensors)
+        self._outbox.submit(self._request, layer)
         # Hand the GIL to the I/O threads now: a caller that goes straight on to its next
         # layer in Python would otherwise hold it for a whole switch interval (5 ms) and
         # the bytes of this layer would wait instead of overlapping that work.
@@ -117,14 +109,14 @@ class Transfer:
 
     def _prepare(self, layer: int, tensors: Mapping[str, object], block_ids) -> dict[str, object]:
         """Gather paged tensors and encode those the codec applies to: the wire arrays."""
-        self._check_names(layer, tensors)
+        check_names(self._layout, self.request_id, layer, tensors)
         wire: dict[str, object] = {}
         for name, spec in self._layout.layers[layer].items():
             where = f"request {self.request_id!r} layer {layer} tensor {name!r}"
             array = tensors[name]
             if block_ids is not None and spec.per_token:
                 if device.is_device(array):
-                    keep = self._sender.takes_device_memory
+                    keep = self._layers.device_memory
                     wire.update(
                         device_gather_encode(array, block_ids, self.num_tokens, spec, self._codec, name, where, keep)
                     )
@@ -145,18 +137,15 @@ class Transfer:
             wire[name], wire[name + ".scales"] = codes, scales
         return wire
 
-    def _check_names(self, layer: int, tensors: Mapping[str, object]) -> None:
-        names = self._layout.layers[layer].keys()
-        if tensors.keys() != names:
-            raise ValueError(
-                f"request {self.request_id!r} layer {layer}: missing tensors {sorted(names - tensors.keys())}, "
-                f"unexpected tensors {sorted(tensors.keys() - names)}"
-            )
+    @property
+    def error(self) -> KVWireError | None:
+        """Why the request failed (None while it has not)."""
+        return self._request.error
 
     def layer_sent(self, layer: int) -> bool:
         """True once the receiver has verified ``layer``: its arrays may be reused. (Not
         merely once written to a socket: a dropped connection re-sends un-acked layers.)"""
-        return self._acked[layer]
+        return self._request.acked[layer]
 
     def finish(self, timeout: float | None = None) -> TransferStats:
         """Block until the receiver has verified every layer; return the stats.
@@ -165,39 +154,34 @@ class Transfer:
         ValueError if some layer was never sent, or TransferTimeout after ``timeout``
         seconds (default: the request's deadline), in which case the request is aborted.
         """
-        missing = [i for i, seg in enumerate(self._segments) if seg is None]
+        missing = [layer for layer in range(self.num_layers) if not self._layers.has(layer)]
         if missing and self.error is None:
             raise ValueError(f"request {self.request_id!r}: finish() before layers {missing} were sent")
         wait_s = self.deadline - self._clock.now() if timeout is None else timeout
-        with self._cv:
-            self._cv.wait_for(lambda: self.error is not None or self._num_acked == self.num_layers, max(0.0, wait_s))
-        if self.error is None and self._num_acked < self.num_layers:
-            confirmed = f"receiver confirmed {self._num_acked}/{self.num_layers} layers within {wait_s:.3g}s"
-            if self._sender.num_streams == 0:  # the real cause: the connection is gone and not back
-                self._abort(
-                    PeerLostError(f"request {self.request_id!r}: connection lost and not re-established; {confirmed}")
-                )
-            else:
-                self._abort(TransferTimeout(f"request {self.request_id!r}: {confirmed}"))
+        if not self._outbox.wait(self._request, wait_s):
+            self._outbox.give_up(self._request, self._outbox.overdue(self._request, wait_s))
         if self.error is not None:
             raise again(self.error)
         return self.stats
 
     def abort(self, reason: str = "aborted by the sender") -> None:
         """Give up on the request; the receiver drops what it holds of it."""
-        self._abort(TransferAborted(f"request {self.request_id!r}: {reason}"))
+        self._outbox.give_up(
+            self._request, TransferAborted(f"request {self.request_id!r}: {reason}", request_id=self.request_id)
+        )
 
     @property
     def stats(self) -> TransferStats:
-        end = self._finished_at or self._clock.now()
+        request = self._request
+        end = request.finished_at or self._clock.now()
         raw = self._layout.nbytes(self.num_tokens)
         return TransferStats(
-            raw, self._wire_bytes, self.codec, self.num_layers, end - self.opened_at, self._resent_bytes
+            raw, request.wire_bytes, self.codec, self.num_layers, end - self.opened_at, request.resent_bytes
         )
 
     @property
     def done(self) -> bool:
-        return self._num_acked == self.num_layers
+        return self._request.done
 
     def __enter__(self) -> "Transfer":
         return self
@@ -207,27 +191,68 @@ class Transfer:
             self.abort(f"{exc_type.__name__} in the sending code")
 
     def __repr__(self) -> str:
-        return f"<Transfer {self.request_id!r} T={self.num_tokens} {self._num_acked}/{self.num_layers} layers acked>"
+        acked = self._request.num_acked
+        return f"<Transfer {self.request_id!r} T={self.num_tokens} {acked}/{self.num_layers} layers acked>"
 
-    # -- building frames (sender's I/O threads) -----------------------------------------
 
-    def _segments_of(self, layer: int, tensors: Mapping[str, object]) -> list[tuple[int, int, object]]:
-        plan = self._plans[layer]
+def check_names(layout, request_id: str, layer: int, tensors: Mapping[str, object]) -> None:
+    names = layout.layers[layer].keys()
+    if tensors.keys() != names:
+        raise ValueError(
+            f"request {request_id!r} layer {layer}: missing tensors {sorted(names - tensors.keys())}, "
+            f"unexpected tensors {sorted(tensors.keys() - names)}"
+        )
+
+
+class LayerBytes:
+    """The byte stream of each layer the engine handed over, borrowed until the request is
+    confirmed, and cut into Data frames for the sender's writers.
+
+    Each tensor is described once, when its layer is taken: a buffer and whether it is
+    device memory (``device_memory``: the connections take CUDA memory as it is; else a
+    CUDA tensor is staged to host memory per frame).
+    """
+
+    def __init__(self, plan: RequestPlan, request_id: str, device_memory: bool):
+        self.plan = plan
+        self.request_id = request_id
+        self.device_memory = device_memory
+        # per layer: [(start, length, buffer, on_device)], and the map from byte offsets to them
+        self._segments: list[list[tuple[int, int, object, bool]] | None] = [None] * plan.num_layers
+        self._maps: list[SegmentMap | None] = [None] * plan.num_layers
+
+    def has(self, layer: int) -> bool:
+        return self._segments[layer] is not None
+
+    def take(self, layer: int, tensors: Mapping[str, object]) -> None:
+        segments = self._segments_of(layer, tensors)
+        self._segments[layer] = segments
+        self._maps[layer] = SegmentMap([(start, length) for start, length, _, _ in segments])
+
+    def release(self) -> None:
+        """Stop borrowing the engine's arrays (the request is confirmed)."""
+        self._segments = [[] for _ in self._segments]
+        self._maps = [SegmentMap(()) for _ in self._maps]
+
+    def _segments_of(self, layer: int, tensors: Mapping[str, object]) -> list[tuple[int, int, object, bool]]:
+        plan = self.plan.layers[layer]
         if len(plan.slots) > 8:
             joined = _join_uniform(plan, tensors)
             if joined is not None:
-                return [(0, plan.nbytes, joined)]
+                return [(0, plan.nbytes, joined, False)]
         if len(tensors) != len(plan.slots) or any(slot.name not in tensors for slot in plan.slots):
-            self._check_names(layer, tensors)
-        segments: list[tuple[int, int, object]] = []
+            check_names(self.plan.layout, self.request_id, layer, tensors)
+        segments: list[tuple[int, int, object, bool]] = []
         position = 0
         for slot in plan.slots:
             array = tensors[slot.name]
-            shape = None
+            shape, on_device = None, False
             if isinstance(array, device.DeviceBytes):  # gathered (and encoded) on the device
                 buffer, shape, dtype = array
-            elif device.is_device(array) and self._sender.takes_device_memory:
+                on_device = True
+            elif self.device_memory and device.is_device(array):
                 buffer, shape, dtype = device.device_bytes(array)  # sent from where it is
+                on_device = True
             # Fast path (thousands of small tensors per layer are common): a contiguous
             # numpy array of the right dtype and shape goes out as it is.
             elif (
@@ -245,74 +270,48 @@ class Transfer:
                     f"{slot.spec.dtype}{list(slot.shape)}, got {dtype}{list(shape)}"
                 )
             if slot.offset > position:
-                segments.append((position, slot.offset - position, _PAD[: slot.offset - position]))
+                segments.append((position, slot.offset - position, _PAD[: slot.offset - position], False))
             if slot.nbytes:
-                segments.append((slot.offset, slot.nbytes, buffer))
+                segments.append((slot.offset, slot.nbytes, buffer, on_device))
             position = slot.offset + slot.nbytes
         if (
             len(segments) > 8
             and plan.nbytes < _SMALL_PIECE_BYTES * len(segments)
-            and not any(device.is_device(segment[2]) for segment in segments)
+            and not any(segment[3] for segment in segments)
         ):
             # Many small tensors: one copy into a single buffer beats walking them per frame.
-            return [(0, plan.nbytes, b"".join([segment[2] for segment in segments]))]
+            return [(0, plan.nbytes, b"".join([segment[2] for segment in segments]), False)]
         return segments
 
-    def chunk(self, layer: int, chunk: int) -> tuple[list, int]:
-        """(buffers, total bytes) of one chunk of ``layer``'s byte stream."""
+    def chunk(self, layer: int, chunk: int) -> tuple[list, int, bool]:
+        """(buffers, total bytes, whether any is device memory) of one chunk of ``layer``."""
         start, end = self.plan.chunk_span(layer, chunk)
         segments = self._segments[layer]
-        pieces = []
+        pieces, on_device = [], False
         for i, lo, hi in self._maps[layer].spans(start, end):
-            _, seg_len, buffer = segments[i]
+            _, seg_len, buffer, in_device = segments[i]
+            on_device |= in_device
             if hi - lo == seg_len:
                 pieces.append(buffer)
-            elif device.is_device(buffer):
+            elif in_device:
                 pieces.append(buffer[lo:hi])
             else:
                 pieces.append(memoryview(buffer).cast("B")[lo:hi])
-        return pieces, end - start
+        return pieces, end - start, on_device
 
-    def _chunk_written(self, layer: int, nbytes: int, resend: bool = False) -> None:
-        with self._cv:
-            self._wire_bytes += nbytes
-            if resend:
-                self._resent_bytes += nbytes
-
-    def _unacked_layers(self) -> list[int]:
-        with self._cv:
-            return [i for i, seg in enumerate(self._segments) if seg is not None and not self._acked[i]]
-
-    def _layer_acked(self, layer: int, on_complete=None) -> bool:
-        """Record the receiver's ack; True when the whole request is confirmed, and then
-        ``on_complete(stats)`` has run before ``finish()`` returns (the sender's metrics
-        count the request by the time its caller sees it done)."""
-        with self._cv:
-            if self._acked[layer] or self.error is not None:
-                return False
-            self._acked[layer] = True
-            self._num_acked += 1
-            if self._num_acked < self.num_layers:
-                return False
-            self._finished_at = self._clock.now()
-            self._segments = [[] for _ in self._segments]  # stop borrowing the caller's arrays
-            self._maps = [SegmentMap(()) for _ in self._maps]
-            if on_complete is not None:
-                on_complete(self.stats)
-            self._cv.notify_all()
-            return True
-
-    def _fail(self, error: KVWireError) -> bool:
-        with self._cv:
-            if self.error is not None or self._num_acked == self.num_layers:
-                return False
-            self.error = remembered(error)
-            self._cv.notify_all()
-            return True
-
-    def _abort(self, error: KVWireError) -> None:
-        if self._fail(error):
-            self._sender._aborted(self, error)
+    def frame(self, rid: int, layer: int, chunk: int, device_memory: bool) -> list:
+        """The buffers of one Data frame: its header, then the chunk's bytes. A chunk of
+        CUDA memory is checksummed on the GPU (blocksum) and goes out from device memory,
+        or, on a connection that cannot take it (``device_memory`` False: TCP after
+        ``auto`` fell back), as a host copy."""
+        pieces, nbytes, on_device = self.chunk(layer, chunk)
+        if on_device:
+            payload = device.join(pieces, nbytes)
+            checksum, algorithm = device.frame_blocksum(rid, layer, chunk, payload), "blocksum"
+            pieces = [payload if device_memory else device.to_host(payload)]
+        else:
+            checksum, algorithm = frame_checksum(rid, layer, chunk, pieces, nbytes), "xxh3"
+        return [framing.encode(Data(rid, layer, chunk, nbytes, checksum, algorithm)), *pieces]
 
 
 _shape_of = operator.attrgetter("shape")

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 from .address import check_address
-from .arguments import check_layout, check_positive, check_secret
+from .arguments import check_layout
 from .errors import (
     KVWireError,
     PeerLostError,
-    ProtocolError,
+    RemoteProtocolError,
     RequestRejected,
     TransferTimeout,
     again,
@@ -31,6 +31,7 @@ from .inbound import InboundRequest, ReceivedRequest
 from .landing import Landing
 from .layout import KVLayout
 from .metrics import PeerCounters, PeerMetrics
+from .options import ReceiverOptions, settle
 from .placement import Expectation
 from .protocol import MONOTONIC, RequestPlan
 from .protocol.receiving import Drain, ReceiverBook, SessionBook, chunk_checked
@@ -75,77 +76,28 @@ class _Session:
 
 
 class Receiver:
-    """Serves ``listen`` and receives KV of ``layout`` from Senders, in the background.
+    """Serves ``listen`` (``"HOST:PORT"``; port 0 picks a free one, see ``address``) and
+    receives KV of ``layout`` from Senders, in the background.
 
-    Parameters
-    ----------
-    layout : KVLayout
-        Must equal the senders' layout; a mismatch is refused in the handshake.
-    listen : str
-        ``"HOST:PORT"``; port 0 picks a free one (see ``address``).
-    backend : str
-        ``"tcp"`` (more with the optional extras).
-    secret : bytes, optional
-        Shared secret; senders must prove it (HMAC challenge-response) and so must we.
-    ssl_context : ssl.SSLContext, optional
-        Server-side TLS context for links that leave the datacenter.
-    max_bytes : int
-        Memory budget for requests held at once; an Open beyond it is refused.
-    max_request_timeout_s : float
-        Cap on the deadline a sender may ask for.
-    resume_grace_s : float
-        How long a sender that lost every connection has to reconnect and resume its
-        requests before they fail with PeerLostError.
-    claim_timeout_s : float, optional
-        Free a request that completed this long ago but that nobody ``wait()``-ed for
-        (its engine-side consumer vanished); None keeps it until ``release``.
-    also_accepted : sequence of KVLayout
-        Other layouts senders may use (a tensor-parallel peer's shard pieces): each
-        session's requests take its sender's layout. ``expect`` uses ``layout``'s.
-    info : bytes
-        Published to authenticated probes (``kvwire.probe``), at most 64 KiB: what a
-        sender must know before it picks a layout (a decode instance's ranks, its TP).
+    Settings (``backend``, ``secret``, ``max_bytes``, ``resume_grace_s``, ``also_accepted``,
+    ``info``...) come as ``options=ReceiverOptions(...)`` or as keyword arguments of the
+    same names (see ``kvwire.ReceiverOptions``). A sender whose layout is neither
+    ``layout`` nor one of ``also_accepted`` is refused in the handshake.
     """
 
-    def __init__(
-        self,
-        layout: KVLayout,
-        listen: str = "127.0.0.1:0",
-        *,
-        backend: str = "tcp",
-        secret: bytes | None = None,
-        ssl_context=None,
-        max_bytes: int = 16 << 30,
-        max_request_timeout_s: float = 600.0,
-        handshake_timeout_s: float = 10.0,
-        resume_grace_s: float = 2.0,
-        claim_timeout_s: float | None = None,
-        transport_options=None,
-        also_accepted: Sequence[KVLayout] = (),
-        info: bytes = b"",
-    ):
+    def __init__(self, layout: KVLayout, listen: str = "127.0.0.1:0", *, options: ReceiverOptions | None = None,
+                 **settings):
         self.layout = check_layout(layout, "Receiver")
-        self._layouts = {other.fingerprint: check_layout(other, "Receiver also_accepted") for other in also_accepted}
+        self.options = opts = settle(ReceiverOptions, options, settings, "Receiver")
+        self._layouts = {other.fingerprint: other for other in opts.also_accepted}
         self._layouts[self.layout.fingerprint] = self.layout
-        if len(info) > 1 << 16:
-            raise ValueError(f"Receiver: info is {len(info)} bytes, at most 65536 travel in a handshake")
-        self._info = bytes(info)
         self._clock = MONOTONIC  # deadlines and leases are read from it (a FakeClock in tests)
-        self._secret = check_secret(secret, "Receiver")
-        check_positive("Receiver", max_bytes=max_bytes, max_request_timeout_s=max_request_timeout_s,
-                       handshake_timeout_s=handshake_timeout_s, claim_timeout_s=claim_timeout_s)
-        if resume_grace_s < 0:
-            raise ValueError(f"Receiver: resume_grace_s must be >= 0, got {resume_grace_s!r}")
-        self._max_bytes = max_bytes
-        self._max_request_timeout_s = max_request_timeout_s
-        self._handshake_timeout_s = handshake_timeout_s
-        self._resume_grace_s = resume_grace_s
-        self._claim_timeout_s = claim_timeout_s
         check_address(listen, what="Receiver listen", listen=True)
-        self._listener = get_backend(backend).listen(listen, ssl_context=ssl_context, options=transport_options)
+        self._listener = get_backend(opts.backend).listen(listen, ssl_context=opts.ssl_context,
+                                                          options=opts.transport_options)
         self.address: str = self._listener.address
         self._lock = threading.Condition()
-        self._book = ReceiverBook(max_bytes)  # budget, requests by id, failures, expectations (under _lock)
+        self._book = ReceiverBook(opts.max_bytes)  # budget, requests by id, failures, expectations (under _lock)
         self._refusals: collections.deque = collections.deque(maxlen=16)
         self._threads: set[threading.Thread] = set()
         self._start(self._accept_loop, "kvwire-rx-accept")
@@ -283,9 +235,9 @@ class Receiver:
 
     def _serve(self, conn: Connection) -> None:
         try:
-            conn = self._listener.start_tls(conn, self._handshake_timeout_s)
-            hello = server_handshake(conn, layout=self.layout, secret=self._secret, welcome=self._welcome,
-                                     also_accepted=self._layouts, timeout_s=self._handshake_timeout_s)
+            conn = self._listener.start_tls(conn, self.options.handshake_timeout_s)
+            hello = server_handshake(conn, layout=self.layout, secret=self.options.secret, welcome=self._welcome,
+                                     also_accepted=self._layouts, timeout_s=self.options.handshake_timeout_s)
             conn.set_timeout(None)
         except KVWireError as exc:
             log.warning("refused connection from %s: %s: %s", conn.peer, type(exc).__name__, exc)
@@ -307,8 +259,8 @@ class Receiver:
     def _welcome(self, hello) -> Welcome:
         with self._lock:
             if hello.probe:
-                return Welcome(self._max_bytes, info=self._info)
-            return Welcome(self._max_bytes, session_known=hello.session_id in self._book.sessions)
+                return Welcome(self.options.max_bytes, info=self.options.info)
+            return Welcome(self.options.max_bytes, session_known=hello.session_id in self._book.sessions)
 
     def _join(self, hello, conn: Connection) -> _Stream:
         with self._lock:
@@ -363,7 +315,7 @@ class Receiver:
             elif isinstance(message, Abort):
                 self._on_abort(stream, message)
             else:
-                raise ProtocolError(f"a sender may not send {type(message).__name__} messages")
+                raise RemoteProtocolError(f"a sender may not send {type(message).__name__} messages")
 
     # -- frames -------------------------------------------------------------------------
 
@@ -387,7 +339,7 @@ class Receiver:
             plan = RequestPlan(session.layout, msg.num_tokens, msg.codec, msg.chunk_bytes)
         except ValueError as exc:
             raise RequestRejected(f"request {msg.request_id!r}: {exc}") from None
-        timeout_s = min(msg.timeout_s, self._max_request_timeout_s)
+        timeout_s = min(msg.timeout_s, self.options.max_request_timeout_s)
         with self._lock:
             expected = self._book.admit(msg.request_id, plan.receive_bytes)
             state = InboundRequest(msg.request_id, plan, timeout_s, session.peer, expected, clock=self._clock,
@@ -518,11 +470,11 @@ class Receiver:
                 self._lock.wait(0.1)
                 now = self._clock.now()
                 sessions = list(self._book.sessions.values())
-                expired = self._book.expire_sessions(now, self._resume_grace_s)
-                stale = self._book.unclaimed(now, self._claim_timeout_s)
+                expired = self._book.expire_sessions(now, self.options.resume_grace_s)
+                stale = self._book.unclaimed(now, self.options.claim_timeout_s)
             for session in expired:
                 with session.lock:
-                    lost = session.book.lost(self._resume_grace_s)
+                    lost = session.book.lost(self.options.resume_grace_s)
                 for state, error in lost:
                     self._fail(session, state, error, tell_sender=False)
             for state in stale:

@@ -192,7 +192,7 @@ def one_sender(args, tokens: int, kv: list, shared_memory: bool) -> dict:
         ) as tx:
             direct = tx.takes_device_memory
             transports = sorted(
-                {getattr(stream.conn, "transport", "?") for stream in tx._streams}
+                {getattr(conn, "transport", "?") for conn in tx.connections}
             )  # ucx-local / ucx-net
             for rep in range(args.repeats):
                 child.stdout.readline()  # the receiver has its buffers in place

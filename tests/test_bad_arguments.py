@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from kvwire import PeerLostError, ProtocolError, Receiver, Sender
+from kvwire import PeerLostError, ProtocolError, Receiver, ReceiverOptions, Sender, SenderOptions
 from kvwire.address import parse_address
 
 
@@ -55,6 +55,7 @@ def test_an_unknown_host_is_named(layout):
     with pytest.raises(PeerLostError) as error:
         Sender(layout, "no-such-host.invalid:7800", timeout=5)
     assert str(error.value).startswith("cannot connect to no-such-host.invalid:7800: host 'no-such-host.invalid' not found")
+    assert not error.value.refused
 
 
 def test_nobody_listening_is_connection_refused(layout):
@@ -64,6 +65,7 @@ def test_nobody_listening_is_connection_refused(layout):
     with pytest.raises(PeerLostError) as error:
         Sender(layout, f"127.0.0.1:{port}", resume_window_s=0)
     assert str(error.value) == f"cannot connect to 127.0.0.1:{port}: Connection refused"
+    assert error.value.refused and error.value.peer == f"127.0.0.1:{port}"  # what a retry loop reads, not the text
 
 
 def test_a_peer_that_is_not_kvwire_is_named(layout):
@@ -114,6 +116,18 @@ def test_an_error_in_a_dial_thread_reaches_the_caller_as_itself(layout, receiver
      "Receiver: max_bytes must be a number > 0, got -1"),
     (lambda layout, address: Receiver(layout, backend="tpc"), ValueError,
      "unknown backend 'tpc'; known backends: ['auto', 'tcp', 'ucx']"),
+    (lambda layout, address: Sender(layout, address, stream=2), TypeError,
+     "Sender() got unexpected keyword arguments ['stream'] (see kvwire.SenderOptions)"),
+    (lambda layout, address: Sender(layout, address, timeout=1, connect_timeout_s=2), TypeError,
+     "Sender: give 'connect_timeout_s' or its old name 'timeout', not both"),
+    (lambda layout, address: Sender(layout, address, options=ReceiverOptions()), TypeError,
+     "Sender: options must be a kvwire.SenderOptions, got ReceiverOptions"),
+    (lambda layout, address: Sender(layout, address, options=SenderOptions(connect_timeout_s=-1)), ValueError,
+     "Sender: connect_timeout_s must be a number > 0, got -1"),
+    (lambda layout, address: Receiver(layout, options=ReceiverOptions(resume_grace_s=-1)), ValueError,
+     "Receiver: resume_grace_s must be >= 0, got -1"),
+    (lambda layout, address: Receiver(layout, also_accepted=[{"k": None}]), TypeError,
+     "Receiver also_accepted: layout must be a kvwire.KVLayout, got dict"),
 ])
 def test_a_bad_argument_is_named_by_the_constructor(layout, receiver, make, error, message):
     before = threading.active_count()
@@ -121,3 +135,15 @@ def test_a_bad_argument_is_named_by_the_constructor(layout, receiver, make, erro
         make(layout, receiver.address)
     assert str(raised.value) == message
     assert threading.active_count() == before
+
+
+def test_settings_come_as_options_or_keywords_and_a_keyword_wins(layout, receiver):
+    options = SenderOptions(streams=2, connect_timeout_s=5.0, secret=b"test-secret")
+    assert "test-secret" not in repr(options)  # options may be logged; the secret never is
+    with Sender(layout, receiver.address, options=options, streams=1) as tx:
+        assert tx.num_streams == 1 and tx.options.streams == 1
+        assert tx.options.connect_timeout_s == 5.0 and tx.options.secret == b"test-secret"
+    with Sender(layout, receiver.address, secret=bytearray(b"test-secret"), streams=1, timeout=3) as tx:
+        assert tx.options.secret == b"test-secret" and tx.options.connect_timeout_s == 3
+    with Receiver(layout, options=ReceiverOptions(max_bytes=1 << 20), info=b"tp=2") as rx:
+        assert (rx.options.max_bytes, rx.options.info) == (1 << 20, b"tp=2")

@@ -22,6 +22,7 @@ from kvwire import (
     TransferTimeout,
     landing,
 )
+from kvwire.outbox import Outbox
 from kvwire.testing.relay import Fault, FaultyRelay
 from kvwire.transport.ucx import ucx_available
 from kvwire.wire import framing
@@ -98,7 +99,7 @@ def test_garbage_after_a_valid_handshake_fails_only_that_session(layout, receive
     good = sender.open("good", 16)
     good.send_layer(0, kv[0])
     with Sender(layout, receiver.address, secret=SECRET, streams=1) as bad:
-        bad._streams[0].conn.send([b"\x00\x00\x00\x03abc"])
+        bad.connections[0].send([b"\x00\x00\x00\x03abc"])
         wait_until(lambda: "ProtocolError" in caplog.text)
     for i in range(1, 4):
         good.send_layer(i, kv[i])
@@ -121,10 +122,13 @@ def test_a_flipped_bit_fails_the_request_with_integrity_error(layout, receiver, 
             xfer = tx.open("flipped", tokens)
             for i, tensors in enumerate(big):
                 xfer.send_layer(i, tensors)
-            with pytest.raises(IntegrityError, match="request 'flipped' layer 3 chunk 0: checksum mismatch"):
+            with pytest.raises(IntegrityError, match="request 'flipped' layer 3 chunk 0: checksum mismatch") as said:
                 xfer.finish(timeout=10)
-            with pytest.raises(IntegrityError, match="checksum mismatch, the data was corrupted in transit"):
+            assert said.value.remote and (said.value.request_id, said.value.peer) == ("flipped", relay.address)
+            with pytest.raises(IntegrityError, match="checksum mismatch, the data was corrupted in transit") as found:
                 receiver.wait("flipped", timeout=5).wait_layer(3, timeout=5)
+            assert not found.value.remote and (found.value.request_id, found.value.layer, found.value.chunk) == (
+                "flipped", 3, 0)
             clean = random_kv(layout, 10)
             send_all(tx, "clean-after-flip", clean, 10)  # the same connection keeps working
             with receiver.wait("clean-after-flip", timeout=5) as got:
@@ -163,7 +167,7 @@ def test_an_ack_lost_with_its_connection_is_given_again_after_the_engine_release
     sender's finish() ran into its deadline for bytes that had arrived: 3 of ~400 drops in a
     soak). That it is said once for the layer, not once per chunk of it, is the receiving
     core's rule: test_receiving_core.py."""
-    real_on_ack, lost, again = Sender._on_ack, [], []
+    real_on_ack, lost, again = Outbox.on_ack, [], []
 
     def on_ack(self, msg):
         if msg.layer == 1:
@@ -174,7 +178,7 @@ def test_an_ack_lost_with_its_connection_is_given_again_after_the_engine_release
             time.sleep(0.3)  # meanwhile the writer re-sends every chunk of the layer
         real_on_ack(self, msg)
 
-    monkeypatch.setattr(Sender, "_on_ack", on_ack)
+    monkeypatch.setattr(Outbox, "on_ack", on_ack)
     kv = random_kv(layout, 40, seed=2)
     assert layout.plan(1, 40).nbytes > 2 * 4096  # layer 1 goes again in three chunks
     with Sender(layout, receiver.address, secret=SECRET, streams=1, chunk_bytes=4096) as tx:
@@ -185,7 +189,7 @@ def test_an_ack_lost_with_its_connection_is_given_again_after_the_engine_release
             for i, tensors in enumerate(kv):
                 assert_same_bytes(got.layer(i, timeout=5), tensors)
         wait_until(lambda: lost and all(xfer.layer_sent(i) for i in (0, 2, 3)))
-        tx._stream_lost(tx._streams[0], PeerLostError("injected: the connection that carried the ack closed"))
+        tx.connections[0].close()  # the connection that carried the ack
         stats = xfer.finish(timeout=5)
     assert stats.resent_bytes == layout.plan(1, 40).nbytes  # the one unacked layer went again
     assert again and again[0].layer == 1
@@ -194,7 +198,7 @@ def test_an_ack_lost_with_its_connection_is_given_again_after_the_engine_release
 def test_a_refusal_that_never_reached_the_sender_is_given_again(layout, receiver, monkeypatch):
     """A request refused at Open whose Abort was lost (with its connection) is refused
     again when its data comes by, rather than drained in silence until the deadline."""
-    real_on_abort, lost = Sender._on_abort, []
+    real_on_abort, lost = Outbox.on_abort, []
 
     def on_abort(self, msg):
         if not lost:
@@ -202,7 +206,7 @@ def test_a_refusal_that_never_reached_the_sender_is_given_again(layout, receiver
             return
         real_on_abort(self, msg)
 
-    monkeypatch.setattr(Sender, "_on_abort", on_abort)
+    monkeypatch.setattr(Outbox, "on_abort", on_abort)
     kv = random_kv(layout, 40, seed=4)
     with Sender(layout, receiver.address, secret=SECRET, streams=1) as tx:
         first = tx.open("twice", 40)
@@ -303,7 +307,7 @@ def test_receiver_killed_mid_transfer_fails_the_sender_fast(layout):
         with Sender(layout, address, secret=SECRET, streams=2) as tx:
             xfer = tx.open("lost", 64)
             xfer.send_layer(0, random_kv(layout, 64)[0])
-            wait_until(lambda: xfer._num_acked == 1)
+            wait_until(lambda: xfer.layer_sent(0))
             kill(proc)
             start = time.monotonic()
             wait_until(lambda: xfer.error is not None)
@@ -372,7 +376,7 @@ def test_a_copy_of_a_chunk_awaiting_its_check_is_drained_not_written_over_it(bac
             def data(stream: int, payload: np.ndarray, index: int) -> None:
                 piece = payload[index * chunk : (index + 1) * chunk]
                 checksum = frame_checksum(xfer.rid, 0, index, [piece], chunk)
-                tx._streams[stream].conn.send([framing.encode(Data(xfer.rid, 0, index, chunk, checksum)), piece])
+                tx.connections[stream].send([framing.encode(Data(xfer.rid, 0, index, chunk, checksum)), piece])
 
             data(0, original, 0)
             assert held.wait(10), "the first chunk was not handed to the verifier"

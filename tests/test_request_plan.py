@@ -10,20 +10,19 @@ from hypothesis import strategies as st
 
 from kvwire import KVLayout, TensorSpec
 from kvwire.inbound import InboundRequest
-from kvwire.outbound import Transfer
+from kvwire.outbound import LayerBytes, Transfer
 from kvwire.protocol import FakeClock, RequestPlan, SegmentMap
+from kvwire.protocol.sending import SenderBook
 
 
 class Queue:
-    """What a Transfer needs of its Sender here: where send_layer queues a layer."""
-
-    takes_device_memory = False
+    """What a Transfer needs of the sender's outbox here: where send_layer hands a layer."""
 
     def __init__(self):
         self.queued = []
 
-    def _enqueue(self, transfer, layer, num_chunks):
-        self.queued.append((layer, num_chunks))
+    def submit(self, request, layer):
+        self.queued.append((layer, request.plan.num_chunks[layer]))
 
 
 tensor = st.builds(
@@ -61,9 +60,10 @@ def test_sender_pieces_and_receiver_targets_cover_the_same_bytes(layout, num_tok
         plan = RequestPlan(layout, num_tokens, codec, chunk_bytes)
     except ValueError:  # a codec that cannot carry some tensor of the layout
         assume(False)
-    queue = Queue()
-    sending = Transfer(queue, "r", 1, plan, 30.0, clock=FakeClock())
-    opening = plan.open_message(1, "r", 30.0)  # the receiver rebuilds the plan from the Open
+    queue, layers = Queue(), LayerBytes(plan, "r", device_memory=False)
+    request = SenderBook("peer", 1, max_queued_chunks=64, clock=FakeClock()).open("r", plan, 30.0)
+    sending = Transfer(request, queue, layers, clock=FakeClock())
+    opening = request.opening  # the receiver rebuilds the plan from the Open
     receiving = InboundRequest("r", RequestPlan(layout, opening.num_tokens, opening.codec, opening.chunk_bytes), 30.0,
                                "peer", clock=FakeClock())
     assert sending.num_chunks == receiving.num_chunks
@@ -71,7 +71,7 @@ def test_sender_pieces_and_receiver_targets_cover_the_same_bytes(layout, num_tok
     for layer, arrays in enumerate(sent):
         sending.send_layer(layer, arrays)
         for chunk in range(sending.num_chunks[layer]):
-            pieces, nbytes = sending.chunk(layer, chunk)
+            pieces, nbytes, _ = layers.chunk(layer, chunk)
             data = b"".join(bytes(memoryview(p).cast("B")) for p in pieces)
             targets = receiving.targets(layer, chunk)
             assert len(data) == nbytes == sum(len(t) for t in targets) == receiving.plan.chunk_size(layer, chunk)

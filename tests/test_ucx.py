@@ -171,7 +171,7 @@ with Sender(layout, sys.argv[1], backend="ucx", secret=b"test-secret", streams=2
     for i, tensors in enumerate(random_kv(layout, 300, seed=4)):
         xfer.send_layer(i, tensors)
     xfer.finish(timeout=20)
-    print(",".join(s.conn.transport for s in tx._streams), flush=True)
+    print(",".join(conn.transport for conn in tx.connections), flush=True)
 """
 
 

@@ -3,10 +3,11 @@ as plain objects.
 
 Nothing here touches a socket, a thread or a transport (tests/test_architecture.py keeps
 it so): the sending and receiving sides both cut a request by the same ``RequestPlan``,
-read time from a ``Clock`` a test can replace, and run the handshake as two state machines
-fed decoded messages (``kvwire.handshake`` drives them over a connection). Later stages
-move the sending and receiving state machines, deadlines and the memory budget here, in
-the spirit of h11/httpcore.
+read time from a ``Clock`` a test can replace, run the handshake as two state machines
+fed decoded messages (``kvwire.handshake`` drives them over a connection), and keep their
+books in ``sending`` and ``receiving``: the drivers (``kvwire.sender``,
+``kvwire.receiver``) do the I/O and carry out what these decide, in the spirit of
+h11/httpcore.
 """
 
 from .clock import MONOTONIC, Clock, FakeClock

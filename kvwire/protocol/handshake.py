@@ -26,6 +26,7 @@ from ..errors import (
     KVWireError,
     LayoutMismatchError,
     ProtocolError,
+    RemoteProtocolError,
     TransferTimeout,
     error_from_kind,
     kind_of,
@@ -95,7 +96,7 @@ def _peer_refused(message: Reject) -> KVWireError:
 
 
 def _unexpected(message: object, wanted: type, peer: str) -> ProtocolError:
-    return ProtocolError(f"{peer} sent a {type(message).__name__} message where a {wanted.__name__} belongs")
+    return RemoteProtocolError(f"{peer} sent a {type(message).__name__} message where a {wanted.__name__} belongs")
 
 
 class ClientHandshake:
@@ -144,12 +145,12 @@ class ClientHandshake:
             self._waiting_for = None
             return Step(accepted=Accepted(self.hello, PROTOCOL_VERSION, bool(self._secret), message))
         if self._waiting_for is None:
-            return self._failed(ProtocolError(f"{self._peer} sent a {type(message).__name__} after the handshake ended"))
+            return self._failed(RemoteProtocolError(f"{self._peer} sent a {type(message).__name__} after the handshake ended"))
         return self._failed(_unexpected(message, self._waiting_for, self._peer))
 
     def _on_challenge(self, challenge: Challenge) -> Step:
         if challenge.protocol != PROTOCOL_VERSION:
-            return self._failed(ProtocolError(
+            return self._failed(RemoteProtocolError(
                 f"receiver at {self._peer} speaks protocol version {challenge.protocol}, this sender {PROTOCOL_VERSION}"
             ))
         if self._secret:
@@ -211,13 +212,13 @@ class ServerHandshake:
         if self._waiting_for is Auth and isinstance(message, Auth):
             return self._on_auth(message)
         if self._waiting_for is None:
-            return self._refuse(ProtocolError(f"{self._peer} sent a {type(message).__name__} after the handshake ended"))
+            return self._refuse(RemoteProtocolError(f"{self._peer} sent a {type(message).__name__} after the handshake ended"))
         return self._refuse(_unexpected(message, self._waiting_for, self._peer))
 
     def _on_hello(self, hello: Hello) -> Step:
         if hello.protocol != PROTOCOL_VERSION:
             return self._refuse(
-                ProtocolError(f"protocol version {hello.protocol} not supported (receiver speaks {PROTOCOL_VERSION})")
+                RemoteProtocolError(f"protocol version {hello.protocol} not supported (receiver speaks {PROTOCOL_VERSION})")
             )
         self._hello = hello
         self._waiting_for = Auth

@@ -22,7 +22,7 @@ from ..errors import (
     IntegrityError,
     KVWireError,
     PeerLostError,
-    ProtocolError,
+    RemoteProtocolError,
     RequestRejected,
     TransferAborted,
     TransferTimeout,
@@ -71,7 +71,8 @@ def chunk_checked(request, msg: Data, ok: bool) -> Checked:
     if not ok:
         return Checked(error=IntegrityError(
             f"request {request.request_id!r} layer {msg.layer} chunk {msg.chunk}: "
-            f"checksum mismatch, the data was corrupted in transit"
+            f"checksum mismatch, the data was corrupted in transit",
+            request_id=request.request_id, layer=msg.layer, chunk=msg.chunk, peer=request.peer,
         ))
     if not request.record_chunk(msg.layer, msg.chunk):
         # A copy (re-sent after a reconnect) was verified first and its ack may have gone to
@@ -104,16 +105,18 @@ class ReceiverBook:
         if so; RequestRejected saying why not (closing, a duplicate id, released by the
         engine before it arrived, over the budget)."""
         if self.closed:
-            raise RequestRejected("receiver is closing")
+            raise RequestRejected("receiver is closing", request_id=request_id)
         if request_id in self.requests:
-            raise RequestRejected(f"request id {request_id!r} is already in flight on this receiver")
+            raise RequestRejected(f"request id {request_id!r} is already in flight on this receiver",
+                                  request_id=request_id)
         if request_id in self._released:
             del self._released[request_id]
-            raise RequestRejected(f"request {request_id!r} was released by the receiving application before it arrived")
+            raise RequestRejected(f"request {request_id!r} was released by the receiving application before it arrived",
+                                  request_id=request_id)
         if self.bytes_in_use + need > self.max_bytes:
             raise RequestRejected(
                 f"request {request_id!r} needs {need} bytes; receiver budget has "
-                f"{self.max_bytes - self.bytes_in_use} of {self.max_bytes} free"
+                f"{self.max_bytes - self.bytes_in_use} of {self.max_bytes} free", request_id=request_id
             )
         return self._expected.pop(request_id, None)
 
@@ -214,7 +217,7 @@ class SessionBook:
         layers it had no ack for, since the ack (or abort) died with the connection that
         carried it, and would otherwise wait for it until its deadline."""
         if msg.rid > self.max_rid:
-            raise ProtocolError(f"data for request number {msg.rid} before its Open")
+            raise RemoteProtocolError(f"data for request number {msg.rid} before its Open")
         if msg.rid not in self._outcomes:
             return None
         outcome = self._outcomes[msg.rid]
@@ -240,7 +243,9 @@ class SessionBook:
         problem = request.plan.check_data(layer, chunk, msg.nbytes)
         if problem is not None:
             return Drain(msg.nbytes, request=request,
-                         error=ProtocolError(f"request {request.request_id!r}: {problem}"))
+                         error=RemoteProtocolError(f"request {request.request_id!r}: {problem}",
+                                                   request_id=request.request_id, layer=layer, chunk=chunk,
+                                                   peer=request.peer))
         return None
 
     def on_abort(self, rid: int, reason: str) -> tuple[Any, KVWireError] | None:
@@ -248,13 +253,15 @@ class SessionBook:
         request = self.requests.get(rid)
         if request is None:
             return None
-        return request, TransferAborted(f"request {request.request_id!r} aborted by the sender: {reason}")
+        return request, TransferAborted(f"request {request.request_id!r} aborted by the sender: {reason}",
+                                        request_id=request.request_id, peer=request.peer, remote=True)
 
     def late(self, now: float) -> list[tuple[Any, KVWireError]]:
         """(request, error) of each request whose deadline passed before all its bytes arrived."""
         return [
             (r, TransferTimeout(f"request {r.request_id!r} from {r.peer} missed its deadline "
-                                f"({r.num_ready}/{r.num_layers} layers arrived)"))
+                                f"({r.num_ready}/{r.num_layers} layers arrived)", request_id=r.request_id,
+                                peer=r.peer))
             for r in self.requests.values() if r.deadline < now and not r.has_all_chunks
         ]
 
@@ -265,6 +272,6 @@ class SessionBook:
         return [
             (r, PeerLostError(f"request {r.request_id!r}: connection from {self.lost_peer} lost with "
                               f"{r.num_ready}/{r.num_layers} layers arrived ({self.lost_cause}); "
-                              f"no reconnect within {grace_s}s"))
+                              f"no reconnect within {grace_s}s", request_id=r.request_id, peer=self.lost_peer))
             for r in self.requests.values() if not r.has_all_chunks and r.error is None
         ]

@@ -18,15 +18,18 @@ log = logging.getLogger(__name__)
 
 
 def dial(address: str, host: str, port: int, timeout_s: float) -> socket.socket:
-    """A connected TCP socket, or PeerLostError saying why (unknown host, refused, timed out)."""
+    """A connected TCP socket, or PeerLostError saying why (unknown host, refused, timed out;
+    ``refused`` is set where nothing listens there)."""
     try:
         return socket.create_connection((host, port), timeout=timeout_s)
     except socket.gaierror as exc:
-        raise PeerLostError(f"cannot connect to {address}: host {host!r} not found ({exc.strerror})") from None
+        raise PeerLostError(f"cannot connect to {address}: host {host!r} not found ({exc.strerror})",
+                            peer=address) from None
     except TimeoutError:
-        raise PeerLostError(f"cannot connect to {address}: no answer within {timeout_s:g}s") from None
+        raise PeerLostError(f"cannot connect to {address}: no answer within {timeout_s:g}s", peer=address) from None
     except OSError as exc:
-        raise PeerLostError(f"cannot connect to {address}: {exc.strerror or exc}") from None
+        raise PeerLostError(f"cannot connect to {address}: {exc.strerror or exc}", peer=address,
+                            refused=isinstance(exc, ConnectionRefusedError)) from None
 
 
 def bind_socket(host: str, port: int, *, receive_buffer_bytes: int | None = None, backlog: int = 256) -> socket.socket:

@@ -69,7 +69,7 @@ import numpy as np
 
 from .. import device
 from ..address import parse_address
-from ..errors import KVWireError, PeerLostError, ProtocolError, TransferTimeout, again, remembered
+from ..errors import KVWireError, PeerLostError, RemoteProtocolError, TransferTimeout, again, remembered
 from .base import Capabilities, LinkStats, TcpOptions, UcxOptions, check_options
 from .sockets import ListeningSocket, configure_socket, dial
 
@@ -125,7 +125,7 @@ def _map_error(exc: BaseException, peer: str) -> KVWireError:
     if isinstance(exc, (api.UCXEndpointTimeoutError, api.UCXTimedOutError)):
         return TransferTimeout(f"UCX connection to {peer} timed out: {exc}")
     if isinstance(exc, api.UCXMessageTruncatedError):
-        return ProtocolError(f"UCX message from {peer} larger than announced: {exc}")
+        return RemoteProtocolError(f"UCX message from {peer} larger than announced: {exc}")
     if isinstance(exc, api.UCXCanceledError):
         return PeerLostError(f"UCX connection to {peer} was closed")
     return PeerLostError(f"UCX connection to {peer} lost: {type(exc).__name__}: {exc}")
@@ -439,11 +439,11 @@ def _recv_exact(sock: socket.socket, nbytes: int, peer: str) -> bytes:
 def _recv_hello(sock: socket.socket, peer: str) -> _Hello:
     (length,) = struct.unpack(">I", _recv_exact(sock, 4, peer))
     if not 0 < length <= _HELLO_LIMIT_BYTES:
-        raise ProtocolError(f"UCX bootstrap from {peer}: hello of {length} bytes is outside 1..{_HELLO_LIMIT_BYTES}")
+        raise RemoteProtocolError(f"UCX bootstrap from {peer}: hello of {length} bytes is outside 1..{_HELLO_LIMIT_BYTES}")
     try:
         return _hello_decoder.decode(_recv_exact(sock, length, peer))
     except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
-        raise ProtocolError(f"UCX bootstrap from {peer}: invalid hello: {exc}") from None
+        raise RemoteProtocolError(f"UCX bootstrap from {peer}: invalid hello: {exc}") from None
 
 
 def _bootstrap(sock: socket.socket, peer: str, options: UcxOptions, *, client: bool, timeout_s: float) -> UcxConnection:
@@ -493,7 +493,7 @@ def _ping(conn: UcxConnection, client: bool) -> None:
         conn.recv_into(probe)
         conn.send([b"kvw-ping"])
     if bytes(probe) != b"kvw-ping":
-        raise ProtocolError(f"UCX ping with {conn.peer} returned {bytes(probe)!r}")
+        raise RemoteProtocolError(f"UCX ping with {conn.peer} returned {bytes(probe)!r}")
 
 
 # -- the connection -----------------------------------------------------------------------
@@ -754,7 +754,7 @@ class UcxConnection:
         self._ctrl_req = None
         (count,) = _SEGMENT.unpack_from(buf, 0)
         if count > _MAX_SEGMENTS:
-            raise self._fail(ProtocolError(f"UCX control message from {self.peer} lists {count} segments"), [], [])
+            raise self._fail(RemoteProtocolError(f"UCX control message from {self.peer} lists {count} segments"), [], [])
         lengths = struct.unpack_from(f"<{count}q", buf, _SEGMENT.size)
         position = _SEGMENT.size + 8 * count
         data = memoryview(buf)
@@ -762,14 +762,14 @@ class UcxConnection:
         for length in lengths:
             if length > 0:
                 if position + length > _CTRL_BYTES:
-                    raise self._fail(ProtocolError(f"UCX control message from {self.peer} is malformed"), [], [])
+                    raise self._fail(RemoteProtocolError(f"UCX control message from {self.peer} is malformed"), [], [])
                 self._segments.append(data[position : position + length])
                 position += length
             elif length < 0:
                 self._segments.append(-length)
                 num_bulks += 1
             else:
-                raise self._fail(ProtocolError(f"UCX control message from {self.peer} is malformed"), [], [])
+                raise self._fail(RemoteProtocolError(f"UCX control message from {self.peer} is malformed"), [], [])
         # Bulk messages take the sequence numbers after their control message; the next
         # control message's receive is posted now, so it lands without a wait.
         self._bulk_seq = self._recv_seq
@@ -793,7 +793,7 @@ class UcxConnection:
     def _stage(self, length: int) -> None:
         """A large message longer than what the caller reads now: receive it aside."""
         if length > _MAX_STAGING_BYTES:
-            raise self._fail(ProtocolError(f"UCX message of {length} bytes from {self.peer} exceeds the limit"), [], [])
+            raise self._fail(RemoteProtocolError(f"UCX message of {length} bytes from {self.peer} exceeds the limit"), [], [])
         staging = np.empty(length, dtype=np.uint8)
         self._segments.popleft()
         self._segments.appendleft(length)  # _recv_bulks pops it again
@@ -919,7 +919,7 @@ def accept_bootstrap(sock: socket.socket, peer: str, options: UcxOptions, timeou
         sock.settimeout(timeout_s)
         magic = _recv_exact(sock, len(MAGIC), peer)
         if magic != MAGIC:
-            raise ProtocolError(f"{peer} did not start a kvwire UCX bootstrap")
+            raise RemoteProtocolError(f"{peer} did not start a kvwire UCX bootstrap")
         return _bootstrap(sock, peer, options, client=False, timeout_s=timeout_s)
     except OSError as exc:
         sock.close()

@@ -11,7 +11,7 @@ import struct
 
 import msgspec
 
-from ..errors import ProtocolError
+from ..errors import RemoteProtocolError
 from .messages import HandshakeMessage, StreamMessage
 
 PREFIX = struct.Struct(">I")
@@ -34,7 +34,7 @@ def header_length(prefix: bytes | bytearray | memoryview, limit: int) -> int:
     """Length announced by a prefix, checked against ``limit``."""
     (length,) = PREFIX.unpack(prefix)
     if length == 0 or length > limit:
-        raise ProtocolError(f"frame header of {length} bytes is outside 1..{limit}")
+        raise RemoteProtocolError(f"frame header of {length} bytes is outside 1..{limit}")
     return length
 
 
@@ -42,9 +42,9 @@ def _decode(decoder: msgspec.msgpack.Decoder, body: bytes | memoryview):
     try:
         return decoder.decode(body)
     except msgspec.ValidationError as exc:
-        raise ProtocolError(f"invalid message: {exc}") from None
+        raise RemoteProtocolError(f"invalid message: {exc}") from None
     except (msgspec.DecodeError, ValueError) as exc:  # ValueError: e.g. invalid UTF-8 in a tag
-        raise ProtocolError(f"undecodable message: {exc}") from None
+        raise RemoteProtocolError(f"undecodable message: {exc}") from None
 
 
 def decode_stream(body: bytes | memoryview) -> StreamMessage:

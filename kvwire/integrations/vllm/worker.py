@@ -36,7 +36,15 @@ from dataclasses import dataclass, field
 import msgspec
 import numpy as np
 
-from ... import KVWireError, LayoutMismatchError, PeerLostError, ProtocolError, Receiver, Sender, TransferTimeout
+from ... import (
+    KVWireError,
+    LayoutMismatchError,
+    PeerLostError,
+    Receiver,
+    RemoteProtocolError,
+    Sender,
+    TransferTimeout,
+)
 from ... import probe as probe_receiver
 from ...address import format_address, parse_address
 from . import topology
@@ -191,7 +199,7 @@ class ConnectorWorker:
         try:
             decode = msgspec.msgpack.decode(info, type=topology.DecodeInstance)
         except msgspec.DecodeError as exc:
-            raise ProtocolError(f"the kvwire receiver at {address} does not describe a decode instance "
+            raise RemoteProtocolError(f"the kvwire receiver at {address} does not describe a decode instance "
                                 f"(is it a KVWireConnector kv_consumer of this version?): {exc}") from None
         ranks = reachable(decode.ranks, address)
         prefill_tp, decode_tp = self.tp_size, decode.tp_size
