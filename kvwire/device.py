@@ -7,7 +7,7 @@ that shares its memory, and checks frames on the GPU (kvwire.cuda.checksum), so 
 bytes per 4 KiB of a frame ever reach host memory. numba is imported on first use.
 
 Under numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``: CI, no GPU) device memory is
-host memory behind ``__cuda_array_interface__`` (kvwire.testing.hostcuda.HostCudaArray):
+host memory behind ``__cuda_array_interface__`` (kvwire.cuda.simulated.HostCudaArray):
 the same kvwire code paths run, the kernels run in the simulator, and UCX moves the
 bytes as host memory. Only the few primitives below differ between the two.
 """
@@ -87,7 +87,7 @@ def device_bytes(obj, *, writable: bool = False):
 def as_device_array(obj):
     """A numba device array sharing ``obj``'s memory (a HostCudaArray in the simulator)."""
     if simulated():
-        from .testing.hostcuda import HostCudaArray
+        from .cuda.simulated import HostCudaArray
 
         return np.asarray(obj).view(HostCudaArray)
     from .cuda.compat import cuda
@@ -122,7 +122,7 @@ def adopt(output):
     """A kernel's output array as flat device bytes kvwire can send (in the simulator, a
     HostCudaArray copy of numba's fake device array, which UCX cannot address)."""
     if simulated():
-        from .testing.hostcuda import host_cuda
+        from .cuda.simulated import host_cuda
 
         output = host_cuda(output.copy_to_host())
     flat = output.reshape(output.size)
@@ -132,7 +132,7 @@ def adopt(output):
 def empty(nbytes: int):
     """A new flat uint8 device array."""
     if simulated():
-        from .testing.hostcuda import host_cuda
+        from .cuda.simulated import host_cuda
 
         return host_cuda(np.empty(nbytes, dtype=np.uint8))
     from .cuda.compat import cuda
