@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from .outbox import Outbox
 
 _PAD = memoryview(bytes(ALIGN_BYTES))
+_RELEASED = ([], SegmentMap(()))  # a layer's entry once the request is confirmed
 _SMALL_PIECE_BYTES = 64 * 1024
 # numpy dtype -> layout name, and the dtypes numpy can export as a buffer as they are
 _NUMPY_NAMES = {numpy_dtype(name): name for name in ITEMSIZE if numpy_dtype(name).name == name}
@@ -217,22 +218,21 @@ class LayerBytes:
         self.plan = plan
         self.request_id = request_id
         self.device_memory = device_memory
-        # per layer: [(start, length, buffer, on_device)], and the map from byte offsets to them
-        self._segments: list[list[tuple[int, int, object, bool]] | None] = [None] * plan.num_layers
-        self._maps: list[SegmentMap | None] = [None] * plan.num_layers
+        # per layer, once handed over: its segments [(start, length, buffer, on_device)] and
+        # the map from byte offsets to them, in one tuple (a writer reads both at once)
+        self._taken: list[tuple[list, SegmentMap] | None] = [None] * plan.num_layers
 
     def has(self, layer: int) -> bool:
-        return self._segments[layer] is not None
+        return self._taken[layer] is not None
 
     def take(self, layer: int, tensors: Mapping[str, object]) -> None:
         segments = self._segments_of(layer, tensors)
-        self._segments[layer] = segments
-        self._maps[layer] = SegmentMap([(start, length) for start, length, _, _ in segments])
+        self._taken[layer] = (segments, SegmentMap([(start, length) for start, length, _, _ in segments]))
 
     def release(self) -> None:
-        """Stop borrowing the engine's arrays (the request is confirmed)."""
-        self._segments = [[] for _ in self._segments]
-        self._maps = [SegmentMap(()) for _ in self._maps]
+        """Stop borrowing the engine's arrays (the request is confirmed). A writer that took a
+        chunk of a re-sent copy before the last ack came finds nothing to send (``frame``)."""
+        self._taken = [_RELEASED] * len(self._taken)
 
     def _segments_of(self, layer: int, tensors: Mapping[str, object]) -> list[tuple[int, int, object, bool]]:
         plan = self.plan.layers[layer]
@@ -283,12 +283,16 @@ class LayerBytes:
             return [(0, plan.nbytes, b"".join([segment[2] for segment in segments]), False)]
         return segments
 
-    def chunk(self, layer: int, chunk: int) -> tuple[list, int, bool]:
-        """(buffers, total bytes, whether any is device memory) of one chunk of ``layer``."""
+    def chunk(self, layer: int, chunk: int) -> tuple[list, int, bool] | None:
+        """(buffers, total bytes, whether any is device memory) of one chunk of ``layer``;
+        None once released."""
+        taken = self._taken[layer]
+        if taken is _RELEASED:
+            return None
+        segments, spans = taken
         start, end = self.plan.chunk_span(layer, chunk)
-        segments = self._segments[layer]
         pieces, on_device = [], False
-        for i, lo, hi in self._maps[layer].spans(start, end):
+        for i, lo, hi in spans.spans(start, end):
             _, seg_len, buffer, in_device = segments[i]
             on_device |= in_device
             if hi - lo == seg_len:
@@ -299,12 +303,15 @@ class LayerBytes:
                 pieces.append(memoryview(buffer).cast("B")[lo:hi])
         return pieces, end - start, on_device
 
-    def frame(self, rid: int, layer: int, chunk: int, device_memory: bool) -> list:
-        """The buffers of one Data frame: its header, then the chunk's bytes. A chunk of
-        CUDA memory is checksummed on the GPU (blocksum) and goes out from device memory,
-        or, on a connection that cannot take it (``device_memory`` False: TCP after
-        ``auto`` fell back), as a host copy."""
-        pieces, nbytes, on_device = self.chunk(layer, chunk)
+    def frame(self, rid: int, layer: int, chunk: int, device_memory: bool) -> list | None:
+        """The buffers of one Data frame: its header, then the chunk's bytes; None if the
+        request was confirmed meanwhile. A chunk of CUDA memory is checksummed on the GPU
+        (blocksum) and goes out from device memory, or, on a connection that cannot take it
+        (``device_memory`` False: TCP after ``auto`` fell back), as a host copy."""
+        cut = self.chunk(layer, chunk)
+        if cut is None:
+            return None
+        pieces, nbytes, on_device = cut
         if on_device:
             payload = device.join(pieces, nbytes)
             checksum, algorithm = device.frame_blocksum(rid, layer, chunk, payload), "blocksum"

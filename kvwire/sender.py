@@ -203,9 +203,11 @@ class Sender:
             buffers = [framing.encode(message) for message in out.controls]
             if out.request is not None:
                 try:
-                    buffers += out.request.layers.frame(out.request.rid, out.layer, out.chunk,
-                                                        conn.capabilities.device_memory)
-                    self._counters.add_bytes(out.nbytes)
+                    frame = out.request.layers.frame(out.request.rid, out.layer, out.chunk,
+                                                     conn.capabilities.device_memory)
+                    if frame is not None:  # (None: the request was confirmed while this was taken)
+                        buffers += frame
+                        self._counters.add_bytes(out.nbytes)
                 except Exception as exc:  # a bug must fail its request, never kill the stream silently
                     log.exception("building layer %d chunk %d of request %r failed", out.layer, out.chunk,
                                   out.request.request_id)
@@ -219,7 +221,7 @@ class Sender:
                 return self._stream_lost(stream, conn, exc)
             # Waiting for the next chunk, this thread must not keep the last one's arrays
             # (the engine's, borrowed only until finish()) alive.
-            out = buffers = None
+            out = buffers = frame = None
 
     def _read_loop(self, stream: StreamState, conn: Connection) -> None:
         prefix = memoryview(bytearray(framing.PREFIX_BYTES))

@@ -141,3 +141,16 @@ def test_a_receiver_s_deadlines_run_on_its_clock_without_sleeping_them():
             clock.advance(2.0)
             with pytest.raises(TransferTimeout, match="request 'late' from .* missed its deadline"):
                 handle.wait_layer(0, timeout=10)
+
+
+def test_a_confirmed_request_lets_its_bytes_go_and_a_chunk_taken_late_builds_no_frame():
+    """The last ack can arrive while a writer builds a frame of a re-sent copy: it must send
+    nothing rather than a header without its bytes (which would desynchronize the stream)."""
+    layout = KVLayout([{"s": TensorSpec((1024,), "uint8")}])
+    layers = LayerBytes(RequestPlan(layout, 0, "none", 4096), "r", device_memory=False)
+    state = np.arange(1024, dtype=np.uint8)
+    layers.take(0, {"s": state})
+    _header, *payload = layers.frame(1, 0, 0, device_memory=False)
+    assert b"".join(bytes(piece) for piece in payload) == state.tobytes()
+    layers.release()
+    assert layers.has(0) and layers.chunk(0, 0) is None and layers.frame(1, 0, 0, device_memory=False) is None
