@@ -211,7 +211,7 @@ class LayerBytes:
 
     Each tensor is described once, when its layer is taken: a buffer and whether it is
     device memory (``device_memory``: the connections take CUDA memory as it is; else a
-    CUDA tensor is staged to host memory per frame).
+    CUDA tensor is copied to host memory then).
     """
 
     def __init__(self, plan: RequestPlan, request_id: str, device_memory: bool):
