@@ -180,9 +180,6 @@ class SenderBook:
             return Outgoing(controls, request, entry.layer, chunk, nbytes, entry.resend)
         return Outgoing(controls) if controls else None
 
-    def has_work(self, stream: StreamState) -> bool:
-        return bool(stream.control or self.queue)
-
     def on_ack(self, msg: Ack) -> OutboundRequest | None:
         """The receiver verified a layer: the request, once this completes it (then it is
         no longer in flight); None otherwise (also for acks of requests no longer held,
