@@ -63,14 +63,24 @@ class InboundRequest:
             for i, plan in enumerate(self.plans)
         ]
         self._maps = [SegmentMap([(start, len(seg)) for start, seg in placed.segments]) for placed in self._layers]
+        # a layer sent in one chunk lands in all of its segments, in order
+        self._whole = [[seg for _, seg in placed.segments] if n == 1 else None
+                       for placed, n in zip(self._layers, self.num_chunks)]
         self.nbytes = sum(placed.own_bytes for placed in self._layers)
 
     # -- where bytes land ---------------------------------------------------------------
 
     def targets(self, layer: int, chunk: int) -> list[np.ndarray]:
         """The memory a chunk's bytes go to, in order (one view unless it spans buffers)."""
+        whole = self._whole[layer]
+        if whole is not None:
+            return whole
         segments = self._layers[layer].segments
         return [segments[i][1][lo:hi] for i, lo, hi in self._maps[layer].spans(*self.plan.chunk_span(layer, chunk))]
+
+    def on_device(self, layer: int) -> bool:
+        """Whether some of ``layer``'s memory is CUDA memory."""
+        return self._layers[layer].on_device
 
     # -- state changes (called by the receiver's I/O threads) ---------------------------
 

@@ -18,20 +18,22 @@ from typing import Callable
 import numpy as np
 
 from . import device
-from .transport import Connection
 from .wire.blocksum import frame_blocksum
 from .wire.checksum import frame_checksum
 from .wire.messages import Data
+from .wire.reader import FrameReader
 
 log = logging.getLogger(__name__)
 
-DRAIN_BYTES = 1 << 20
 SMALL_PIECE_BYTES = 64 * 1024  # many views smaller than this: one receive into a landing buffer instead
 OVERLAP_MIN_BYTES = 1 << 20  # chunks at least this large are verified while the next one arrives
 
 
-def checksum_matches(msg: Data, pieces: list) -> bool:
-    """Whether a received payload (host or device pieces, in order) has the frame's checksum."""
+def checksum_matches(msg: Data, pieces: list, any_on_device: bool = True) -> bool:
+    """Whether a received payload (host or device pieces, in order) has the frame's checksum.
+    ``any_on_device`` False: every piece is known to be host memory (nothing to ask)."""
+    if not any_on_device and msg.algorithm == "xxh3":
+        return frame_checksum(msg.rid, msg.layer, msg.chunk, pieces, msg.nbytes) == msg.checksum
     on_device = [device.is_device(piece) for piece in pieces]
     if msg.algorithm == "blocksum" and len(pieces) == 1 and on_device[0]:
         return device.frame_blocksum(msg.rid, msg.layer, msg.chunk, pieces[0]) == msg.checksum
@@ -81,20 +83,23 @@ class Verifier:
 
 
 class Landing:
-    """One connection's receive side: its reusable landing buffers and its verifier thread."""
+    """One connection's receive side: its reusable landing buffers and its verifier thread.
+    Payloads are read through the connection's ``FrameReader`` (which may hold their first
+    bytes already)."""
 
-    def __init__(self, conn: Connection):
-        self.conn = conn
+    def __init__(self, reader: FrameReader):
+        self.reader = reader
+        self.conn = reader.conn
         self._scratch: np.ndarray | None = None
         self._device_scratch = None
         self._verifier: Verifier | None = None
 
-    def receive(self, msg: Data, request, views: list, checked: Callable[[bool], None]) -> None:
+    def receive(self, msg: Data, request, views: list, on_device: bool, checked: Callable[[bool, bool], None]) -> None:
         """Receive ``msg``'s payload into ``views`` (the request's memory for its chunk, for
-        which ``request.begin_write()`` was granted; ended here once nothing more is written)
-        and call ``checked`` with whether it matched its checksum: at once, or from the
+        which ``request.begin_write()`` was granted; ended here once nothing more is written;
+        ``on_device``: some of it is CUDA memory) and call ``checked(ok, in_reader)`` with
+        whether it matched its checksum: at once (in the reader's thread), or from the
         verifier thread for a large chunk while more of the request follows."""
-        on_device = any(map(device.is_device, views))
         # One CUDA view on a connection that takes device memory: UCX puts the bytes
         # straight there, like host bytes, and the GPU checks them in place. Else a landing
         # buffer: one receive instead of one per piece (and TCP cannot write the GPU).
@@ -104,29 +109,23 @@ class Landing:
                 ok = self._receive_scattered(msg, views, on_device)
             finally:
                 request.end_write()
-            return checked(ok)
+            return checked(ok, True)
         try:
             for view in views:
-                self.conn.recv_into(view if on_device else memoryview(view))
+                self.reader.read_into(view if on_device else memoryview(view))
             request.landed(msg.layer, msg.chunk)  # a copy arriving before the check is drained
         finally:
             request.end_write()  # verifying only reads (and holding this while queued deadlocked a release)
 
-        def verify() -> None:
-            checked(checksum_matches(msg, views))
-
         if msg.nbytes >= OVERLAP_MIN_BYTES and not request.missing_only(msg.layer, msg.chunk):
-            self._verifier_thread().submit(verify)  # more of this request follows: receive it meanwhile
+            # more of this request follows: receive it meanwhile
+            self._verifier_thread().submit(lambda: checked(checksum_matches(msg, views, on_device), False))
         else:
-            verify()
+            checked(checksum_matches(msg, views, on_device), True)
 
     def drain(self, nbytes: int) -> None:
         """Read and discard ``nbytes`` of payload."""
-        scratch = memoryview(np.empty(min(nbytes, DRAIN_BYTES), dtype=np.uint8))
-        while nbytes:
-            step = min(nbytes, len(scratch))
-            self.conn.recv_into(scratch[:step])
-            nbytes -= step
+        self.reader.skip(nbytes)
 
     def close(self) -> None:
         """The connection ended: the verifier stops once its queued checks have run."""
@@ -140,8 +139,8 @@ class Landing:
         CUDA buffers over a connection that cannot write them (received and checked on the
         GPU when the connection takes device memory). ``to_device``: some view is CUDA memory."""
         landing = self._landing(msg.nbytes) if to_device else self._host_scratch(msg.nbytes)
-        self.conn.recv_into(landing if device.is_device(landing) else memoryview(landing))
-        if not checksum_matches(msg, [landing]):
+        self.reader.read_into(landing if device.is_device(landing) else memoryview(landing))
+        if not checksum_matches(msg, [landing], to_device):
             return False
         position = 0
         for view in views:

@@ -23,11 +23,18 @@ from .layout import ALIGN_BYTES, LayerPlan
 
 @dataclass
 class Expectation:
-    """What ``Receiver.expect`` was told about a request before it opened."""
+    """What ``Receiver.expect`` was told about a request before it opened.
+
+    Each buffer is described once, here, in the engine's thread (``target``): the
+    receiver's reader then places a request's layers without asking again what each
+    buffer is, while the request's bytes wait behind its Open.
+    """
 
     buffers: Mapping[int, Mapping[str, object]] = field(default_factory=dict)
     block_ids: object = None
     keep_quantized: bool = False
+    # (layer, name) -> (flat bytes, shape, dtype, is CUDA memory), or why it cannot be written
+    described: dict = field(default_factory=dict)
 
     @classmethod
     def of(cls, layout, request_id: str, buffers, block_ids=None, keep_quantized: bool = False) -> "Expectation":
@@ -42,7 +49,35 @@ class Expectation:
             unknown = set(tensors) - set(layout.layers[layer])
             if unknown:
                 raise ValueError(f"expect({request_id!r}): layer {layer} has no tensors {sorted(unknown)}")
-        return cls(buffers, block_ids, keep_quantized)
+        expectation = cls(buffers, block_ids, keep_quantized)
+        for layer, tensors in buffers.items():
+            for name in tensors:
+                expectation.on_device(layer, name)
+        return expectation
+
+    def on_device(self, layer: int, name: str) -> bool:
+        """Whether the buffer for ``layer``'s tensor ``name`` is CUDA memory."""
+        return self._describe(layer, name)[3]
+
+    def target(self, layer: int, name: str) -> tuple[np.ndarray, tuple[int, ...], str, bool]:
+        """(flat bytes, shape, dtype, on device) of a buffer to write into; ValueError if it
+        cannot be one (not contiguous, read-only...)."""
+        described = self._describe(layer, name)
+        if described[0] is None:
+            raise ValueError(described[1])
+        return described
+
+    def _describe(self, layer: int, name: str) -> tuple:
+        described = self.described.get((layer, name))
+        if described is None:
+            array = self.buffers[layer][name]
+            on_device = device.is_device(array)
+            try:
+                described = (*arrays.writable_bytes(array), on_device)
+            except ValueError as exc:
+                described = (None, str(exc), None, on_device)
+            self.described[(layer, name)] = described
+        return described
 
 
 @dataclass
@@ -53,6 +88,7 @@ class PlacedLayer:
     own_bytes: int  # receiver memory this layer holds
     storage: np.ndarray | None = None  # the layer's one buffer, when outputs are plain views of it
     engine_arrays: dict = field(default_factory=dict)  # CUDA expect() buffers, handed back as they are
+    on_device: bool = False  # some segment is CUDA memory
 
 
 def place_layer(
@@ -73,9 +109,10 @@ def place_layer(
         return not slot.encoded and slot.source in buffers and not (is_paged and spec.per_token)
 
     slots = {slot.name: slot for slot in plan.slots}
+    on_device = {name: expectation.on_device(index, name) for name in buffers}
     device_pools = set()  # paged CUDA pools: their wire bytes land in device memory, kernels scatter them
-    for name, target in buffers.items():
-        if not device.is_device(target) or lands_directly(slots[name]):
+    for name in buffers:
+        if not on_device[name] or lands_directly(slots[name]):
             continue
         if not (is_paged and layout_layer[name].per_token) or expectation.keep_quantized:
             raise RequestRejected(
@@ -84,7 +121,7 @@ def place_layer(
             )
         device_pools.update(slot.name for slot in plan.slots if slot.source == name)
     direct = {
-        slot.name: _destination_bytes(f"{where} {slot.name!r}", slot, buffers[slot.name], num_tokens)
+        slot.name: _destination_bytes(f"{where} {slot.name!r}", slot, expectation, index, num_tokens)
         for slot in plan.slots
         if lands_directly(slot)
     }
@@ -93,13 +130,13 @@ def place_layer(
     finishers: list[Callable[[], None]] = []
     engine_arrays = {
         name: buffers[name][:num_tokens] if layout_layer[name].per_token else buffers[name]
-        for name, flat in direct.items()
-        if device.is_device(flat)
+        for name in direct
+        if on_device[name]
     }
     for name, spec in layout_layer.items():
         slot = slots[name]
         target = buffers.get(name)
-        if device.is_device(target) and name not in direct:  # a paged CUDA pool
+        if target is not None and on_device[name] and name not in direct:  # a paged CUDA pool
             scales = slots.get(name + ".scales")
             finishers.append(
                 _device_scatter(codec.name if codec else "none", spec, num_tokens, wire, slot, scales, target,
@@ -123,7 +160,8 @@ def place_layer(
         shape = spec.full_shape(num_tokens)
         if target is not None and not (is_paged and spec.per_token):
             decoded = _destination_bytes(
-                f"{where} {name!r}", slot._replace(spec=spec, nbytes=spec.nbytes(num_tokens)), target, num_tokens
+                f"{where} {name!r}", slot._replace(spec=spec, nbytes=spec.nbytes(num_tokens)), expectation, index,
+                num_tokens,
             )
         else:
             decoded = np.empty(spec.nbytes(num_tokens), dtype=np.uint8)
@@ -132,7 +170,8 @@ def place_layer(
         if is_paged and spec.per_token and target is not None:
             finishers.append(_scatter(decoded, target, expectation.block_ids, num_tokens, spec, f"{where} {name!r}"))
         outputs.append((name, decoded, spec.dtype, shape))
-    return PlacedLayer(segments, outputs, finishers, own, engine_arrays=engine_arrays)
+    return PlacedLayer(segments, outputs, finishers, own, engine_arrays=engine_arrays,
+                       on_device=bool(device_pools or engine_arrays))
 
 
 def _segments(plan: LayerPlan, direct: Mapping[str, np.ndarray], on_device: set = frozenset()):
@@ -214,10 +253,11 @@ def _device_scatter(codec_name, spec, num_tokens, wire, slot, scales_slot, pool,
     return finish
 
 
-def _destination_bytes(where: str, slot, array, num_tokens: int) -> np.ndarray:
-    """The leading ``slot.nbytes`` of an engine buffer, after checking it fits the slot."""
+def _destination_bytes(where: str, slot, expectation: Expectation, layer: int, num_tokens: int) -> np.ndarray:
+    """The leading ``slot.nbytes`` of the engine buffer for ``slot``'s tensor, after
+    checking it fits the slot."""
     try:
-        flat, shape, dtype = arrays.writable_bytes(array)
+        flat, shape, dtype, _ = expectation.target(layer, slot.source)
     except ValueError as exc:
         raise RequestRejected(f"{where}: {exc}") from None
     spec = slot.spec

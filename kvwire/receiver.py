@@ -38,6 +38,7 @@ from .protocol.receiving import Drain, ReceiverBook, SessionBook, chunk_checked
 from .transport import Connection, get_backend
 from .wire import framing
 from .wire.messages import Abort, Ack, Data, Open, Welcome
+from .wire.reader import FrameReader
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +53,36 @@ class _Stream:
     # (rid, layer) of requests already let go of whose re-sent data this connection
     # answered again (layer -1: the Abort): once each, not once per chunk
     answered_again: set = field(default_factory=set)
+    reader: FrameReader = field(init=False)  # frames off the connection, through one buffer
     landing: Landing = field(init=False)  # its receive buffers and verifier thread
+    held: list = field(default_factory=list)  # acks held back while more frames were at hand
 
     def __post_init__(self):
-        self.landing = Landing(self.conn)
+        self.reader = FrameReader(self.conn, framing.MAX_STREAM_HEADER_BYTES, before_wait=self.flush)
+        self.landing = Landing(self.reader)
 
     def send(self, message) -> None:
+        """Send ``message`` now, after the acks held back."""
         with self.send_lock:
-            self.conn.send([framing.encode(message)])
+            held, self.held = self.held, []
+            self.conn.send([*held, framing.encode(message)])
+
+    def hold(self, message) -> None:
+        """Send ``message`` with the next write: before the reader waits for more frames
+        (``flush``), or with the next message sent."""
+        with self.send_lock:
+            self.held.append(framing.encode(message))
+
+    def flush(self) -> None:
+        """Send the held acks; a broken connection is the reader's to find."""
+        with self.send_lock:
+            if not self.held:
+                return
+            held, self.held = self.held, []
+            try:
+                self.conn.send(held)
+            except KVWireError as exc:
+                log.debug("could not send %d acks to %s: %s", len(held), self.conn.peer, exc)
 
 
 @dataclass(eq=False)
@@ -300,14 +323,9 @@ class Receiver:
             log.warning("closing connection from %s: %s: %s", stream.conn.peer, type(reason).__name__, reason)
 
     def _read_frames(self, stream: _Stream) -> None:
-        conn = stream.conn
-        prefix = memoryview(bytearray(framing.PREFIX_BYTES))
-        header = memoryview(bytearray(framing.MAX_STREAM_HEADER_BYTES))
+        reader = stream.reader
         while True:
-            conn.recv_into(prefix)
-            length = framing.header_length(prefix, framing.MAX_STREAM_HEADER_BYTES)
-            conn.recv_into(header[:length])
-            message = framing.decode_stream(header[:length])
+            message = reader.next_message()
             if isinstance(message, Data):
                 self._on_data(stream, message)
             elif isinstance(message, Open):
@@ -366,17 +384,26 @@ class Receiver:
         if not state.begin_write():  # released or failed meanwhile: its memory is not ours to write
             return stream.landing.drain(msg.nbytes)
         views = state.targets(msg.layer, msg.chunk)
-        stream.landing.receive(msg, state, views, functools.partial(self._chunk_checked, stream, state, msg))
+        stream.landing.receive(msg, state, views, state.on_device(msg.layer),
+                               functools.partial(self._chunk_checked, stream, state, msg))
 
-    def _chunk_checked(self, stream: _Stream, state: InboundRequest, msg: Data, ok: bool) -> None:
-        """A chunk's bytes are in place and its checksum was compared: count, ack, finish."""
+    def _chunk_checked(self, stream: _Stream, state: InboundRequest, msg: Data, ok: bool, in_reader: bool) -> None:
+        """A chunk's bytes are in place and its checksum was compared: count, ack, finish.
+        ``in_reader``: this runs in the stream's reader thread (not its verifier), which
+        sends held acks before it next waits."""
         session = stream.session
         session.counters.add_bytes(msg.nbytes)
         checked = chunk_checked(state, msg, ok)
         if checked.error is not None:
             return self._fail(session, state, checked.error)
         if checked.ack:
-            self._ack(stream, msg)  # before the engine may act on the layer (and exit)
+            # Held back while the reader has more frames at hand, but sent before the
+            # engine may see the whole request (and let go of it, or exit).
+            last = state.has_all_chunks
+            self._ack(stream, msg, hold=in_reader and not last)
+            if last:  # the request's other acks may wait on other streams of the session
+                for other in list(session.streams):
+                    other.flush()
         # Decoding and scattering write engine memory: not once the request is released or
         # failed (this may run in the verifier thread, after the reader has moved on).
         if not checked.finish or not state.begin_write():
@@ -411,10 +438,13 @@ class Receiver:
         except KVWireError as exc:
             log.debug("could not send %s to %s: %s", type(message).__name__, stream.conn.peer, exc)
 
-    def _ack(self, stream: _Stream, msg: Data) -> None:
-        """Ack a verified layer on the stream it came by, or on a live one if that died
-        meanwhile (a chunk may be verified after its reader has moved on)."""
-        if stream.alive:
+    def _ack(self, stream: _Stream, msg: Data, *, hold: bool = False) -> None:
+        """Ack a verified layer on the stream it came by (``hold``: with its next write), or
+        on a live one if that died meanwhile (a chunk may be verified after its reader has
+        moved on)."""
+        if stream.alive and hold:
+            stream.hold(Ack(msg.rid, msg.layer))
+        elif stream.alive:
             self._tell(stream, Ack(msg.rid, msg.layer))
         else:
             self._tell_session(stream.session, Ack(msg.rid, msg.layer))

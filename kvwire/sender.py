@@ -38,6 +38,7 @@ from .transport import Connection
 from .transport.tuning import Tuning
 from .wire import framing
 from .wire.messages import Abort, Ack
+from .wire.reader import FrameReader
 
 log = logging.getLogger(__name__)
 
@@ -224,14 +225,10 @@ class Sender:
             out = buffers = frame = None
 
     def _read_loop(self, stream: StreamState, conn: Connection) -> None:
-        prefix = memoryview(bytearray(framing.PREFIX_BYTES))
-        header = memoryview(bytearray(framing.MAX_STREAM_HEADER_BYTES))
+        reader = FrameReader(conn, framing.MAX_STREAM_HEADER_BYTES)  # many acks in one receive
         try:
             while True:
-                conn.recv_into(prefix)
-                length = framing.header_length(prefix, framing.MAX_STREAM_HEADER_BYTES)
-                conn.recv_into(header[:length])
-                message = framing.decode_stream(header[:length])
+                message = reader.next_message()
                 if isinstance(message, Ack):
                     self._outbox.on_ack(message)
                 elif isinstance(message, Abort):

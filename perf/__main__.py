@@ -44,6 +44,7 @@ BENCHMARKS = {
     "transfer": "perf.transfer",
     "codec": "perf.codec",
     "peers": "perf.peers",
+    "requests": "perf.requests",
     "wan": "perf.wan",
     "ttft-wan": "perf.ttft_wan",
     "tls-wan": "perf.tls_wan",

@@ -361,11 +361,11 @@ def test_a_copy_of_a_chunk_awaiting_its_check_is_drained_not_written_over_it(bac
     held, release = threading.Event(), threading.Event()
     real = landing.checksum_matches
 
-    def held_in_the_verifier(msg, pieces):
+    def held_in_the_verifier(msg, pieces, *rest):
         if threading.current_thread().name.startswith("kvwire-rx-verify"):
             held.set()
             release.wait(10)
-        return real(msg, pieces)
+        return real(msg, pieces, *rest)
 
     monkeypatch.setattr(landing, "checksum_matches", held_in_the_verifier)
     with Receiver(one, "127.0.0.1:0", backend=backend, secret=SECRET) as rx:

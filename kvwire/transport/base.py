@@ -22,7 +22,8 @@ class Capabilities:
     ``link_stats``: ``link_stats()`` reads the kernel's congestion signals (TCP_INFO), which
     let a Sender choose its number of streams. ``fabrics``: RDMA-class transports the two
     ends share (UCX). ``shared_memory``: the two ends are on one host and move bytes through
-    shared memory / CMA / cuda_ipc (UCX).
+    shared memory / CMA / cuda_ipc (UCX). ``partial_reads``: ``recv_some`` returns what has
+    arrived (TCP), so a reader can take many small frames in one receive.
     """
 
     backend: str
@@ -31,6 +32,7 @@ class Capabilities:
     link_stats: bool = False
     fabrics: tuple[str, ...] = ()
     shared_memory: bool = False
+    partial_reads: bool = False
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,10 @@ class Connection(Protocol):
 
     def recv_into(self, view: memoryview) -> None:
         """Fill ``view`` exactly, or raise."""
+
+    def recv_some(self, view: memoryview) -> int:
+        """Receive at least one byte into ``view``; how many. Only where
+        ``capabilities.partial_reads``."""
 
     def set_timeout(self, seconds: float | None) -> None:
         """Timeout of each later send/recv (None blocks)."""

@@ -35,7 +35,8 @@ class TcpConnection:
 
     # CUDA arrays are staged to host before they reach a socket; the kernel's TCP_INFO
     # gives the RTT a Sender sizes its streams by.
-    capabilities = Capabilities("tcp", device_memory=False, link_stats=hasattr(socket, "TCP_INFO"))
+    capabilities = Capabilities("tcp", device_memory=False, link_stats=hasattr(socket, "TCP_INFO"),
+                                partial_reads=True)
 
     def __init__(self, sock: socket.socket, peer: str):
         self.sock = sock
@@ -77,6 +78,16 @@ class TcpConnection:
                 view = view[n:]
         except (OSError, ValueError) as exc:
             raise self._lost(exc) from None
+
+    def recv_some(self, view: memoryview) -> int:
+        """Receive what has arrived, at least one byte, at most ``len(view)``."""
+        try:
+            n = self.sock.recv_into(view, len(view))
+        except (OSError, ValueError) as exc:
+            raise self._lost(exc) from None
+        if n == 0:
+            raise PeerLostError(f"connection to {self.peer} closed by the peer")
+        return n
 
     def set_timeout(self, seconds: float | None) -> None:
         self.sock.settimeout(seconds)
