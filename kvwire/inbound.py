@@ -54,7 +54,12 @@ class InboundRequest:
         self.finished_at: float | None = None
         self.released = False
         self.claimed = False  # an engine asked for it (Receiver.wait)
+        # One lock, three conditions, so that nobody is woken for what they do not wait
+        # for: a layer ready (wait_layer), the request settled (wait_done), the last write
+        # into its memory ended (wait_writes; twice per chunk, and rarely waited on).
         self.cv = threading.Condition()
+        self._settled = threading.Condition(self.cv)
+        self._writes_ended = threading.Condition(self.cv)
         self._active_writes = 0
         self.rid = rid  # the sender session's number for it, and that session (the receiver's)
         self.session = session
@@ -107,12 +112,13 @@ class InboundRequest:
     def end_write(self) -> None:
         with self.cv:
             self._active_writes -= 1
-            self.cv.notify_all()
+            if not self._active_writes:
+                self._writes_ended.notify_all()
 
     def wait_writes(self, timeout_s: float) -> bool:
         """Wait for in-progress writes into this request's memory to end."""
         with self.cv:
-            return self.cv.wait_for(lambda: self._active_writes == 0, timeout_s)
+            return self._writes_ended.wait_for(lambda: self._active_writes == 0, timeout_s)
 
     def missing_only(self, layer: int, chunk: int) -> bool:
         """Whether this chunk is the last one the request still misses."""
@@ -147,9 +153,10 @@ class InboundRequest:
                 return False
             self.ready[layer] = True
             self.num_ready += 1
+            self.cv.notify_all()
             if self.num_ready == self.num_layers:
                 self.finished_at = self._clock.now()
-            self.cv.notify_all()
+                self._settled.notify_all()
             return self.num_ready == self.num_layers
 
     def fail(self, error: KVWireError) -> bool:
@@ -159,12 +166,14 @@ class InboundRequest:
                 return False
             self.error = remembered(error)
             self.cv.notify_all()
+            self._settled.notify_all()
             return True
 
     def mark_released(self) -> None:
         with self.cv:
             self.released = True
             self.cv.notify_all()
+            self._settled.notify_all()
 
     @property
     def done(self) -> bool:
@@ -187,7 +196,7 @@ class InboundRequest:
 
     def wait_done(self, timeout_s: float | None) -> None:
         with self.cv:
-            self.cv.wait_for(
+            self._settled.wait_for(
                 lambda: self.done or self.error is not None or self.released,
                 None if timeout_s is None else max(0.0, timeout_s),
             )

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from .outbox import Outbox
 
 _PAD = memoryview(bytes(ALIGN_BYTES))
-_RELEASED = ([], SegmentMap(()))  # a layer's entry once the request is confirmed
+_RELEASED = ([], SegmentMap(()), None)  # a layer's entry once the request is confirmed
 _SMALL_PIECE_BYTES = 64 * 1024
 # numpy dtype -> layout name, and the dtypes numpy can export as a buffer as they are
 _NUMPY_NAMES = {numpy_dtype(name): name for name in ITEMSIZE if numpy_dtype(name).name == name}
@@ -218,16 +218,20 @@ class LayerBytes:
         self.plan = plan
         self.request_id = request_id
         self.device_memory = device_memory
-        # per layer, once handed over: its segments [(start, length, buffer, on_device)] and
-        # the map from byte offsets to them, in one tuple (a writer reads both at once)
-        self._taken: list[tuple[list, SegmentMap] | None] = [None] * plan.num_layers
+        # per layer, once handed over: its segments [(start, length, buffer, on_device)], the
+        # map from byte offsets to them and, for a layer sent in one chunk, that chunk's
+        # (pieces, on_device), in one tuple (a writer reads them at once)
+        self._taken: list[tuple[list, SegmentMap, tuple | None] | None] = [None] * plan.num_layers
 
     def has(self, layer: int) -> bool:
         return self._taken[layer] is not None
 
     def take(self, layer: int, tensors: Mapping[str, object]) -> None:
         segments = self._segments_of(layer, tensors)
-        self._taken[layer] = (segments, SegmentMap([(start, length) for start, length, _, _ in segments]))
+        whole = None
+        if self.plan.num_chunks[layer] == 1:
+            whole = ([segment[2] for segment in segments], any(segment[3] for segment in segments))
+        self._taken[layer] = (segments, SegmentMap([(start, length) for start, length, _, _ in segments]), whole)
 
     def release(self) -> None:
         """Stop borrowing the engine's arrays (the request is confirmed). A writer that took a
@@ -289,8 +293,10 @@ class LayerBytes:
         taken = self._taken[layer]
         if taken is _RELEASED:
             return None
-        segments, spans = taken
+        segments, spans, whole = taken
         start, end = self.plan.chunk_span(layer, chunk)
+        if whole is not None:
+            return list(whole[0]), end - start, whole[1]
         pieces, on_device = [], False
         for i, lo, hi in spans.spans(start, end):
             _, seg_len, buffer, in_device = segments[i]

@@ -70,23 +70,29 @@ class Outbox:
 
     # -- the I/O threads' side ------------------------------------------------------------
 
-    def next_for(self, stream: StreamState) -> Outgoing | None:
-        """Wait until ``stream`` has something to write; None once it is lost or the sender
+    def next_for(self, stream: StreamState, batch_bytes: int = 0) -> list[Outgoing]:
+        """Wait until ``stream`` has something to write, and take it; with ``batch_bytes``,
+        also the chunks queued behind it until they hold that many bytes (small layers then
+        go out in one write, not one each). Empty once the stream is lost or the sender
         closes. Requests long past their deadline are given up while waiting."""
         book, clock = self.book, self.book.clock
         with self._cv:
             while not book.closing and stream.alive:
                 outgoing = book.next_for(stream)
                 if outgoing is not None:
+                    batch, nbytes = [outgoing], outgoing.nbytes
+                    while nbytes < batch_bytes and (more := book.next_for(stream)) is not None:
+                        batch.append(more)
+                        nbytes += more.nbytes
                     self._cv.notify_all()  # room in the queue
-                    return outgoing
+                    return batch
                 expiry = book.next_expiry()
                 if self._cv.wait(None if expiry is None else max(0.0, expiry - clock.now())):
                     continue
                 for request in book.expired(clock.now()):
                     self._settled(request, failed=True)
                 self._cv.notify_all()  # their Aborts, maybe for another stream
-        return None
+        return []
 
     def on_ack(self, msg: Ack) -> None:
         with self._cv:

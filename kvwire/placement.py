@@ -80,6 +80,9 @@ class Expectation:
         return described
 
 
+_PAD = np.empty(ALIGN_BYTES, dtype=np.uint8)  # where alignment gaps between direct tensors land (never read)
+
+
 @dataclass
 class PlacedLayer:
     segments: list[tuple[int, np.ndarray]]  # (offset in the layer's byte stream, memory)
@@ -103,6 +106,10 @@ def place_layer(
         return PlacedLayer([(0, storage)], [], [], plan.nbytes, storage)
     is_paged = expectation.block_ids is not None
     where = f"expect() buffer for layer {index} tensor"
+    if codec is None and not is_paged and len(buffers) == len(plan.slots):
+        placed = _all_direct_to_host(index, plan, expectation, num_tokens, where)
+        if placed is not None:
+            return placed
 
     def lands_directly(slot) -> bool:
         spec = layout_layer[slot.source]
@@ -172,6 +179,24 @@ def place_layer(
         outputs.append((name, decoded, spec.dtype, shape))
     return PlacedLayer(segments, outputs, finishers, own, engine_arrays=engine_arrays,
                        on_device=bool(device_pools or engine_arrays))
+
+
+def _all_direct_to_host(index: int, plan: LayerPlan, expectation: Expectation, num_tokens: int,
+                        where: str) -> PlacedLayer | None:
+    """The common case of ``place_layer`` in one pass: every tensor of a lossless layer
+    lands straight in its own host ``expect()`` buffer. None if any buffer is CUDA memory."""
+    segments, outputs, position = [], [], 0
+    for slot in plan.slots:
+        if expectation.on_device(index, slot.name):
+            return None
+        flat = _destination_bytes(f"{where} {slot.name!r}", slot, expectation, index, num_tokens)
+        if slot.offset > position:
+            segments.append((position, _PAD[: slot.offset - position]))
+        if slot.nbytes:
+            segments.append((slot.offset, flat))
+        outputs.append((slot.name, flat, slot.spec.dtype, slot.shape))
+        position = slot.offset + slot.nbytes
+    return PlacedLayer(segments, outputs, [], 0)
 
 
 def _segments(plan: LayerPlan, direct: Mapping[str, np.ndarray], on_device: set = frozenset()):

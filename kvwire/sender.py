@@ -33,7 +33,7 @@ from .options import SenderOptions, settle
 from .outbound import LayerBytes, Transfer
 from .outbox import Outbox
 from .protocol import MONOTONIC, RequestPlan
-from .protocol.sending import SenderBook, StreamState
+from .protocol.sending import Outgoing, SenderBook, StreamState
 from .transport import Connection
 from .transport.tuning import Tuning
 from .wire import framing
@@ -47,6 +47,10 @@ DEFAULT_CHUNK_BYTES = 4 << 20
 # not shrink with it (kernel launches, digests to host, synchronizations, hand-offs), so
 # GPU chunks are large (an H100's figures: perf/README.md, "GPU", and perf/results/gpu_chunks.json).
 DEVICE_CHUNK_BYTES = 64 << 20
+# A writer takes the chunks queued behind its next one until they hold this many bytes,
+# and writes them at once: small layers (a hybrid model's states, a short prompt's KV)
+# then cost one wake-up and one system call between them, not one each.
+WRITE_BATCH_BYTES = 1 << 20
 
 
 class Sender:
@@ -200,29 +204,37 @@ class Sender:
 
     def _write_loop(self, stream: StreamState, conn: Connection) -> None:
         outbox = self._outbox
-        while (out := outbox.next_for(stream)) is not None:
-            buffers = [framing.encode(message) for message in out.controls]
-            if out.request is not None:
-                try:
-                    frame = out.request.layers.frame(out.request.rid, out.layer, out.chunk,
-                                                     conn.capabilities.device_memory)
-                    if frame is not None:  # (None: the request was confirmed while this was taken)
-                        buffers += frame
-                        self._counters.add_bytes(out.nbytes)
-                except Exception as exc:  # a bug must fail its request, never kill the stream silently
-                    log.exception("building layer %d chunk %d of request %r failed", out.layer, out.chunk,
-                                  out.request.request_id)
-                    outbox.give_up(out.request, LocalProtocolError(
-                        f"request {out.request.request_id!r}: internal error building a frame: {exc!r}",
-                        request_id=out.request.request_id, layer=out.layer, chunk=out.chunk))
+        while batch := outbox.next_for(stream, WRITE_BATCH_BYTES):
+            buffers = []
+            for out in batch:
+                buffers += [framing.encode(message) for message in out.controls]
+                if out.request is not None:
+                    buffers += self._frame(out, conn)
             try:
                 if buffers:
-                    conn.send(buffers)  # control messages and the chunk in one syscall
+                    conn.send(buffers)  # control messages and chunks in one syscall
             except KVWireError as exc:
                 return self._stream_lost(stream, conn, exc)
             # Waiting for the next chunk, this thread must not keep the last one's arrays
             # (the engine's, borrowed only until finish()) alive.
-            out = buffers = frame = None
+            batch = buffers = out = None
+
+    def _frame(self, out: Outgoing, conn: Connection) -> list:
+        """The buffers of ``out``'s Data frame; none if its request was confirmed meanwhile,
+        or if building it failed (a bug: it fails the request, never the stream)."""
+        try:
+            frame = out.request.layers.frame(out.request.rid, out.layer, out.chunk, conn.capabilities.device_memory)
+        except Exception as exc:
+            log.exception("building layer %d chunk %d of request %r failed", out.layer, out.chunk,
+                          out.request.request_id)
+            self._outbox.give_up(out.request, LocalProtocolError(
+                f"request {out.request.request_id!r}: internal error building a frame: {exc!r}",
+                request_id=out.request.request_id, layer=out.layer, chunk=out.chunk))
+            return []
+        if frame is None:
+            return []
+        self._counters.add_bytes(out.nbytes)
+        return frame
 
     def _read_loop(self, stream: StreamState, conn: Connection) -> None:
         reader = FrameReader(conn, framing.MAX_STREAM_HEADER_BYTES)  # many acks in one receive

@@ -112,7 +112,7 @@ def run(argv=None) -> dict:
     if args.role == "receiver":
         receiver_main(args.requests)
         return {}
-    child = subprocess.Popen([sys.executable, "-m", "perf.timeline", "--role", "receiver", "--requests",
+    child = subprocess.Popen([sys.executable, *os.environ.get("PERF_TIMELINE_RX", "-m perf.timeline").split(), "--role", "receiver", "--requests",
                               str(args.requests)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
     try:
         address = json.loads(child.stdout.readline())["address"]

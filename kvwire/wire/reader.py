@@ -7,8 +7,8 @@ requests of a few hundred KiB that, not the bytes, was the receiver's time (perf
 its buffer, and serves prefixes, headers and small payloads from there; a payload larger
 than what is buffered is received straight into its destination after the buffered part
 is copied, so large chunks still land without a copy. Connections that cannot return
-less than asked (``Capabilities.partial_reads`` False: UCX, whose own control messages
-already carry small frames together) are read exactly as before.
+less than asked (``Capabilities.partial_reads`` False: UCX, whose control messages
+already carry small frames together) are read exactly.
 
 ``before_wait`` runs before each receive from the connection, which may block: the moment
 to send replies held back while more frames were at hand (the receiver's acks), one
@@ -52,8 +52,8 @@ class FrameReader:
         return message
 
     def read_into(self, view) -> None:
-        """Fill ``view`` (host memory, or device memory over a connection that reads exactly)
-        with the next payload bytes."""
+        """Fill ``view`` with the next payload bytes: host memory, or CUDA memory over a
+        connection that reads exactly (its buffer holds nothing once a header is read)."""
         take = min(self.buffered, len(view))
         if take:
             view[:take] = self._buffer[self._start : self._start + take]
