@@ -41,6 +41,7 @@ from kvwire import KVLayout, Receiver, Sender, TensorSpec
 
 GB = 1e9
 TOKENS = 256
+BITS = {"float32": np.float32, "bfloat16": np.uint16, "uint8": np.uint8}  # how each dtype's bits are made here
 QUICK_ARGS = ["--requests", "100", "--inflight", "1,16", "--backends", "tcp"]
 
 
@@ -58,7 +59,7 @@ def request_data(layout: KVLayout, seed: int) -> list[dict[str, np.ndarray]]:
         for name, spec in layer.items():
             shape = spec.full_shape(TOKENS)
             raw = rng.integers(0, 256, size=spec.nbytes(TOKENS), dtype=np.uint8)
-            tensors[name] = raw.view(np.float32 if spec.dtype == "float32" else np.uint16).reshape(shape)
+            tensors[name] = raw.view(BITS[spec.dtype]).reshape(shape)
         out.append(tensors)
     return out
 
@@ -102,7 +103,7 @@ def carve(layout: KVLayout, flat_buffer: np.ndarray) -> list[dict[str, np.ndarra
         tensors = {}
         for name, spec in layer.items():
             nbytes = spec.nbytes(TOKENS)
-            dtype = np.float32 if spec.dtype == "float32" else np.uint16
+            dtype = BITS[spec.dtype]
             tensors[name] = flat_buffer[position : position + nbytes].view(dtype).reshape(spec.full_shape(TOKENS))
             position += nbytes
         layers.append(tensors)

@@ -1,6 +1,7 @@
 """A timeline of one small request at both ends: where its microseconds go.
 
     python -m perf timeline --json          # 200 requests of perf.requests' hybrid layout, one at a time
+    python -m perf timeline --backend ucx --one-tensor-kib 1024   # one 1 MiB tensor per request, over UCX
 
 The sender runs here, the receiver in a child process; both stamp events with
 CLOCK_MONOTONIC (one clock for every process on a host). Events come from wrapping the
@@ -26,7 +27,7 @@ import time
 
 import numpy as np
 
-from kvwire import Receiver, Sender
+from kvwire import KVLayout, Receiver, Sender, TensorSpec
 
 from .requests import TOKENS, as_wire, carve, hybrid_layout, request_data
 
@@ -56,33 +57,51 @@ def wrap(owner, attr: str, label: str, *, before: bool = True, after: bool = Tru
     setattr(owner, attr, traced)
 
 
-def trace_sender() -> None:
-    from kvwire import outbound, outbox, sender
-    from kvwire.transport import tcp
+def connection_class(backend: str):
+    if backend == "ucx":
+        from kvwire.transport.ucx import UcxConnection
 
+        return UcxConnection
+    from kvwire.transport.tcp import TcpConnection
+
+    return TcpConnection
+
+
+def trace_sender(backend: str) -> None:
+    from kvwire import outbound, outbox, sender
+
+    conn = connection_class(backend)
     wrap(sender.Sender, "open", "tx open")
     wrap(outbound.Transfer, "send_layer", "tx send_layer", detail=lambda self, layer, *a, **k: f" {layer}")
     wrap(outbound.Transfer, "finish", "tx finish")
     wrap(outbox.Outbox, "on_ack", "tx ack read", after=False, detail=lambda self, msg: f" {msg.layer}")
-    wrap(tcp.TcpConnection, "send", "tx socket send", detail=lambda self, buffers: f" ({len(buffers)} buffers)")
+    wrap(conn, "send", "tx conn send", detail=lambda self, buffers: f" ({len(buffers)} buffers)")
 
 
-def trace_receiver() -> None:
+def trace_receiver(backend: str) -> None:
     from kvwire import landing, receiver
-    from kvwire.transport import tcp
 
+    conn = connection_class(backend)
     wrap(receiver.Receiver, "_on_open", "rx Open handled")
     wrap(landing.Landing, "receive", "rx payload", detail=lambda self, msg, *a: f" {msg.layer}")
     wrap(receiver.Receiver, "_ack", "rx ack sent", before=False, detail=lambda self, stream, msg, **k: f" {msg.layer}")
-    wrap(tcp.TcpConnection, "recv_into", "rx socket recv", before=False)
-    wrap(tcp.TcpConnection, "recv_some", "rx socket recv_some", before=False)
-    wrap(tcp.TcpConnection, "send", "rx socket send", before=False)
+    wrap(conn, "recv_into", "rx conn recv", before=False)
+    if hasattr(conn, "recv_some"):
+        wrap(conn, "recv_some", "rx conn recv_some", before=False)
+    wrap(conn, "send", "rx conn send", before=False)
 
 
-def receiver_main(requests: int) -> None:
-    trace_receiver()
-    layout = hybrid_layout()
-    rx = Receiver(layout, "127.0.0.1:0", max_bytes=1 << 30)
+def the_layout(one_tensor_kib: int) -> KVLayout:
+    if one_tensor_kib:
+        return KVLayout([{"x": TensorSpec((one_tensor_kib * 1024 // TOKENS,), "uint8", per_token=True)}])
+    return hybrid_layout()
+
+
+def receiver_main(args) -> None:
+    trace_receiver(args.backend)
+    requests = args.requests
+    layout = the_layout(args.one_tensor_kib)
+    rx = Receiver(layout, "127.0.0.1:0", max_bytes=1 << 30, backend=args.backend)
     print(json.dumps({"address": rx.address}), flush=True)
     memory = np.zeros((requests, layout.nbytes(TOKENS)), np.uint8)
     for i in range(requests):
@@ -107,20 +126,24 @@ def run(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--backend", choices=["tcp", "ucx"], default="tcp")
+    ap.add_argument("--one-tensor-kib", type=int, default=0,
+                    help="a one-layer layout of one tensor this large instead of the hybrid layout")
     ap.add_argument("--role", choices=["receiver"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.role == "receiver":
-        receiver_main(args.requests)
+        receiver_main(args)
         return {}
     child = subprocess.Popen([sys.executable, *os.environ.get("PERF_TIMELINE_RX", "-m perf.timeline").split(), "--role", "receiver", "--requests",
-                              str(args.requests)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+                              str(args.requests), "--backend", args.backend, "--one-tensor-kib",
+                              str(args.one_tensor_kib)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
     try:
         address = json.loads(child.stdout.readline())["address"]
-        trace_sender()
-        layout = hybrid_layout()
+        trace_sender(args.backend)
+        layout = the_layout(args.one_tensor_kib)
         data = as_wire(request_data(layout, 0))
         sent = []
-        with Sender(layout, address, streams=1) as tx:
+        with Sender(layout, address, streams=1, backend=args.backend) as tx:
             for i in range(args.requests):
                 EVENTS.clear()
                 xfer = tx.open(f"r{i}", TOKENS, timeout=60)
@@ -133,7 +156,9 @@ def run(argv=None) -> dict:
             received = json.loads(child.stdout.readline())["events"]
     finally:
         child.wait(timeout=30)
-    return summarize(sent[args.warmup:], received[args.warmup:], layout.nbytes(TOKENS))
+    result = summarize(sent[args.warmup:], received[args.warmup:], layout.nbytes(TOKENS))
+    result["units"] = result["units"].replace("tcp", args.backend)
+    return result
 
 
 def summarize(sent: list, received: list, request_bytes: int) -> dict:
