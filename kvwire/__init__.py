@@ -14,6 +14,7 @@ from .errors import (
     RequestRejected,
     TransferAborted,
     TransferTimeout,
+    VerifyMismatchError,
 )
 from .inbound import ReceivedRequest
 from .layout import KVLayout, TensorSpec
@@ -50,5 +51,6 @@ __all__ = [
     "TransferAborted",
     "TransferStats",
     "TransferTimeout",
+    "VerifyMismatchError",
     "probe",
 ]

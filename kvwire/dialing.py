@@ -65,6 +65,7 @@ class Dialer:
                 stream_index=index,
                 num_streams=self.num_streams,
                 resume=resume,
+                verify=self.options.verify,
                 timeout_s=timeout_s,
             )
             conn.set_timeout(None)

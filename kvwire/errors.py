@@ -71,6 +71,11 @@ class LocalProtocolError(ProtocolError):
     build): a kvwire bug or an engine array it cannot read, never the peer's fault."""
 
 
+class VerifyMismatchError(KVWireError):
+    """The two ends disagree on checking frames: a sender with ``verify=False`` met a
+    receiver that requires a checksum on every frame (``ReceiverOptions.verify=True``)."""
+
+
 class RequestRejected(KVWireError):
     """The receiver refused to open a request (duplicate id, memory budget, bad buffers)."""
 
@@ -81,7 +86,7 @@ class TransferAborted(KVWireError):
 
 # Errors that mean the two ends are misconfigured (another secret, model or protocol), not
 # that a transfer was unlucky: retrying or recomputing would only hide them.
-MISCONFIGURATIONS = (AuthenticationError, LayoutMismatchError, ProtocolError)
+MISCONFIGURATIONS = (AuthenticationError, LayoutMismatchError, ProtocolError, VerifyMismatchError)
 
 
 # Error kinds as they travel in Abort/Reject messages, mapped back to classes in one place.
@@ -93,6 +98,7 @@ ERROR_KINDS: dict[str, type[KVWireError]] = {
     "timeout": TransferTimeout,
     "protocol": ProtocolError,
     "rejected": RequestRejected,
+    "verify": VerifyMismatchError,
     "aborted": TransferAborted,
 }
 

@@ -27,14 +27,15 @@ def client_handshake(
     stream_index: int,
     num_streams: int,
     resume: bool = False,
+    verify: bool = True,
     timeout_s: float | None = None,
 ) -> Welcome:
     """Run the sender's side; raises AuthenticationError, LayoutMismatchError, ...
     ``layout=None`` probes: the Welcome carries the receiver's info, and nothing follows.
     ``timeout_s`` bounds the whole handshake (None: the connection's own timeout)."""
     shake = ClientHandshake(layout=layout, secret=secret, session_id=session_id, stream_index=stream_index,
-                            num_streams=num_streams, nonce=os.urandom(32), resume=resume, peer=conn.peer,
-                            timeout_s=timeout_s)
+                            num_streams=num_streams, nonce=os.urandom(32), resume=resume, verify=verify,
+                            peer=conn.peer, timeout_s=timeout_s)
     return run(conn, shake, shake.start()).welcome
 
 
@@ -45,12 +46,14 @@ def server_handshake(
     secret: bytes | None,
     welcome: Callable[[Hello], Welcome],
     also_accepted: Container[str] = (),
+    require_verify: bool = True,
     timeout_s: float | None = None,
 ) -> Hello:
     """Run the receiver's side; refuses the peer (telling it why) and raises on failure.
     Returns the sender's Hello once its Welcome is sent."""
     shake = ServerHandshake(layout=layout, secret=secret, nonce=os.urandom(32), welcome=welcome,
-                            also_accepted=also_accepted, peer=conn.peer, timeout_s=timeout_s)
+                            also_accepted=also_accepted, require_verify=require_verify, peer=conn.peer,
+                            timeout_s=timeout_s)
     return run(conn, shake, Step()).hello
 
 

@@ -45,6 +45,13 @@ class SenderOptions:
         drop costs the un-acked layers, not the request. A receiver that refuses the
         connection (process gone) fails the requests at once, when no connection is left.
     transport_options : the backend's options (``TcpOptions``, ``UcxOptions``, ``AutoOptions``).
+    verify : checksum every frame (xxh3, or on the GPU for CUDA memory), so that corrupted
+        bytes fail the request with IntegrityError instead of reaching the engine. False
+        skips it, for a fabric both ends trust; the receiver must allow it (its own
+        ``verify=False``), else the handshake fails with VerifyMismatchError. What that gives
+        up: bytes are then protected only by the fabric (RDMA's end-to-end ICRC; TCP's 16-bit
+        checksum and Ethernet's CRC per hop), not against a flip in a NIC, switch buffer,
+        PCIe or host memory on the way, and a wrong byte reaches the engine silently.
     """
 
     backend: str = "tcp"
@@ -58,6 +65,7 @@ class SenderOptions:
     transport_options: Any = None
     link_bandwidth_bps: float | None = None
     link_loss: float | None = None
+    verify: bool = True
 
     def checked(self, what: str = "SenderOptions", names: dict[str, str] | None = None) -> SenderOptions:
         """These options with the secret as bytes; TypeError/ValueError naming the first
@@ -93,6 +101,10 @@ class ReceiverOptions:
     info : published to authenticated probes (``kvwire.probe``), at most 64 KiB: what a
         sender must know before it picks a layout (a decode instance's ranks, its TP).
     transport_options : the backend's options.
+    verify : require a checksum on every frame (the default): a sender with ``verify=False``
+        is refused in the handshake (VerifyMismatchError on both sides). False lets such
+        senders skip the checks (see ``SenderOptions.verify`` for what that gives up); a
+        sender that keeps ``verify=True`` is still checked.
     """
 
     backend: str = "tcp"
@@ -106,6 +118,7 @@ class ReceiverOptions:
     also_accepted: Sequence[KVLayout] = ()
     info: bytes = b""
     transport_options: Any = None
+    verify: bool = True
 
     def checked(self, what: str = "ReceiverOptions", names: dict[str, str] | None = None) -> ReceiverOptions:
         """These options normalized (secret and info as bytes, also_accepted as a tuple);

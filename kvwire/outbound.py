@@ -214,10 +214,11 @@ class LayerBytes:
     CUDA tensor is copied to host memory then).
     """
 
-    def __init__(self, plan: RequestPlan, request_id: str, device_memory: bool):
+    def __init__(self, plan: RequestPlan, request_id: str, device_memory: bool, verify: bool = True):
         self.plan = plan
         self.request_id = request_id
         self.device_memory = device_memory
+        self.verify = verify  # checksum each frame (else its algorithm is "none": see SenderOptions.verify)
         # per layer, once handed over: its segments [(start, length, buffer, on_device)], the
         # map from byte offsets to them and, for a layer sent in one chunk, that chunk's
         # (pieces, on_device), in one tuple (a writer reads them at once)
@@ -318,11 +319,13 @@ class LayerBytes:
         if cut is None:
             return None
         pieces, nbytes, on_device = cut
+        checksum, algorithm = 0, "none"
         if on_device:
             payload = device.join(pieces, nbytes)
-            checksum, algorithm = device.frame_blocksum(rid, layer, chunk, payload), "blocksum"
+            if self.verify:
+                checksum, algorithm = device.frame_blocksum(rid, layer, chunk, payload), "blocksum"
             pieces = [payload if device_memory else device.to_host(payload)]
-        else:
+        elif self.verify:
             checksum, algorithm = frame_checksum(rid, layer, chunk, pieces, nbytes), "xxh3"
         return [framing.encode(Data(rid, layer, chunk, nbytes, checksum, algorithm)), *pieces]
 

@@ -260,7 +260,8 @@ class Receiver:
         try:
             conn = self._listener.start_tls(conn, self.options.handshake_timeout_s)
             hello = server_handshake(conn, layout=self.layout, secret=self.options.secret, welcome=self._welcome,
-                                     also_accepted=self._layouts, timeout_s=self.options.handshake_timeout_s)
+                                     also_accepted=self._layouts, require_verify=self.options.verify,
+                                     timeout_s=self.options.handshake_timeout_s)
             conn.set_timeout(None)
         except KVWireError as exc:
             log.warning("refused connection from %s: %s: %s", conn.peer, type(exc).__name__, exc)
@@ -291,6 +292,7 @@ class Receiver:
             if session is None:
                 layout = self._layouts[hello.fingerprint]
                 session = self._book.sessions[hello.session_id] = _Session(hello.session_id, conn.peer, layout)
+                session.book.verified = hello.verify
             stream = _Stream(conn, session)
             session.streams.append(stream)
             session.book.orphaned_at = None

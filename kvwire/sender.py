@@ -127,7 +127,7 @@ class Sender:
                 f"request {request_id!r} needs {need} bytes, more than the receiver's budget of {self.max_request_bytes}",
                 request_id=request_id, peer=self.address,
             )
-        layers = LayerBytes(plan, request_id, device_memory=self.takes_device_memory)
+        layers = LayerBytes(plan, request_id, device_memory=self.takes_device_memory, verify=self.options.verify)
         request = self._outbox.open(request_id, plan, timeout, layers)
         return Transfer(request, self._outbox, layers, clock=self._clock)
 

@@ -18,7 +18,8 @@ the bytes have landed:
   checks every byte at both ends costs on this path before its own overheads.
 - ``kvwire_tcp`` / ``kvwire_ucx`` / ``kvwire_ucx_default``: ``send_layer`` + ``finish()``
   (``kvwire_ucx``: endpoints set up like ``raw_ucxx``, ``UcxOptions(shared_memory=True)``;
-  ``kvwire_ucx_default``: kvwire's default, UCX error handling on; the receiver has verified
+  ``kvwire_ucx_default``: kvwire's default, UCX error handling on; ``*_unchecked``: both
+  ends ``verify=False``, no frame checksums, for fabrics both ends trust; otherwise the receiver has verified
   the checksums and acked) into ``rx.expect`` buffers.
 - ``nixl_ucx``: NIXL WRITE with its UCX backend (error handling "none", so it may use shared
   memory too) until ``check_xfer_state`` says DONE.
@@ -54,6 +55,8 @@ CASES = [
     "kvwire_tcp",
     "kvwire_ucx",
     "kvwire_ucx_default",
+    "kvwire_ucx_unchecked",
+    "kvwire_tcp_unchecked",
     "nixl_ucx",
     "mooncake_tcp",
 ]
@@ -129,7 +132,8 @@ def target(case: str, max_bytes: int) -> None:
         from kvwire import Receiver
 
         backend, options = kvwire_backend(case)
-        rx = Receiver(kv_layout(), "127.0.0.1:0", backend=backend, secret=b"peers", transport_options=options)
+        rx = Receiver(kv_layout(), "127.0.0.1:0", backend=backend, secret=b"peers", transport_options=options,
+                      verify=not case.endswith("_unchecked"))
         info["address"] = rx.address
     elif case == "nixl_ucx":
         agent, _ = nixl_agent("target", buf)
@@ -329,8 +333,10 @@ def kvwire_backend(case: str):
     ``kvwire_ucx`` sets its endpoints up like ``raw_ucxx`` (no UCX error handling, so shared
     memory / CMA on one host: ``UcxOptions(shared_memory=True)``); ``kvwire_ucx_default``
     is kvwire's default, UCX error handling everywhere (on one host: UCX's tcp transport),
-    which survives a peer killed mid-transfer.
+    which survives a peer killed mid-transfer. ``*_unchecked``: as the case without the
+    suffix, with ``verify=False`` at both ends (set where the Sender and Receiver are made).
     """
+    case = case.removesuffix("_unchecked")
     if case == "kvwire_tcp":
         return "tcp", None
     from kvwire.transport.ucx import UcxOptions
@@ -358,6 +364,7 @@ class KvwireSending(Sending):
             streams=streams,
             secret=b"peers",
             chunk_bytes=CHUNK_KIB[0] * 1024,
+            verify=not case.endswith("_unchecked"),
         )
         self.streams = self.tx.num_streams  # what streams=None chose, when not given
 
@@ -500,7 +507,7 @@ def summarize(raw: dict, sizes: list[int]) -> dict:
         for n in sizes:
             best = min(result["seconds"][str(n)])
             out[case][f"{n // MIB}MiB"] = {"gbps": round(n / best / GB, 3), "best_seconds": round(best, 6)}
-    for reference in ("raw_socket", "raw_ucxx"):
+    for reference in ("raw_socket", "raw_ucxx", "raw_ucxx_xxh3"):
         base = out.get(reference, {})
         for case, result in out.items():
             for key, cell in result.items():

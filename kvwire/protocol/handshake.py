@@ -28,6 +28,7 @@ from ..errors import (
     ProtocolError,
     RemoteProtocolError,
     TransferTimeout,
+    VerifyMismatchError,
     error_from_kind,
     kind_of,
 )
@@ -113,13 +114,14 @@ class ClientHandshake:
         num_streams: int,
         nonce: bytes,
         resume: bool = False,
+        verify: bool = True,
         peer: str = "the receiver",
         clock: Clock = MONOTONIC,
         timeout_s: float | None = None,
     ):
         fingerprint = "" if layout is None else layout.fingerprint
         self.hello = Hello(PROTOCOL_VERSION, session_id, stream_index, num_streams, fingerprint, nonce, resume,
-                           probe=layout is None)
+                           probe=layout is None, verify=verify)
         self._layout, self._secret, self._peer = layout, secret, peer
         self._waiting_for: type | None = None
         self._deadline = _Deadline(clock, timeout_s, peer)
@@ -175,7 +177,8 @@ class ServerHandshake:
     """The receiver's side: Hello in (version), Challenge out, Auth in (the sender's proof,
     then its layout), Welcome out. ``welcome`` makes the accepting reply once the sender has
     proven itself; a sender's layout must be ``layout`` or have a fingerprint in
-    ``also_accepted`` (a probe has none)."""
+    ``also_accepted`` (a probe has none), and a sender that skips frame checks
+    (``Hello.verify`` False) is refused where ``require_verify``."""
 
     def __init__(
         self,
@@ -185,11 +188,13 @@ class ServerHandshake:
         nonce: bytes,
         welcome: Callable[[Hello], Welcome],
         also_accepted: Container[str] = (),
+        require_verify: bool = True,
         peer: str = "the sender",
         clock: Clock = MONOTONIC,
         timeout_s: float | None = None,
     ):
         self._layout, self._secret, self._nonce, self._welcome = layout, secret, nonce, welcome
+        self._require_verify = require_verify
         self._also_accepted, self._peer = also_accepted, peer
         self._hello: Hello | None = None
         self._waiting_for: type | None = Hello
@@ -234,6 +239,11 @@ class ServerHandshake:
                 return self._refuse(AuthenticationError("sender's proof of the shared secret is wrong (different secret)"))
         if not hello.probe and hello.fingerprint != self._layout.fingerprint and hello.fingerprint not in self._also_accepted:
             return self._refuse(LayoutMismatchError(layout_difference(self._layout, auth)))
+        if not hello.probe and not hello.verify and self._require_verify:
+            return self._refuse(VerifyMismatchError(
+                "this receiver requires a checksum on every frame (ReceiverOptions verify=True, the default) and "
+                "the sender has verify=False: set verify=False on the receiver too, only for a fabric both ends trust"
+            ))
         self._waiting_for = None
         welcome = self._welcome(hello)
         return Step(send=(welcome,), accepted=Accepted(hello, PROTOCOL_VERSION, bool(self._secret), welcome))

@@ -177,6 +177,7 @@ class SessionBook:
         # under the receiver's lock, like the sessions table (see ReceiverBook.expire_sessions).
         self.orphaned_at: float | None = None
         self.lost_peer = self.lost_cause = ""
+        self.verified = True  # every frame carries a checksum (the sender did not ask to skip them)
 
     def orphaned(self, now: float, peer: str, cause: str) -> None:
         """The session's last connection closed: its sender may still resume."""
@@ -229,18 +230,21 @@ class SessionBook:
         answered.add(key)
         return Ack(msg.rid, msg.layer) if outcome is None else outcome
 
-    @staticmethod
-    def on_chunk(request, msg: Data) -> Drain | None:
+    def on_chunk(self, request, msg: Data) -> Drain | None:
         """Where a Data frame's payload goes, for a request this session holds (found in
         ``requests`` by the driver; for one it does not: ``data_for_unknown``): None to
         receive it into the request's memory for its chunk, or a Drain: a chunk already here (a resumed sender re-sends what it had no ack for: keep what
         arrived, and ack a complete layer again, its first ack may have been lost), or a
-        chunk outside its request's plan (which fails it). Reads only the request, which
-        keeps its own lock: the hot path takes no session lock."""
+        chunk outside its request's plan, or without a checksum in a session that checks
+        every frame (either fails it). Reads only the request, which keeps its own lock:
+        the hot path takes no session lock."""
         layer, chunk = msg.layer, msg.chunk
         if layer < request.num_layers and chunk < request.num_chunks[layer] and request.is_duplicate(layer, chunk):
             return Drain(msg.nbytes, Ack(msg.rid, layer) if request.layer_complete(layer) else None)
         problem = request.plan.check_data(layer, chunk, msg.nbytes)
+        if problem is None and msg.algorithm == "none" and self.verified:
+            problem = (f"layer {layer} chunk {chunk} came without a checksum, but this sender's handshake "
+                       "said it checks every frame")
         if problem is not None:
             return Drain(msg.nbytes, request=request,
                          error=RemoteProtocolError(f"request {request.request_id!r}: {problem}",

@@ -11,7 +11,7 @@ from typing import Annotated, Literal, Union
 import msgspec
 from msgspec import Meta
 
-PROTOCOL_VERSION = 3  # 2: Data.algorithm; 3: Hello.probe, Welcome.info
+PROTOCOL_VERSION = 4  # 2: Data.algorithm; 3: Hello.probe, Welcome.info; 4: Hello.verify, algorithm "none"
 
 Name = Annotated[str, Meta(min_length=1, max_length=256)]
 Reason = Annotated[str, Meta(max_length=4096)]
@@ -52,6 +52,7 @@ class Hello(_Message, tag="hello"):
     nonce: Nonce
     resume: bool = False  # replaces a lost stream of a session the receiver may still hold
     probe: bool = False  # only asks for the receiver's published info (no layout, no session)
+    verify: bool = True  # False: this sender skips the frame checksums (accepted only where the receiver allows it)
 
 
 class Challenge(_Message, tag="challenge"):
@@ -109,8 +110,9 @@ class Data(_Message, tag="data"):
     nbytes: Annotated[int, Meta(ge=0, le=1 << 30)]
     checksum: int  # of header fields and payload, by ``algorithm``
     # "xxh3": wire.checksum, over host memory; "blocksum": wire.blocksum, which a GPU
-    # computes where the data is (a sender's CUDA tensors over UCX)
-    algorithm: Literal["xxh3", "blocksum"] = "xxh3"
+    # computes where the data is (a sender's CUDA tensors over UCX); "none": not checked
+    # (checksum 0), only in a session whose handshake agreed to skip checks (verify=False)
+    algorithm: Literal["xxh3", "blocksum", "none"] = "xxh3"
 
 
 class Ack(_Message, tag="ack"):
