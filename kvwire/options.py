@@ -37,7 +37,8 @@ class SenderOptions:
     connect_timeout_s : to connect and complete the handshake (keyword ``timeout`` too).
     chunk_bytes : frame payload size; each frame is checksummed, and acked per layer. None:
         each ``open()`` takes 64 MiB while every connection takes CUDA memory as is (UCX
-        that opened cuda_copy, on a machine with a GPU), else 4 MiB.
+        that opened cuda_copy, on a machine with a GPU) or with ``verify=False`` over one
+        connection, else 4 MiB.
     max_queued_chunks : chunks waiting for a connection; ``send_layer`` blocks beyond it
         (a layer is queued whole once there is room).
     resume_window_s : how long to keep reconnecting a dropped connection. Meanwhile requests

@@ -160,7 +160,10 @@ class Sender:
         if self.options.chunk_bytes is not None:
             return self.options.chunk_bytes
         on_gpu = self.takes_device_memory and not device.simulated()
-        return DEVICE_CHUNK_BYTES if on_gpu else DEFAULT_CHUNK_BYTES
+        # Unchecked frames over one connection have nothing to overlap (no checksum of one
+        # chunk while the next arrives) nor to stripe: each chunk is only a cost.
+        unchecked_alone = not self.options.verify and len(self._conns) == 1
+        return DEVICE_CHUNK_BYTES if on_gpu or unchecked_alone else DEFAULT_CHUNK_BYTES
 
     @property
     def backend_names(self) -> list[str]:

@@ -62,7 +62,7 @@ CASES = [
 ]
 PEER_CASES = {"nixl_ucx", "mooncake_tcp"}
 TOKEN_BYTES = 1024
-CHUNK_KIB = [4096]  # kvwire's chunk size (Sender default 4 MiB); set by --chunk-kib
+CHUNK_KIB = [0]  # kvwire's chunk size, set by --chunk-kib (0: the Sender's own choice, Sender.chunk_bytes)
 
 
 def repeats_for(nbytes: int) -> int:
@@ -363,7 +363,7 @@ class KvwireSending(Sending):
             transport_options=options,
             streams=streams,
             secret=b"peers",
-            chunk_bytes=CHUNK_KIB[0] * 1024,
+            chunk_bytes=CHUNK_KIB[0] * 1024 or None,
             verify=not case.endswith("_unchecked"),
         )
         self.streams = self.tx.num_streams  # what streams=None chose, when not given
@@ -575,7 +575,8 @@ def main(argv=None) -> None:
     ap.add_argument(
         "--streams", default="auto", help="kvwire connections per Sender (auto: the Sender's own choice, streams=None)"
     )
-    ap.add_argument("--chunk-kib", type=int, default=4096, help="kvwire chunk size")
+    ap.add_argument("--chunk-kib", type=int, default=0,
+                    help="kvwire chunk size (0: the Sender's choice: 4 MiB; 64 MiB unchecked over one connection)")
     ap.add_argument(
         "--peers-python",
         default="/tmp/peers-venv/bin/python",
@@ -610,7 +611,7 @@ def main(argv=None) -> None:
         "transport": "loopback, two processes",
         "repeats": {f"{n // MIB}MiB": repeats_for(n) for n in sizes},
         "kvwire_streams": args.streams,
-        "kvwire_chunk_bytes": args.chunk_kib * 1024,
+        "kvwire_chunk_bytes": args.chunk_kib * 1024 or "the Sender's choice (4 MiB; 64 MiB for *_unchecked)",
         "results": summary,
         "load_average_before_after": [round(x, 2) for x in (*load_before, *os.getloadavg())],
         "caveat": "the CPUs may be shared with other work; compare cases from the same run only",

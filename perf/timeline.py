@@ -91,6 +91,14 @@ def trace_receiver(backend: str) -> None:
     wrap(conn, "send", "rx conn send", before=False)
 
 
+def transport_options(args):
+    if args.backend == "ucx" and args.shared_memory:
+        from kvwire.transport.base import UcxOptions
+
+        return UcxOptions(shared_memory=True)
+    return None
+
+
 def the_layout(one_tensor_kib: int) -> KVLayout:
     if one_tensor_kib:
         return KVLayout([{"x": TensorSpec((one_tensor_kib * 1024 // TOKENS,), "uint8", per_token=True)}])
@@ -101,7 +109,8 @@ def receiver_main(args) -> None:
     trace_receiver(args.backend)
     requests = args.requests
     layout = the_layout(args.one_tensor_kib)
-    rx = Receiver(layout, "127.0.0.1:0", max_bytes=1 << 30, backend=args.backend)
+    rx = Receiver(layout, "127.0.0.1:0", max_bytes=1 << 30, backend=args.backend,
+                  transport_options=transport_options(args))
     print(json.dumps({"address": rx.address}), flush=True)
     memory = np.zeros((requests, layout.nbytes(TOKENS)), np.uint8)
     for i in range(requests):
@@ -129,6 +138,7 @@ def run(argv=None) -> dict:
     ap.add_argument("--backend", choices=["tcp", "ucx"], default="tcp")
     ap.add_argument("--one-tensor-kib", type=int, default=0,
                     help="a one-layer layout of one tensor this large instead of the hybrid layout")
+    ap.add_argument("--shared-memory", action="store_true", help="UcxOptions(shared_memory=True) at both ends")
     ap.add_argument("--role", choices=["receiver"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.role == "receiver":
@@ -136,14 +146,14 @@ def run(argv=None) -> dict:
         return {}
     child = subprocess.Popen([sys.executable, *os.environ.get("PERF_TIMELINE_RX", "-m perf.timeline").split(), "--role", "receiver", "--requests",
                               str(args.requests), "--backend", args.backend, "--one-tensor-kib",
-                              str(args.one_tensor_kib)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+                              str(args.one_tensor_kib), *(["--shared-memory"] if args.shared_memory else [])], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
     try:
         address = json.loads(child.stdout.readline())["address"]
         trace_sender(args.backend)
         layout = the_layout(args.one_tensor_kib)
         data = as_wire(request_data(layout, 0))
         sent = []
-        with Sender(layout, address, streams=1, backend=args.backend) as tx:
+        with Sender(layout, address, streams=1, backend=args.backend, transport_options=transport_options(args)) as tx:
             for i in range(args.requests):
                 EVENTS.clear()
                 xfer = tx.open(f"r{i}", TOKENS, timeout=60)
