@@ -45,6 +45,8 @@ BENCHMARKS = {
     "codec": "perf.codec",
     "peers": "perf.peers",
     "requests": "perf.requests",
+    "timeline": "perf.timeline",
+    "senders": "perf.senders",
     "wan": "perf.wan",
     "ttft-wan": "perf.ttft_wan",
     "tls-wan": "perf.tls_wan",

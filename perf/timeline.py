@@ -201,6 +201,26 @@ def summarize(sent: list, received: list, request_bytes: int) -> dict:
     }
 
 
+def plot(result: dict, path: str) -> None:
+    """Each event at its median time, the sender's above the receiver's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["timeline"]
+    fig, ax = plt.subplots(figsize=(12, 0.16 * len(rows) + 1.5))
+    for i, row in enumerate(rows):
+        side = row["event"].split()[0]
+        ax.plot([row["median_us"]], [-i], "o", color="tab:blue" if side == "tx" else "tab:orange", ms=3)
+        ax.text(row["median_us"] + 5, -i, row["event"], fontsize=6, va="center")
+    ax.set(xlabel="microseconds from Sender.open (median)", yticks=[],
+           title=f"one request, {result['request_bytes']} bytes: tx (blue), rx (orange); "
+                 f"open -> finish {result['open_to_finish_us']} us")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv=None) -> None:
     result = run(argv)
     if result:
