@@ -93,7 +93,7 @@ def sender_main(args) -> None:
     if args.raw:
         sock = socket.create_connection((args.host, args.port))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        send = lambda r: (sock.sendall(payload), sock.recv(1))  # noqa: E731
+        send = lambda r: (sock.sendall(payload), sock.recv(1))
     else:
         from kvwire import Sender
 
