@@ -16,6 +16,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from . import arrays, device, dtypes, paged
+from .dtypes import accepts
 from .codecs import Codec, float32_to_bits, geometry
 from .errors import RequestRejected
 from .layout import ALIGN_BYTES, LayerPlan
@@ -71,11 +72,16 @@ class Expectation:
         described = self.described.get((layer, name))
         if described is None:
             array = self.buffers[layer][name]
-            on_device = device.is_device(array)
-            try:
-                described = (*arrays.writable_bytes(array), on_device)
-            except ValueError as exc:
-                described = (None, str(exc), None, on_device)
+            if type(array) is np.ndarray and array.flags.c_contiguous and array.flags.writeable:
+                # most buffers, and thousands per request where tensors are small: the
+                # fast path of arrays.writable_bytes (a numpy array is never CUDA memory)
+                described = (array.reshape(-1).view(np.uint8), array.shape, dtypes.name_of_numpy(array.dtype), False)
+            else:
+                on_device = device.is_device(array)
+                try:
+                    described = (*arrays.writable_bytes(array), on_device)
+                except ValueError as exc:
+                    described = (None, str(exc), None, on_device)
             self.described[(layer, name)] = described
         return described
 
@@ -184,12 +190,19 @@ def place_layer(
 def _all_direct_to_host(index: int, plan: LayerPlan, expectation: Expectation, num_tokens: int,
                         where: str) -> PlacedLayer | None:
     """The common case of ``place_layer`` in one pass: every tensor of a lossless layer
-    lands straight in its own host ``expect()`` buffer. None if any buffer is CUDA memory."""
+    lands straight in its own host ``expect()`` buffer. None if any buffer is CUDA memory
+    or does not fit (the general path then says which and why). Layers of thousands of
+    small tensors are common: the checks are inline, at a few operations per tensor."""
     segments, outputs, position = [], [], 0
+    described, describe = expectation.described, expectation._describe
     for slot in plan.slots:
-        if expectation.on_device(index, slot.name):
+        spec = slot.spec
+        flat, shape, dtype, on_device = described.get((index, slot.name)) or describe(index, slot.name)
+        if on_device or flat is None or not (dtype == spec.dtype or accepts(spec.dtype, dtype)):
             return None
-        flat = _destination_bytes(f"{where} {slot.name!r}", slot, expectation, index, num_tokens)
+        if not (shape[1:] == spec.shape and shape[0] >= num_tokens if spec.per_token else shape == spec.shape):
+            return None
+        flat = flat[: slot.nbytes]
         if slot.offset > position:
             segments.append((position, _PAD[: slot.offset - position]))
         if slot.nbytes:
