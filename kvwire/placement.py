@@ -16,8 +16,8 @@ from typing import Callable, Mapping
 import numpy as np
 
 from . import arrays, device, dtypes, paged
-from .dtypes import accepts
 from .codecs import Codec, float32_to_bits, geometry
+from .dtypes import accepts
 from .errors import RequestRejected
 from .layout import ALIGN_BYTES, LayerPlan
 
