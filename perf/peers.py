@@ -118,7 +118,7 @@ def target_loop(control: Control, buf: np.ndarray, expected: np.ndarray, on_mess
 
 
 def target(case: str, max_bytes: int) -> None:
-    buf = np.zeros(max_bytes, dtype=np.uint8)  # zeros writes every page: touched before timing
+    buf = np.ones(max_bytes, dtype=np.uint8)  # ones writes every page (zeros maps them lazily): touched before timing
     expected = pattern(max_bytes)
     lsock, cport = serve_control()
     info = {"control": cport}

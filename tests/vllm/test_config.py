@@ -20,6 +20,7 @@ from serving.vllm_engine import Engine
     ({"streams": 0}, "kv_producer", "expected an integer in 1..1024, got 0"),
     ({"secret_file": "/nonexistent/secret"}, "kv_producer", "cannot read /nonexistent/secret"),
     ({"tls_cert": "c.pem"}, "kv_producer", "'tls_cert' and 'tls_key' go together"),
+    ({"verify": "no"}, "kv_producer", "['verify']: expected true or false, got 'no'"),
 ])
 def test_bad_options_are_refused_with_the_key_named(extra, role, message):
     with pytest.raises(ValueError) as error:

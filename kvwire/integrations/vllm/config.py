@@ -40,6 +40,7 @@ class ConnectorConfig:
     load_timeout_s: float = 120.0  # consumer: wait this long for a push to be opened and land
     lease_s: float = 60.0  # consumer: free pushed KV that no decode request claimed by then
     max_receive_mib: int = 4096  # consumer: receiver memory budget
+    verify: bool = True  # checksum every frame; False on both sides skips it (SenderOptions.verify)
 
     @classmethod
     def parse(cls, extra: dict[str, Any] | None, *, role: str) -> ConnectorConfig:
@@ -57,6 +58,8 @@ class ConnectorConfig:
             raise ValueError(f"kv_connector_extra_config['backend']: {extra['backend']!r} is not one of {BACKENDS}")
         if extra.get("codec", "none") not in CODECS:
             raise ValueError(f"kv_connector_extra_config['codec']: {extra['codec']!r} is not one of {sorted(CODECS)}")
+        if not isinstance(extra.get("verify", True), bool):
+            raise ValueError(f"kv_connector_extra_config['verify']: expected true or false, got {extra['verify']!r}")
         streams = extra.get("streams")
         if streams is not None and (not isinstance(streams, int) or not 1 <= streams <= 1024):
             raise ValueError(f"kv_connector_extra_config['streams']: expected an integer in 1..1024, got {streams!r}")

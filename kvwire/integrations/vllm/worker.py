@@ -168,7 +168,7 @@ class ConnectorWorker:
                     max_request_timeout_s=max(self.config.transfer_timeout_s, 1.0),
                     claim_timeout_s=self.config.lease_s,
                     also_accepted=topology.accepted_layouts(self.geometry, self.tp_size, self.rank),
-                    info=msgspec.msgpack.encode(instance),
+                    info=msgspec.msgpack.encode(instance), verify=self.config.verify,
                 )
             except OSError as exc:
                 raise OSError(exc.errno, f"KVWireConnector: kv_connector_extra_config['listen'] "
@@ -234,6 +234,7 @@ class ConnectorWorker:
             return Sender(
                 layout, address, backend=self.config.backend, streams=self.config.streams,
                 secret=self.secret, ssl_context=self.config.client_tls(), timeout=self.config.connect_timeout_s,
+                verify=self.config.verify,
             )
         except LayoutMismatchError as exc:
             raise LayoutMismatchError(f"{exc} (kvwire layers here: {self.cache.names()})") from None
