@@ -16,7 +16,12 @@ when the window is full. Measured:
   checks every byte on this machine;
 - open -> first layer ready, on the receiver (``Sender.open`` to ``wait_layer(0)``
   returning, CLOCK_MONOTONIC is shared by both processes): p50, p99 and max, so a starved
-  request shows.
+  request shows;
+- CPU time (user + system, all threads) per request at each end, for kvwire and the raw
+  socket: what a request costs, apart from how the two processes share the cores.
+
+Receive memory is touched before timing (``np.zeros`` maps its pages lazily, and a first
+write that faults would be counted against whoever wrote it).
 
 Every request's bytes are compared with the sender's pattern at the end of each case.
 """
@@ -241,7 +246,7 @@ def run_backend(backend: str, args) -> dict:
     rows = {}
     try:
         ports = json.loads(child.stdout.readline())
-        with Sender(layout, ports["kvwire"], backend=backend, streams=int(os.environ.get("STREAMS", "0")) or None) as tx:
+        with Sender(layout, ports["kvwire"], backend=backend, streams=args.streams) as tx:
             ask(case="kvwire", tag="warm", requests=20)
             send_kvwire(tx, data, "warm", 20, 4)  # connections and caches warm
             child.stdout.readline()
@@ -289,6 +294,7 @@ def run(argv=None) -> dict:
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--inflight", default="1,64", help="windows of requests in flight, comma-separated")
     ap.add_argument("--backends", default="tcp,ucx")
+    ap.add_argument("--streams", type=int, default=None, help="Sender connections (default: the Sender's choice)")
     ap.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--role", choices=["receiver"], help=argparse.SUPPRESS)
     ap.add_argument("--backend", default="tcp", help=argparse.SUPPRESS)
