@@ -53,7 +53,7 @@ class Expectation:
         expectation = cls(buffers, block_ids, keep_quantized)
         for layer, tensors in buffers.items():
             for name in tensors:
-                expectation.on_device(layer, name)
+                expectation._describe(layer, name)  # now, in the engine's thread
         return expectation
 
     def on_device(self, layer: int, name: str) -> bool:
@@ -113,7 +113,7 @@ def place_layer(
     is_paged = expectation.block_ids is not None
     where = f"expect() buffer for layer {index} tensor"
     if codec is None and not is_paged and len(buffers) == len(plan.slots):
-        placed = _all_direct_to_host(index, plan, expectation, num_tokens, where)
+        placed = _all_direct_to_host(index, plan, expectation, num_tokens)
         if placed is not None:
             return placed
 
@@ -187,8 +187,7 @@ def place_layer(
                        on_device=bool(device_pools or engine_arrays))
 
 
-def _all_direct_to_host(index: int, plan: LayerPlan, expectation: Expectation, num_tokens: int,
-                        where: str) -> PlacedLayer | None:
+def _all_direct_to_host(index: int, plan: LayerPlan, expectation: Expectation, num_tokens: int) -> PlacedLayer | None:
     """The common case of ``place_layer`` in one pass: every tensor of a lossless layer
     lands straight in its own host ``expect()`` buffer. None if any buffer is CUDA memory
     or does not fit (the general path then says which and why). Layers of thousands of

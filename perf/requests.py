@@ -44,6 +44,8 @@ import xxhash
 
 from kvwire import KVLayout, Receiver, Sender, TensorSpec
 
+from .transfer import as_layout_dtype, pattern
+
 GB = 1e9
 TOKENS = 256
 BITS = {"float32": np.float32, "bfloat16": np.uint16, "uint8": np.uint8}  # how each dtype's bits are made here
@@ -56,26 +58,6 @@ def hybrid_layout() -> KVLayout:
     return KVLayout([full if i % 4 == 3 else linear for i in range(8)])
 
 
-def request_data(layout: KVLayout, seed: int) -> list[dict[str, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for layer in layout.layers:
-        tensors = {}
-        for name, spec in layer.items():
-            shape = spec.full_shape(TOKENS)
-            raw = rng.integers(0, 256, size=spec.nbytes(TOKENS), dtype=np.uint8)
-            tensors[name] = raw.view(BITS[spec.dtype]).reshape(shape)
-        out.append(tensors)
-    return out
-
-
-def as_wire(layers):
-    """bf16 arrays for kvwire (uint16 bits viewed as ml_dtypes.bfloat16, which ships with torch-free installs)."""
-    import ml_dtypes
-
-    return [{n: a.view(ml_dtypes.bfloat16) if a.dtype == np.uint16 else a for n, a in t.items()} for t in layers]
-
-
 def flat(layers) -> np.ndarray:
     return np.concatenate([a.reshape(-1).view(np.uint8) for t in layers for a in t.values()])
 
@@ -85,7 +67,7 @@ def flat(layers) -> np.ndarray:
 
 def receiver(args) -> None:
     layout = hybrid_layout()
-    patterns = [flat(request_data(layout, seed)) for seed in range(4)]
+    patterns = [flat(pattern(layout, TOKENS, seed)) for seed in range(4)]
     rx = Receiver(layout, "127.0.0.1:0", backend=args.backend, max_bytes=4 << 30)
     lsock = socket.create_server(("127.0.0.1", 0))
     print(json.dumps({"kvwire": rx.address, "raw": lsock.getsockname()[1]}), flush=True)
@@ -123,7 +105,7 @@ def receive_kvwire(rx: Receiver, op: dict, patterns) -> dict:
     nbytes = layout.nbytes(TOKENS)
     memory = np.ones((op["requests"], nbytes), np.uint8)  # touched before timing (np.zeros maps pages lazily)
     for i in range(op["requests"]):
-        rx.expect(f"{op['tag']}-{i}", as_wire(carve(layout, memory[i])))
+        rx.expect(f"{op['tag']}-{i}", as_layout_dtype(carve(layout, memory[i]), layout))
     print(json.dumps({"ready": True}), flush=True)
     cpu0 = time.process_time()
     first_layer = {}
@@ -231,8 +213,8 @@ def run_backend(backend: str, args) -> dict:
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )
     layout = hybrid_layout()
-    raw_data = [request_data(layout, seed) for seed in range(4)]
-    data = [as_wire(layers) for layers in raw_data]
+    raw_data = [pattern(layout, TOKENS, seed) for seed in range(4)]
+    data = [as_layout_dtype(layers, layout) for layers in raw_data]
     nbytes = layout.nbytes(TOKENS)
 
     def ask(**op) -> dict:

@@ -29,7 +29,8 @@ import numpy as np
 
 from kvwire import KVLayout, Receiver, Sender, TensorSpec
 
-from .requests import TOKENS, as_wire, carve, hybrid_layout, request_data
+from .requests import TOKENS, carve, hybrid_layout
+from .transfer import as_layout_dtype, pattern
 
 QUICK_ARGS = ["--requests", "30"]
 EVENTS: list[tuple[int, str]] = []
@@ -114,7 +115,7 @@ def receiver_main(args) -> None:
     print(json.dumps({"address": rx.address}), flush=True)
     memory = np.ones((requests, layout.nbytes(TOKENS)), np.uint8)  # touched: np.zeros maps pages lazily
     for i in range(requests):
-        rx.expect(f"r{i}", as_wire(carve(layout, memory[i])))
+        rx.expect(f"r{i}", as_layout_dtype(carve(layout, memory[i]), layout))
     per_request = []
     for i in range(requests):
         EVENTS.clear()
@@ -151,7 +152,7 @@ def run(argv=None) -> dict:
         address = json.loads(child.stdout.readline())["address"]
         trace_sender(args.backend)
         layout = the_layout(args.one_tensor_kib)
-        data = as_wire(request_data(layout, 0))
+        data = as_layout_dtype(pattern(layout, TOKENS, 0), layout)
         sent = []
         with Sender(layout, address, streams=1, backend=args.backend, transport_options=transport_options(args)) as tx:
             for i in range(args.requests):

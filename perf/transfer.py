@@ -47,7 +47,7 @@ def pattern(layout: KVLayout, num_tokens: int, seed: int) -> list[dict[str, np.n
         for name, spec in layer.items():
             shape = spec.full_shape(num_tokens)
             raw = rng.integers(0, 256, size=int(np.prod(shape)) * spec.itemsize, dtype=np.uint8)
-            tensors[name] = raw.view({2: np.uint16, 4: np.float32}[spec.itemsize]).reshape(shape)
+            tensors[name] = raw.view({1: np.uint8, 2: np.uint16, 4: np.float32}[spec.itemsize]).reshape(shape)
         layers.append(tensors)
     return layers
 

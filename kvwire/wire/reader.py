@@ -29,7 +29,7 @@ class FrameReader:
                  buffer_bytes: int = BUFFER_BYTES):
         self.conn = conn
         self._limit = header_limit
-        self._partial = getattr(conn.capabilities, "partial_reads", False)
+        self._partial = conn.capabilities.partial_reads
         self._buffer = memoryview(bytearray(max(buffer_bytes, framing.PREFIX_BYTES + header_limit)))
         self._start = 0  # buffered bytes are _buffer[_start:_end]
         self._end = 0
