@@ -56,6 +56,7 @@ BENCHMARKS = {
     "gpu-kv": "perf.gpu_kv",  # skipped without a GPU (a dry run in host memory instead)
     "gpu-codec": "perf.gpu_codec",  # skipped without a GPU
     "vllm-pd": "perf.vllm_pd",  # skipped without vLLM; NIXL rows without nixl
+    "vllm-serve": "perf.vllm_serve",  # skipped without vLLM; NIXL rows without nixl
 }
 # --quick arguments for modules that do not define QUICK_ARGS themselves
 QUICK = {"peers": ["--sizes", "1", "--cases", "raw_socket,kvwire_tcp"]}

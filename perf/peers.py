@@ -450,11 +450,29 @@ def role_command(python: str, case: str, role: str) -> list[str]:
     return [python, "-m", "perf.peers", "--role", role, "--case", case]
 
 
+def size_label(nbytes: int) -> str:
+    """``16MiB``, ``64KiB``: the key of a size in the results, and what ``--sizes`` reads back."""
+    return f"{nbytes // MIB}MiB" if nbytes % MIB == 0 else f"{nbytes // 1024}KiB"
+
+
+def parse_sizes(text: str) -> list[int]:
+    """``1,16,256`` (MiB), or with units: ``64KiB,1MiB,256M``."""
+    sizes = []
+    for item in text.split(","):
+        item = item.strip().removesuffix("iB").removesuffix("B")
+        scale = {"K": 1024, "M": MIB}.get(item[-1:].upper(), 0)
+        number = item[:-1] if scale else item
+        if not number.isdigit() or int(number) == 0:
+            raise SystemExit(f"--sizes: {item!r} is not a whole number of KiB or MiB (say 64K, 1M or 16)")
+        sizes.append(int(number) * (scale or MIB))
+    return sizes
+
+
 def run_case(case: str, sizes: list[int], python: str, streams: str, timeout_s: float) -> dict:
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     common = [
         "--sizes",
-        ",".join(str(n // MIB) for n in sizes),
+        ",".join(size_label(n) for n in sizes),
         "--streams",
         streams,
         "--chunk-kib",
@@ -506,7 +524,7 @@ def summarize(raw: dict, sizes: list[int]) -> dict:
         out[case] = {"verified": result["verified"]}
         for n in sizes:
             best = min(result["seconds"][str(n)])
-            out[case][f"{n // MIB}MiB"] = {"gbps": round(n / best / GB, 3), "best_seconds": round(best, 6)}
+            out[case][size_label(n)] = {"gbps": round(n / best / GB, 3), "best_seconds": round(best, 6)}
     for reference in ("raw_socket", "raw_ucxx", "raw_ucxx_xxh3"):
         base = out.get(reference, {})
         for case, result in out.items():
@@ -528,7 +546,7 @@ def streams_label(result: dict) -> str:
 
 def table(summary: dict, sizes: list[int]) -> str:
     nan = float("nan")
-    keys = [f"{n // MIB}MiB" for n in sizes]
+    keys = [size_label(n) for n in sizes]
     lines = [f"{'case':<19}" + "".join(f"{k + ' GB/s':>14}{'x sock':>8}{'x ucxx':>8}" for k in keys)]
     for case, result in summary.items():
         if "error" in result:
@@ -543,13 +561,26 @@ def table(summary: dict, sizes: list[int]) -> str:
 
 
 def plot(result: dict, path: str) -> None:
-    """GB/s per size (log scale), one bar per case; raw ucxx's level dashed across each size."""
+    """GB/s per size (log scale), one bar per case; raw ucxx's level dashed across each size.
+    More than four sizes: goodput against size, a line per case (log-log)."""
     import matplotlib.pyplot as plt
 
     from perf.plots import _finish  # (sets matplotlib's Agg backend)
 
     cases = {c: r for c, r in result["results"].items() if "error" not in r}
     sizes = list(result["repeats"])
+    if len(sizes) > 4:
+        nbytes = parse_sizes(",".join(sizes))
+        fig, ax = plt.subplots(figsize=(9, 5))
+        for case, cells in cases.items():
+            style = ":" if case.startswith("raw_") else "-"
+            ax.plot(nbytes, [cells[k]["gbps"] for k in sizes], "o" + style, label=case + streams_label(cells), ms=3)
+        ax.set(xscale="log", yscale="log", xlabel="bytes per transfer", ylabel="GB/s (best of repeats)")
+        ax.set_xticks(nbytes, sizes, fontsize=7)
+        ax.set_title("goodput against transfer size, loopback, two processes, every byte verified", fontsize=10)
+        ax.legend(fontsize=7, ncol=3)
+        _finish(fig, ax, result, path)
+        return
     fig, ax = plt.subplots(figsize=(9, 5))
     width = 0.8 / max(1, len(cases))
     for i, (case, cells) in enumerate(cases.items()):
@@ -570,7 +601,8 @@ def plot(result: dict, path: str) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true", help="print the JSON only")
-    ap.add_argument("--sizes", default="1,16,256", help="MiB, comma-separated")
+    ap.add_argument("--sizes", default="1,16,256",
+                    help="MiB, comma-separated, or with units (64K,256K,1M,...,256M: a curve instead of bars)")
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument(
         "--streams", default="auto", help="kvwire connections per Sender (auto: the Sender's own choice, streams=None)"
@@ -587,7 +619,7 @@ def main(argv=None) -> None:
     ap.add_argument("--case", help=argparse.SUPPRESS)
     ap.add_argument("--info", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    sizes = [int(s) * MIB for s in args.sizes.split(",")]
+    sizes = parse_sizes(args.sizes)
     CHUNK_KIB[0] = args.chunk_kib
     if args.role == "target":
         return target(args.case, max(sizes))
@@ -609,7 +641,7 @@ def main(argv=None) -> None:
         "benchmark": "peers",
         "units": "GB/s (1e9 bytes/s), best of repeats; ratio_to_raw_socket and ratio_to_raw_ucxx per size",
         "transport": "loopback, two processes",
-        "repeats": {f"{n // MIB}MiB": repeats_for(n) for n in sizes},
+        "repeats": {size_label(n): repeats_for(n) for n in sizes},
         "kvwire_streams": args.streams,
         "kvwire_chunk_bytes": args.chunk_kib * 1024 or "the Sender's choice (4 MiB; 64 MiB for *_unchecked)",
         "results": summary,

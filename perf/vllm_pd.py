@@ -49,7 +49,7 @@ def _prompts(lengths, seed=5):
     return [[rng.randrange(3, 2000) for _ in range(n)] for n in lengths]
 
 
-def _nixl_missing() -> str | None:
+def nixl_missing() -> str | None:
     if importlib.util.find_spec("nixl") is None and importlib.util.find_spec("nixl_cu12") is None:
         return "nixl is not installed (pip install -c constraints.txt -e '.[nixl]')"
     return None
@@ -147,7 +147,7 @@ def run(argv: list[str] | None = None) -> dict:
         for link_name, tp in ((name, tp) for name in args.links.split(",") for tp in configurations):
             for connector in args.connectors.split(","):
                 key = _key(connector, link_name, tp)
-                reason = _nixl_missing() if connector == "nixl" else None
+                reason = nixl_missing() if connector == "nixl" else None
                 if link_name == "wan" and reason is None:
                     from kvwire.testing.wan import unavailable_reason
 

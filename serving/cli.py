@@ -87,9 +87,10 @@ def parser() -> argparse.ArgumentParser:
                         help="the PrfaaS cluster's egress link capacity (default 10)")
     router.add_argument("--control-interval", type=flags.positive_float, metavar="S",
                         help="seconds between worker-state polls (default 0.5)")
-    router.add_argument("--engine", choices=["auto", "kvwire", "vllm"],
-                        help="what the workers are: kvwire-serve workers or vLLM OpenAI servers running "
-                             "KVWireConnector (default auto: asked at start-up)")
+    router.add_argument("--engine", choices=["auto", "kvwire", "vllm", "vllm-nixl"],
+                        help="what the workers are: kvwire-serve workers, vLLM OpenAI servers running "
+                             "KVWireConnector, or (vllm-nixl) running vLLM's NixlConnector, driven as vLLM's "
+                             "proxy drives them (default auto: asked at start-up; NIXL servers are never guessed)")
     router.add_argument("--decode-kv", action="append", type=flags.url_and_address, metavar="URL=HOST:PORT",
                         help="a vLLM decode server's kvwire address (its connector's listen), as prefill servers "
                              "reach it (repeat; unset: the prefill servers' own 'decode' option)")
@@ -301,7 +302,7 @@ def check_worker_roles(config) -> None:
     urls = {url: ("--decode", "decode") for url in config.decode}
     urls.update({url: ("--prefill", "prefill") for url in config.prefill})
     urls.update({url: (f"--prfaas ({cluster.name})", "prefill") for cluster in config.prfaas for url in cluster.prefill})
-    wrong = asyncio.run(wrong_roles(urls, timeout_s=config.connect_timeout_s))
+    wrong = asyncio.run(wrong_roles(urls, timeout_s=config.connect_timeout_s, engine=config.engine))
     if wrong:
         raise flags.UsageError("; ".join(wrong))
 

@@ -81,7 +81,7 @@ class WorkerState:
     in_flight: int = 0
     error: str | None = None  # why its last poll failed (None: it answered)
     mismatch: str | None = None  # why its prefixes are ignored
-    engine: str | None = None  # "kvwire" (a kvwire-serve worker) or "vllm" (an OpenAI server); None: not known yet
+    engine: str | None = None  # "kvwire" (a kvwire-serve worker), "vllm" or "vllm-nixl" (an OpenAI server); None: unknown
     identity: Identity | None = None  # what it last said it is
     waiting: float = 0.0  # requests queued at a vLLM server (its vllm:num_requests_waiting)
 
@@ -157,7 +157,7 @@ class Fleet:
     async def _poll_worker(self, session: aiohttp.ClientSession, worker: WorkerState) -> None:
         timeout = aiohttp.ClientTimeout(total=max(1.0, 2 * self.config.control.interval_s))
         try:
-            identity, metrics = await identify(session, worker.url, timeout)
+            identity, metrics = await identify(session, worker.url, timeout, nixl=self.config.engine == "vllm-nixl")
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             self._unreachable(worker, f"{type(exc).__name__}: {exc}")
             return
@@ -175,7 +175,7 @@ class Fleet:
         if worker.engine is None:
             log.info("worker %s is %s", worker.url, identity.describe())
         worker.engine, worker.identity = identity.engine, identity
-        if worker.engine == "vllm":  # its kvwire link gauges and queue, from the /metrics identify read
+        if identity.is_vllm:  # its kvwire link gauges and queue, from the /metrics identify read
             self._answered(worker)
             worker.peers, worker.waiting = vllm_upstream.parse_metrics(metrics, worker.url)
             return
@@ -417,7 +417,7 @@ def pair_mismatch(prefill: Identity, decode: Identity, prefill_url: str, decode_
     pair = f"prefill worker {prefill_url} cannot send KV to decode worker {decode_url}"
     if prefill.engine != decode.engine:
         return "misconfigured", f"{pair}: one is {prefill.describe()}, the other {decode.describe()}"
-    if prefill.engine == "vllm":
+    if prefill.is_vllm:
         if prefill.model != decode.model:
             return "LayoutMismatchError", f"{pair}: they serve other models ({prefill.model!r} and {decode.model!r})"
     else:
@@ -428,7 +428,7 @@ def pair_mismatch(prefill: Identity, decode: Identity, prefill_url: str, decode_
                 return "LayoutMismatchError", (f"{pair}: {what} {theirs[0]} and {theirs[1]} differ "
                                                f"({prefill.architecture}, {prefill.dtype} vs {decode.architecture}, "
                                                f"{decode.dtype})")
-    if address is None:
+    if address is None and prefill.engine != "vllm-nixl":  # NIXL's decode server pulls: no address to give
         return "misconfigured", (f"{pair}: the decode worker's kvwire address is not known (a vLLM decode server "
                                  "whose connector listens on port 0, or publishes no vllm:kvwire_info): give "
                                  "--decode-kv URL=HOST:PORT")

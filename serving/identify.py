@@ -6,7 +6,9 @@ role shows in ``/health`` at once). A kvwire-serve process says what it is in it
 ``/health`` (role, model, architecture, dtype, layout fingerprint, KV address, maximum
 length); a vLLM server running KVWireConnector says its kv_role and kvwire listen address
 in the ``vllm:kvwire_info`` series of its ``/metrics``, and its model and maximum length
-in ``/v1/models``.
+in ``/v1/models``. A vLLM server running vLLM's own NixlConnector says nothing of its
+connector: the router takes it as one only when told (``--engine vllm-nixl``), to serve the
+same servers the way vLLM's proxy drives NIXL (for comparing the two connectors).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 import aiohttp
 
 ROLE_OF_KV_ROLE = {"kv_producer": "prefill", "kv_consumer": "decode", "kv_both": "prefill or decode"}
+VLLM_ENGINES = ("vllm", "vllm-nixl")  # vLLM OpenAI servers with KVWireConnector, or with NixlConnector
 WHAT = {"prefill": "a kvwire-serve prefill worker", "decode": "a kvwire-serve decode worker",
         "router": "a kvwire-serve router"}
 
@@ -31,8 +34,8 @@ class NotAWorker(ValueError):
 class Identity:
     """One worker as it describes itself."""
 
-    engine: str  # "kvwire" (a kvwire-serve process) or "vllm"
-    role: str  # "prefill", "decode", "router"; a vLLM server's from its kv_role
+    engine: str  # "kvwire" (a kvwire-serve process), "vllm" (KVWireConnector) or "vllm-nixl"
+    role: str  # "prefill", "decode", "router"; a vLLM server's from its kv_role (NIXL's: either)
     model: str = ""
     architecture: str | None = None
     dtype: str | None = None
@@ -43,18 +46,24 @@ class Identity:
     def serves(self, role: str) -> bool:
         return role in self.role.split(" or ")
 
+    @property
+    def is_vllm(self) -> bool:
+        return self.engine in VLLM_ENGINES
+
     def describe(self) -> str:
+        if self.engine == "vllm-nixl":
+            return "a vLLM server without KVWireConnector (NixlConnector, as --engine vllm-nixl says)"
         if self.engine == "vllm":
             return f"a vLLM server with KVWireConnector as {self.role} (kv_role)"
         return WHAT.get(self.role, f"a kvwire-serve {self.role}")
 
 
-async def identify(session: aiohttp.ClientSession, url: str,
-                   timeout: aiohttp.ClientTimeout) -> tuple[Identity, str | None]:
+async def identify(session: aiohttp.ClientSession, url: str, timeout: aiohttp.ClientTimeout,
+                   nixl: bool = False) -> tuple[Identity, str | None]:
     """What serves ``url``, and a vLLM server's Prometheus page read to learn it (None for a
     kvwire-serve process), so that a poll reads it once. aiohttp errors (nothing answers)
     propagate; NotAWorker says what answered when it is not a kvwire-serve process or a vLLM
-    server with KVWireConnector."""
+    server with KVWireConnector (or, with ``nixl``, any vLLM server without it)."""
     async with session.get(url + "/health", timeout=timeout) as response:
         status, text = response.status, await response.text()
     try:
@@ -77,9 +86,12 @@ async def identify(session: aiohttp.ClientSession, url: str,
         raise NotAWorker(f"an OpenAI server serving {model.get('id')!r} whose GET /metrics answered HTTP "
                          f"{metrics_status} (kvwire reads its connector's info there)")
     info = kvwire_info(metrics)
+    if info is None and nixl:
+        return Identity("vllm-nixl", "prefill or decode", str(model.get("id", "")),
+                        max_model_len=model.get("max_model_len")), metrics
     if info is None:
         raise NotAWorker(f"an OpenAI server serving {model.get('id')!r} without KVWireConnector (its /metrics has "
-                         "no vllm:kvwire_info)")
+                         "no vllm:kvwire_info; vLLM servers running NixlConnector need --engine vllm-nixl)")
     role = ROLE_OF_KV_ROLE.get(info.get("kv_role", ""), info.get("kv_role", "?"))
     return Identity("vllm", role, str(model.get("id", "")), kv_address=advertised(info.get("listen"), url),
                     max_model_len=model.get("max_model_len")), metrics
@@ -109,20 +121,22 @@ def advertised(listen: str | None, url: str) -> str | None:
     return f"{host}:{port}"
 
 
-async def wrong_roles(urls: dict[str, tuple[str, str]], timeout_s: float) -> list[str]:
+async def wrong_roles(urls: dict[str, tuple[str, str]], timeout_s: float, engine: str = "auto") -> list[str]:
     """For each ``url: (flag, role)`` that answers as something else, one line naming the flag
     and what answered. A URL nobody answers at is not wrong (the worker may still be starting)."""
     timeout = aiohttp.ClientTimeout(total=timeout_s)
 
     async def check(session, url, flag, role):
         try:
-            identity, _ = await identify(session, url, timeout)
+            identity, _ = await identify(session, url, timeout, nixl=engine == "vllm-nixl")
         except (aiohttp.ClientError, TimeoutError):
             return None
         except NotAWorker as exc:
             return f"{flag} {url} is {exc}"
         if not identity.serves(role):
             return f"{flag} {url} is {identity.describe()}, not a {role} worker"
+        if engine != "auto" and identity.engine != engine:
+            return f"{flag} {url} is {identity.describe()}, but the router was told --engine {engine}"
         return None
 
     async with aiohttp.ClientSession() as session:

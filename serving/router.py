@@ -37,6 +37,7 @@ from kvwire.errors import MISCONFIGURATIONS, KVWireError
 from . import vllm_upstream
 from .fleet import Decision, Fleet, PairRefused
 from .http import INVALID_REQUEST, BadRequest, base_app, describe, error_body, json_error
+from .identify import VLLM_ENGINES
 from .metrics import Registry
 from .policy import NoWorkerError
 from .prompts import (
@@ -89,6 +90,10 @@ class Router:
         )
         self.num_tokens = self.registry.counter("router_completion_tokens", "Completion tokens returned")
         self.ttft_seconds = self.registry.counter("router_ttft_seconds", "Sum of time to first token")
+        self.prefill_seconds = self.registry.counter("router_prefill_seconds", "Sum of prefill legs (sent to answered)")
+        self.decode_first_seconds = self.registry.counter(
+            "router_decode_first_token_seconds", "Sum of vLLM decode legs, streamed, from sent to their first token "
+            "(the KV transfer the prefill leg did not hide, plus one decode step)")
         self.kv_bytes = self.registry.counter("router_kv_bytes", "KV bytes moved for routed requests")
         self.reused_tokens = self.registry.counter("router_reused_prefix_tokens", "Prompt tokens not prefilled again")
         self.threshold = self.registry.gauge("router_threshold_tokens", "Current offload threshold t", ("cluster",))
@@ -165,7 +170,7 @@ class Router:
         payload = prompt if isinstance(prompt, dict) else {"prompt": prompt}  # {"messages": [...]} for a chat
         unreachable = None
         for url in self.options.prefill_urls:
-            vllm = self.fleet.workers[url].engine == "vllm"
+            vllm = self.fleet.workers[url].engine in VLLM_ENGINES
             try:
                 timeout = aiohttp.ClientTimeout(total=self.options.prefill_timeout_s,
                                                 sock_connect=self.options.connect_timeout_s)
@@ -288,7 +293,7 @@ class Router:
         prefill_url, decode_url = decision.route.placement.worker, decision.decode.worker
         info = {"request_id": job["id"], "prefill_worker": prefill_url, "decode_worker": decode_url,
                 "route": _route_info(decision, self.fleet)}
-        if self.fleet.workers[decode_url].engine == "vllm":
+        if self.fleet.workers[decode_url].engine in VLLM_ENGINES:
             try:
                 return await vllm_upstream.complete(self, request, job, decision, info)
             except UpstreamError as exc:
@@ -459,6 +464,8 @@ class Router:
         self.num_requests.inc(1, status)
         self.num_tokens.inc(num_tokens)
         self.ttft_seconds.inc(info.get("ttft_s", 0.0))
+        self.prefill_seconds.inc(info.get("prefill_s") or 0.0)
+        self.decode_first_seconds.inc(info.get("decode_first_s", 0.0))
         self.kv_bytes.inc(info.get("kv", {}).get("raw_bytes", 0))
 
 

@@ -30,7 +30,7 @@ import msgspec
 from kvwire.address import check_address
 
 
-ENGINES = ("auto", "kvwire", "vllm")
+ENGINES = ("auto", "kvwire", "vllm", "vllm-nixl")
 
 
 def url_problem(url: object) -> str | None:
@@ -121,7 +121,7 @@ class RouterConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     prefill_timeout_s: float = 120.0
     token_timeout_s: float = 60.0
     control: ControlConfig = ControlConfig()
-    engine: str = "auto"  # the workers: kvwire-serve workers, vLLM OpenAI servers with KVWireConnector, or detect
+    engine: str = "auto"  # kvwire-serve workers, vLLM OpenAI servers with KVWireConnector or NixlConnector, or detect
     decode_kv: dict[str, str] = {}  # vLLM decode server URL -> its kvwire address (the connector's "listen")
 
     def __post_init__(self) -> None:

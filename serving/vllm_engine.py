@@ -14,6 +14,7 @@ and ``{"free_blocks": true}`` with the scheduler's free KV blocks. vLLM's in-pro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import queue
@@ -228,6 +229,106 @@ def free_port(count: int = 1) -> int:
         except OSError:
             continue
         return base
+
+
+def openai_server(model: str, port: int, kv_config: dict, log_path, tp_size: int = 1, args=(),
+                  env=None) -> subprocess.Popen:
+    """A vLLM OpenAI server process (in-process engine, the ``uni`` executor for one rank)
+    with ``kv_config`` as its ``--kv-transfer-config``; its output goes to ``log_path``."""
+    child_env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1", PYTHONPATH=ROOT,
+                     **(env or {}))
+    parallel = ["--distributed-executor-backend", "uni"]
+    if tp_size > 1:
+        child_env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(tp_size)
+        parallel = ["--distributed-executor-backend", "mp", "--tensor-parallel-size", str(tp_size)]
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
+            "--enforce-eager", "--max-model-len", "4096", *parallel, *args, "--kv-transfer-config", json.dumps(kv_config)]
+    with open(log_path, "w") as log:
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=child_env, cwd=ROOT)
+
+
+def wait_http(url: str, proc: subprocess.Popen, log_path, timeout: float = 240.0) -> None:
+    """Until ``url`` answers; a process that exits first, or a timeout, raises with its log's tail."""
+    import urllib.request
+
+    def tail() -> str:
+        with open(log_path) as f:
+            return f.read()[-3000:]
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url} exited: {tail()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"{url} not up in {timeout}s: {tail()}")
+
+
+KVWIRE_CONNECTOR = {"kv_connector": "KVWireConnector", "kv_connector_module_path": "kvwire.integrations.vllm"}
+NIXL_CONNECTOR = {"kv_connector": "NixlConnector", "kv_buffer_device": "cpu"}
+
+
+@contextlib.contextmanager
+def pd_servers(connector: str, model: str, log_dir, *, secret_file=None, tp=(1, 1), args=(), kv_config=None,
+               router_args=(), omp_threads: int | None = None):
+    """A decode and a prefill vLLM OpenAI server with ``connector`` ("kvwire" or "nixl"), of
+    TP sizes ``tp``, and ``kvwire-serve router`` in front of them (``--engine vllm-nixl`` for
+    NIXL). Yields the URLs (router, prefill, decode), kvwire's ``kv_address`` and the ``pids``;
+    stops them all after. ``kv_config`` adds to both servers' --kv-transfer-config.
+
+    ``omp_threads``: OpenMP threads per engine (default: vLLM's, a team of every core, which
+    it means to cut to one for serving but does not once bound). Two such teams on one host
+    spin against each other at every barrier: under load both servers stall for seconds."""
+    decode_port, prefill_port, router_port = free_port(), free_port(), free_port()
+    ports = {"decode": decode_port, "prefill": prefill_port}
+    urls = {role: f"http://127.0.0.1:{port}" for role, port in ports.items()}
+    if connector == "kvwire":
+        kv_address = f"127.0.0.1:{free_port(tp[1])}"
+        extra = {"secret_file": str(secret_file)} if secret_file else {}
+        configs = {"decode": ({**KVWIRE_CONNECTOR, "kv_role": "kv_consumer",
+                               "kv_connector_extra_config": {"listen": kv_address, **extra}}, {}),
+                   "prefill": ({**KVWIRE_CONNECTOR, "kv_role": "kv_producer", "kv_connector_extra_config": extra}, {})}
+        engine = "vllm"  # the decode server's kvwire address is learned from its /metrics
+    elif connector == "nixl":  # each server's side channel on a port of its own; UCX over tcp, as on any host here
+        kv_address = None
+        roles = {"decode": "kv_consumer", "prefill": "kv_producer"}  # vLLM deprecates kv_both for NIXL
+        configs = {role: ({**NIXL_CONNECTOR, "kv_role": roles[role]},
+                          {"UCX_TLS": "tcp,self", "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
+                           "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port())}) for role in ports}
+        engine = "vllm-nixl"
+    else:
+        raise ValueError(f"connector must be 'kvwire' or 'nixl', not {connector!r}")
+    if omp_threads:
+        for role in configs:
+            configs[role] = (configs[role][0], {**configs[role][1], "OMP_NUM_THREADS": str(omp_threads)})
+    logs = {name: os.path.join(str(log_dir), f"{connector}-tp{tp[0]}to{tp[1]}-{name}.log")
+            for name in ("decode", "prefill", "router")}
+    procs = {}
+    try:
+        for role, (config, env) in configs.items():
+            procs[role] = openai_server(model, ports[role], {**config, **(kv_config or {})}, logs[role],
+                                        tp[1] if role == "decode" else tp[0], args=args, env=env)
+        for role in ("decode", "prefill"):
+            wait_http(urls[role] + "/v1/models", procs[role], logs[role], timeout=300)
+        with open(logs["router"], "w") as log:
+            procs["router"] = subprocess.Popen(
+                [sys.executable, "-m", "serving", "router", "--prefill", urls["prefill"], "--decode", urls["decode"],
+                 "--port", str(router_port), "--engine", engine, *router_args],
+                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+        router = f"http://127.0.0.1:{router_port}"
+        wait_http(router + "/health", procs["router"], logs["router"], 60)
+        yield {"router": router, **urls, "kv_address": kv_address, "pids": {r: p.pid for r, p in procs.items()}}
+    finally:
+        for proc in procs.values():
+            proc.terminate()
+        for proc in procs.values():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 def start_all(*engines: Engine) -> list[Engine]:

@@ -9,6 +9,11 @@ prefill server answered. The client gets the decode server's answer as is, plus
 ``kvwire``: the route, the prefill side's push, and what the decode side did with it
 (``loaded_tokens``, or the error and whether it recomputed).
 
+Servers running vLLM's own NixlConnector (``--engine vllm-nixl``) are driven as vLLM's
+proxy drives them: the prefill request asks ``do_remote_decode`` and the decode server
+pulls the blocks the prefill server's answer names. Either way the router times each
+leg (``prefill_s``; a streamed decode's ``decode_first_s``: sent to its first token).
+
 The control loop reads each server's Prometheus ``/metrics``: kvwire's per-peer link
 gauges (bytes, goodput, RTT, retransmits) become the ``PeerMetrics`` the PrfaaS threshold
 controller is fed, and ``vllm:num_requests_waiting`` the queue.
@@ -81,8 +86,13 @@ async def complete(router, request: web.Request, job: dict, decision, info: dict
     if not job["chat"]:  # a chat's messages go to both servers, each renders them with the model's template
         body["prompt"] = job["prompt_token_ids"] if isinstance(job["prompt"], list) else job["prompt"]
     path = "/v1/chat/completions" if job["chat"] else "/v1/completions"
-    prefill_body = {**body, "max_tokens": 1, "stream": False,
-                    "kv_transfer_params": {"do_remote_decode": True, "kvwire": target}}
+    nixl = router.fleet.workers[decode_url].engine == "vllm-nixl"
+    if nixl:  # the prefill server keeps the blocks; the decode server pulls what its answer names
+        transfer = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
+                    "remote_block_ids": None, "remote_host": None, "remote_port": None}
+    else:
+        transfer = {"do_remote_decode": True, "kvwire": target}
+    prefill_body = {**body, "max_tokens": 1, "stream": False, "kv_transfer_params": transfer}
     for name in ("stream_options", "max_completion_tokens"):
         prefill_body.pop(name, None)
     router.fleet.acquire(prefill_url)
@@ -92,15 +102,17 @@ async def complete(router, request: web.Request, job: dict, decision, info: dict
     finally:
         router.fleet.release(prefill_url)
     params = prefilled.get("kv_transfer_params")
-    if not params or "kvwire" not in params:
+    if not params or not (nixl or "kvwire" in params):
+        connector, which = ("NixlConnector", "") if nixl else ("KVWireConnector", "kvwire ")
         raise router.upstream_error(502, "kv_transfer_params_missing",
-                                    f"prefill server {prefill_url} answered without kvwire kv_transfer_params: "
-                                    "is it running KVWireConnector with kv_role kv_producer or kv_both?")
-    push = params["kvwire"]
-    refuse_misconfigured(router, push.get("error"), prefill_url, decode_url)
-    if push.get("error") and router.options.kv_fallback == "error":
-        raise router.upstream_error(502, "KVWireError", f"the prefill server could not push the KV: {push['error']}")
-    info.update(prefill_s=time.perf_counter() - started, push=push)
+                                    f"prefill server {prefill_url} answered without {which}kv_transfer_params: "
+                                    f"is it running {connector} with kv_role kv_producer or kv_both?")
+    if not nixl:
+        push = info["push"] = params["kvwire"]
+        refuse_misconfigured(router, push.get("error"), prefill_url, decode_url)
+        if push.get("error") and router.options.kv_fallback == "error":
+            raise router.upstream_error(502, "KVWireError", f"the prefill server could not push the KV: {push['error']}")
+    info["prefill_s"] = time.perf_counter() - started
     decode_body = {**body, "kv_transfer_params": params}
     if job["stream"]:
         return await _relay_stream(router, request, decode_url + path, decode_body, info, started)
@@ -152,6 +164,7 @@ async def _post_json(router, url: str, body: dict, timeout_s: float, role: str) 
 async def _relay_stream(router, request, decode_url: str, body: dict, info: dict, started: float):
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=router.options.connect_timeout_s,
                                     sock_read=router.options.token_timeout_s)
+    sent = time.perf_counter()
     try:
         upstream = await router.session.post(decode_url, json=body, timeout=timeout)
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
@@ -165,6 +178,9 @@ async def _relay_stream(router, request, decode_url: str, body: dict, info: dict
     await response.prepare(request)
     try:
         async for line in upstream.content:
+            if "ttft_s" not in info and line.startswith(b"data: {"):
+                now = time.perf_counter()
+                info.update(ttft_s=now - started, decode_first_s=now - sent)
             if line.startswith(b"data: [DONE]"):
                 info["total_s"] = time.perf_counter() - started
                 await response.write(b"data: " + json.dumps({"kvwire": info}).encode() + b"\n\n")

@@ -12,9 +12,9 @@ import urllib.request
 import pytest
 
 from serving.model import vllm_tiny_config, write_tiny_checkpoint
-from serving.vllm_engine import cpu_thread_binding, tensor_parallel_args
+from serving.vllm_engine import pd_servers, tensor_parallel_args
 
-from .conftest import MAX_TOKENS, free_port, nixl_reference, prompt
+from .conftest import MAX_TOKENS, nixl_reference, prompt
 from .engines import ROOT
 
 openai = pytest.importorskip("openai", reason="the openai client is in the test extra")
@@ -45,62 +45,16 @@ def nixl_plain(tp, vllm_model, engine_logs):
                           prefill_args=tensor_parallel_args(tp[0]), decode_args=tensor_parallel_args(tp[1]))
 
 
-def _server(model: str, port: int, kv_config: dict, log_path, tp_size: int = 1) -> subprocess.Popen:
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1", PYTHONPATH=ROOT)
-    parallel = ["--distributed-executor-backend", "uni"]
-    if tp_size > 1:
-        env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(tp_size)
-        parallel = ["--distributed-executor-backend", "mp", "--tensor-parallel-size", str(tp_size)]
-    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
-            "--enforce-eager", "--max-model-len", "4096", *parallel,
-            "--kv-transfer-config", json.dumps(kv_config)]
-    return subprocess.Popen(argv, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-
-
-def _wait_http(url: str, proc: subprocess.Popen, log_path, timeout: float = 240.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url} exited: {open(log_path).read()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError(f"{url} not up in {timeout}s: {open(log_path).read()[-3000:]}")
-
-
 @pytest.fixture(scope="module")
 def served(tp, vllm_model, engine_logs, secret_file):
     """decode and prefill vLLM servers (TP sizes ``tp``) and the router in front of them."""
-    decode_port, prefill_port, router_port, kv_port = free_port(), free_port(), free_port(), free_port(tp[1])
-    connector = {"kv_connector": "KVWireConnector", "kv_connector_module_path": "kvwire.integrations.vllm"}
-    logs = {name: engine_logs / f"http-tp{tp[0]}to{tp[1]}-{name}.log" for name in ("decode", "prefill", "router")}
-    procs = {
-        "decode": _server(vllm_model, decode_port, {**connector, "kv_role": "kv_consumer", "kv_connector_extra_config": {
-            "listen": f"127.0.0.1:{kv_port}", "secret_file": str(secret_file)}}, logs["decode"], tp[1]),
-        "prefill": _server(vllm_model, prefill_port, {**connector, "kv_role": "kv_producer", "kv_connector_extra_config": {
-            "secret_file": str(secret_file)}}, logs["prefill"], tp[0]),
-    }
-    decode_url, prefill_url = f"http://127.0.0.1:{decode_port}", f"http://127.0.0.1:{prefill_port}"
-    try:
-        for name, url in (("decode", decode_url), ("prefill", prefill_url)):
-            _wait_http(url + "/v1/models", procs[name], logs[name])
-        procs["router"] = subprocess.Popen(
-            [sys.executable, "-m", "serving", "router", "--prefill", prefill_url, "--decode", decode_url,
-             "--port", str(router_port)],  # the decode server's kvwire address is learned from its /metrics
-            stdout=open(logs["router"], "w"), stderr=subprocess.STDOUT, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
-        _wait_http(f"http://127.0.0.1:{router_port}/health", procs["router"], logs["router"], 60)
-        yield {"router": f"http://127.0.0.1:{router_port}", "decode": decode_url, "prefill": prefill_url,
-               "kv_address": f"127.0.0.1:{kv_port}"}
-    finally:
-        for proc in procs.values():
-            proc.terminate()
-        for proc in procs.values():
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    with pd_servers("kvwire", vllm_model, engine_logs, secret_file=secret_file, tp=tp) as urls:
+        yield urls
+
+
+def _router_at_start(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "serving", "router", *args, "--port", "0"], capture_output=True,
+                          text=True, timeout=60, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), check=False)
 
 
 def test_openai_client_through_the_router_gets_nixls_tokens(tp, nixl_plain, served, vllm_model):
@@ -159,9 +113,7 @@ def test_a_prompt_longer_than_the_servers_hold_is_400_before_any_prefill(served,
 
 
 def test_swapped_vllm_servers_are_refused_at_start_in_one_line(served):
-    done = subprocess.run([sys.executable, "-m", "serving", "router", "--prefill", served["decode"], "--decode",
-                           served["prefill"], "--port", "0"], capture_output=True, text=True, timeout=60, cwd=ROOT,
-                          env=dict(os.environ, PYTHONPATH=ROOT), check=False)
+    done = _router_at_start("--prefill", served["decode"], "--decode", served["prefill"])
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == (
         f"kvwire-serve router: --decode {served['prefill']} is a vLLM server with KVWireConnector as prefill (kv_role), "
@@ -181,3 +133,66 @@ def test_router_health_knows_the_vllm_servers_and_metrics_reach_prometheus(serve
     loaded = [line for line in metrics.splitlines() if line.startswith("vllm:kvwire_loaded_tokens_total")]
     assert loaded and float(loaded[0].split()[-1]) >= 128 + 171, loaded
     assert "vllm:kvwire_link_rtt_ms{" in metrics
+
+
+@pytest.fixture(scope="module")
+def nixl_served(vllm_model, engine_logs):
+    """vLLM's NixlConnector on a decode and a prefill server, ``kvwire-serve router --engine
+    vllm-nixl`` in front: how ``perf vllm-serve`` compares the two connectors."""
+    pytest.importorskip("nixl", reason="nixl is in the test extra (vLLM's NixlConnector)")
+    with pd_servers("nixl", vllm_model, engine_logs) as urls:
+        yield urls
+
+
+ONE_TO_ONE = pytest.mark.parametrize("tp", [(1, 1)], indirect=True, ids=["prefill_tp1-decode_tp1"])
+
+
+@ONE_TO_ONE
+def test_the_router_drives_nixl_servers_as_vllms_proxy_does(tp, nixl_plain, nixl_served, vllm_model):
+    client = openai.OpenAI(base_url=nixl_served["router"] + "/v1", api_key="unused")
+    for p, expected in zip(PROMPTS, nixl_plain.tokens(PROMPTS, MAX_TOKENS)):
+        answer = client.completions.create(model=vllm_model, prompt=p, max_tokens=MAX_TOKENS, temperature=0,
+                                           extra_body={"return_token_ids": True})
+        assert answer.choices[0].token_ids == expected
+        route = answer.model_extra["kvwire"]
+        assert route["prefill_worker"] == nixl_served["prefill"] and route["decode_worker"] == nixl_served["decode"]
+        assert "push" not in route and route["prefill_s"] > 0
+    streamed = client.completions.create(model=vllm_model, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0,
+                                         stream=True)
+    text = "".join(chunk.choices[0].text for chunk in streamed if chunk.choices)
+    plain = client.completions.create(model=vllm_model, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0)
+    assert text == plain.choices[0].text
+    with urllib.request.urlopen(nixl_served["router"] + "/metrics", timeout=5) as response:
+        metrics = response.read().decode()
+    first_token = [line for line in metrics.splitlines()
+                   if line.startswith("kvwire_serve_router_decode_first_token_seconds_total ")]
+    assert first_token and float(first_token[0].split()[-1]) > 0  # the streamed request's decode leg
+    deadline = time.monotonic() + 30  # vLLM publishes a step's connector stats with the next ones
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(nixl_served["decode"] + "/metrics", timeout=5) as response:
+            pulls = [line for line in response.read().decode().splitlines()
+                     if line.startswith("vllm:nixl_xfer_time_seconds_count")]
+        if pulls and float(pulls[0].split()[-1]) >= 1:
+            break
+        time.sleep(0.5)
+    assert pulls and float(pulls[0].split()[-1]) >= 1, pulls  # the decode server pulled the KV: not recomputed
+
+
+def test_nixl_servers_without_engine_vllm_nixl_are_refused_at_start(nixl_served, vllm_model):
+    done = _router_at_start("--prefill", nixl_served["prefill"], "--decode", nixl_served["decode"])
+    assert done.returncode == 2
+    hint = (f"an OpenAI server serving {vllm_model!r} without KVWireConnector (its /metrics has no vllm:kvwire_info; "
+            "vLLM servers running NixlConnector need --engine vllm-nixl)")
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"kvwire-serve router: --decode {nixl_served['decode']} is {hint}; --prefill {nixl_served['prefill']} is {hint}")
+
+
+@ONE_TO_ONE
+def test_kvwire_servers_under_engine_vllm_nixl_are_refused_at_start(tp, served):
+    done = _router_at_start("--prefill", served["prefill"], "--decode", served["decode"], "--engine", "vllm-nixl")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"kvwire-serve router: --decode {served['decode']} is a vLLM server with KVWireConnector as decode (kv_role), "
+        "but the router was told --engine vllm-nixl; --prefill "
+        f"{served['prefill']} is a vLLM server with KVWireConnector as prefill (kv_role), but the router was told "
+        "--engine vllm-nixl")
