@@ -57,12 +57,18 @@ def _router_at_start(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=60, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), check=False)
 
 
-def test_openai_client_through_the_router_gets_nixls_tokens(tp, nixl_plain, served, vllm_model):
-    client = openai.OpenAI(base_url=served["router"] + "/v1", api_key="unused")
+def _answers_with_nixls_tokens(router: str, model: str, nixl_plain):
+    """(prompt, answer) for each of PROMPTS through ``router``, its tokens NIXL's P/D's."""
+    client = openai.OpenAI(base_url=router + "/v1", api_key="unused")
     for p, expected in zip(PROMPTS, nixl_plain.tokens(PROMPTS, MAX_TOKENS)):
-        answer = client.completions.create(model=vllm_model, prompt=p, max_tokens=MAX_TOKENS, temperature=0,
+        answer = client.completions.create(model=model, prompt=p, max_tokens=MAX_TOKENS, temperature=0,
                                            extra_body={"return_token_ids": True})
         assert answer.choices[0].token_ids == expected
+        yield p, answer
+
+
+def test_openai_client_through_the_router_gets_nixls_tokens(tp, nixl_plain, served, vllm_model):
+    for p, answer in _answers_with_nixls_tokens(served["router"], vllm_model, nixl_plain):
         report = answer.model_extra["kv_transfer_params"]["kvwire"]
         # the second prompt shares its first 128 tokens with the first: the decode server's own
         # prefix cache holds them (vLLM servers cache by default), kvwire brings the rest
@@ -149,14 +155,11 @@ ONE_TO_ONE = pytest.mark.parametrize("tp", [(1, 1)], indirect=True, ids=["prefil
 
 @ONE_TO_ONE
 def test_the_router_drives_nixl_servers_as_vllms_proxy_does(tp, nixl_plain, nixl_served, vllm_model):
-    client = openai.OpenAI(base_url=nixl_served["router"] + "/v1", api_key="unused")
-    for p, expected in zip(PROMPTS, nixl_plain.tokens(PROMPTS, MAX_TOKENS)):
-        answer = client.completions.create(model=vllm_model, prompt=p, max_tokens=MAX_TOKENS, temperature=0,
-                                           extra_body={"return_token_ids": True})
-        assert answer.choices[0].token_ids == expected
+    for _, answer in _answers_with_nixls_tokens(nixl_served["router"], vllm_model, nixl_plain):
         route = answer.model_extra["kvwire"]
         assert route["prefill_worker"] == nixl_served["prefill"] and route["decode_worker"] == nixl_served["decode"]
         assert "push" not in route and route["prefill_s"] > 0
+    client = openai.OpenAI(base_url=nixl_served["router"] + "/v1", api_key="unused")
     streamed = client.completions.create(model=vllm_model, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0,
                                          stream=True)
     text = "".join(chunk.choices[0].text for chunk in streamed if chunk.choices)
