@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import queue
+import random
 import signal
 import socket
 import subprocess
@@ -217,18 +218,26 @@ def first_difference(tokens: list[int], other: list[int]) -> int | None:
 
 
 def free_port(count: int = 1) -> int:
-    """A free port, the first of ``count`` free in a row (a TP instance's ranks take port + r)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
+    """A free port below the kernel's ephemeral range, the first of ``count`` free in a row (a
+    TP instance's ranks take port + r). Below that range no connect() or bind(0) anywhere on
+    the host takes it before the engine that is given it binds, seconds later (a NIXL side
+    channel lost that race to another server's connections, and its engine never started)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    choose = random.SystemRandom()
+    for _ in range(1000):
+        base = choose.randrange(max(1024, low - 16384), low - count)
         try:
-            for port in range(base + 1, base + count):
+            for port in range(base, base + count):
                 with socket.socket() as s:
                     s.bind(("127.0.0.1", port))
         except OSError:
             continue
         return base
+    raise RuntimeError(f"no {count} free port(s) in a row below the ephemeral range (from {low})")
 
 
 def openai_server(model: str, port: int, kv_config: dict, log_path, tp_size: int = 1, args=(),
