@@ -67,9 +67,9 @@ class InboundRequest:
             place_layer(i, plan, layout.layers[i], num_tokens, self.plan.codec, expectation)
             for i, plan in enumerate(self.plans)
         ]
-        self._maps = [SegmentMap([(start, len(seg)) for start, seg in placed.segments]) for placed in self._layers]
+        self._maps = [SegmentMap.of(placed.starts, list(map(len, placed.memories))) for placed in self._layers]
         # a layer sent in one chunk lands in all of its segments, in order
-        self._whole = [[seg for _, seg in placed.segments] if n == 1 else None
+        self._whole = [placed.memories if n == 1 else None
                        for placed, n in zip(self._layers, self.num_chunks)]
         self.nbytes = sum(placed.own_bytes for placed in self._layers)
 
@@ -80,8 +80,8 @@ class InboundRequest:
         whole = self._whole[layer]
         if whole is not None:
             return whole
-        segments = self._layers[layer].segments
-        return [segments[i][1][lo:hi] for i, lo, hi in self._maps[layer].spans(*self.plan.chunk_span(layer, chunk))]
+        memories = self._layers[layer].memories
+        return [memories[i][lo:hi] for i, lo, hi in self._maps[layer].spans(*self.plan.chunk_span(layer, chunk))]
 
     def on_device(self, layer: int) -> bool:
         """Whether some of ``layer``'s memory is CUDA memory."""
@@ -187,6 +187,8 @@ class InboundRequest:
                 s.name: typed(storage[s.offset : s.offset + s.nbytes], s.spec.dtype, s.shape)
                 for s in self.plans[layer].slots
             }
+        if not placed.outputs:  # every tensor landed in its expect() buffer as it is
+            return dict(placed.engine_arrays)
         return {
             name: placed.engine_arrays[name] if name in placed.engine_arrays else typed(flat, dtype, shape)
             for name, flat, dtype, shape in placed.outputs

@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import device
+from . import device, native
 from .wire.blocksum import frame_blocksum
 from .wire.checksum import frame_checksum
 from .wire.messages import Data
@@ -144,13 +144,10 @@ class Landing:
         self.reader.read_into(landing if device.is_device(landing) else memoryview(landing))
         if not checksum_matches(msg, [landing], to_device):
             return False
-        position = 0
-        if not to_device:  # host to host, often thousands of small views: no questions per view
-            for view in views:
-                end = position + len(view)
-                view[:] = landing[position:end]
-                position = end
+        if not to_device:  # host to host, often thousands of small views: one call
+            native.scatter(landing, views)
             return True
+        position = 0
         for view in views:
             device.copy(view, landing[position : position + len(view)])
             position += len(view)

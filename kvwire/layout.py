@@ -186,6 +186,8 @@ class KVLayout:
         """ValueError if some tensor of this layout cannot travel with ``codec`` (a name, or a
         resolved kvwire.codecs codec: None for lossless)."""
         instance = get_codec(codec) if isinstance(codec, str) else codec
+        if instance is None:  # lossless carries every tensor (and this runs at every open)
+            return
         for i, layer in enumerate(self.layers):
             for name, spec in layer.items():
                 if encodes(instance, spec):

@@ -11,19 +11,18 @@ What was acked, and how the request ended, is the sending core's
 
 from __future__ import annotations
 
-import operator
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
-from . import device, paged
+from . import device, paged, uniform
 from .arrays import as_bytes
 from .codecs import bits_to_float32, encodes, geometry
-from .dtypes import ITEMSIZE, accepts, exportable, numpy_dtype
+from .dtypes import accepts, exportable, numpy_dtype
 from .errors import KVWireError, TransferAborted, again
-from .layout import ALIGN_BYTES, LayerPlan
+from .layout import ALIGN_BYTES
 from .protocol import MONOTONIC, Clock, RequestPlan, SegmentMap
 from .protocol.sending import OutboundRequest
 from .wire import framing
@@ -36,9 +35,6 @@ if TYPE_CHECKING:
 _PAD = memoryview(bytes(ALIGN_BYTES))
 _RELEASED = ([], SegmentMap(()), None)  # a layer's entry once the request is confirmed
 _SMALL_PIECE_BYTES = 64 * 1024
-# numpy dtype -> layout name, and the dtypes numpy can export as a buffer as they are
-_NUMPY_NAMES = {numpy_dtype(name): name for name in ITEMSIZE if numpy_dtype(name).name == name}
-_BUFFER_DTYPES = {dtype for dtype in _NUMPY_NAMES if exportable(np.empty(0, dtype)).dtype == dtype}
 
 
 @dataclass(frozen=True)
@@ -242,7 +238,7 @@ class LayerBytes:
     def _segments_of(self, layer: int, tensors: Mapping[str, object]) -> list[tuple[int, int, object, bool]]:
         plan = self.plan.layers[layer]
         if len(plan.slots) > 8:
-            joined = _join_uniform(plan, tensors)
+            joined = uniform.join(plan, tensors)
             if joined is not None:
                 return [(0, plan.nbytes, joined, False)]
         if len(tensors) != len(plan.slots) or any(slot.name not in tensors for slot in plan.slots):
@@ -266,7 +262,7 @@ class LayerBytes:
                 and array.dtype == numpy_dtype(slot.spec.dtype)
                 and array.flags.c_contiguous
             ):
-                buffer = array if array.dtype in _BUFFER_DTYPES else exportable(array)
+                buffer = array if array.dtype in uniform.BUFFER_DTYPES else exportable(array)
             else:
                 buffer, shape, dtype = as_bytes(array)
             if shape is not None and (shape != slot.shape or not accepts(slot.spec.dtype, dtype)):
@@ -328,65 +324,6 @@ class LayerBytes:
         elif self.verify:
             checksum, algorithm = frame_checksum(rid, layer, chunk, pieces, nbytes), "xxh3"
         return [framing.encode(Data(rid, layer, chunk, nbytes, checksum, algorithm)), *pieces]
-
-
-_shape_of = operator.attrgetter("shape")
-_dtype_of = operator.attrgetter("dtype")
-_contiguous = operator.attrgetter("flags.c_contiguous")
-
-
-def _join_uniform(plan: LayerPlan, tensors: Mapping[str, object]) -> bytes | None:
-    """The layer's byte stream in one buffer, if it is made of many unpadded contiguous
-    numpy arrays of exactly the planned shapes and exportable dtypes; else None.
-
-    This is the many-small-blocks case (thousands of 1 KiB tensors per layer): every
-    check runs in C over the whole layer (map/attrgetter/list compare), so the cost per
-    tensor stays a fraction of a microsecond. Anything unusual takes the general path,
-    which also produces the precise error message.
-    """
-    expected = _uniform_expectation(plan)
-    if expected is None:
-        return None
-    names, shapes, dtypes = expected
-    try:
-        arrays = list(map(tensors.__getitem__, names))
-    except KeyError:
-        return None
-    if (
-        len(tensors) != len(names)
-        or set(map(type, arrays)) != {np.ndarray}
-        or list(map(_shape_of, arrays)) != shapes
-        or list(map(_dtype_of, arrays)) != dtypes
-        or not all(map(_contiguous, arrays))
-    ):
-        return None
-    return b"".join(arrays)
-
-
-_UNIFORM: dict[int, tuple[LayerPlan, object]] = {}  # by id(plan): hashing a plan would walk every slot
-
-
-def _uniform_expectation(plan: LayerPlan):
-    """(names, shapes, numpy dtypes) of a plan whose tensors sit back to back with no
-    alignment padding and whose dtypes numpy exports as buffers; None otherwise."""
-    cached = _UNIFORM.get(id(plan))
-    if cached is not None and cached[0] is plan:
-        return cached[1]
-    position, expectation = 0, None
-    for slot in plan.slots:
-        if slot.offset != position or numpy_dtype(slot.spec.dtype) not in _BUFFER_DTYPES:
-            break
-        position += slot.nbytes
-    else:
-        expectation = (
-            [slot.name for slot in plan.slots],
-            [slot.shape for slot in plan.slots],
-            [numpy_dtype(slot.spec.dtype) for slot in plan.slots],
-        )
-    if len(_UNIFORM) > 256:
-        _UNIFORM.clear()
-    _UNIFORM[id(plan)] = (plan, expectation)
-    return expectation
 
 
 def device_gather_encode(

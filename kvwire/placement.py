@@ -10,12 +10,14 @@ Three cases per tensor, chosen once when the request opens:
 
 from __future__ import annotations
 
+import math
+import operator
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import numpy as np
 
-from . import arrays, device, dtypes, paged
+from . import arrays, device, dtypes, paged, uniform
 from .codecs import Codec, float32_to_bits, geometry
 from .dtypes import accepts
 from .errors import RequestRejected
@@ -36,6 +38,8 @@ class Expectation:
     keep_quantized: bool = False
     # (layer, name) -> (flat bytes, shape, dtype, is CUDA memory), or why it cannot be written
     described: dict = field(default_factory=dict)
+    # layer -> its buffers described at once, where all are plain host arrays (kvwire.uniform)
+    host_layers: dict = field(default_factory=dict)
 
     @classmethod
     def of(cls, layout, request_id: str, buffers, block_ids=None, keep_quantized: bool = False) -> "Expectation":
@@ -51,9 +55,15 @@ class Expectation:
             if unknown:
                 raise ValueError(f"expect({request_id!r}): layer {layer} has no tensors {sorted(unknown)}")
         expectation = cls(buffers, block_ids, keep_quantized)
-        for layer, tensors in buffers.items():
+        for layer, tensors in buffers.items():  # now, in the engine's thread
+            specs = layout.layers[layer]
+            host = uniform.describe_host_layer(list(specs), tensors)
+            if host is not None:
+                expectation.host_layers[layer] = host
+                if not any(map(_per_token, specs.values())):
+                    continue  # a request always fills it whole (else per tensor, below: it may not)
             for name in tensors:
-                expectation._describe(layer, name)  # now, in the engine's thread
+                expectation._describe(layer, name)
         return expectation
 
     def on_device(self, layer: int, name: str) -> bool:
@@ -87,16 +97,18 @@ class Expectation:
 
 
 _PAD = np.empty(ALIGN_BYTES, dtype=np.uint8)  # where alignment gaps between direct tensors land (never read)
+_per_token = operator.attrgetter("per_token")
 
 
 @dataclass
 class PlacedLayer:
-    segments: list[tuple[int, np.ndarray]]  # (offset in the layer's byte stream, memory)
+    starts: list[int]  # where each segment begins in the layer's byte stream
+    memories: list  # each segment's memory (flat bytes: numpy, memoryview or CUDA)
     outputs: list[tuple[str, np.ndarray, str, tuple[int, ...]]]  # what wait_layer returns: name, bytes, dtype, shape
     finishers: list[Callable[[], None]]  # run once the layer has verified
     own_bytes: int  # receiver memory this layer holds
     storage: np.ndarray | None = None  # the layer's one buffer, when outputs are plain views of it
-    engine_arrays: dict = field(default_factory=dict)  # CUDA expect() buffers, handed back as they are
+    engine_arrays: dict = field(default_factory=dict)  # expect() buffers handed back as they are (CUDA; exact host)
     on_device: bool = False  # some segment is CUDA memory
 
 
@@ -109,10 +121,14 @@ def place_layer(
     buffers = expectation.buffers.get(index, {})
     if not buffers and codec is None:  # the common case: one buffer; views are made on demand
         storage = np.empty(plan.nbytes, dtype=np.uint8)
-        return PlacedLayer([(0, storage)], [], [], plan.nbytes, storage)
+        return PlacedLayer([0], [storage], [], [], plan.nbytes, storage)
     is_paged = expectation.block_ids is not None
     where = f"expect() buffer for layer {index} tensor"
     if codec is None and not is_paged and len(buffers) == len(plan.slots):
+        host = expectation.host_layers.get(index)
+        if host is not None and uniform.lands_whole(host, plan):  # one check for the whole layer
+            return PlacedLayer(uniform.uniform_plan(plan).offsets, host.views, [], [], 0,
+                               engine_arrays=dict(zip(host.names, host.arrays)))
         placed = _all_direct_to_host(index, plan, expectation, num_tokens)
         if placed is not None:
             return placed
@@ -183,7 +199,7 @@ def place_layer(
         if is_paged and spec.per_token and target is not None:
             finishers.append(_scatter(decoded, target, expectation.block_ids, num_tokens, spec, f"{where} {name!r}"))
         outputs.append((name, decoded, spec.dtype, shape))
-    return PlacedLayer(segments, outputs, finishers, own, engine_arrays=engine_arrays,
+    return PlacedLayer(*_split(segments), outputs, finishers, own, engine_arrays=engine_arrays,
                        on_device=bool(device_pools or engine_arrays))
 
 
@@ -208,7 +224,12 @@ def _all_direct_to_host(index: int, plan: LayerPlan, expectation: Expectation, n
             segments.append((slot.offset, flat))
         outputs.append((slot.name, flat, slot.spec.dtype, slot.shape))
         position = slot.offset + slot.nbytes
-    return PlacedLayer(segments, outputs, [], 0)
+    return PlacedLayer(*_split(segments), outputs, [], 0)
+
+
+def _split(segments: list[tuple[int, object]]) -> tuple[list[int], list]:
+    """(starts, memories) of a list of (start, memory)."""
+    return [start for start, _ in segments], [memory for _, memory in segments]
 
 
 def _segments(plan: LayerPlan, direct: Mapping[str, np.ndarray], on_device: set = frozenset()):
@@ -308,7 +329,7 @@ def _destination_bytes(where: str, slot, expectation: Expectation, layer: int, n
 
 def typed(flat: np.ndarray, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
     return (
-        flat[: int(np.prod(shape, dtype=np.int64)) * dtypes.ITEMSIZE[dtype]]
+        flat[: math.prod(shape) * dtypes.ITEMSIZE[dtype]]
         .view(dtypes.numpy_dtype(dtype))
         .reshape(shape)
     )

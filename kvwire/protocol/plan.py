@@ -29,6 +29,13 @@ class SegmentMap:
         self._starts = [start for start, _ in extents]
         self._lengths = [length for _, length in extents]
 
+    @classmethod
+    def of(cls, starts: list[int], lengths: list[int]) -> SegmentMap:
+        """From the segments' starts and lengths as two lists (thousands of segments a layer)."""
+        segment_map = cls.__new__(cls)
+        segment_map._starts, segment_map._lengths = starts, lengths
+        return segment_map
+
     def __len__(self) -> int:
         return len(self._starts)
 

@@ -1,0 +1,127 @@
+"""Layers of many small tensors: kvwire.native's compiled loops and their Python twins give
+the same bytes, and such layers land exactly in the engine's ``expect()`` buffers over
+real sockets, whichever twin runs and whichever path (C-speed or general) a layer takes."""
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from kvwire import KVLayout, Receiver, RequestRejected, Sender, TensorSpec, native, uniform
+
+from .conftest import assert_same_bytes
+
+TWINS = [pytest.param(native.scatter, native.gather, id="compiled"),
+         pytest.param(native.scatter_python, native.gather_python, id="python")]
+
+
+def random_destinations(rng, count):
+    dtypes = [np.uint8, np.float16, np.float32, np.int64]
+    return [np.zeros(tuple(rng.integers(1, 5, size=rng.integers(1, 4))), dtype=dtypes[rng.integers(4)])
+            for _ in range(count)]
+
+
+@pytest.mark.parametrize(("scatter", "gather"), TWINS)
+def test_scatter_and_gather_move_every_byte_in_order(scatter, gather):
+    rng = np.random.default_rng(7)
+    sources = random_destinations(rng, 200)
+    for array in sources:
+        array.view(np.uint8)[...] = rng.integers(0, 256, array.nbytes, dtype=np.uint8).reshape(array.view(np.uint8).shape)
+    joined = np.empty(sum(a.nbytes for a in sources), dtype=np.uint8)
+    formats = [memoryview(a).format for a in sources]
+    assert gather(sources, formats, [a.shape for a in sources], joined)
+    assert joined.tobytes() == b"".join(a.tobytes() for a in sources)
+    copies = [np.zeros_like(a) for a in sources]
+    assert scatter(joined, copies) == joined.nbytes
+    assert all(c.tobytes() == a.tobytes() for c, a in zip(copies, sources))
+
+
+@pytest.mark.parametrize(("scatter", "gather"), TWINS)
+def test_gather_declines_what_is_not_exactly_as_planned(scatter, gather):
+    good = np.zeros((4, 8), np.float32)
+    out = np.empty(256, np.uint8)
+    assert gather([good], ["f"], [(4, 8)], out)
+    assert not gather([good], ["e"], [(4, 8)], out)  # another dtype
+    assert not gather([good], ["f"], [(8, 4)], out)  # another shape
+    assert not gather([good[:, ::2]], ["f"], [(4, 4)], out)  # not contiguous
+    assert not gather([[1.0] * 32], ["f"], [(4, 8)], out)  # not a buffer
+    assert not gather([good, good], ["f", "f"], [(4, 8), (4, 8)], out[:200])  # does not fit
+
+
+@pytest.mark.parametrize(("scatter", "gather"), TWINS)
+def test_scatter_refuses_a_short_source_naming_the_destination(scatter, gather):
+    with pytest.raises(ValueError, match="scatter: destination 1 needs 8 bytes, the source has 2 left"):
+        scatter(np.arange(5, dtype=np.uint8), [np.zeros(3, np.uint8), np.zeros((2, 2), np.uint16)])
+
+
+def many_small_layout():
+    """Four layers of 96 small fixed tensors of mixed dtypes: 0 and 2 unpadded (the C-speed
+    path), 1 with a per-token tensor too, 3 with padding between tensors (the general path)."""
+    kinds = [("float32", 16), ("float16", 32), ("int8", 64)]  # rows of 64 bytes: no padding
+    layers = [{f"t{j:02d}": TensorSpec((j % 5 + 1, kinds[j % 3][1]), kinds[j % 3][0]) for j in range(96)}
+              for _ in range(4)]
+    layers[1]["kv"] = TensorSpec((2, 16), "bfloat16", per_token=True)
+    layers[3] = {f"t{j:02d}": TensorSpec((j % 5 + 1, 3), kinds[j % 3][0]) for j in range(96)}
+    return KVLayout(layers)
+
+
+def make_kv(layout, num_tokens, seed):
+    rng = np.random.default_rng(seed)
+    kv = []
+    for layer in layout.layers:
+        tensors = {}
+        for name, spec in layer.items():
+            shape = spec.full_shape(num_tokens)
+            raw = rng.integers(0, 256, int(np.prod(shape)) * spec.itemsize, dtype=np.uint8)
+            dtype = ml_dtypes.bfloat16 if spec.dtype == "bfloat16" else np.dtype(spec.dtype)
+            tensors[name] = raw.view(dtype).reshape(shape)
+        kv.append(tensors)
+    return kv
+
+
+@pytest.fixture(params=["compiled", "python"])
+def twins(request, monkeypatch):
+    if request.param == "python":
+        monkeypatch.setattr(native, "scatter", native.scatter_python)
+        monkeypatch.setattr(native, "gather", native.gather_python)
+
+
+def test_many_small_tensors_land_in_their_expect_buffers(twins):
+    layout, num_tokens = many_small_layout(), 12
+    plans = layout.plans(num_tokens)
+    assert [uniform.uniform_plan(plan) is not None for plan in plans] == [True, False, True, False]
+    kv = make_kv(layout, num_tokens, seed=1)
+    destinations = [{name: np.zeros_like(array) for name, array in tensors.items()} for tensors in kv]
+    destinations[1]["kv"] = np.zeros((40, 2, 16), ml_dtypes.bfloat16)  # room for more tokens than sent
+    sent = [dict(tensors) for tensors in kv]
+    sent[2]["t07"] = np.repeat(kv[2]["t07"], 2, axis=1)[:, ::2]  # not contiguous: the general path
+    with Receiver(layout, "127.0.0.1:0") as rx, Sender(layout, rx.address) as tx:
+        rx.expect("r", destinations)
+        xfer = tx.open("r", num_tokens)
+        for i, tensors in enumerate(sent):
+            xfer.send_layer(i, tensors)
+        xfer.finish(timeout=30)
+        with rx.wait("r", timeout=30) as got:
+            for i in range(layout.num_layers):
+                layer = got.layer(i)
+                assert_same_bytes(layer, sent[i])
+                for name, array in layer.items():
+                    assert np.shares_memory(array, destinations[i][name])
+    assert destinations[1]["kv"][:num_tokens].tobytes() == kv[1]["kv"].tobytes()
+    assert not destinations[1]["kv"][num_tokens:].view(np.uint16).any()
+    assert all(destinations[0][name].tobytes() == kv[0][name].tobytes() for name in kv[0])
+
+
+def test_a_read_only_buffer_among_many_is_refused_by_name(twins):
+    layout = many_small_layout()
+    kv = make_kv(layout, 4, seed=2)
+    destinations = [{name: np.zeros_like(array) for name, array in tensors.items()} for tensors in kv]
+    destinations[0]["t03"].flags.writeable = False
+    with Receiver(layout, "127.0.0.1:0") as rx, Sender(layout, rx.address) as tx:
+        rx.expect("r", destinations)
+        refusal = r"expect\(\) buffer for layer 0 tensor 't03': destination array must be C-contiguous and writable"
+        with pytest.raises(RequestRejected, match=refusal):  # at a send_layer or at finish: the refusal may come first
+            xfer = tx.open("r", 4)
+            for i, tensors in enumerate(kv):
+                xfer.send_layer(i, tensors)
+            xfer.finish(timeout=30)
+    assert not any(a.any() for tensors in destinations for a in tensors.values())  # nothing was written
