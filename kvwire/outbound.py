@@ -237,7 +237,7 @@ class LayerBytes:
 
     def _segments_of(self, layer: int, tensors: Mapping[str, object]) -> list[tuple[int, int, object, bool]]:
         plan = self.plan.layers[layer]
-        if len(plan.slots) > 8:
+        if len(plan.slots) > uniform.MANY_TENSORS:
             joined = uniform.join(plan, tensors)
             if joined is not None:
                 return [(0, plan.nbytes, joined, False)]

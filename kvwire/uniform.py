@@ -27,6 +27,8 @@ from .layout import LayerPlan
 NUMPY_NAMES = {numpy_dtype(name): name for name in ITEMSIZE if numpy_dtype(name).name == name}
 BUFFER_DTYPES = {dtype for dtype in NUMPY_NAMES if exportable(np.empty(0, dtype)).dtype == dtype}
 
+MANY_TENSORS = 8  # a layer of more tensors than this is worth checking whole (fewer: tensor by tensor is as quick)
+
 _shape_of = operator.attrgetter("shape")
 _dtype_of = operator.attrgetter("dtype")
 _nbytes_of = operator.attrgetter("nbytes")
@@ -94,8 +96,9 @@ class HostLayer(NamedTuple):
 
 def describe_host_layer(names: list[str], tensors: Mapping[str, object]) -> HostLayer | None:
     """The receiver's side, when the engine calls ``expect``: ``tensors`` (all of a layer's,
-    named ``names`` in the layout's order) as a ``HostLayer``, or None if one is not plain."""
-    if len(tensors) != len(names):
+    named ``names`` in the layout's order) as a ``HostLayer``, or None if one is not plain
+    (or the layer has at most ``MANY_TENSORS``)."""
+    if len(tensors) != len(names) or len(names) <= MANY_TENSORS:
         return None
     try:
         arrays = list(map(tensors.__getitem__, names))
