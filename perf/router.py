@@ -1,7 +1,7 @@
 """perf router: PrfaaS routing vs all-local vs offload-everything, over an emulated WAN.
 
 Processes (tiny seeded Kimi-Linear, CPU, one torch thread each), joined by
-kvwire.testing.wan (root):
+perf.wanlink (root):
 
     namespace a  "PrfaaS cluster":   prefill worker P  --- WAN link (rate, RTT) ---+
     namespace b  "local PD cluster": prefill worker L, decode worker D, router, client
@@ -33,7 +33,7 @@ POLICIES = ("prfaas", "all-local", "offload-all")
 
 
 def unavailable() -> str | None:
-    from kvwire.testing.wan import unavailable_reason
+    from perf.wanlink import unavailable_reason
 
     return unavailable_reason()
 
@@ -140,7 +140,7 @@ def run(argv: list[str] | None = None) -> dict:
     args = arguments(argv)
     if args.client:
         return burst(json.loads(Path(args.client).read_text()))
-    from kvwire.testing.wan import LinkSpec, WanLink
+    from perf.wanlink import LinkSpec, WanLink
     from serving import launch
     from serving.demo import prompts as make_prompts
     from serving.demo import stop, tiny_model_dir

@@ -15,7 +15,7 @@ each, one at a time, each timed until ``finish()`` (the receiver verified it). M
   moving the same bytes in the same run: this machine's own limit for that many flows;
 - Jain's fairness index over the senders' goodputs (1.0: equal shares);
 - over ``--wan``: every sender shares the one emulated link (1 Gbit/s, 40 ms RTT, 0.1% loss
-  each way, kvwire.testing.wan), i.e. one bottleneck, as prefill hosts of one cluster
+  each way, perf.wanlink), i.e. one bottleneck, as prefill hosts of one cluster
   reaching a decode cluster elsewhere over one WAN path.
 """
 
@@ -178,7 +178,7 @@ def run(argv=None) -> dict:
         sender_main(args)
         return {}
     if args.wan:
-        from kvwire.testing.wan import LinkSpec, WanLink, unavailable_reason
+        from perf.wanlink import LinkSpec, WanLink, unavailable_reason
 
         reason = unavailable_reason()
         if reason:

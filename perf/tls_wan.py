@@ -16,7 +16,7 @@ QUICK_ARGS = ["--quick"]
 
 
 def unavailable() -> str | None:
-    from kvwire.testing.wan import unavailable_reason
+    from perf.wanlink import unavailable_reason
 
     return unavailable_reason()
 

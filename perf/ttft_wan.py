@@ -1,7 +1,7 @@
 """perf ttft-wan: the serving prefill -> decode path across an emulated WAN link.
 
 Prefill (this benchmark's serving.ttft_bench run) in namespace a, the KV receiver in
-namespace b, joined by kvwire.testing.wan: 40 ms RTT, 0.1% loss, at 100 Mbit/s and
+namespace b, joined by perf.wanlink: 40 ms RTT, 0.1% loss, at 100 Mbit/s and
 1 Gbit/s. For each link and codec (none, fp8): monolithic prefill time, TTFT when each
 layer is sent from a forward hook as it completes, and TTFT when the whole cache is sent
 after the prefill, for the tiny Kimi-Linear model at 1K and 4K tokens.
@@ -22,7 +22,7 @@ QUICK_ARGS = ["--quick"]
 
 
 def unavailable() -> str | None:
-    from kvwire.testing.wan import unavailable_reason
+    from perf.wanlink import unavailable_reason
 
     return unavailable_reason()
 
@@ -39,7 +39,7 @@ def run(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.quick:
         args.rates, args.codecs, args.lengths = "1000", "none", "1024"
-    from kvwire.testing.wan import LinkSpec, WanLink
+    from perf.wanlink import LinkSpec, WanLink
     from serving.demo import tiny_model_dir
 
     model_dir = str(tiny_model_dir())

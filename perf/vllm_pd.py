@@ -149,7 +149,7 @@ def run(argv: list[str] | None = None) -> dict:
                 key = _key(connector, link_name, tp)
                 reason = nixl_missing() if connector == "nixl" else None
                 if link_name == "wan" and reason is None:
-                    from kvwire.testing.wan import unavailable_reason
+                    from perf.wanlink import unavailable_reason
 
                     reason = unavailable_reason()
                 if reason:
@@ -158,7 +158,7 @@ def run(argv: list[str] | None = None) -> dict:
                 with contextlib.ExitStack() as stack:
                     link = None
                     if link_name == "wan":
-                        from kvwire.testing.wan import LinkSpec, WanLink
+                        from perf.wanlink import LinkSpec, WanLink
 
                         link = stack.enter_context(WanLink(LinkSpec(rate_mbit=args.rate_mbit, rtt_ms=args.rtt_ms,
                                                                     loss=args.loss)))

@@ -1,6 +1,6 @@
 """perf wan: kvwire's goodput across an emulated cross-datacenter link, next to iperf3.
 
-The link (kvwire.testing.wan): 1 Gbit/s, 40 ms RTT, 0.1% random loss each way, MTU 9000,
+The link (perf.wanlink): 1 Gbit/s, 40 ms RTT, 0.1% random loss each way, MTU 9000,
 a one-BDP bottleneck buffer, TCP buffers up to 32 MiB. For each congestion control (bbr,
 reno, set in both namespaces) and in one run over one link: kvwire's default
 configuration (``Sender`` with no ``streams``), kvwire with 1, 2, 4, 8 and 16 streams,
@@ -38,7 +38,7 @@ QUICK_ARGS = ["--quick"]
 
 def unavailable() -> str | None:
     """Why this benchmark cannot run here (None: it can)."""
-    from kvwire.testing.wan import unavailable_reason
+    from perf.wanlink import unavailable_reason
 
     return unavailable_reason()
 
@@ -242,7 +242,7 @@ def _iperf3(link, args, parallel: int) -> dict:
 
 
 def run_link(spec, cc: str, args) -> dict:
-    from kvwire.testing.wan import WanLink, measure
+    from perf.wanlink import WanLink, measure
 
     label = "smoke (32 MiB, not comparable): " if args.quick else ""
     log = (lambda *a: None) if args.json else (lambda line: print(label + line, file=sys.stderr, flush=True))
@@ -322,7 +322,7 @@ def _targets(default: float | None, iperf: dict, cc: str) -> dict:
 
 def run(argv: list[str] | None = None) -> dict:
     """Run the benchmark; returns its JSON-ready result."""
-    from kvwire.testing.wan import LinkSpec, WanError
+    from perf.wanlink import LinkSpec, WanError
 
     args = parse(argv)
     spec = LinkSpec(rate_mbit=args.rate_mbit, rtt_ms=args.rtt_ms, loss=args.loss, mtu=args.mtu)
@@ -402,7 +402,7 @@ def tls_comparison(argv: list[str] | None = None) -> dict:
     """kvwire's default configuration with and without TLS over the same emulated link."""
     import tempfile
 
-    from kvwire.testing.wan import LinkSpec, WanLink, measure
+    from perf.wanlink import LinkSpec, WanLink, measure
 
     args = parse(argv)
     spec = LinkSpec(rate_mbit=args.rate_mbit, rtt_ms=args.rtt_ms, loss=args.loss, mtu=args.mtu)

@@ -1,4 +1,4 @@
-"""The emulated WAN link (kvwire.testing.wan): does it do what was asked, and clean up?
+"""The emulated WAN link (perf.wanlink): does it do what was asked, and clean up?
 
 Needs root, `ip netns` and /dev/net/tun; skipped with the reason elsewhere.
 """
@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from kvwire.testing.wan import LinkSpec, WanLink, measure, unavailable_reason
+from perf.wanlink import LinkSpec, WanLink, measure, unavailable_reason
 
 from .conftest import ROOT
 
@@ -92,7 +92,7 @@ def test_cleans_up_on_error_and_stops_what_it_started(can_emulate):
 def test_relay_removes_the_namespaces_when_its_creator_is_killed(can_emulate):
     code = (
         "import sys, time; sys.path.insert(0, sys.argv[1]);"
-        "from kvwire.testing.wan import WanLink, LinkSpec;"
+        "from perf.wanlink import WanLink, LinkSpec;"
         "link = WanLink(LinkSpec(rate_mbit=100, rtt_ms=2)).start();"
         "print(' '.join(link.namespaces.values()), flush=True); time.sleep(60)"
     )

@@ -4,7 +4,7 @@ Put it between a Sender and a Receiver (``Sender(layout, relay.address)``) to se
 kvwire does when the network corrupts, drops, stalls or throttles bytes. Faults apply to
 the sender-to-receiver direction of every relayed connection, counted in bytes; a rate
 limit is one token bucket shared by all connections, as on a real bottleneck. For delay,
-loss and real TCP dynamics use kvwire.testing.wan (root).
+loss and real TCP dynamics use perf.wanlink (root).
 """
 
 from __future__ import annotations

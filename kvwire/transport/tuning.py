@@ -11,7 +11,7 @@ Why streams
     1997): ``rate ~= MSS / RTT * 1.22 / sqrt(loss)``. Across datacenters that bound is
     small: at 40 ms RTT and 0.1% loss one reno stream with MSS 8948 gets about
     70 Mbit/s, whatever the link's capacity (measured on the emulated link in
-    ``kvwire.testing.wan``: iperf3 -P 1 ~62 Mbit/s, -P 8 ~660 Mbit/s on 1 Gbit/s). N streams
+    ``perf.wanlink``: iperf3 -P 1 ~62 Mbit/s, -P 8 ~660 Mbit/s on 1 Gbit/s). N streams
     get about N times that, so the policy opens ``ceil(bandwidth / per-stream bound)``.
     CUBIC's bound (RFC 8312, section 5.1) is the larger of reno's and
     ``1.054 * MSS / RTT * (RTT / loss) ** 0.75``.

@@ -3,7 +3,7 @@ vLLM's NixlConnector P/D with the same settings (``nixl_plain``)."""
 
 import pytest
 
-from kvwire.testing.wan import ADDR_B, LinkSpec, WanLink, unavailable_reason
+from perf.wanlink import ADDR_B, LinkSpec, WanLink, unavailable_reason
 
 from .conftest import MAX_TOKENS, free_port, loaded, nixl_reference, prompt
 from .engines import Engine, consumer_args, one_by_one, producer_args, start_all

@@ -14,7 +14,7 @@ behind the packets already waiting for the ``rate_mbit`` bottleneck (tail-droppe
 more than ``queue_bytes`` wait, like a router's buffer), serialized, and delivered
 ``rtt_ms / 2`` (plus ``jitter_ms`` uniform noise, never reordering) later.
 
-    from kvwire.testing.wan import LinkSpec, WanLink
+    from perf.wanlink import LinkSpec, WanLink
 
     with WanLink(LinkSpec(rate_mbit=1000, rtt_ms=40, loss=0.001), congestion_control="reno") as link:
         server = link.popen("b", ["iperf3", "-s", "-1", "-B", link.addr_b])
@@ -32,12 +32,12 @@ a third of it Python, the rest the kernel's receive path for the injected packet
 MTU 1500 one TCP stream got ~860 Mbit/s for 0.66 of a core, with drops where the relay
 fell behind, so emulate rates near 1 Gbit/s at MTU 9000.
 
-CLI (``python -m kvwire.testing.wan --help``)::
+CLI (``python -m perf.wanlink --help``)::
 
-    python -m kvwire.testing.wan --rate-mbit 1000 --rtt-ms 40 --loss 0.001 --cc reno        # hold until Ctrl-C
-    python -m kvwire.testing.wan --rtt-ms 40 --side a -- ping -c 3 10.99.0.2                 # run one command
-    python -m kvwire.testing.wan check --rate-mbit 1000 --rtt-ms 40                          # measure the link
-    python -m kvwire.testing.wan cleanup                                                      # stale namespaces
+    python -m perf.wanlink --rate-mbit 1000 --rtt-ms 40 --loss 0.001 --cc reno        # hold until Ctrl-C
+    python -m perf.wanlink --rtt-ms 40 --side a -- ping -c 3 10.99.0.2                 # run one command
+    python -m perf.wanlink check --rate-mbit 1000 --rtt-ms 40                          # measure the link
+    python -m perf.wanlink cleanup                                                      # stale namespaces
 
 This file imports only the standard library, so the relay and probe processes start fast.
 """
@@ -657,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
         split = argv.index("--")
         argv, command = argv[:split], argv[split + 1 :]
     ap = argparse.ArgumentParser(
-        prog="python -m kvwire.testing.wan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m perf.wanlink", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument(
         "action",
