@@ -84,8 +84,8 @@ class AutoOptions:
 
     ``ucx_over_tcp``: use UCX even where it has no fabric to offer (no RDMA transport here,
     no shared memory with the peer), i.e. where UCX would carry the bytes over its own tcp
-    transport. Off by default: that measured slower than kvwire's TCP backend on loopback
-    (2.6 against 4.3 GB/s at 256 MiB, perf.peers) and has no TLS.
+    transport. Off by default: it is slower than kvwire's TCP backend (perf/README.md,
+    "Measurements behind the code") and has no TLS.
     """
 
     tcp: TcpOptions = field(default_factory=TcpOptions)

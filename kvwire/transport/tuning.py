@@ -10,9 +10,9 @@ Why streams
     steady rate is then bounded by the path's loss rate, not by the link (Mathis et al.,
     1997): ``rate ~= MSS / RTT * 1.22 / sqrt(loss)``. Across datacenters that bound is
     small: at 40 ms RTT and 0.1% loss one reno stream with MSS 8948 gets about
-    70 Mbit/s, whatever the link's capacity (measured on the emulated link in
-    ``perf.wanlink``: iperf3 -P 1 ~62 Mbit/s, -P 8 ~660 Mbit/s on 1 Gbit/s). N streams
-    get about N times that, so the policy opens ``ceil(bandwidth / per-stream bound)``.
+    70 Mbit/s, whatever the link's capacity (perf/README.md, "Measurements behind the
+    code"). N streams get about N times that, so the policy opens
+    ``ceil(bandwidth / per-stream bound)``.
     CUBIC's bound (RFC 8312, section 5.1) is the larger of reno's and
     ``1.054 * MSS / RTT * (RTT / loss) ** 0.75``.
 
@@ -47,8 +47,8 @@ Unknowns
     unknown loss rate as ``assumed_loss`` (0.1%, a lossy WAN path): guessing too high
     costs a few idle sockets and threads, guessing too low leaves most of a long fat link
     unused. On a LAN or loopback (RTT well under a millisecond) every rule gives one stream,
-    plus one per ``per_stream_bps`` of bandwidth for the CPU (one kvwire connection moves
-    about 3 GB/s on loopback).
+    plus one per ``per_stream_bps`` of bandwidth for the CPU (what one kvwire connection
+    moves on loopback).
 """
 
 from __future__ import annotations

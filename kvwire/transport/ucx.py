@@ -13,7 +13,7 @@ Why it looks the way it does:
   on one host the bytes go over UCX's tcp transport (RDMA across hosts where there is some).
   ``UcxOptions(shared_memory=True)`` on both sides gives peers on the same host (same
   hostname, boot id and pid namespace) endpoints *without* error handling, so UCX may use
-  shared memory / CMA / cuda_ipc (about 10x the loopback throughput here), and a peer's death
+  shared memory / CMA / cuda_ipc (several times the loopback throughput), and a peer's death
   is seen through the liveness socket. It is not the default because UCX does not survive a
   peer killed mid-transfer on such endpoints (found by ``perf.soak --backend ucx``): a CMA
   read from the dead process is a FATAL UCX error, i.e. ``abort()`` of this process, and a
@@ -30,9 +30,8 @@ Why it looks the way it does:
   Python copy. Tags are ``(connection id << 32) | sequence number``, so many connections
   share one worker.
 - **Threads drive progress.** One UCX worker per process, progressed by whichever thread
-  is waiting on it (no ucxx progress thread, no event loop): measured on loopback this moves
-  64 MiB at 12.6 GB/s over shared memory against 10.4 GB/s with ucxx's progress thread,
-  and 1.5 against 1.0 GB/s over tcp. One waiting thread at a time leads: it blocks in epoll
+  is waiting on it (no ucxx progress thread, no event loop: faster on loopback, perf/README.md
+  "Measurements behind the code"). One waiting thread at a time leads: it blocks in epoll
   (GIL released) on the worker's event fd, every connection's liveness socket and a kick
   eventfd, progresses the worker and wakes the others; nothing spins while idle. While no
   thread waits, one idle daemon thread leads the same way, so UCX still closes the sockets
@@ -103,8 +102,8 @@ _hello_decoder = msgspec.msgpack.Decoder(_Hello)
 # setting it depends on (in the environment or ``UcxOptions.ucx_config``).
 # TCP_TX_SEG_SIZE: UCX's tcp transport sends in 8 KiB segments by default; 64 KiB (its
 # receive segment, so receive-side memory is unchanged, and a larger send segment than
-# receive segment is refused) moved 2.4-2.7x the bytes over UCX's tcp transport on
-# loopback (kvwire_ucx_default, perf.peers: 1.02-1.04 -> 2.57-2.77 GB/s at 256 MiB).
+# receive segment is refused) moves several times the bytes over UCX's tcp transport
+# (perf/README.md, "Measurements behind the code").
 _TUNED_DEFAULTS = {"TCP_TX_SEG_SIZE": ("64k", ("TCP_TX_SEG_SIZE", "TCP_RX_SEG_SIZE"))}
 
 
@@ -519,9 +518,8 @@ class UcxConnection:
         self.transport = "ucx-local" if local else "ucx-net"
         # default_streams=1: UCX stripes one endpoint over its own lanes (multi-rail), and one
         # worker per process carries every connection: more connections only add threads
-        # handing the worker to each other. On loopback (shared memory, 4 MiB chunks) 1
-        # connection moved 1 / 16 / 256 MiB at 1.9 / 6.8 / 8.3 GB/s, 2 at 1.1 / 5.4 / 6.4 and
-        # 4 at 0.7 / 3.5 / 7.4. CUDA memory goes as is where UCX opened cuda_copy (a GPU is
+        # handing the worker to each other (slower at every size: perf/README.md,
+        # "Measurements behind the code"). CUDA memory goes as is where UCX opened cuda_copy (a GPU is
         # there; cuda_ipc and GPUDirect RDMA where available), or, under numba's simulator,
         # where device memory is host memory.
         self.capabilities = Capabilities("ucx", device_memory=hub.takes_device_memory, default_streams=1,
