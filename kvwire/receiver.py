@@ -3,6 +3,11 @@
 Threads: one accepts connections, one per connection reads frames into their final
 memory, one enforces request deadlines. The engine's calls (``wait``, ``expect``,
 ``release``) only touch shared state under a lock and never do I/O.
+
+Why it is long: the engine's API (``Receiver``) and the driver that carries out the
+receiving core's decisions on the I/O threads share one lock and one set of books; the
+decisions themselves already live in kvwire.protocol.receiving, placement in
+kvwire.placement and the bytes' landing in kvwire.landing.
 """
 
 from __future__ import annotations

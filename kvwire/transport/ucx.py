@@ -46,6 +46,10 @@ Why it looks the way it does:
   ``_CLOSE_GRACE_S``, those buffers are kept referenced forever rather than reused).
 
 All UCX errors become kvwire errors in ``_map_error`` and nowhere else.
+
+Why it is long: options, fabric discovery, the progress hub, bootstrap, control-message
+framing, connection and listener are still one file; redesign stage 5 (issue 36) splits
+them into a ``transport/ucx/`` package.
 """
 
 from __future__ import annotations

@@ -23,6 +23,10 @@ layer verified, then copies the tokens by position into this instance's blocks a
 state into its state slot, and only then reports the request finished. Any failure
 (integrity, a dead prefill instance, a deadline, a refused push) fails that request only,
 through ``failed_recving``, and vLLM's ``kv_load_failure_policy`` decides what follows.
+
+Why it is long: vLLM hands one worker object both roles (a rank may push and load in one
+step), so the push and the load paths live in one class; their pieces (cache layouts and
+copies, TP topology, transfer params) are in cache.py, topology.py and params.py.
 """
 
 from __future__ import annotations
