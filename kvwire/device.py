@@ -6,22 +6,22 @@ cupy, numba, anything with ``__cuda_array_interface__``) into a flat uint8 devic
 that shares its memory, and checks frames on the GPU (kvwire.cuda.checksum), so only 8
 bytes per 4 KiB of a frame ever reach host memory. numba is imported on first use.
 
-Under numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``: CI, no GPU) device memory is
-host memory behind ``__cuda_array_interface__`` (kvwire.cuda.simulated.HostCudaArray):
-the same kvwire code paths run, the kernels run in the simulator, and UCX moves the
-bytes as host memory. Only the few primitives below differ between the two.
+Whether device memory is a GPU's or numba's simulator's (host memory posing as CUDA
+memory: CI, no GPU) is decided once per process, by ``kvwire.cuda.memory``; the
+primitives below hand over to that strategy.
 """
 
 from __future__ import annotations
 
-import contextlib
-import sys
-import threading
 from typing import NamedTuple
 
 import numpy as np
 
 from . import dtypes
+from .cuda.memory import is_device, memory
+
+__all__ = ["DeviceBytes", "adopt", "as_device_array", "copy", "device_bytes", "empty", "frame_blocksum",
+           "is_device", "join", "launching", "simulated", "synchronize", "to_host"]
 
 
 class DeviceBytes(NamedTuple):
@@ -32,28 +32,10 @@ class DeviceBytes(NamedTuple):
     dtype: str
 
 
-_SIMULATOR_LOCK = threading.RLock()
-
-
-def is_device(obj) -> bool:
-    """Whether ``obj`` is CUDA memory (or, in the simulator, host memory posing as such)."""
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(obj, torch.Tensor):
-        # Asked directly: torch raises KeyError, not AttributeError, from the
-        # __cuda_array_interface__ of a dtype it cannot name there (float8), which
-        # hasattr would let through. kvwire views torch tensors as bytes before use.
-        return obj.device.type == "cuda"
-    return hasattr(obj, "__cuda_array_interface__") and not isinstance(obj, (memoryview, bytes, bytearray))
-
-
 def simulated() -> bool:
     """Whether numba's CUDA simulator stands in for a GPU (NUMBA_ENABLE_CUDASIM=1); False
     without numba (an optional dependency: the ``cuda`` extra)."""
-    try:
-        from numba import config
-    except ImportError:
-        return False
-    return bool(config.ENABLE_CUDASIM)
+    return memory().simulated
 
 
 def device_bytes(obj, *, writable: bool = False):
@@ -86,90 +68,43 @@ def device_bytes(obj, *, writable: bool = False):
 
 def as_device_array(obj):
     """A numba device array sharing ``obj``'s memory (a HostCudaArray in the simulator)."""
-    if simulated():
-        from .cuda.simulated import HostCudaArray
-
-        return np.asarray(obj).view(HostCudaArray)
-    from .cuda.compat import cuda
-
-    if type(obj).__module__.startswith("torch"):
-        # torch's __cuda_array_interface__ names no stream, so numba cannot wait for the
-        # kernels that produced (or still read) this memory; UCX and our kernels must not
-        # touch it before they are done.
-        import torch
-
-        torch.cuda.current_stream(obj.device).synchronize()
-    return cuda.as_cuda_array(obj)
+    return memory().as_device_array(obj)
 
 
 def synchronize() -> None:
     """Wait for kvwire's copies and kernels on the device (numba's default stream): before
     a landing buffer is reused, and before a layer is handed to the engine as ready."""
-    if not simulated():
-        from .cuda.compat import cuda
-
-        cuda.synchronize()
+    memory().synchronize()
 
 
 def launching():
-    """Held around every kernel launch: the simulator swaps the kernels module's ``cuda``
-    global while a kernel runs, so two threads launching at once (a sender and a receiver
-    in one process) would find it half-replaced. Real CUDA needs no lock."""
-    return _SIMULATOR_LOCK if simulated() else contextlib.nullcontext()
+    """Held around every kernel launch (a lock in the simulator, nothing on a GPU)."""
+    return memory().launching()
 
 
 def adopt(output):
     """A kernel's output array as flat device bytes kvwire can send (in the simulator, a
     HostCudaArray copy of numba's fake device array, which UCX cannot address)."""
-    if simulated():
-        from .cuda.simulated import host_cuda
-
-        output = host_cuda(output.copy_to_host())
+    output = memory().adopt(output)
     flat = output.reshape(output.size)
     return flat if flat.dtype == np.uint8 else flat.view(np.uint8)
 
 
 def empty(nbytes: int):
     """A new flat uint8 device array."""
-    if simulated():
-        from .cuda.simulated import host_cuda
-
-        return host_cuda(np.empty(nbytes, dtype=np.uint8))
-    from .cuda.compat import cuda
-
-    return cuda.device_array(nbytes, dtype=np.uint8)
+    return memory().empty(nbytes)
 
 
 def copy(dst, src) -> None:
     """``dst[:] = src`` for any pair of flat, contiguous host and device byte arrays of one length."""
     if isinstance(src, (bytes, memoryview)):
         src = np.frombuffer(src, dtype=np.uint8)
-    if not (is_device(dst) or is_device(src)) or simulated():  # host to host needs no numba
-        np.asarray(dst)[...] = src
-        return
-    if is_device(dst) and is_device(src):
-        dst_array, src_array = as_device_array(dst), as_device_array(src)  # (imports numba.cuda safely)
-        from numba.cuda.cudadrv import driver
-
-        # Straight to cuMemcpyDtoD: numba's copy_to_device first re-derives both arrays'
-        # extents and contiguity in Python, per call.
-        if dst_array.nbytes != src_array.nbytes:
-            raise ValueError(f"device copy of {src_array.nbytes} bytes into {dst_array.nbytes}")
-        if not (dst_array.is_c_contiguous() and src_array.is_c_contiguous()):
-            raise ValueError("device copy between non-contiguous arrays (it copies one flat range of bytes)")
-        if dst_array.nbytes:
-            driver.device_to_device(dst_array, src_array, dst_array.nbytes)
-    elif is_device(dst):
-        as_device_array(dst).copy_to_device(np.ascontiguousarray(src))
-    else:
-        as_device_array(src).copy_to_host(dst)
+    memory().copy(dst, src)
 
 
 def to_host(src) -> np.ndarray:
     """A host copy of a flat device byte array."""
-    if simulated():
-        return np.array(np.asarray(src).view(np.ndarray), copy=True)
-    return as_device_array(src).copy_to_host()
+    return memory().to_host(src)
 
 
 def join(pieces: list, nbytes: int):
@@ -194,7 +129,7 @@ def frame_blocksum(rid: int, layer: int, chunk: int, payload, *, kernel: bool | 
     held to it by tests/test_blocksum.py); ``kernel=True`` runs the simulated kernel.
     """
     if kernel is None:
-        kernel = not simulated()
+        kernel = memory().kernel_checksums
     if not kernel:
         from .wire.blocksum import frame_blocksum as on_cpu
 

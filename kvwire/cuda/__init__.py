@@ -1,4 +1,5 @@
 """GPU kernels (pack/unpack of paged blocks, KV quantization) with a CPU path of identical results.
 
-Nothing here is imported by the transport core: it stays usable without numba or a GPU.
+The transport core imports only ``memory`` (the device-memory strategy, numba on first
+use) and ``simulated``: it stays usable without numba or a GPU.
 """

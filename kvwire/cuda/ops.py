@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import device
 from ..codecs import FP8_BLOCK_TOKENS, INT4_GROUP
 from . import kernels
 from .compat import cuda
+from .memory import memory
 
 KINDS = {"float32": kernels.KIND_F32, "bfloat16": kernels.KIND_BF16, "float16": kernels.KIND_F16}
 CODEC_IDS = {"fp8": kernels.CODEC_FP8, "int8": kernels.CODEC_INT8, "int4": kernels.CODEC_INT4}
@@ -21,8 +21,8 @@ CODEC_IDS = {"fp8": kernels.CODEC_FP8, "int8": kernels.CODEC_INT8, "int4": kerne
 
 def _launch(kernel, blocks: int, threads: int, *args) -> None:
     """``kernel[blocks, threads](*args)``, one launch at a time under the simulator
-    (kvwire.device.launching)."""
-    with device.launching():
+    (kvwire.cuda.memory)."""
+    with memory().launching():
         kernel[blocks, threads](*args)
 
 
@@ -132,7 +132,7 @@ def device_rows(pool, num_rows: int, dtype: str, *, encoded: bool):
         import torch
 
         pool = pool.contiguous().view(torch.uint8)  # numba cannot import bfloat16 tensors directly
-    array = device.as_device_array(pool)
+    array = memory().as_device_array(pool)
     array = array.reshape(array.size)
     if not array.dtype == np.uint8:
         array = array.view(np.uint8)

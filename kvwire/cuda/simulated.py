@@ -3,8 +3,8 @@
 Under numba's CUDA simulator there is no device memory; a HostCudaArray is a numpy array
 that also exposes ``__cuda_array_interface__`` with its host address, so kvwire treats it
 as an engine's CUDA tensor (no host staging, checksums by the simulated kernel) and UCX
-moves it from its address like any buffer. Only under the simulator (``kvwire.device``
-asks): real CUDA memory never takes this path. It lives beside the kernels, in the
+moves it from its address like any buffer. Only under the simulator
+(``kvwire.cuda.memory.SimulatedMemory``): real CUDA memory never takes this path. It lives beside the kernels, in the
 library, so that the library never imports its testing package (``kvwire.testing.hostcuda``
 re-exports it for tests).
 """
