@@ -245,11 +245,13 @@ def test_a_receiver_survives_senders_killed_mid_transfer_and_serves_the_next(lay
 
 @needs_ucxx
 def test_ucx_errors_map_to_kvwire_errors():
-    api, _ = ucx._ucxx()
-    assert isinstance(ucx._map_error(api.UCXConnectionResetError("reset"), "p"), PeerLostError)
-    assert isinstance(ucx._map_error(api.UCXEndpointTimeoutError("timeout"), "p"), TransferTimeout)
-    assert isinstance(ucx._map_error(api.UCXCanceledError("canceled"), "p"), PeerLostError)
-    assert isinstance(ucx._map_error(api.UCXMessageTruncatedError("truncated"), "p"), ProtocolError)
+    from kvwire.transport.ucx.library import load_ucxx
+
+    api, _ = load_ucxx()
+    assert isinstance(ucx.map_error(api.UCXConnectionResetError("reset"), "p"), PeerLostError)
+    assert isinstance(ucx.map_error(api.UCXEndpointTimeoutError("timeout"), "p"), TransferTimeout)
+    assert isinstance(ucx.map_error(api.UCXCanceledError("canceled"), "p"), PeerLostError)
+    assert isinstance(ucx.map_error(api.UCXMessageTruncatedError("truncated"), "p"), ProtocolError)
 
 
 def test_tls_is_refused_by_the_ucx_backend():
@@ -384,7 +386,9 @@ def test_fabric_transports_are_read_from_the_ucx_resource_list():
 def test_a_ucx_that_can_open_no_gpu_does_not_take_cuda_memory():
     """UCX built with CUDA (ucxx-cu12 here) says cuda_support on a machine without a GPU
     too; only a device it can open (cuda_copy among its resources) lets CUDA memory go."""
-    hub = ucx._Hub.get(ucx.UcxOptions())
+    from kvwire.transport.ucx.hub import Hub
+
+    hub = Hub.get(ucx.UcxOptions())
     if "cuda_copy" in ucx.context_transports(hub.context.info):
         pytest.skip("UCX opened a GPU here")
     assert hub.cuda is False
@@ -406,9 +410,10 @@ def test_ucx_starts_even_where_it_refuses_kvwire_s_defaults():
     # e.g. a site's ucx.conf with a TCP receive segment under kvwire's send segment
     code = (
         "from kvwire.transport import ucx\n"
-        "ucx._TUNED_DEFAULTS = {'TCP_TX_SEG_SIZE': ('1m', ('TCP_TX_SEG_SIZE',))}  # over UCX's 64k receive segment\n"
+        "from kvwire.transport.ucx import hub, options\n"
+        "options.TUNED_DEFAULTS = {'TCP_TX_SEG_SIZE': ('1m', ('TCP_TX_SEG_SIZE',))}  # over UCX's 64k receive segment\n"
         "assert ucx.tuned_defaults()\n"
-        "ucx._Hub.get(ucx.UcxOptions())\n"
+        "hub.Hub.get(ucx.UcxOptions())\n"
         "print('started')\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("UCX_TCP_")}

@@ -57,7 +57,7 @@ class UcxOptions:
     ``shared_memory``: let peers on the same host use shared memory / CMA / cuda_ipc (their
     endpoints run without UCX error handling; the liveness socket catches a dead peer). Off
     by default: a peer SIGKILLed mid-transfer can then abort or stall this process (see
-    kvwire/transport/ucx.py). Both sides must set it.
+    kvwire/transport/ucx). Both sides must set it.
     ``inline_bytes``: buffers smaller than this travel inside the control message (copied
     at both ends, but one message instead of one rendezvous each: perf requests, whose
     hybrid layers hold 64 KiB recurrent states, went from 279 to 464 requests/s when this
