@@ -8,7 +8,7 @@ import pytest
 
 from kvwire import KVLayout, Receiver, RequestRejected, Sender, TensorSpec, native, uniform
 
-from .conftest import assert_same_bytes
+from .conftest import assert_same_bytes, random_kv
 
 TWINS = [pytest.param(native.scatter, native.gather, id="compiled"),
          pytest.param(native.scatter_python, native.gather_python, id="python")]
@@ -64,20 +64,6 @@ def many_small_layout():
     return KVLayout(layers)
 
 
-def make_kv(layout, num_tokens, seed):
-    rng = np.random.default_rng(seed)
-    kv = []
-    for layer in layout.layers:
-        tensors = {}
-        for name, spec in layer.items():
-            shape = spec.full_shape(num_tokens)
-            raw = rng.integers(0, 256, int(np.prod(shape)) * spec.itemsize, dtype=np.uint8)
-            dtype = ml_dtypes.bfloat16 if spec.dtype == "bfloat16" else np.dtype(spec.dtype)
-            tensors[name] = raw.view(dtype).reshape(shape)
-        kv.append(tensors)
-    return kv
-
-
 @pytest.fixture(params=["compiled", "python"])
 def twins(request, monkeypatch):
     if request.param == "python":
@@ -89,7 +75,7 @@ def test_many_small_tensors_land_in_their_expect_buffers(twins):
     layout, num_tokens = many_small_layout(), 12
     plans = layout.plans(num_tokens)
     assert [uniform.uniform_plan(plan) is not None for plan in plans] == [True, False, True, False]
-    kv = make_kv(layout, num_tokens, seed=1)
+    kv = random_kv(layout, num_tokens, seed=1)
     destinations = [{name: np.zeros_like(array) for name, array in tensors.items()} for tensors in kv]
     destinations[1]["kv"] = np.zeros((40, 2, 16), ml_dtypes.bfloat16)  # room for more tokens than sent
     sent = [dict(tensors) for tensors in kv]
@@ -113,7 +99,7 @@ def test_many_small_tensors_land_in_their_expect_buffers(twins):
 
 def test_a_read_only_buffer_among_many_is_refused_by_name(twins):
     layout = many_small_layout()
-    kv = make_kv(layout, 4, seed=2)
+    kv = random_kv(layout, 4, seed=2)
     destinations = [{name: np.zeros_like(array) for name, array in tensors.items()} for tensors in kv]
     destinations[0]["t03"].flags.writeable = False
     with Receiver(layout, "127.0.0.1:0") as rx, Sender(layout, rx.address) as tx:
