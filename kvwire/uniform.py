@@ -56,13 +56,14 @@ def uniform_plan(plan: LayerPlan) -> UniformPlan | None:
         return cached[1]
     offsets = [slot.offset for slot in plan.slots]
     ends = list(itertools.accumulate(slot.nbytes for slot in plan.slots))
-    names = [slot.spec.dtype for slot in plan.slots]
-    by_name = {name: numpy_dtype(name) for name in set(names)}
+    dtype_names = [slot.spec.dtype for slot in plan.slots]
+    dtypes = {name: numpy_dtype(name) for name in set(dtype_names)}
     uniform = None
-    if offsets[1:] == ends[:-1] and (not offsets or offsets[0] == 0) and set(by_name.values()) <= BUFFER_DTYPES:
-        formats = {name: memoryview(np.empty(0, dtype)).format for name, dtype in by_name.items()}
+    if offsets[1:] == ends[:-1] and (not offsets or offsets[0] == 0) and set(dtypes.values()) <= BUFFER_DTYPES:
+        formats = {name: memoryview(np.empty(0, dtype)).format for name, dtype in dtypes.items()}
         uniform = UniformPlan([slot.name for slot in plan.slots], [slot.shape for slot in plan.slots],
-                              list(map(by_name.__getitem__, names)), offsets, list(map(formats.__getitem__, names)))
+                              list(map(dtypes.__getitem__, dtype_names)), offsets,
+                              list(map(formats.__getitem__, dtype_names)))
     if len(_PLANS) > 256:
         _PLANS.clear()
     _PLANS[id(plan)] = (plan, uniform)

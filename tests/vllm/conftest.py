@@ -29,6 +29,14 @@ def loaded(outputs) -> list[int]:
     return [out["kv_transfer_params"]["kvwire"]["loaded_tokens"] for out in outputs]
 
 
+def taken(outputs) -> list[int]:
+    """Prompt tokens each decode response did not compute: taken from kvwire, or found in
+    its own prefix cache (prompts sharing a prefix may hit it there, depending on what it
+    still holds from earlier requests: a machine's timing, not something to assert)."""
+    reports = [out["kv_transfer_params"]["kvwire"] for out in outputs]
+    return [r["loaded_tokens"] + r.get("local_tokens", 0) for r in reports]
+
+
 def prompt(length: int, seed: int) -> list[int]:
     rng = random.Random(seed)
     return [rng.randrange(3, 2000) for _ in range(length)]
