@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from . import flags, progress
+from .model import quiet_transformers
 
 log = logging.getLogger("serving")
 
@@ -181,16 +182,6 @@ def _secret(path: Path | None) -> bytes | None:
     return secret
 
 
-def _quiet_transformers() -> None:
-    from .model import block_gpu_kernels
-
-    block_gpu_kernels()  # before anything imports a modeling module
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
-
 def _load(args):
     from .model import load
 
@@ -232,7 +223,7 @@ def run_decode(args) -> int:
     # both ports are checked before the model loads
     http_socket = flags.bind("--port", args.host, args.port, host_flag="--host")
     flags.check_listen_free("--kv-listen", args.kv_listen)
-    _quiet_transformers()
+    quiet_transformers()
     options = DecodeOptions(kv_listen=args.kv_listen, kv_advertise=args.kv_advertise, backend=_backend(args.kv_backend),
                             secret=_secret(args.secret_file), kv_wait_s=args.kv_wait, **_prefix_cache(args))
     loaded = _load(args)
@@ -251,7 +242,7 @@ def run_prefill(args) -> int:
     from .prefill import PrefillOptions, PrefillWorker
 
     http_socket = flags.bind("--port", args.host, args.port, host_flag="--host")
-    _quiet_transformers()
+    quiet_transformers()
     options = PrefillOptions(backend=_backend(args.kv_backend), secret=_secret(args.secret_file), streams=args.streams,
                              **_prefix_cache(args))
     loaded = _load(args)
@@ -324,7 +315,7 @@ def run_profile(args) -> int:
     from .demo import tiny_model_dir
     from .profile import measure
 
-    _quiet_transformers()
+    quiet_transformers()
     if args.model is None:
         args.model = str(tiny_model_dir())
     lengths = args.lengths
@@ -344,7 +335,7 @@ def run_profile(args) -> int:
 def run_demo(args) -> int:
     from .demo import run
 
-    _quiet_transformers()
+    quiet_transformers()
     return run(model_dir=args.model, max_tokens=args.max_tokens, prompt_lengths=args.prompt_lengths)
 
 
@@ -353,7 +344,7 @@ def run_make_model(args) -> int:
         raise flags.UsageError(f"{args.dir} exists and is not empty; give a new folder")
     from .model import write_tiny_checkpoint
 
-    _quiet_transformers()
+    quiet_transformers()
     architecture = {"kimi-linear": "KimiLinearForCausalLM", "qwen3-next": "Qwen3NextForCausalLM"}[args.architecture]
     with progress.step(f"writing a tiny seeded {args.architecture} checkpoint"):
         write_tiny_checkpoint(args.dir, architecture, dtype=args.dtype, seed=args.seed)

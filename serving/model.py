@@ -63,6 +63,16 @@ class LoadedModel:
         return frozenset([eos] if isinstance(eos, int) else eos)
 
 
+
+def quiet_transformers() -> None:
+    """transformers without its warnings and progress bars, and with vLLM-free kernels:
+    before anything imports a modeling module (the CLI's and the benchmarks' entry points)."""
+    block_gpu_kernels()
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
 def load(path: str | Path, *, dtype: str | None = None, max_model_len: int | None = None) -> LoadedModel:
     """Load a local HF-format checkpoint of one of ``ARCHITECTURES`` for inference.
 

@@ -128,9 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen", default="127.0.0.1:0", help="the receiver's address")
     parser.add_argument("--receiver", metavar="DIR", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    from .cli import _quiet_transformers
+    from .model import quiet_transformers
 
-    _quiet_transformers()
+    quiet_transformers()
     if args.receiver:
         _receiver(args.receiver, os.environ["KVWIRE_BENCH_SECRET"].encode(), args.listen)
         return 0

@@ -24,7 +24,7 @@ from serving.planner import (
     search,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SAMPLE = os.path.join(ROOT, "examples", "profiles", "kimi-linear-1t-h200.json")
 PAPER_WORKLOAD = "lognormal:mu=9.90,sigma=1.00,min=128,max=128K"
 
