@@ -112,10 +112,11 @@ def receiver_main(args) -> None:
     layout = the_layout(args.one_tensor_kib)
     rx = Receiver(layout, "127.0.0.1:0", max_bytes=1 << 30, backend=args.backend,
                   transport_options=transport_options(args))
-    print(json.dumps({"address": rx.address}), flush=True)
     memory = np.ones((requests, layout.nbytes(TOKENS)), np.uint8)  # touched: np.zeros maps pages lazily
     for i in range(requests):
         rx.expect(f"r{i}", as_layout_dtype(carve(layout, memory[i]), layout))
+    # the address only now: a sender that connected sooner could open r0 before its expect()
+    print(json.dumps({"address": rx.address}), flush=True)
     per_request = []
     for i in range(requests):
         EVENTS.clear()
