@@ -126,9 +126,9 @@ def place_layer(
     where = f"expect() buffer for layer {index} tensor"
     if codec is None and not is_paged and len(buffers) == len(plan.slots):
         host = expectation.host_layers.get(index)
-        if host is not None and uniform.lands_whole(host, plan):  # one check for the whole layer
-            return PlacedLayer(uniform.uniform_plan(plan).offsets, host.views, [], [], 0,
-                               engine_arrays=dict(zip(host.names, host.arrays)))
+        whole = uniform.landing_plan(host, plan) if host is not None else None  # one check for the whole layer
+        if whole is not None:
+            return PlacedLayer(whole.offsets, host.views, [], [], 0, engine_arrays=dict(zip(host.names, host.arrays)))
         placed = _all_direct_to_host(index, plan, expectation, num_tokens)
         if placed is not None:
             return placed

@@ -118,13 +118,16 @@ def describe_host_layer(names: list[str], tensors: Mapping[str, object]) -> Host
     return HostLayer(names, arrays, list(map(np.frombuffer, arrays, itertools.repeat(np.uint8))))
 
 
-def lands_whole(host: HostLayer, plan: LayerPlan) -> bool:
-    """Whether the request's layer fills ``host``'s buffers exactly, in the plan's order and
-    dtypes with no padding: its bytes can land in ``host.views`` as they are."""
+def landing_plan(host: HostLayer, plan: LayerPlan) -> UniformPlan | None:
+    """``plan`` as a ``UniformPlan`` if the request's layer fills ``host``'s buffers exactly,
+    in the plan's order and dtypes with no padding (its bytes can land in ``host.views`` as
+    they are, at its offsets); else None."""
     uniform = uniform_plan(plan)
-    return (
+    if (
         uniform is not None
         and host.names == uniform.names
         and list(map(_shape_of, host.arrays)) == uniform.shapes
         and list(map(_dtype_of, host.arrays)) == uniform.dtypes
-    )
+    ):
+        return uniform
+    return None
