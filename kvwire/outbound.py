@@ -98,7 +98,8 @@ class Transfer:
         if self._codec is not None or block_ids is not None:
             tensors = self._prepare(layer, tensors, block_ids)
         self._layers.take(layer, tensors)
-        self._outbox.submit(self._request, layer)
+        if self._outbox.submit(self._request, layer):
+            return  # written by this thread (a small layer, the stream idle: kvwire.outbox)
         # Hand the GIL to the I/O threads now: a caller that goes straight on to its next
         # layer in Python would otherwise hold it for a whole switch interval (5 ms) and
         # the bytes of this layer would wait instead of overlapping that work.

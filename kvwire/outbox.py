@@ -2,25 +2,44 @@
 threads (``Sender.open``, ``Transfer``) and the sender's I/O threads.
 
 It adds only what the core cannot do without threads: waiting (for room in the queue,
-for a stream's next chunk, for the next deadline) and waking a request's ``finish()``
-when it settles. The metrics count what settles here, before the engine is woken.
+for a stream's next chunk, for the next deadline), waking a request's ``finish()`` when
+it settles, and who writes on a stream now. The metrics count what settles here, before
+the engine is woken.
+
+Writing directly: a small layer handed over while a stream's writer waits idle is
+written by the engine's own thread (``write_now``, given by the driver), without
+waiting: what the socket does not take at once is left to the writer. Waking the writer
+for it cost two thread switches and a wait for the GIL per layer, more than writing it.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 from .errors import KVWireError, TransferTimeout, again
 from .metrics import PeerCounters
 from .protocol.sending import OutboundRequest, Outgoing, SenderBook, StreamState
 from .wire.messages import Abort, Ack
 
+# A layer (with the chunks queued behind it) up to this size may be written by the engine's
+# thread; larger ones go to the writer, whose copy into the kernel overlaps the engine's work.
+DIRECT_WRITE_BYTES = 256 << 10
+
+WriteNow = Callable[[StreamState, list[Outgoing]], list]
+
 
 class Outbox:
-    def __init__(self, book: SenderBook, counters: PeerCounters):
+    def __init__(self, book: SenderBook, counters: PeerCounters, write_now: WriteNow | None = None):
+        """``write_now(stream, batch)``: write a batch without waiting, return the buffers
+        left (None: no stream ever takes direct writes)."""
         self.book = book
         self._counters = counters
         self._cv = threading.Condition()
+        self._write_now = write_now
+        self._idle: set[StreamState] = set()  # streams whose writer waits for work
+        self._claimed: set[StreamState] = set()  # streams an engine's thread writes on now
+        self._left: dict[StreamState, list] = {}  # bytes a direct write left, the writer's next
 
     @property
     def closing(self) -> bool:
@@ -38,9 +57,10 @@ class Outbox:
             self._cv.notify_all()
         return request
 
-    def submit(self, request: OutboundRequest, layer: int) -> None:
+    def submit(self, request: OutboundRequest, layer: int) -> bool:
         """Queue a layer the engine handed over; blocks while the queue is full (until the
-        request's deadline: TransferTimeout), and raises the request's error if it failed."""
+        request's deadline: TransferTimeout), and raises the request's error if it failed.
+        True if this thread wrote it (see the module's docstring), False if a writer will."""
         book = self.book
         with self._cv:
             room = self._cv.wait_for(lambda: book.has_room() or request.error is not None,
@@ -51,7 +71,48 @@ class Outbox:
                 raise TransferTimeout(f"request {request.request_id!r}: send queue stayed full until the deadline",
                                       request_id=request.request_id, peer=book.peer)
             book.layer_ready(request, layer)
-            self._cv.notify_all()
+            claim = self._claim_idle(request.plan.layers[layer].nbytes)
+            if claim is None:
+                self._cv.notify_all()
+                return False
+        stream, batch = claim
+        left = []
+        try:
+            left = self._write_now(stream, batch)
+        finally:
+            batch = None  # not the engine's arrays' keeper past this call
+            with self._cv:
+                self._claimed.discard(stream)
+                if left:
+                    self._left[stream] = left
+                if left or book.queue or stream.control:
+                    self._cv.notify_all()
+        return True
+
+    def _claim_idle(self, nbytes: int) -> tuple[StreamState, list[Outgoing]] | None:
+        """A stream whose writer waits, and what it writes next, for the caller to write;
+        None if there is none, or the layer is large. (Under the lock.)"""
+        if self._write_now is None or nbytes > DIRECT_WRITE_BYTES:
+            return None
+        for stream in self._idle:
+            if stream.alive and stream not in self._claimed and stream not in self._left:
+                batch = self._take(stream, DIRECT_WRITE_BYTES)
+                if batch:
+                    self._claimed.add(stream)
+                return (stream, batch) if batch else None
+        return None
+
+    def _take(self, stream: StreamState, batch_bytes: int) -> list[Outgoing]:
+        """What ``stream`` writes next, with the chunks queued behind it up to ``batch_bytes``."""
+        book = self.book
+        outgoing = book.next_for(stream)
+        if outgoing is None:
+            return []
+        batch, nbytes = [outgoing], outgoing.nbytes
+        while nbytes < batch_bytes and (more := book.next_for(stream)) is not None:
+            batch.append(more)
+            nbytes += more.nbytes
+        return batch
 
     def wait(self, request: OutboundRequest, timeout_s: float) -> bool:
         """Whether ``request`` settled (done or failed) within ``timeout_s``."""
@@ -70,29 +131,33 @@ class Outbox:
 
     # -- the I/O threads' side ------------------------------------------------------------
 
-    def next_for(self, stream: StreamState, batch_bytes: int = 0) -> list[Outgoing]:
-        """Wait until ``stream`` has something to write, and take it; with ``batch_bytes``,
-        also the chunks queued behind it until they hold that many bytes (small layers then
-        go out in one write, not one each). Empty once the stream is lost or the sender
-        closes. Requests long past their deadline are given up while waiting."""
+    def next_for(self, stream: StreamState, batch_bytes: int = 0) -> tuple[list, list[Outgoing]]:
+        """Wait until ``stream`` has something to write, and take it: the bytes a direct write
+        left, then what the book gives, with ``batch_bytes`` also the chunks queued behind
+        it until they hold that many bytes (small layers then go out in one write, not one
+        each). Nothing once the stream is lost or the sender closes. Requests long past
+        their deadline are given up while waiting."""
         book, clock = self.book, self.book.clock
         with self._cv:
             while not book.closing and stream.alive:
-                outgoing = book.next_for(stream)
-                if outgoing is not None:
-                    batch, nbytes = [outgoing], outgoing.nbytes
-                    while nbytes < batch_bytes and (more := book.next_for(stream)) is not None:
-                        batch.append(more)
-                        nbytes += more.nbytes
-                    self._cv.notify_all()  # room in the queue
-                    return batch
+                if stream not in self._claimed:
+                    left = self._left.pop(stream, [])
+                    batch = self._take(stream, batch_bytes)
+                    if left or batch:
+                        self._cv.notify_all()  # room in the queue
+                        return left, batch
                 expiry = book.next_expiry()
-                if self._cv.wait(None if expiry is None else max(0.0, expiry - clock.now())):
+                self._idle.add(stream)
+                try:
+                    woken = self._cv.wait(None if expiry is None else max(0.0, expiry - clock.now()))
+                finally:
+                    self._idle.discard(stream)
+                if woken:
                     continue
                 for request in book.expired(clock.now()):
                     self._settled(request, failed=True)
                 self._cv.notify_all()  # their Aborts, maybe for another stream
-        return []
+        return [], []
 
     def on_ack(self, msg: Ack) -> None:
         with self._cv:
@@ -112,6 +177,7 @@ class Outbox:
         """Whether this is news (a stream's reader and writer both report its loss)."""
         with self._cv:
             lost = self.book.stream_lost(stream)
+            self._left.pop(stream, None)  # its chunks are queued again whole
             self._cv.notify_all()
         return lost
 
@@ -139,6 +205,7 @@ class Outbox:
             if self.book.closing:
                 return False
             failed = self.book.close()
+            self._left.clear()
             self._cv.notify_all()
         for request in failed:
             request.waiter.set()

@@ -48,6 +48,11 @@ from .wire.reader import FrameReader
 log = logging.getLogger(__name__)
 
 
+# Acks held back while frames keep arriving are sent once this many wait: a sender that
+# streams without pause still hears of its layers (``layer_sent``) every few of them.
+MAX_HELD_ACKS = 32
+
+
 @dataclass(eq=False)
 class _Stream:
     conn: Connection
@@ -79,9 +84,13 @@ class _Stream:
             self.held.append(framing.encode(message))
 
     def flush(self) -> None:
-        """Send the held acks; a broken connection is the reader's to find."""
+        """Before the reader waits: send the held acks, unless more frames are already there
+        (and few acks held): then they go with the acks of those. A broken connection is
+        the reader's to find."""
         with self.send_lock:
             if not self.held:
+                return
+            if len(self.held) < MAX_HELD_ACKS and self.conn.capabilities.nonblocking and self.conn.has_data():
                 return
             held, self.held = self.held, []
             try:

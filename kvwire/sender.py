@@ -79,7 +79,8 @@ class Sender:
         self.max_request_bytes = welcome.max_request_bytes
         book = SenderBook(self.address, len(conns), max_queued_chunks=self.options.max_queued_chunks,
                           clock=self._clock)
-        self._outbox = Outbox(book, self._counters)
+        direct = all(conn.capabilities.nonblocking for conn in conns)
+        self._outbox = Outbox(book, self._counters, self._write_now if direct else None)
         self._conns = list(conns)  # each stream's current connection
         self._all_conns = list(conns)  # every connection ever made, for the finalizer
         for stream, conn in zip(book.streams, conns):
@@ -207,12 +208,11 @@ class Sender:
 
     def _write_loop(self, stream: StreamState, conn: Connection) -> None:
         outbox = self._outbox
-        while batch := outbox.next_for(stream, WRITE_BATCH_BYTES):
-            buffers = []
-            for out in batch:
-                buffers += [framing.encode(message) for message in out.controls]
-                if out.request is not None:
-                    buffers += self._frame(out, conn)
+        while True:
+            left, batch = outbox.next_for(stream, WRITE_BATCH_BYTES)
+            if not left and not batch:
+                return
+            buffers = left + self._buffers(batch, conn)
             try:
                 if buffers:
                     conn.send(buffers)  # control messages and chunks in one syscall
@@ -220,7 +220,26 @@ class Sender:
                 return self._stream_lost(stream, conn, exc)
             # Waiting for the next chunk, this thread must not keep the last one's arrays
             # (the engine's, borrowed only until finish()) alive.
-            batch = buffers = out = None
+            left = batch = buffers = None
+
+    def _write_now(self, stream: StreamState, batch: list[Outgoing]) -> list:
+        """Write ``batch`` from the engine's thread without waiting (see ``kvwire.outbox``);
+        the buffers the socket did not take, for the stream's writer."""
+        conn = self._conns[stream.index]
+        try:
+            return conn.send_now(self._buffers(batch, conn))
+        except KVWireError as exc:
+            self._stream_lost(stream, conn, exc)
+            return []
+
+    def _buffers(self, batch: list[Outgoing], conn: Connection) -> list:
+        """Control messages and Data frames of ``batch``, in order, to write at once."""
+        buffers = []
+        for out in batch:
+            buffers += [framing.encode(message) for message in out.controls]
+            if out.request is not None:
+                buffers += self._frame(out, conn)
+        return buffers
 
     def _frame(self, out: Outgoing, conn: Connection) -> list:
         """The buffers of ``out``'s Data frame; none if its request was confirmed meanwhile,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import socket
 import ssl
 import struct
+from dataclasses import replace
 from typing import Sequence
 
 from ..address import parse_address
@@ -35,13 +36,16 @@ class TcpConnection:
 
     # CUDA arrays are staged to host before they reach a socket; the kernel's TCP_INFO
     # gives the RTT a Sender sizes its streams by.
+    # (a TLS socket has no sendmsg and buffers records of its own: it is not ``nonblocking``)
     capabilities = Capabilities("tcp", device_memory=False, link_stats=hasattr(socket, "TCP_INFO"),
-                                partial_reads=True)
+                                partial_reads=True, nonblocking=True)
 
     def __init__(self, sock: socket.socket, peer: str):
         self.sock = sock
         self.peer = peer
         self._is_tls = isinstance(sock, ssl.SSLSocket)
+        if self._is_tls:
+            self.capabilities = _TLS_CAPABILITIES
         self._closed = False
 
     def _lost(self, exc: BaseException) -> Exception:
@@ -67,6 +71,35 @@ class TcpConnection:
                     views[0] = views[0][sent:]
         except (OSError, ValueError) as exc:
             raise self._lost(exc) from None
+
+    def send_now(self, buffers: Sequence[memoryview | bytes]) -> list[memoryview]:
+        """Write what the socket buffer takes now (MSG_DONTWAIT); the views left. Nothing is
+        written on a socket with a timeout (Python would wait out the timeout instead)."""
+        views = [view for view in (memoryview(b).cast("B") for b in buffers) if view.nbytes]
+        if self._is_tls or self.sock.gettimeout() is not None:
+            return views
+        try:
+            while views:
+                sent = self.sock.sendmsg(views[:_IOV_MAX], (), socket.MSG_DONTWAIT)
+                while views and sent >= len(views[0]):
+                    sent -= len(views[0])
+                    views.pop(0)
+                if sent:
+                    views[0] = views[0][sent:]
+        except (BlockingIOError, InterruptedError):
+            pass
+        except (OSError, ValueError) as exc:
+            raise self._lost(exc) from None
+        return views
+
+    def has_data(self) -> bool:
+        """Whether bytes (or the peer's end of the stream) wait to be received."""
+        if self._is_tls or self.sock.gettimeout() is not None:
+            return False
+        try:
+            return bool(self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except OSError:  # nothing yet (BlockingIOError), or broken: the next receive says which
+            return False
 
     def recv_into(self, view: memoryview) -> None:
         flags = 0 if self._is_tls else socket.MSG_WAITALL
@@ -106,6 +139,9 @@ class TcpConnection:
         except OSError:
             pass
         self.sock.close()
+
+
+_TLS_CAPABILITIES = replace(TcpConnection.capabilities, nonblocking=False)
 
 
 def parse_tcp_info(raw: bytes) -> LinkStats | None:
