@@ -19,8 +19,8 @@ import numpy as np
 
 from . import device, native
 from .wire.blocksum import frame_blocksum
-from .wire.checksum import frame_checksum
-from .wire.messages import Data
+from .wire.checksum import frame_checksum, layers_checksum
+from .wire.messages import Data, Layers
 from .wire.reader import FrameReader
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,16 @@ def checksum_matches(msg: Data, pieces: list, any_on_device: bool = True) -> boo
         pieces = [device.to_host(piece) if here else piece for piece, here in zip(pieces, on_device)]
     checksum = frame_blocksum if msg.algorithm == "blocksum" else frame_checksum
     return checksum(msg.rid, msg.layer, msg.chunk, pieces, msg.nbytes) == msg.checksum
+
+
+def _copy_to_device(landing, views: list) -> None:
+    """Copy a checked landing buffer into its views (some CUDA memory), in order; done
+    before the landing buffer is reused."""
+    position = 0
+    for view in views:
+        device.copy(view, landing[position : position + len(view)])
+        position += len(view)
+    device.synchronize()
 
 
 class Verifier:
@@ -125,6 +135,49 @@ class Landing:
         else:
             checked(checksum_matches(msg, views, on_device), True)
 
+    def receive_layers(self, msg: Layers, request, parts: list[tuple[int, list, bool, bool]]) -> tuple[bool, set]:
+        """Receive a Layers frame's payload: ``parts`` are its layers in order, each
+        (layer, views, on_device, already_here), for ``request``, whose ``begin_write()``
+        was granted (ended here). Straight into the views when every layer is new and in
+        host memory, else through the landing buffer, checked before anything is copied on
+        (a layer already here is not written again). Whether it matched its checksum, and
+        the layers written."""
+        direct = not any(on_device or here for _, _, on_device, here in parts)
+        try:
+            if direct:
+                views = [view for _, layer_views, _, _ in parts for view in layer_views]
+                for view in views:
+                    self.reader.read_into(memoryview(view))
+                for layer, _, _, _ in parts:
+                    request.landed(layer, 0)
+            else:
+                landing = self._host_scratch(msg.nbytes)
+                self.reader.read_into(memoryview(landing))
+                views = [landing]
+        finally:
+            if direct:
+                request.end_write()
+        ok = msg.algorithm == "none" or layers_checksum(msg.rid, msg.layers, views, msg.nbytes) == msg.checksum
+        if direct:
+            return ok, set(msg.layers)
+        written = set()
+        try:
+            position = 0
+            for layer, layer_views, on_device, here in parts:
+                nbytes = request.plan.layers[layer].nbytes
+                if ok and not here and not request.is_duplicate(layer, 0):
+                    piece = landing[position : position + nbytes]
+                    if on_device:
+                        _copy_to_device(piece, layer_views)
+                    else:
+                        native.scatter(piece, layer_views)
+                    request.landed(layer, 0)
+                    written.add(layer)
+                position += nbytes
+        finally:
+            request.end_write()
+        return ok, written
+
     def drain(self, nbytes: int) -> None:
         """Read and discard ``nbytes`` of payload."""
         self.reader.skip(nbytes)
@@ -147,11 +200,7 @@ class Landing:
         if not to_device:  # host to host, often thousands of small views: one call
             native.scatter(landing, views)
             return True
-        position = 0
-        for view in views:
-            device.copy(view, landing[position : position + len(view)])
-            position += len(view)
-        device.synchronize()  # the copies are done before the landing buffer is reused
+        _copy_to_device(landing, views)
         return True
 
     def _host_scratch(self, nbytes: int) -> np.ndarray:

@@ -26,13 +26,16 @@ from .layout import ALIGN_BYTES
 from .protocol import MONOTONIC, Clock, RequestPlan, SegmentMap
 from .protocol.sending import OutboundRequest
 from .wire import framing
-from .wire.checksum import frame_checksum
-from .wire.messages import Data
+from .wire.checksum import frame_checksum, layers_checksum
+from .wire.messages import Data, Layers
 
 if TYPE_CHECKING:
     from .outbox import Outbox
 
 _PAD = memoryview(bytes(ALIGN_BYTES))
+# Layers up to this size, sent whole, share frames (``Layers``) when a writer finds several
+# of one request queued together: one header, checksum, receive and bookkeeping for all.
+JOIN_LAYER_BYTES = 256 << 10
 _RELEASED = ([], SegmentMap(()), None)  # a layer's entry once the request is confirmed
 _SMALL_PIECE_BYTES = 64 * 1024
 
@@ -89,17 +92,27 @@ class Transfer:
         and the request's error if it has already failed. Blocks only while the sender's
         queue is full.
         """
+        self.send_layers({layer: tensors}, block_ids=block_ids)
+
+    def send_layers(self, layers: Mapping[int, Mapping[str, object]], *, block_ids=None) -> None:
+        """Queue several layers at once (``{layer: tensors}``), as ``send_layer`` does each,
+        with the same errors; if one is refused, none is queued. Layers handed over
+        together go out together: small ones share one frame (one header, checksum and
+        receive for all), where one call each would cost a hand-over and a frame each. For
+        what an engine has ready at once: a hybrid model's states after a forward pass, a
+        short prompt's KV."""
         if self.error is not None:
             raise again(self.error)
-        if not 0 <= layer < self.num_layers:
-            raise ValueError(f"request {self.request_id!r}: layer {layer} out of range (layout has {self.num_layers})")
-        if self._layers.has(layer):
-            raise ValueError(f"request {self.request_id!r}: layer {layer} was already sent")
+        for layer in layers:
+            if not 0 <= layer < self.num_layers:
+                raise ValueError(f"request {self.request_id!r}: layer {layer} out of range (layout has {self.num_layers})")
+            if self._layers.has(layer):
+                raise ValueError(f"request {self.request_id!r}: layer {layer} was already sent")
         if self._codec is not None or block_ids is not None:
-            tensors = self._prepare(layer, tensors, block_ids)
-        self._layers.take(layer, tensors)
-        if self._outbox.submit(self._request, layer):
-            return  # written by this thread (a small layer, the stream idle: kvwire.outbox)
+            layers = {layer: self._prepare(layer, tensors, block_ids) for layer, tensors in layers.items()}
+        self._layers.take(layers)
+        if self._outbox.submit(self._request, list(layers)):
+            return  # written by this thread (small layers, a stream idle: kvwire.outbox)
         # Hand the GIL to the I/O threads now: a caller that goes straight on to its next
         # layer in Python would otherwise hold it for a whole switch interval (5 ms) and
         # the bytes of this layer would wait instead of overlapping that work.
@@ -224,12 +237,18 @@ class LayerBytes:
     def has(self, layer: int) -> bool:
         return self._taken[layer] is not None
 
-    def take(self, layer: int, tensors: Mapping[str, object]) -> None:
-        segments = self._segments_of(layer, tensors)
-        whole = None
-        if self.plan.num_chunks[layer] == 1:
-            whole = ([segment[2] for segment in segments], any(segment[3] for segment in segments))
-        self._taken[layer] = (segments, SegmentMap([(start, length) for start, length, _, _ in segments]), whole)
+    def take(self, layers: Mapping[int, Mapping[str, object]]) -> None:
+        """Borrow the tensors of ``layers`` ({layer: tensors}); ValueError (naming the layer
+        and tensor) on one that does not fit its plan, and then none is taken."""
+        taken = []
+        for layer, tensors in layers.items():
+            segments = self._segments_of(layer, tensors)
+            whole = None
+            if self.plan.num_chunks[layer] == 1:
+                whole = ([segment[2] for segment in segments], any(segment[3] for segment in segments))
+            taken.append((layer, (segments, SegmentMap([(start, length) for start, length, _, _ in segments]), whole)))
+        for layer, entry in taken:
+            self._taken[layer] = entry
 
     def release(self) -> None:
         """Stop borrowing the engine's arrays (the request is confirmed). A writer that took a
@@ -306,6 +325,27 @@ class LayerBytes:
             else:
                 pieces.append(memoryview(buffer).cast("B")[lo:hi])
         return pieces, end - start, on_device
+
+    def joinable(self, layer: int) -> bool:
+        """Whether ``layer`` may share a ``Layers`` frame with others: small, sent whole in
+        one chunk, and in host memory."""
+        whole = self._taken[layer][2]
+        return whole is not None and not whole[1] and self.plan.layers[layer].nbytes <= JOIN_LAYER_BYTES
+
+    def frame_layers(self, rid: int, layers: list[int]) -> list | None:
+        """The buffers of one ``Layers`` frame carrying ``layers`` (each ``joinable``): its
+        header, then their bytes in that order; None if the request was confirmed meanwhile."""
+        pieces: list = []
+        for layer in layers:
+            whole = self._taken[layer][2]
+            if whole is None:  # released (a whole layer was not: see joinable)
+                return None
+            pieces += whole[0]
+        nbytes = sum(self.plan.layers[layer].nbytes for layer in layers)
+        checksum, algorithm = 0, "none"
+        if self.verify:
+            checksum, algorithm = layers_checksum(rid, layers, pieces, nbytes), "xxh3"
+        return [framing.encode(Layers(rid, layers, nbytes, checksum, algorithm)), *pieces]
 
     def frame(self, rid: int, layer: int, chunk: int, device_memory: bool) -> list | None:
         """The buffers of one Data frame: its header, then the chunk's bytes; None if the

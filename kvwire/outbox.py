@@ -22,9 +22,10 @@ from .metrics import PeerCounters
 from .protocol.sending import OutboundRequest, Outgoing, SenderBook, StreamState
 from .wire.messages import Abort, Ack
 
-# A layer (with the chunks queued behind it) up to this size may be written by the engine's
-# thread; larger ones go to the writer, whose copy into the kernel overlaps the engine's work.
-DIRECT_WRITE_BYTES = 256 << 10
+# Layers handed over together up to this size (and the chunks queued behind them) may be
+# written by the engine's thread; larger ones go to the writer, whose copy into the kernel
+# overlaps the engine's work.
+DIRECT_WRITE_BYTES = 1 << 20
 
 WriteNow = Callable[[StreamState, list[Outgoing]], list]
 
@@ -57,10 +58,11 @@ class Outbox:
             self._cv.notify_all()
         return request
 
-    def submit(self, request: OutboundRequest, layer: int) -> bool:
-        """Queue a layer the engine handed over; blocks while the queue is full (until the
-        request's deadline: TransferTimeout), and raises the request's error if it failed.
-        True if this thread wrote it (see the module's docstring), False if a writer will."""
+    def submit(self, request: OutboundRequest, layers: list[int]) -> bool:
+        """Queue layers the engine handed over together; blocks while the queue is full
+        (until the request's deadline: TransferTimeout), and raises the request's error if
+        it failed. True if this thread wrote them (see the module's docstring), False if a
+        writer will."""
         book = self.book
         with self._cv:
             room = self._cv.wait_for(lambda: book.has_room() or request.error is not None,
@@ -70,8 +72,9 @@ class Outbox:
             if not room:
                 raise TransferTimeout(f"request {request.request_id!r}: send queue stayed full until the deadline",
                                       request_id=request.request_id, peer=book.peer)
-            book.layer_ready(request, layer)
-            claim = self._claim_idle(request.plan.layers[layer].nbytes)
+            for layer in layers:
+                book.layer_ready(request, layer)
+            claim = self._claim_idle(sum(request.plan.layers[layer].nbytes for layer in layers))
             if claim is None:
                 self._cv.notify_all()
                 return False

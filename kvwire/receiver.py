@@ -42,15 +42,10 @@ from .protocol import MONOTONIC, RequestPlan
 from .protocol.receiving import Drain, ReceiverBook, SessionBook, chunk_checked
 from .transport import Connection, get_backend
 from .wire import framing
-from .wire.messages import Abort, Ack, Data, Open, Welcome
+from .wire.messages import Abort, Ack, Data, Layers, Open, Welcome
 from .wire.reader import FrameReader
 
 log = logging.getLogger(__name__)
-
-
-# Acks held back while frames keep arriving are sent once this many wait: a sender that
-# streams without pause still hears of its layers (``layer_sent``) every few of them.
-MAX_HELD_ACKS = 32
 
 
 @dataclass(eq=False)
@@ -84,13 +79,9 @@ class _Stream:
             self.held.append(framing.encode(message))
 
     def flush(self) -> None:
-        """Before the reader waits: send the held acks, unless more frames are already there
-        (and few acks held): then they go with the acks of those. A broken connection is
-        the reader's to find."""
+        """Send the held acks; a broken connection is the reader's to find."""
         with self.send_lock:
             if not self.held:
-                return
-            if len(self.held) < MAX_HELD_ACKS and self.conn.capabilities.nonblocking and self.conn.has_data():
                 return
             held, self.held = self.held, []
             try:
@@ -344,6 +335,8 @@ class Receiver:
             message = reader.next_message()
             if isinstance(message, Data):
                 self._on_data(stream, message)
+            elif isinstance(message, Layers):
+                self._on_layers(stream, message)
             elif isinstance(message, Open):
                 self._on_open(stream, message)
             elif isinstance(message, Abort):
@@ -402,6 +395,37 @@ class Receiver:
         views = state.targets(msg.layer, msg.chunk)
         stream.landing.receive(msg, state, views, state.on_device(msg.layer),
                                functools.partial(self._chunk_checked, stream, state, msg))
+
+    def _on_layers(self, stream: _Stream, msg: Layers) -> None:
+        """Several whole layers in one frame: each then counts as the Data frame it would
+        have come in (its chunk 0), checked, acked and finished as one."""
+        session = stream.session
+        state = session.book.requests.get(msg.rid)
+        if state is None:
+            with session.lock:
+                replies = session.book.layers_for_unknown(msg, stream.answered_again)
+            stream.landing.drain(msg.nbytes)
+            for reply in replies:
+                self._tell(stream, reply)
+            return
+        drain = session.book.on_layers(state, msg)
+        if drain is not None:
+            stream.landing.drain(msg.nbytes)
+            return self._fail(session, drain.request, drain.error)
+        if not state.begin_write():  # released or failed meanwhile
+            return stream.landing.drain(msg.nbytes)
+        parts = [(layer, state.targets(layer, 0), state.on_device(layer), state.is_duplicate(layer, 0))
+                 for layer in msg.layers]
+        ok, written = stream.landing.receive_layers(msg, state, parts)
+        plan = state.plan
+        for layer in msg.layers:
+            each = Data(msg.rid, layer, 0, plan.layers[layer].nbytes, msg.checksum, msg.algorithm)
+            if not ok:
+                return self._chunk_checked(stream, state, each, False, True)  # fails the request, naming this layer
+            if layer in written:
+                self._chunk_checked(stream, state, each, True, True)
+            elif state.layer_complete(layer):  # a copy of a layer already here (re-sent): ack it again
+                self._ack(stream, each, hold=True)
 
     def _chunk_checked(self, stream: _Stream, state: InboundRequest, msg: Data, ok: bool, in_reader: bool) -> None:
         """A chunk's bytes are in place and its checksum was compared: count, ack, finish.

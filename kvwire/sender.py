@@ -37,7 +37,7 @@ from .protocol.sending import Outgoing, SenderBook, StreamState
 from .transport import Connection
 from .transport.tuning import Tuning
 from .wire import framing
-from .wire.messages import Abort, Ack
+from .wire.messages import MAX_JOINED_LAYERS, Abort, Ack
 from .wire.reader import FrameReader
 
 log = logging.getLogger(__name__)
@@ -233,29 +233,45 @@ class Sender:
             return []
 
     def _buffers(self, batch: list[Outgoing], conn: Connection) -> list:
-        """Control messages and Data frames of ``batch``, in order, to write at once."""
-        buffers = []
+        """Control messages and frames of ``batch``, in order, to write at once. Small whole
+        layers of one request that follow each other share a frame (``LayerBytes.joinable``)."""
+        buffers: list = []
+        joined: list[Outgoing] = []  # consecutive joinable layers of one request, not yet framed
         for out in batch:
+            if joined and (out.controls or out.request is not joined[0].request or len(joined) == MAX_JOINED_LAYERS):
+                buffers += self._frame(joined, conn)
+                joined = []
             buffers += [framing.encode(message) for message in out.controls]
-            if out.request is not None:
-                buffers += self._frame(out, conn)
+            if out.request is None:
+                continue
+            if out.request.layers.joinable(out.layer):
+                joined.append(out)
+            else:
+                buffers += self._frame([out], conn)
+        if joined:
+            buffers += self._frame(joined, conn)
         return buffers
 
-    def _frame(self, out: Outgoing, conn: Connection) -> list:
-        """The buffers of ``out``'s Data frame; none if its request was confirmed meanwhile,
-        or if building it failed (a bug: it fails the request, never the stream)."""
+    def _frame(self, outs: list[Outgoing], conn: Connection) -> list:
+        """The buffers of one frame: a Data frame for one chunk, a Layers frame for several
+        whole layers of one request; none if the request was confirmed meanwhile, or if
+        building it failed (a bug: it fails the request, never the stream)."""
+        out = outs[0]
+        request = out.request
         try:
-            frame = out.request.layers.frame(out.request.rid, out.layer, out.chunk, conn.capabilities.device_memory)
+            if len(outs) == 1:
+                frame = request.layers.frame(request.rid, out.layer, out.chunk, conn.capabilities.device_memory)
+            else:
+                frame = request.layers.frame_layers(request.rid, [each.layer for each in outs])
         except Exception as exc:
-            log.exception("building layer %d chunk %d of request %r failed", out.layer, out.chunk,
-                          out.request.request_id)
-            self._outbox.give_up(out.request, LocalProtocolError(
-                f"request {out.request.request_id!r}: internal error building a frame: {exc!r}",
-                request_id=out.request.request_id, layer=out.layer, chunk=out.chunk))
+            log.exception("building layer %d chunk %d of request %r failed", out.layer, out.chunk, request.request_id)
+            self._outbox.give_up(request, LocalProtocolError(
+                f"request {request.request_id!r}: internal error building a frame: {exc!r}",
+                request_id=request.request_id, layer=out.layer, chunk=out.chunk))
             return []
         if frame is None:
             return []
-        self._counters.add_bytes(out.nbytes)
+        self._counters.add_bytes(sum(each.nbytes for each in outs))
         return frame
 
     def _read_loop(self, stream: StreamState, conn: Connection) -> None:

@@ -148,7 +148,7 @@ def receive_raw(lsock, op: dict, patterns, layout) -> dict:
 # -- sender (this process) -----------------------------------------------------------------------
 
 
-def send_kvwire(tx: Sender, data, tag: str, requests: int, inflight: int) -> tuple[float, dict]:
+def send_kvwire(tx: Sender, data, tag: str, requests: int, inflight: int, together: bool = False) -> tuple[float, dict]:
     opened, window = {}, collections.deque()
     t0 = time.perf_counter()
     for i in range(requests):
@@ -157,8 +157,11 @@ def send_kvwire(tx: Sender, data, tag: str, requests: int, inflight: int) -> tup
         rid = f"{tag}-{i}"
         opened[rid] = time.monotonic()
         xfer = tx.open(rid, TOKENS, timeout=120)
-        for layer, tensors in enumerate(data[i % len(data)]):
-            xfer.send_layer(layer, tensors)
+        if together:
+            xfer.send_layers(dict(enumerate(data[i % len(data)])))
+        else:
+            for layer, tensors in enumerate(data[i % len(data)]):
+                xfer.send_layer(layer, tensors)
         window.append(xfer)
     while window:
         window.popleft().finish()
@@ -233,15 +236,17 @@ def run_backend(backend: str, args) -> dict:
             send_kvwire(tx, data, "warm", 20, 4)  # connections and caches warm
             child.stdout.readline()
             for inflight in args.inflight:
-                tag = f"w{inflight}"
-                ask(case="kvwire", tag=tag, requests=args.requests)  # its buffers are ready
-                cpu0 = time.process_time()
-                elapsed, opened = send_kvwire(tx, data, tag, args.requests, inflight)
-                tx_cpu = time.process_time() - cpu0
-                seen = json.loads(child.stdout.readline())
-                latency = [seen["first_layer"][rid] - opened[rid] for rid in opened]
-                row = {"kvwire": case_row(elapsed, args.requests, nbytes)}
-                row["kvwire"].update(open_to_first_layer=percentiles(latency), verified=seen["verified"],
+                row = {}
+                for case in ("kvwire", "kvwire_together"):
+                    tag = f"{case}-w{inflight}"
+                    ask(case="kvwire", tag=tag, requests=args.requests)  # its buffers are ready
+                    cpu0 = time.process_time()
+                    elapsed, opened = send_kvwire(tx, data, tag, args.requests, inflight, case == "kvwire_together")
+                    tx_cpu = time.process_time() - cpu0
+                    seen = json.loads(child.stdout.readline())
+                    latency = [seen["first_layer"][rid] - opened[rid] for rid in opened]
+                    row[case] = case_row(elapsed, args.requests, nbytes)
+                    row[case].update(open_to_first_layer=percentiles(latency), verified=seen["verified"],
                                      **cpu_per_request(tx_cpu, seen["cpu_s"], args.requests))
                 for case in ("raw_socket", "raw_socket_xxh3"):
                     ask(case=case, requests=args.requests)
@@ -253,6 +258,8 @@ def run_backend(backend: str, args) -> dict:
                     row[case].update(verified=seen["verified"], **cpu_per_request(tx_cpu, seen["cpu_s"], args.requests))
                 for case in ("raw_socket", "raw_socket_xxh3"):
                     row[f"kvwire_over_{case}"] = round(row["kvwire"]["goodput_gbps"] / row[case]["goodput_gbps"], 3)
+                    row[f"kvwire_together_over_{case}"] = round(
+                        row["kvwire_together"]["goodput_gbps"] / row[case]["goodput_gbps"], 3)
                 rows[f"inflight_{inflight}"] = row
         ask(case="bye")
     finally:

@@ -16,7 +16,7 @@ from kvwire.protocol.receiving import (
     SessionBook,
     chunk_checked,
 )
-from kvwire.wire.messages import Abort, Ack, Data
+from kvwire.wire.messages import Abort, Ack, Data, Layers
 
 from .conftest import hybrid_layout
 
@@ -223,6 +223,43 @@ def test_a_chunk_outside_its_plan_is_drained_and_fails_the_request(session):
     assert isinstance(action.error, ProtocolError) and str(action.error).startswith("request 'req': layer 0 chunk 0")
     action = book.on_chunk(request, Data(0, 9, 0, 16, 0))
     assert str(action.error) == "request 'req': frame for layer 9, the layout has 4"
+
+
+def test_a_layers_frame_is_received_only_if_it_names_whole_layers_of_its_length():
+    plan = RequestPlan(hybrid_layout(), 128, "none", 10240)  # the linear layers whole, the MLA one in 2 chunks
+    request = InboundRequest("req", plan, 5.0, "sender-side", clock=FakeClock(100.0), rid=0)
+    book = SessionBook()
+    book.is_new(0)
+    book.opened(0, request)
+    whole = [layer for layer in range(plan.num_layers) if plan.num_chunks[layer] == 1]
+    cut = next(layer for layer in range(plan.num_layers) if plan.num_chunks[layer] > 1)
+    nbytes = sum(plan.layers[layer].nbytes for layer in whole)
+    assert book.on_layers(request, Layers(0, whole, nbytes, 0)) is None  # None: receive it
+    for layers, length, said in [
+        (whole + whole[:1], nbytes, f"a Layers frame names a layer twice: {whole + whole[:1]}"),
+        ([whole[0], 9], nbytes, f"a Layers frame for layers [{whole[0]}, 9], the layout has 4"),
+        ([whole[0], cut], nbytes, f"a Layers frame for layers [{whole[0]}, {cut}], some of which travel in several chunks"),
+        (whole, nbytes + 1, f"a Layers frame of {nbytes + 1} bytes for layers {whole}, which hold {nbytes}"),
+    ]:
+        action = book.on_layers(request, Layers(0, layers, length, 0))
+        assert isinstance(action, Drain) and action.nbytes == length and action.request is request
+        assert isinstance(action.error, ProtocolError) and str(action.error) == f"request 'req': {said}"
+    action = book.on_layers(request, Layers(0, whole, nbytes, 0, "none"))
+    assert str(action.error) == (f"request 'req': layers {whole} came without a checksum, but this sender's "
+                                 "handshake said it checks every frame")
+
+
+def test_layers_of_a_request_let_go_of_are_answered_once_each():
+    book = SessionBook()
+    book.is_new(0)
+    request = Request("a", rid=0, done=True)
+    book.opened(0, request)
+    book.let_go(request)
+    answered = set()
+    assert book.layers_for_unknown(Layers(0, [1, 2], 10, 0), answered) == [Ack(0, 1), Ack(0, 2)]
+    assert book.layers_for_unknown(Layers(0, [2, 3], 10, 0), answered) == [Ack(0, 3)]
+    with pytest.raises(ProtocolError, match="data for request number 5 before its Open"):
+        book.layers_for_unknown(Layers(5, [0, 1], 10, 0), answered)
 
 
 def test_acks_go_per_layer_once_its_last_chunk_is_checked(session):

@@ -21,8 +21,9 @@ class Queue:
     def __init__(self):
         self.queued = []
 
-    def submit(self, request, layer):
-        self.queued.append((layer, request.plan.num_chunks[layer]))
+    def submit(self, request, layers):
+        self.queued += [(layer, request.plan.num_chunks[layer]) for layer in layers]
+        return False  # a writer's to write
 
 
 tensor = st.builds(
@@ -149,8 +150,9 @@ def test_a_confirmed_request_lets_its_bytes_go_and_a_chunk_taken_late_builds_no_
     layout = KVLayout([{"s": TensorSpec((1024,), "uint8")}])
     layers = LayerBytes(RequestPlan(layout, 0, "none", 4096), "r", device_memory=False)
     state = np.arange(1024, dtype=np.uint8)
-    layers.take(0, {"s": state})
+    layers.take({0: {"s": state}})
     _header, *payload = layers.frame(1, 0, 0, device_memory=False)
     assert b"".join(bytes(piece) for piece in payload) == state.tobytes()
     layers.release()
     assert layers.has(0) and layers.chunk(0, 0) is None and layers.frame(1, 0, 0, device_memory=False) is None
+    assert not layers.joinable(0)

@@ -1,7 +1,6 @@
-"""Writing and peeking without waiting on a TCP connection (``Capabilities.nonblocking``),
-and what the Sender and Receiver build on it: a small layer written by the engine's own
-thread, whatever the socket did not take finished by the stream's writer, and acks held
-while more frames are already there. Real sockets throughout."""
+"""Writing without waiting on a TCP connection (``Capabilities.nonblocking``), and what the
+Sender builds on it: a small layer written by the engine's own thread, whatever the socket
+did not take finished by the stream's writer. Real sockets throughout."""
 
 from __future__ import annotations
 
@@ -48,20 +47,10 @@ def test_send_now_writes_what_fits_and_hands_back_the_rest_in_order():
     assert got["bytes"] == b"head" + payload.tobytes()
 
 
-def test_has_data_says_whether_bytes_wait_without_taking_them():
-    writer, reader = pair()
-    assert reader.has_data() is False
-    writer.send([b"abc"])
-    assert reader.has_data() is True  # a socket pair delivers at once
-    assert receive_exactly(reader, 3) == b"abc"  # peeking took nothing
-    assert reader.has_data() is False
-
-
 def test_a_socket_with_a_timeout_or_tls_is_never_written_without_waiting():
     writer, _reader = pair()
     writer.set_timeout(5.0)
     assert [bytes(view) for view in writer.send_now([b"abc"])] == [b"abc"]
-    assert writer.has_data() is False
     context = ssl.create_default_context()
     a, b = socket.socketpair()
     tls = context.wrap_socket(a, server_hostname="x", do_handshake_on_connect=False)

@@ -6,11 +6,12 @@ from hypothesis import strategies as st
 
 from kvwire import ProtocolError
 from kvwire.wire import framing
-from kvwire.wire.messages import Abort, Ack, Data, Hello, Open
+from kvwire.wire.messages import MAX_JOINED_LAYERS, Abort, Ack, Data, Hello, Layers, Open
 
 VALID = [
     Open(3, "req-1", 4096, "none", 1 << 22, 30.0),
     Data(3, 1, 0, 1024, 2**64 - 1),
+    Layers(3, [4, 0, 2], 3072, 2**64 - 1),
     Ack(3, 1),
     Abort(3, "integrity", "checksum mismatch"),
 ]
@@ -35,6 +36,13 @@ def test_field_bounds_are_enforced_with_the_field_path():
     bad = framing.encode(Data(1, 2, 3, 10, 0))[4:].replace(b"\x0a", b"\xce\x7f\xff\xff\xff", 1)  # nbytes = 2**31-1
     with pytest.raises(ProtocolError, match=r"<= 1073741824 - at `\$\[4\]`"):
         framing.decode_stream(bad)
+
+
+def test_a_layers_frame_names_two_to_4096_layers():
+    for layers, said in (([1], "length >= 2"), (list(range(MAX_JOINED_LAYERS + 1)), "length <= 4096"),
+                         ([0, -1], ">= 0")):
+        with pytest.raises(ProtocolError, match=said):
+            framing.decode_stream(framing.encode(Layers(1, layers, 10, 0))[4:])
 
 
 def test_a_handshake_message_is_not_a_stream_message():

@@ -28,7 +28,7 @@ from ..errors import (
     TransferTimeout,
     kind_of,
 )
-from ..wire.messages import Abort, Ack, Data
+from ..wire.messages import Abort, Ack, Data, Layers
 
 REMEMBERED_FAILURES = 4096
 REMEMBERED_OUTCOMES = 4096  # per session: a sender re-sends only requests it has not finished (small entries)
@@ -217,18 +217,26 @@ class SessionBook:
         stream and layer (``answered``: that stream's record): a resumed sender re-sends
         layers it had no ack for, since the ack (or abort) died with the connection that
         carried it, and would otherwise wait for it until its deadline."""
-        if msg.rid > self.max_rid:
-            raise RemoteProtocolError(f"data for request number {msg.rid} before its Open")
-        if msg.rid not in self._outcomes:
+        return self._answer_unknown(msg.rid, msg.layer, answered)
+
+    def layers_for_unknown(self, msg: Layers, answered: set) -> list[Ack | Abort]:
+        """``data_for_unknown`` for each layer of a Layers frame: what to answer."""
+        replies = [self._answer_unknown(msg.rid, layer, answered) for layer in msg.layers]
+        return [reply for reply in replies if reply is not None]
+
+    def _answer_unknown(self, rid: int, layer: int, answered: set) -> Ack | Abort | None:
+        if rid > self.max_rid:
+            raise RemoteProtocolError(f"data for request number {rid} before its Open")
+        if rid not in self._outcomes:
             return None
-        outcome = self._outcomes[msg.rid]
-        key = (msg.rid, msg.layer if outcome is None else -1)
+        outcome = self._outcomes[rid]
+        key = (rid, layer if outcome is None else -1)
         if key in answered:
             return None
         if len(answered) >= REMEMBERED_OUTCOMES:
             answered.clear()  # (at worst an answer is given twice)
         answered.add(key)
-        return Ack(msg.rid, msg.layer) if outcome is None else outcome
+        return Ack(rid, layer) if outcome is None else outcome
 
     def on_chunk(self, request, msg: Data) -> Drain | None:
         """Where a Data frame's payload goes, for a request this session holds (found in
@@ -251,6 +259,31 @@ class SessionBook:
                                                    request_id=request.request_id, layer=layer, chunk=chunk,
                                                    peer=request.peer))
         return None
+
+    def on_layers(self, request, msg: Layers) -> Drain | None:
+        """None to receive a Layers frame for ``request``, or a Drain that fails it: layers
+        named twice or outside the plan, a layer the plan cuts in several chunks, a length
+        that is not theirs, or no checksum where every frame is checked. Which of its layers
+        are already here is the driver's to see (``is_duplicate``), layer by layer."""
+        plan, layers = request.plan, msg.layers
+        problem = None
+        if len(set(layers)) != len(layers):
+            problem = f"a Layers frame names a layer twice: {layers}"
+        elif not all(0 <= layer < plan.num_layers for layer in layers):
+            problem = f"a Layers frame for layers {layers}, the layout has {plan.num_layers}"
+        elif any(plan.num_chunks[layer] != 1 for layer in layers):
+            problem = f"a Layers frame for layers {layers}, some of which travel in several chunks"
+        elif msg.nbytes != (expected := sum(plan.layers[layer].nbytes for layer in layers)):
+            problem = f"a Layers frame of {msg.nbytes} bytes for layers {layers}, which hold {expected}"
+        elif msg.algorithm == "none" and self.verified:
+            problem = (f"layers {layers} came without a checksum, but this sender's handshake said it "
+                       "checks every frame")
+        if problem is None:
+            return None
+        return Drain(msg.nbytes, request=request,
+                     error=RemoteProtocolError(f"request {request.request_id!r}: {problem}",
+                                               request_id=request.request_id, layer=layers[0], chunk=0,
+                                               peer=request.peer))
 
     def on_abort(self, rid: int, reason: str) -> tuple[Any, KVWireError] | None:
         """The sender gave up on request ``rid``: (the request, its error) if this session holds it."""

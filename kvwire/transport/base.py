@@ -24,9 +24,8 @@ class Capabilities:
     ends share (UCX). ``shared_memory``: the two ends are on one host and move bytes through
     shared memory / CMA / cuda_ipc (UCX). ``partial_reads``: ``recv_some`` returns what has
     arrived (TCP), so a reader can take many small frames in one receive. ``nonblocking``:
-    ``send_now`` and ``has_data`` never wait (a plain TCP socket), so an engine's thread may
-    write a small layer itself while the stream is idle, and a receiver may hold its acks
-    while more frames are already there (one thread hand-off or one ack less each).
+    ``send_now`` never waits (a plain TCP socket), so an engine's thread may write small
+    layers itself while the stream is idle (one thread hand-off less each).
     """
 
     backend: str
@@ -155,10 +154,6 @@ class Connection(Protocol):
     def send_now(self, buffers: Sequence[memoryview | bytes]) -> list[memoryview]:
         """Write what the connection takes without waiting; what is left, in order (empty:
         all written). Only where ``capabilities.nonblocking``."""
-
-    def has_data(self) -> bool:
-        """Whether a receive would find bytes already there. Only where
-        ``capabilities.nonblocking``."""
 
     def recv_some(self, view: memoryview) -> int:
         """Receive at least one byte into ``view``; how many. Only where

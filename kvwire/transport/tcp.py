@@ -92,15 +92,6 @@ class TcpConnection:
             raise self._lost(exc) from None
         return views
 
-    def has_data(self) -> bool:
-        """Whether bytes (or the peer's end of the stream) wait to be received."""
-        if self._is_tls or self.sock.gettimeout() is not None:
-            return False
-        try:
-            return bool(self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
-        except OSError:  # nothing yet (BlockingIOError), or broken: the next receive says which
-            return False
-
     def recv_into(self, view: memoryview) -> None:
         flags = 0 if self._is_tls else socket.MSG_WAITALL
         try:

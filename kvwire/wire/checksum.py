@@ -6,8 +6,9 @@ decodes (a chunk landing at the wrong offset) fails verification like a flipped 
 
 from __future__ import annotations
 
+import array
 import struct
-from typing import Iterable
+from collections.abc import Iterable, Sequence
 
 import xxhash
 
@@ -21,6 +22,16 @@ def frame_seed(rid: int, layer: int, chunk: int, nbytes: int) -> int:
 
 def frame_checksum(rid: int, layer: int, chunk: int, pieces: Iterable[memoryview], nbytes: int) -> int:
     seed = frame_seed(rid, layer, chunk, nbytes)
+    hasher = xxhash.xxh3_64(seed=seed)
+    for piece in pieces:
+        hasher.update(piece)
+    return hasher.intdigest()
+
+
+def layers_checksum(rid: int, layers: Sequence[int], pieces: Iterable[memoryview], nbytes: int) -> int:
+    """The checksum of a ``Layers`` frame: seeded with its request, its length and which
+    layers it carries, in their order (so a frame whose list was altered fails too)."""
+    seed = xxhash.xxh3_64_intdigest(_FIELDS.pack(rid, 0, len(layers), nbytes) + array.array("I", layers).tobytes())
     hasher = xxhash.xxh3_64(seed=seed)
     for piece in pieces:
         hasher.update(piece)

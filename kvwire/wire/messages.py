@@ -11,7 +11,7 @@ from typing import Annotated, Literal, Union
 import msgspec
 from msgspec import Meta
 
-PROTOCOL_VERSION = 4  # 2: Data.algorithm; 3: Hello.probe, Welcome.info; 4: Hello.verify, algorithm "none"
+PROTOCOL_VERSION = 5  # 2: Data.algorithm; 3: Hello.probe, Welcome.info; 4: Hello.verify, algorithm "none"; 5: Layers
 
 Name = Annotated[str, Meta(min_length=1, max_length=256)]
 Reason = Annotated[str, Meta(max_length=4096)]
@@ -21,6 +21,7 @@ Index = Annotated[int, Meta(ge=0, le=2**31)]
 Count = Annotated[int, Meta(ge=0, le=2**40)]
 RequestNumber = Annotated[int, Meta(ge=0, le=2**62)]
 Seconds = Annotated[float, Meta(gt=0, le=7 * 24 * 3600)]
+MAX_JOINED_LAYERS = 4096
 
 
 class _Message(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True, tag_field="t"):
@@ -115,6 +116,19 @@ class Data(_Message, tag="data"):
     algorithm: Literal["xxh3", "blocksum", "none"] = "xxh3"
 
 
+class Layers(_Message, tag="layers"):
+    """Several small layers of one request, each whole (one chunk), in one frame: their
+    byte streams follow the header in the order of ``layers``, ``nbytes`` in all. One
+    header, one checksum (``wire.checksum.layers_checksum``) and one receive for them:
+    a hybrid model's states and a short prompt's KV are many layers of a few KiB each."""
+
+    rid: RequestNumber
+    layers: Annotated[list[Index], Meta(min_length=2, max_length=MAX_JOINED_LAYERS)]
+    nbytes: Annotated[int, Meta(ge=0, le=1 << 30)]
+    checksum: int
+    algorithm: Literal["xxh3", "none"] = "xxh3"
+
+
 class Ack(_Message, tag="ack"):
     """Receiver verified every chunk of ``layer``."""
 
@@ -131,4 +145,4 @@ class Abort(_Message, tag="abort"):
 
 
 HandshakeMessage = Union[Hello, Challenge, Auth, Welcome, Reject]
-StreamMessage = Union[Open, Data, Ack, Abort]
+StreamMessage = Union[Open, Data, Layers, Ack, Abort]

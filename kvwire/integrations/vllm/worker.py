@@ -288,25 +288,32 @@ class ConnectorWorker:
         index = self.layer_of.get(layer_name)
         if index is None or not self._pushes:
             return
-        self._send_layer(index)
+        self._send_layers([index])
 
-    def _send_layer(self, index: int) -> None:
-        layer = self.cache.layers[index]
+    def _send_layers(self, indices: list[int]) -> None:
+        """Hand ``indices`` (those not sent yet) of every push to its transfers, in one call
+        each: layers handed over together travel together (small ones in one frame)."""
         for push in list(self._pushes):
-            if index in push.sent:
+            todo = [index for index in indices if index not in push.sent]
+            if not todo:
                 continue
-            push.sent.add(index)
+            push.sent.update(todo)
             try:
-                if isinstance(layer, AttentionLayer):
-                    tensors = layer.gather(push.plan.block_ids[self.cache.groups[index]], push.plan.num_tokens)
-                else:
-                    tensors = layer.gather(self.cache.state_slot(push.plan.block_ids, self.cache.groups[index]))
+                gathered = {index: self._gather(push, index) for index in todo}
                 for target, transfer in push.transfers.items():
-                    transfer.send_layer(index, self._shard_for(push.route, target, index, tensors))
+                    transfer.send_layers({index: self._shard_for(push.route, target, index, tensors)
+                                          for index, tensors in gathered.items()})
             except (KVWireError, ValueError) as exc:
                 self._pushes.remove(push)
                 push.abort(f"{type(exc).__name__}: {exc}")
                 self._send_failed(push.plan, exc)
+
+    def _gather(self, push: _Push, index: int) -> dict:
+        """Layer ``index`` of ``push``'s request, out of this rank's cache."""
+        layer = self.cache.layers[index]
+        if isinstance(layer, AttentionLayer):
+            return layer.gather(push.plan.block_ids[self.cache.groups[index]], push.plan.num_tokens)
+        return layer.gather(self.cache.state_slot(push.plan.block_ids, self.cache.groups[index]))
 
     def _shard_for(self, route: _Route, target: int, index: int, tensors: dict) -> dict:
         """What decode rank ``target`` gets of this rank's layer ``index``: all of it with
@@ -318,9 +325,8 @@ class ConnectorWorker:
     def wait_for_save(self) -> None:
         """The step is done: send what ``save_kv_layer`` did not (states), then let the
         transfers finish in the background."""
-        for index in range(len(self.cache.layers) if self.cache else 0):
-            if self._pushes:
-                self._send_layer(index)
+        if self.cache is not None and self._pushes:
+            self._send_layers(list(range(len(self.cache.layers))))
         pushes, self._pushes = self._pushes, []
         with self._in_flight_cv:
             self._in_flight.extend(pushes)
