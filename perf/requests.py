@@ -9,7 +9,10 @@ request of 256 tokens. The receiver runs in a child process. A window of ``infli
 requests is kept open: each is opened, all its layers sent, and the oldest is finished
 when the window is full. Measured:
 
-- requests/s and goodput (request bytes / elapsed) for kvwire, for a raw socket moving the
+- requests/s and goodput (request bytes / elapsed) for kvwire (``kvwire``: one
+  ``send_layer`` per layer, as a layer-by-layer prefill hands them over;
+  ``kvwire_together``: the request's layers in one ``send_layers`` call, as an engine with
+  all of them ready does, small ones then sharing a frame), for a raw socket moving the
   same bytes (each request one ``sendmsg`` of its layers into a preallocated buffer, one
   ack byte per request, the same window), and for the raw socket with the check kvwire
   makes (xxh3 of every layer at both ends, in series): the floor of any transport that
