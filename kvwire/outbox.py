@@ -86,7 +86,7 @@ class Outbox:
             batch = None  # not the engine's arrays' keeper past this call
             with self._cv:
                 self._claimed.discard(stream)
-                if left:
+                if left and stream.alive:  # (a stream lost meanwhile re-sends its chunks whole)
                     self._left[stream] = left
                 if left or book.queue or stream.control:
                     self._cv.notify_all()
