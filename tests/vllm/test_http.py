@@ -165,10 +165,15 @@ def test_the_router_drives_nixl_servers_as_vllms_proxy_does(tp, nixl_plain, nixl
     text = "".join(chunk.choices[0].text for chunk in streamed if chunk.choices)
     plain = client.completions.create(model=vllm_model, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0)
     assert text == plain.choices[0].text
-    with urllib.request.urlopen(nixl_served["router"] + "/metrics", timeout=5) as response:
-        metrics = response.read().decode()
-    first_token = [line for line in metrics.splitlines()
-                   if line.startswith("kvwire_serve_router_decode_first_token_seconds_total ")]
+    deadline = time.monotonic() + 10  # the router counts a stream once it has ended it (polled, not slept)
+    while True:
+        with urllib.request.urlopen(nixl_served["router"] + "/metrics", timeout=5) as response:
+            metrics = response.read().decode()
+        first_token = [line for line in metrics.splitlines()
+                       if line.startswith("kvwire_serve_router_decode_first_token_seconds_total ")]
+        if (first_token and float(first_token[0].split()[-1]) > 0) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert first_token and float(first_token[0].split()[-1]) > 0  # the streamed request's decode leg
     deadline = time.monotonic() + 30  # vLLM publishes a step's connector stats with the next ones
     while time.monotonic() < deadline:
