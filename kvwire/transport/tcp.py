@@ -25,6 +25,11 @@ _IOV_MAX = 1024
 _TCP_INFO_BYTES = 232
 
 
+def _views(buffers: Sequence[memoryview | bytes]) -> list[memoryview]:
+    """The non-empty buffers as flat byte views, in order."""
+    return [view for view in (memoryview(b).cast("B") for b in buffers) if view.nbytes]
+
+
 def _tls_failed(peer: str, exc: BaseException) -> Exception:
     if isinstance(exc, ssl.SSLCertVerificationError):
         return AuthenticationError(f"TLS certificate of {peer} rejected: {exc.verify_message}")
@@ -61,36 +66,34 @@ class TcpConnection:
                 for buf in buffers:
                     self.sock.sendall(buf)
                 return
-            views = [view for view in (memoryview(b).cast("B") for b in buffers) if view.nbytes]
-            while views:
-                sent = self.sock.sendmsg(views[:_IOV_MAX])
-                while views and sent >= len(views[0]):
-                    sent -= len(views[0])
-                    views.pop(0)
-                if sent:
-                    views[0] = views[0][sent:]
+            self._write(_views(buffers), 0)
         except (OSError, ValueError) as exc:
             raise self._lost(exc) from None
 
     def send_now(self, buffers: Sequence[memoryview | bytes]) -> list[memoryview]:
         """Write what the socket buffer takes now (MSG_DONTWAIT); the views left. Nothing is
         written on a socket with a timeout (Python would wait out the timeout instead)."""
-        views = [view for view in (memoryview(b).cast("B") for b in buffers) if view.nbytes]
+        views = _views(buffers)
         if self._is_tls or self.sock.gettimeout() is not None:
             return views
         try:
-            while views:
-                sent = self.sock.sendmsg(views[:_IOV_MAX], (), socket.MSG_DONTWAIT)
-                while views and sent >= len(views[0]):
-                    sent -= len(views[0])
-                    views.pop(0)
-                if sent:
-                    views[0] = views[0][sent:]
+            self._write(views, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             pass
         except (OSError, ValueError) as exc:
             raise self._lost(exc) from None
         return views
+
+    def _write(self, views: list[memoryview], flags: int) -> None:
+        """``sendmsg`` until ``views`` is empty; what is written leaves ``views`` (so that,
+        when a non-blocking write stops, ``views`` holds what is left)."""
+        while views:
+            sent = self.sock.sendmsg(views[:_IOV_MAX], (), flags)
+            while views and sent >= len(views[0]):
+                sent -= len(views[0])
+                views.pop(0)
+            if sent:
+                views[0] = views[0][sent:]
 
     def recv_into(self, view: memoryview) -> None:
         flags = 0 if self._is_tls else socket.MSG_WAITALL

@@ -21,17 +21,17 @@ def frame_seed(rid: int, layer: int, chunk: int, nbytes: int) -> int:
 
 
 def frame_checksum(rid: int, layer: int, chunk: int, pieces: Iterable[memoryview], nbytes: int) -> int:
-    seed = frame_seed(rid, layer, chunk, nbytes)
-    hasher = xxhash.xxh3_64(seed=seed)
-    for piece in pieces:
-        hasher.update(piece)
-    return hasher.intdigest()
+    return _digest(frame_seed(rid, layer, chunk, nbytes), pieces)
 
 
 def layers_checksum(rid: int, layers: Sequence[int], pieces: Iterable[memoryview], nbytes: int) -> int:
     """The checksum of a ``Layers`` frame: seeded with its request, its length and which
     layers it carries, in their order (so a frame whose list was altered fails too)."""
     seed = xxhash.xxh3_64_intdigest(_FIELDS.pack(rid, 0, len(layers), nbytes) + array.array("I", layers).tobytes())
+    return _digest(seed, pieces)
+
+
+def _digest(seed: int, pieces: Iterable[memoryview]) -> int:
     hasher = xxhash.xxh3_64(seed=seed)
     for piece in pieces:
         hasher.update(piece)
