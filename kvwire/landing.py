@@ -123,8 +123,10 @@ class Landing:
                 request.end_write()
             return checked(ok, True)
         try:
-            for view in views:
-                self.reader.read_into(view if on_device else memoryview(view))
+            if on_device:
+                self.reader.read_into(views[0])
+            else:
+                self.reader.read_into_many(views)
             request.landed(msg.layer, msg.chunk)  # a copy arriving before the check is drained
         finally:
             request.end_write()  # verifying only reads (and holding this while queued deadlocked a release)
@@ -146,8 +148,7 @@ class Landing:
         try:
             if direct:
                 views = [view for _, layer_views, _, _ in parts for view in layer_views]
-                for view in views:
-                    self.reader.read_into(memoryview(view))
+                self.reader.read_into_many(views)
                 for layer, _, _, _ in parts:
                     request.landed(layer, 0)
             else:

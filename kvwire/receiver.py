@@ -125,6 +125,7 @@ class Receiver:
                                                           options=opts.transport_options)
         self.address: str = self._listener.address
         self._lock = threading.Condition()
+        self._closing = threading.Event()  # the deadline loop's wake-up: not _lock, which every Open notifies
         self._book = ReceiverBook(opts.max_bytes)  # budget, requests by id, failures, expectations (under _lock)
         self._refusals: collections.deque = collections.deque(maxlen=16)
         self._threads: set[threading.Thread] = set()
@@ -219,6 +220,7 @@ class Receiver:
             self._book.closed = True
             requests = list(self._book.requests.values())
             self._lock.notify_all()
+        self._closing.set()
         for state in requests:
             state.fail(PeerLostError("receiver closed"))
         self._finalizer()
@@ -533,11 +535,10 @@ class Receiver:
     def _deadline_loop(self) -> None:
         """What the clock makes due: sessions not resumed in time, requests never claimed,
         requests past their deadline."""
-        while True:
+        while not self._closing.wait(0.1):
             with self._lock:
                 if self._book.closed:
                     return
-                self._lock.wait(0.1)
                 now = self._clock.now()
                 sessions = list(self._book.sessions.values())
                 expired = self._book.expire_sessions(now, self.options.resume_grace_s)

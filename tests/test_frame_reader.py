@@ -64,9 +64,13 @@ def test_frames_come_back_whole_and_in_order_however_the_bytes_are_cut(kind, pay
         if i % 3 == 2:
             reader.skip(got.nbytes)  # drained, and the next frame is still found
             continue
-        half = got.nbytes // 2  # a payload read in two views (two tensors)
-        reader.read_into(memoryview(into)[:half])
-        reader.read_into(memoryview(into)[half:])
+        if i % 3 == 1:  # a payload read into several views at once (a layer's tensors)
+            cuts = np.linspace(0, got.nbytes, 6).astype(int)
+            reader.read_into_many([into[a:b] for a, b in zip(cuts[:-1], cuts[1:])])
+        else:
+            half = got.nbytes // 2  # a payload read in two views (two tensors)
+            reader.read_into(memoryview(into)[:half])
+            reader.read_into(memoryview(into)[half:])
         assert np.array_equal(into, payload)
     thread.join(5)
     writer.close()
@@ -91,3 +95,25 @@ def test_a_header_longer_than_the_limit_is_refused_before_reading_it():
     writer.send([framing.PREFIX.pack(1 << 20)])
     with pytest.raises(RemoteProtocolError, match="outside 1..64"):
         FrameReader(conn, 64).next_message()
+
+
+def test_many_views_fill_in_order_past_the_systems_limit_of_buffers_per_receive():
+    writer, conn = pair()
+    payload = np.random.default_rng(3).integers(0, 256, 3000 * 7, dtype=np.uint8)  # 3,000 views > IOV_MAX
+    thread = write_in_pieces(writer, [(Data(7, 0, 0, payload.nbytes, 0), payload)], 5000)
+    reader = FrameReader(conn, framing.MAX_STREAM_HEADER_BYTES, buffer_bytes=4096)
+    assert reader.next_message().nbytes == payload.nbytes
+    into = np.zeros((3000, 7), np.uint8)
+    reader.read_into_many(list(into))
+    assert np.array_equal(into.reshape(-1), payload)
+    thread.join(5)
+
+
+def test_a_peer_closing_mid_payload_is_named_when_reading_many_views():
+    writer, conn = pair()
+    writer.send([framing.encode(Data(7, 0, 0, 1000, 0)), b"x" * 300])
+    reader = FrameReader(conn, framing.MAX_STREAM_HEADER_BYTES, buffer_bytes=4096)
+    reader.next_message()
+    writer.close()
+    with pytest.raises(PeerLostError, match="closed by the peer"):
+        reader.read_into_many([np.zeros(500, np.uint8), np.zeros(500, np.uint8)])

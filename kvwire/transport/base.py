@@ -155,6 +155,10 @@ class Connection(Protocol):
         """Write what the connection takes without waiting; what is left, in order (empty:
         all written). Only where ``capabilities.nonblocking``."""
 
+    def recv_into_many(self, buffers: Sequence[memoryview]) -> None:
+        """Fill each buffer exactly, in order, or raise. Only where
+        ``capabilities.partial_reads``."""
+
     def recv_some(self, view: memoryview) -> int:
         """Receive at least one byte into ``view``; how many. Only where
         ``capabilities.partial_reads``."""

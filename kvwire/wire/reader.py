@@ -62,6 +62,25 @@ class FrameReader:
             self._wait()
             self.conn.recv_into(view[take:] if take else view)
 
+    def read_into_many(self, views: list) -> None:
+        """Fill host ``views`` in order with the next payload bytes: what is buffered is
+        copied, the rest received in one call where the connection reads partially (TCP)."""
+        if not self._partial:
+            for view in views:
+                self.read_into(view)
+            return
+        rest = [memoryview(view).cast("B") for view in views]
+        while rest and self.buffered:
+            take = min(self.buffered, len(rest[0]))
+            rest[0][:take] = self._buffer[self._start : self._start + take]
+            self._start += take
+            rest[0] = rest[0][take:]
+            if not len(rest[0]):
+                rest.pop(0)
+        if rest:
+            self._wait()
+            self.conn.recv_into_many(rest)
+
     def skip(self, nbytes: int) -> None:
         """Read and discard ``nbytes`` of payload."""
         while nbytes:
