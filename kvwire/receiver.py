@@ -38,7 +38,7 @@ from .layout import KVLayout
 from .metrics import PeerCounters, PeerMetrics
 from .options import ReceiverOptions, settle
 from .placement import Expectation
-from .protocol import MONOTONIC, RequestPlan
+from .protocol import MONOTONIC, Clock, RequestPlan
 from .protocol.receiving import Drain, ReceiverBook, SessionBook, chunk_checked
 from .transport import Connection, get_backend
 from .wire import framing
@@ -110,16 +110,17 @@ class Receiver:
     Settings (``backend``, ``secret``, ``max_bytes``, ``resume_grace_s``, ``also_accepted``,
     ``info``...) come as ``options=ReceiverOptions(...)`` or as keyword arguments of the
     same names (see ``kvwire.ReceiverOptions``). A sender whose layout is neither
-    ``layout`` nor one of ``also_accepted`` is refused in the handshake.
+    ``layout`` nor one of ``also_accepted`` is refused in the handshake. ``clock``: what
+    deadlines and leases are read from (``kvwire.protocol.FakeClock`` to move time by hand).
     """
 
     def __init__(self, layout: KVLayout, listen: str = "127.0.0.1:0", *, options: ReceiverOptions | None = None,
-                 **settings):
+                 clock: Clock = MONOTONIC, **settings):
         self.layout = check_layout(layout, "Receiver")
         self.options = opts = settle(ReceiverOptions, options, settings, "Receiver")
         self._layouts = {other.fingerprint: other for other in opts.also_accepted}
         self._layouts[self.layout.fingerprint] = self.layout
-        self._clock = MONOTONIC  # deadlines and leases are read from it (a FakeClock in tests)
+        self._clock = clock  # deadlines and leases are read from it (kvwire.protocol.FakeClock in tests)
         check_address(listen, what="Receiver listen", listen=True)
         self._listener = get_backend(opts.backend).listen(listen, ssl_context=opts.ssl_context,
                                                           options=opts.transport_options)

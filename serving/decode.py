@@ -15,16 +15,15 @@ KV after it; a request with ``boundary_tokens`` is followed by the states at tha
 boundary, which the worker stores in the background. Recomputed prefills use and fill
 the same cache.
 
-The answer is NDJSON: ``{"kv_source", "kv_error", "rebuild_s"}``, then one
-``{"token", "text"}`` per token (the prefill's first token included), then
-``{"finish_reason", "num_tokens", "decode_s"}`` (or ``{"error": {...}}``).
+The job is a ``serving.protocol.DecodeJob``; the answer is NDJSON of its stream events: a
+``DecodeStarted`` (kv_source, kv_error, rebuild_s), one ``TokenEvent`` per token (the
+prefill's first token included), then ``DecodeFinished`` (or ``DecodeFailed``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import logging
 import socket
 import time
@@ -35,12 +34,13 @@ from aiohttp import web
 
 from kvwire import KVWireError, LayoutMismatchError, Receiver
 
-from .http import INVALID_REQUEST, BadRequest, base_app, describe, json_error
+from . import protocol
+from .errors import BadRequest
+from .http import INVALID_REQUEST, base_app, describe, json_error
 from .hybrid_cache import kv_layout, new_cache, rebuild_layer, restore, snapshot, snapshot_bytes, to_torch
 from .metrics import Registry, render_peers
 from .model import LoadedModel
 from .prefix_reuse import prefill_reusing
-from .prompts import check_prompt_shape, parse_logprobs, parse_max_tokens, parse_sampling, parse_stop
 from .steps import decode_step, pick_token, token_logprobs, warm_up
 from .worker_state import boundary_suffix, cache_info, new_prefix_cache, state_body
 
@@ -139,33 +139,31 @@ class DecodeWorker:
         result = prefill_reusing(self.loaded.model, token_ids, self.prefix_cache)
         return result.cache, pick_token(result.logits, sampling, generator), result.logits
 
-    def _base(self, body: dict):
+    def prefix_base(self, job: protocol.DecodeJob):
         """The prefix entry this request's KV continues: (hit or None, error text or None)."""
-        cached_tokens = int(body.get("cached_tokens") or 0)
+        cached_tokens = job.cached_tokens
         if not cached_tokens:
             return None, None
-        hit = self.prefix_cache.get(str(body.get("cached_hash"))) if self.prefix_cache is not None else None
+        hit = self.prefix_cache.get(str(job.cached_hash)) if self.prefix_cache is not None else None
         if hit is None or hit.num_tokens != cached_tokens:
             return None, f"PrefixEvicted: the {cached_tokens}-token prefix the KV continues is no longer cached here"
         return hit, None
 
-    async def cache_for(self, body: dict, sampling, generator) -> tuple[object, int, str, str | None, object]:
+    async def cache_for(self, job: protocol.DecodeJob, sampling, generator) -> tuple[object, int, str, str | None, object]:
         """(cache, first token, kv_source, kv_error, the first token's logits if drawn here) for a decode request."""
         loop = asyncio.get_running_loop()
-        request_id = str(body["request_id"])
-        first_token = body.get("first_token")
-        kv_error = body.get("kv_error")
-        base, base_error = self._base(body)
+        request_id, first_token, kv_error = job.request_id, job.first_token, job.kv_error
+        base, base_error = self.prefix_base(job)
         if first_token is not None and base_error is None:
-            timeout_s = float(body.get("timeout_s", self.options.kv_wait_s))
+            timeout_s = job.timeout_s or self.options.kv_wait_s
             try:
                 cache = await loop.run_in_executor(self._io, self.receive, request_id, timeout_s, base,
-                                                   len(body["prompt_token_ids"]))
-                self._keep_boundary_later(body, cache, timeout_s)
-                return cache, int(first_token), "transfer", None, None
+                                                   len(job.prompt_token_ids))
+                self._keep_boundary_later(job, cache, timeout_s)
+                return cache, first_token, "transfer", None, None
             except KVWireError as exc:
                 kv_error = describe(exc)
-                if body.get("fallback", "recompute") != "recompute":
+                if job.fallback != "recompute":
                     raise
                 log.warning("request %s: KV not received (%s); recomputing the prefill here", request_id, kv_error)
         elif base_error is not None:
@@ -173,23 +171,22 @@ class DecodeWorker:
             log.warning("request %s: %s; recomputing the prefill here", request_id, base_error)
         # Whatever did arrive under this id will never be claimed: free it now.
         self.receiver.release(request_id)
-        if body.get("boundary_tokens"):
+        if job.boundary_tokens:
             self.receiver.release(request_id + boundary_suffix)
         self.num_recomputed.inc(1, (kv_error or "none").split(":")[0])
         cache, first, logits = await loop.run_in_executor(
-            self._model_thread, self.recompute, body["prompt_token_ids"], sampling, generator
+            self._model_thread, self.recompute, job.prompt_token_ids, sampling, generator
         )
         return cache, first, "recomputed", kv_error, logits
 
-    def _keep_boundary_later(self, body: dict, cache, timeout_s: float) -> None:
-        boundary = int(body.get("boundary_tokens") or 0)
-        request_id = str(body["request_id"])
+    def _keep_boundary_later(self, job: protocol.DecodeJob, cache, timeout_s: float) -> None:
+        boundary, request_id = job.boundary_tokens, job.request_id
         if not boundary:
             return
         if self.prefix_cache is None:
             self.receiver.release(request_id + boundary_suffix)  # not wanted: refuse or free it
             return
-        self._io.submit(self.keep_boundary, request_id, body["prompt_token_ids"][:boundary], cache, timeout_s)
+        self._io.submit(self.keep_boundary, request_id, job.prompt_token_ids[:boundary], cache, timeout_s)
 
     # -- HTTP -----------------------------------------------------------------------------
 
@@ -212,55 +209,52 @@ class DecodeWorker:
 
     async def handle_decode(self, request: web.Request) -> web.StreamResponse:
         try:
-            body = await request.json()
-            check_prompt_shape(body["prompt_token_ids"])
-            if not isinstance(body["prompt_token_ids"], list):
-                raise BadRequest("`prompt_token_ids` must be a list of token ids")
-            max_tokens = parse_max_tokens(body)
-            sampling = parse_sampling(body)
-            stop, stop_token_ids = parse_stop(body)
+            job = protocol.decode(await request.read(), protocol.DecodeJob)
+            if not job.prompt_token_ids:
+                raise BadRequest("`prompt_token_ids` must not be empty")
+            max_tokens, sampling, stop, stop_token_ids = job.max_tokens, job.sampling.sampling(), job.stop, job.stop_token_ids
             if stop and self.loaded.tokenizer is None:
                 raise BadRequest(f"`stop` strings need a tokenizer, and the model at {self.loaded.path} has none; "
                                  "use `stop_token_ids`")
-            rng_state = base64.b64decode(body["rng_state"]) if body.get("rng_state") else None
-            num_logprobs = parse_logprobs(body, chat=False)
-        except (BadRequest, KeyError, TypeError, ValueError) as exc:
+            rng_state = base64.b64decode(job.rng_state, validate=True) if job.rng_state else None
+            num_logprobs = job.logprobs
+        except (BadRequest, ValueError) as exc:
             return json_error(400, INVALID_REQUEST, str(exc) if isinstance(exc, BadRequest) else describe(exc))
         fresh = sampling.generator()  # a recomputed prefill draws the first token itself
         started = time.perf_counter()
         try:
-            cache, first_token, kv_source, kv_error, first_logits = await self.cache_for(body, sampling, fresh)
+            cache, first_token, kv_source, kv_error, first_logits = await self.cache_for(job, sampling, fresh)
             # the prefill worker drew the first token: continue its random stream
             generator = sampling.generator(rng_state) if kv_source == "transfer" and rng_state else fresh
         except KVWireError as exc:
             self.num_failed.inc(1, type(exc).__name__)
             return json_error(502, type(exc).__name__, str(exc))
         except Exception as exc:  # a bug must answer, not hang the router
-            log.exception("request %s: getting the cache failed", body.get("request_id"))
+            log.exception("request %s: getting the cache failed", job.request_id)
             self.num_failed.inc(1, type(exc).__name__)
             return json_error(500, "internal_error", describe(exc))
         self.num_requests.inc(1, kv_source)
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)
-        header = {"kv_source": kv_source, "kv_error": kv_error, "rebuild_s": time.perf_counter() - started}
-        if body.get("echo"):
-            header["prompt_text"] = self._decoded(body["prompt_token_ids"])
-        await _line(response, header)
+        await _line(response, protocol.DecodeStarted(
+            kv_source=kv_source, kv_error=kv_error, rebuild_s=time.perf_counter() - started,
+            prompt_text=self.decoded(job.prompt_token_ids) if job.echo else None))
         if num_logprobs is None:
             first_logprobs = None
         elif first_logits is not None:
             first_logprobs = token_logprobs(first_logits, first_token, num_logprobs)
         else:
-            first_logprobs = body.get("first_logprobs")
+            first_logprobs = job.first_logprobs
         try:
             await self._stream_tokens(response, cache, first_token, max_tokens, sampling, generator, stop,
                                       frozenset(stop_token_ids), num_logprobs, first_logprobs)
         except (ConnectionError, asyncio.CancelledError):
             raise  # the router went away: nothing to tell it
         except Exception as exc:
-            log.exception("request %s: decoding failed", body.get("request_id"))
+            log.exception("request %s: decoding failed", job.request_id)
             self.num_failed.inc(1, type(exc).__name__)
-            await _line(response, {"error": {"type": "internal_error", "message": describe(exc)}})
+            await _line(response, protocol.DecodeFailed(error=protocol.ErrorInfo(type="internal_error",
+                                                                                 message=describe(exc))))
         await response.write_eof()
         return response
 
@@ -280,34 +274,33 @@ class DecodeWorker:
             tokens.append(token)
             self.num_tokens.inc()
             stopped = token in self.loaded.eos_token_ids or token in stop_token_ids
-            full = self._decoded(tokens)
-            cut = _stop_string_at(full, stop, max(0, len(text) - hold))
+            full = self.decoded(tokens)
+            cut = stop_string_at(full, stop, max(0, len(text) - hold))
             if cut is not None:
                 full, stopped = full[:cut], True
             last = stopped or len(tokens) >= max_tokens
-            piece, text = _settled(full, text, 0 if last else hold, last)
-            line = {"token": token, "text": piece}
-            if num_logprobs is not None:
-                line["logprobs"] = self._logprobs_line(token, *logprobs)
-            await _line(response, line)
+            piece, text = settled_text(full, text, 0 if last else hold, last)
+            await _line(response, protocol.TokenEvent(
+                token=token, text=piece,
+                logprobs=self._logprobs_line(token, *logprobs) if num_logprobs is not None else None))
             if last:
                 break
             logits = await loop.run_in_executor(self._model_thread, decode_step, self.loaded.model, cache, token)
             token = pick_token(logits, sampling, generator, tokens)
             if num_logprobs is not None:
                 logprobs = token_logprobs(logits, token, num_logprobs)
-        await _line(response, {"finish_reason": "stop" if stopped else "length", "num_tokens": len(tokens),
-                               "decode_s": time.perf_counter() - started})
+        await _line(response, protocol.DecodeFinished(finish_reason="stop" if stopped else "length",
+                                                      num_tokens=len(tokens), decode_s=time.perf_counter() - started))
 
-    def _logprobs_line(self, token: int, logprob: float, top: list) -> dict:
+    def _logprobs_line(self, token: int, logprob: float, top: list) -> protocol.LogprobsLine:
         """One token's logprobs with token strings as vLLM writes them (each id decoded alone)."""
-        return {"token": self._piece(token), "logprob": logprob,
-                "top": [[self._piece(int(i)), lp] for i, lp in top]}
+        return protocol.LogprobsLine(token=self._piece(token), logprob=logprob,
+                                     top=[(self._piece(int(i)), lp) for i, lp in top])
 
     def _piece(self, token: int) -> str:
         return self.loaded.tokenizer.decode([token]) if self.loaded.tokenizer is not None else f"<{token}>"
 
-    def _decoded(self, tokens: list[int]) -> str:
+    def decoded(self, tokens: list[int]) -> str:
         if self.loaded.tokenizer is None:
             return ""
         return self.loaded.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -318,17 +311,17 @@ class DecodeWorker:
         self._io.shutdown(wait=False, cancel_futures=True)
 
 
-async def _line(response: web.StreamResponse, message: dict) -> None:
-    await response.write(json.dumps(message).encode() + b"\n")
+async def _line(response: web.StreamResponse, event: protocol.StreamEvent) -> None:
+    await response.write(protocol.encode(event) + b"\n")
 
 
-def _stop_string_at(text: str, stop: list[str], start: int) -> int | None:
+def stop_string_at(text: str, stop: list[str], start: int) -> int | None:
     """Where the first stop string found in ``text[start:]`` begins (None: none)."""
     found = [i for i in (text.find(s, start) for s in stop) if i >= 0]
     return min(found) if found else None
 
 
-def _settled(full: str, text: str, hold: int, last: bool) -> tuple[str, str]:
+def settled_text(full: str, text: str, hold: int, last: bool) -> tuple[str, str]:
     """(new text, text sent so far) once ``full`` is the decoded output. A byte-level token may
     end inside a UTF-8 character, and the last ``hold`` characters may begin a stop string:
     that text waits for the next token (as vLLM's detokenizer does), so the pieces join to

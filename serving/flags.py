@@ -17,6 +17,7 @@ from pathlib import Path
 from kvwire.address import address_problem, parse_address
 from kvwire.transport.sockets import bind_socket
 
+from .errors import UsageError
 from .router_config import url_problem
 
 
@@ -111,9 +112,6 @@ def profile_lengths(value: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"need at least two increasing prompt lengths, got {counts}")
     return counts
 
-
-class UsageError(Exception):
-    """A flag's value cannot work here (a port in use): the CLI prints it as one line, exit 2."""
 
 
 def bind(flag: str, host: str, port_number: int, *, host_flag: str | None = None) -> socket.socket:

@@ -23,8 +23,9 @@ import aiohttp
 
 from kvwire.metrics import PeerMetrics
 
-from . import vllm_upstream
-from .identify import Identity, NotAWorker, identify
+from . import protocol, vllm_upstream
+from .errors import BadRequest, NotAWorker, PairRefused
+from .identify import Identity, identify
 from .policy import (
     LinkSample,
     Placement,
@@ -46,14 +47,6 @@ HISTORY = 50
 UNREACHED = frozenset({"PeerLostError", "TransferTimeout"})  # a probe that got no answer, not a wrong one
 PROBE_EVERY_S = 10.0  # a pair's KV handshake is checked again this often (and when either side changes)
 
-
-class PairRefused(Exception):
-    """No prefill worker can send KV to the decode worker: ``error_type`` names why (an
-    AuthenticationError from the handshake, a layout or model mismatch)."""
-
-    def __init__(self, error_type: str, message: str):
-        super().__init__(message)
-        self.error_type = error_type
 
 
 @dataclass
@@ -149,10 +142,10 @@ class Fleet:
         """One round: every worker's state, then one LinkSample per PrfaaS cluster."""
         await asyncio.gather(*(self._poll_worker(session, w) for w in self.workers.values()))
         self.polls += 1
-        self._check_pairs(session)
+        self.check_pairs(session)
         now = time.monotonic()
         for cluster in self.clusters.values():
-            self._step(cluster, now)
+            self.step(cluster, now)
 
     async def _poll_worker(self, session: aiohttp.ClientSession, worker: WorkerState) -> None:
         timeout = aiohttp.ClientTimeout(total=max(1.0, 2 * self.config.control.interval_s))
@@ -232,7 +225,7 @@ class Fleet:
         identity = self.workers[decode_url].identity
         return identity.kv_address if identity else None
 
-    def _check_pairs(self, session: aiohttp.ClientSession) -> None:
+    def check_pairs(self, session: aiohttp.ClientSession) -> None:
         """Compare every answering (prefill, decode) pair's identities; probe the KV handshake
         of kvwire-serve pairs (through the prefill worker) when new, changed or due."""
         now = time.monotonic()
@@ -259,16 +252,19 @@ class Fleet:
     async def _probe(self, session: aiohttp.ClientSession, pair: tuple[str, str], key: tuple, address: str) -> None:
         prefill_url, decode_url = pair
         timeout = aiohttp.ClientTimeout(total=self.config.connect_timeout_s * 2 + 1)
+        job = protocol.ProbeRequest(kv_address=address, timeout_s=self.config.connect_timeout_s)
         try:
-            async with session.post(prefill_url + "/internal/probe", json={"kv_address": address,
-                                    "timeout_s": self.config.connect_timeout_s}, timeout=timeout) as response:
-                body = await response.json(content_type=None)
-            error = body.get("error") if isinstance(body, dict) else {"type": "ProtocolError",
-                                                                      "message": f"/internal/probe answered {body!r}"}
+            async with session.post(prefill_url + "/internal/probe", data=protocol.encode(job),
+                                    headers={"Content-Type": "application/json"}, timeout=timeout) as response:
+                data = await response.read()
+            try:
+                error = protocol.decode(data, protocol.ProbeResult).error
+            except BadRequest as exc:  # an old or foreign worker's answer: a problem, named
+                error = protocol.ErrorInfo(type="ProtocolError", message=f"/internal/probe answered wrongly: {exc}")
             problem = None
             if error is not None:
                 message = f"prefill worker {prefill_url} cannot send KV to decode worker {decode_url} at {address}"
-                problem = (str(error.get("type")), f"{message}: {error.get('message')}")
+                problem = (error.type, f"{message}: {error.message}")
             self._record(pair, PairCheck(key, time.monotonic(), problem))
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
             pass  # the prefill worker's own poll reports it; probe again next round
@@ -311,7 +307,7 @@ class Fleet:
             return None
         return check.problem
 
-    def _step(self, cluster: ClusterState, now: float) -> None:
+    def step(self, cluster: ClusterState, now: float) -> None:
         """One controller sample for ``cluster``; skipped (t holds) unless every worker answered,
         since a missing worker's bytes would read as an idle link, and its late ones as a burst."""
         workers = [self.workers[url] for url in cluster.config.prefill]

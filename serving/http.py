@@ -7,21 +7,22 @@ its class name as the type (``PeerLostError``...) so the client sees what broke.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 from typing import Callable
 
 from aiohttp import web
 
+from . import protocol
+from .errors import UpstreamError
 from .metrics import Registry
 
 log = logging.getLogger(__name__)
 
 INVALID_REQUEST = "invalid_request_error"
+UNAVAILABLE = "worker_unavailable"  # a worker that cannot be reached, or broke its answer off
 
-
-class BadRequest(ValueError):
-    """A client mistake: answered with 400 and this message."""
 
 
 def error_body(error_type: str, message: str, **extra) -> dict:
@@ -30,6 +31,29 @@ def error_body(error_type: str, message: str, **extra) -> dict:
 
 def json_error(status: int, error_type: str, message: str, **extra) -> web.Response:
     return web.json_response(error_body(error_type, message, **extra), status=status)
+
+
+def answer(message: protocol.Message, status: int = 200) -> web.Response:
+    """A worker's typed answer (serving.protocol) as its JSON body."""
+    return web.Response(body=protocol.encode(message), status=status, content_type="application/json")
+
+
+def upstream_response(exc: UpstreamError) -> web.Response:
+    """A worker's failure as the router's HTTP error: its status, type and message."""
+    return json_error(exc.status, exc.error_type, str(exc))
+
+
+def worker_error(status: int, data: bytes, fallback: str) -> UpstreamError:
+    """A worker's error answer (OpenAI's shape) as an UpstreamError keeping its type and
+    message; ``fallback`` says what answered where the body is not that shape."""
+    try:
+        body = json.loads(data)
+    except ValueError:
+        body = None
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        return UpstreamError(status, str(error.get("type") or UNAVAILABLE), str(error.get("message") or fallback))
+    return UpstreamError(status, UNAVAILABLE, f"{fallback}: {bytes(data[:200])!r}")
 
 
 def describe(exc: BaseException) -> str:

@@ -20,6 +20,7 @@ from typing import Callable, Iterator, Mapping
 import numpy as np
 
 from kvwire import KVLayout, TensorSpec
+
 from .model import cache_keyword
 
 log = logging.getLogger(__name__)

@@ -20,14 +20,13 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from .errors import NotAWorker
+
 ROLE_OF_KV_ROLE = {"kv_producer": "prefill", "kv_consumer": "decode", "kv_both": "prefill or decode"}
 VLLM_ENGINES = ("vllm", "vllm-nixl")  # vLLM OpenAI servers with KVWireConnector, or with NixlConnector
 WHAT = {"prefill": "a kvwire-serve prefill worker", "decode": "a kvwire-serve decode worker",
         "router": "a kvwire-serve router"}
 
-
-class NotAWorker(ValueError):
-    """Something answered at the URL, but not a kvwire worker (the message says what did)."""
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-
-class LaunchError(RuntimeError):
-    """A worker exited or did not become ready in time."""
+from .errors import LaunchError
 
 
 @dataclass

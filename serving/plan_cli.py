@@ -13,8 +13,8 @@ import sys
 
 import msgspec
 
+from .errors import PlanError
 from .planner import (
-    PlanError,
     Profile,
     all_local,
     best_at,

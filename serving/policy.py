@@ -14,17 +14,14 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from kvwire.errors import KVWireError
 from kvwire.metrics import PeerMetrics
 
+from .errors import NoWorkerError
 from .prefix_cache import PromptBlocks
 
 logger = logging.getLogger(__name__)
 logger.addHandler(logging.NullHandler())
 
-
-class NoWorkerError(KVWireError):
-    """No worker can take the request (every pool it may go to is empty)."""
 
 
 # ---------------------------------------------------------------- cache-aware placement

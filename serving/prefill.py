@@ -4,9 +4,9 @@ One kvwire Sender per decode worker, kept for the life of the process and shared
 requests to it. Forward passes run one at a time on a dedicated thread; waiting for the
 receiver's acks happens on another, so the next prompt can prefill meanwhile.
 
-``POST /internal/prefill`` takes ``{request_id, prompt, kv_address, temperature, seed,
-timeout_s}`` and answers ``{prompt_token_ids, first_token, prefill_s, kv: {...}, prefix:
-{...}}``, 400 on a bad prompt, or 502 with the kvwire error class as ``error.type``.
+``POST /internal/prefill`` takes a ``serving.protocol.PrefillJob`` and answers a
+``PrefillResult`` (first token, prefill time, KV and prefix reports), 400 on a bad prompt,
+or 502 with the kvwire error class as ``error.type``.
 
 With a prefix cache (``prefix_cache_bytes``) a prompt whose prefix was seen before is
 prefilled from the cached boundary on. ``decode_cached_tokens`` says how much of the
@@ -31,12 +31,14 @@ from aiohttp import web
 from kvwire import KVWireError, PeerLostError, Sender, probe
 from kvwire.address import check_address
 
-from .http import INVALID_REQUEST, BadRequest, base_app, describe, json_error
+from . import protocol
+from .errors import BadRequest
+from .http import INVALID_REQUEST, answer, base_app, describe, json_error
 from .hybrid_cache import kv_layout
 from .metrics import Registry, render_peers
 from .model import LoadedModel
 from .prefix_reuse import prefill_reusing
-from .prompts import chat_token_ids, parse_logprobs, parse_sampling, prompt_token_ids
+from .prompts import chat_token_ids, prompt_token_ids
 from .steps import generator_state, pick_token, token_logprobs, warm_up
 from .worker_state import boundary_suffix, cache_info, new_prefix_cache, state_body
 
@@ -185,29 +187,31 @@ class PrefillWorker:
 
     async def handle_tokenize(self, request: web.Request) -> web.Response:
         try:
-            body = await request.json()
-            if "messages" in body:
-                return web.json_response({"prompt_token_ids": chat_token_ids(body["messages"], self.loaded)})
-            return web.json_response({"prompt_token_ids": prompt_token_ids(body.get("prompt"), self.loaded)})
+            job = protocol.decode(await request.read(), protocol.TokenizeRequest)
+            if job.messages is not None:
+                token_ids = chat_token_ids(job.messages, self.loaded)
+            else:
+                token_ids = prompt_token_ids(job.prompt, self.loaded)
         except (BadRequest, AttributeError, ValueError) as exc:
             return json_error(400, INVALID_REQUEST, str(exc) if isinstance(exc, BadRequest) else describe(exc))
+        return answer(protocol.TokenizeResult(prompt_token_ids=token_ids))
 
     async def handle_probe(self, request: web.Request) -> web.Response:
         """Can this worker send KV to ``kv_address``? The handshake's proof of the secret, no
-        KV moved (kvwire.probe): ``{"ok": true}`` or ``{"error": {"type", "message"}}``."""
+        KV moved (kvwire.probe): a ProbeResult, ``ok`` or the ``error`` that refused it."""
         try:
-            body = await request.json()
-            address = check_address(body["kv_address"], what="`kv_address`")
-            timeout_s = float(body.get("timeout_s", self.options.connect_timeout_s))
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            return json_error(400, INVALID_REQUEST, describe(exc))
+            job = protocol.decode(await request.read(), protocol.ProbeRequest)
+            address = check_address(job.kv_address, what="`kv_address`")
+        except (BadRequest, ValueError) as exc:
+            return json_error(400, INVALID_REQUEST, str(exc) if isinstance(exc, BadRequest) else describe(exc))
+        timeout_s = job.timeout_s or self.options.connect_timeout_s
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(self._io, lambda: probe(address, backend=self.options.backend,
                                                                secret=self.options.secret, timeout=timeout_s))
         except KVWireError as exc:
-            return web.json_response({"error": {"type": type(exc).__name__, "message": str(exc)}})
-        return web.json_response({"ok": True})
+            return answer(protocol.ProbeResult(error=protocol.ErrorInfo(type=type(exc).__name__, message=str(exc))))
+        return answer(protocol.ProbeResult(ok=True))
 
     def _peer_metrics(self) -> list[str]:
         senders = self._senders_snapshot()
@@ -215,21 +219,18 @@ class PrefillWorker:
 
     async def handle_prefill(self, request: web.Request) -> web.Response:
         try:
-            body = await request.json()
-            request_id = str(body["request_id"])
-            address = str(body["kv_address"])
-            token_ids = prompt_token_ids(body.get("prompt"), self.loaded)
-            sampling = parse_sampling(body)
-            timeout_s = float(body.get("timeout_s", self.options.kv_timeout_s))
-            send_from = int(body.get("decode_cached_tokens", 0))
-            send_boundary = bool(body.get("send_boundary", False))
-            num_logprobs = parse_logprobs(body, chat=False)
+            job = protocol.decode(await request.read(), protocol.PrefillJob)
+            request_id, address = job.request_id, job.kv_address
+            token_ids = prompt_token_ids(job.prompt, self.loaded)
+            sampling = job.sampling.sampling()
+            timeout_s = job.timeout_s or self.options.kv_timeout_s
+            send_from, send_boundary, num_logprobs = job.decode_cached_tokens, job.send_boundary, job.logprobs
             if len(token_ids) > self.loaded.max_model_len:
                 raise BadRequest(f"the prompt has {len(token_ids)} tokens, more than this model's maximum length of "
                                  f"{self.loaded.max_model_len} (--max-model-len)")
             if not 0 <= send_from < len(token_ids):
                 raise BadRequest(f"`decode_cached_tokens` is {send_from}, outside [0, {len(token_ids)}) for this prompt")
-        except (BadRequest, KeyError, TypeError, ValueError) as exc:
+        except (BadRequest, ValueError) as exc:
             self.num_requests.inc(1, "bad_request")
             return json_error(400, INVALID_REQUEST, str(exc) if isinstance(exc, BadRequest) else describe(exc))
         loop = asyncio.get_running_loop()
@@ -254,9 +255,10 @@ class PrefillWorker:
             log.exception("request %s: prefill failed", request_id)
             self.num_requests.inc(1, "error")
             return json_error(500, PREFILL_FAILED, f"the prefill of {len(token_ids)} tokens failed: {describe(exc)}")
-        prefix = {"reused_tokens": result.reused_tokens, "computed_tokens": len(token_ids) - result.reused_tokens,
-                  "boundary_tokens": result.boundary_tokens, "sent_from_token": send_from,
-                  "boundary_sent": len(transfers) > 1}
+        prefix = protocol.PrefixReport(reused_tokens=result.reused_tokens,
+                                       computed_tokens=len(token_ids) - result.reused_tokens,
+                                       boundary_tokens=result.boundary_tokens, sent_from_token=send_from,
+                                       boundary_sent=len(transfers) > 1)
         if len(transfers) > 1:  # the decode worker waits for it in the background: not on the TTFT path
             self._io.submit(self._finish_boundary, transfers[1], max(0.0, deadline - time.monotonic()), result)
         first_logprobs = token_logprobs(result.logits, first_token, num_logprobs) if num_logprobs is not None else None
@@ -265,23 +267,23 @@ class PrefillWorker:
         self.num_prompt_tokens.inc(len(token_ids))
         self.prefill_seconds.inc(prefill_s)
         self.kv_bytes.inc(stats.raw_bytes)
-        self.reused_tokens.inc(prefix["reused_tokens"])
+        self.reused_tokens.inc(prefix.reused_tokens)
         link = self.sender(address).metrics()
-        return web.json_response({
-            "request_id": request_id,
-            "prompt_token_ids": token_ids,
-            "first_token": first_token,
-            "rng_state": base64.b64encode(rng_state).decode() if rng_state is not None else None,
-            "first_logprobs": first_logprobs,
-            "prefill_s": prefill_s,
-            "prefix": prefix,
-            "kv": {
-                "raw_bytes": stats.raw_bytes, "wire_bytes": stats.wire_bytes, "layers": stats.layers,
-                "transfer_s": stats.seconds, "after_prefill_s": tail_s,
-                "goodput_bps": stats.raw_bytes * 8 / max(stats.seconds, 1e-9),
-                "link_goodput_bps": link.goodput_bps, "rtt_ms": link.rtt_ms, "retransmits": link.retransmits,
-            },
-        })
+        return answer(protocol.PrefillResult(
+            request_id=request_id,
+            prompt_token_ids=token_ids,
+            first_token=first_token,
+            rng_state=base64.b64encode(rng_state).decode() if rng_state is not None else None,
+            first_logprobs=first_logprobs,
+            prefill_s=prefill_s,
+            prefix=prefix,
+            kv=protocol.KVReport(
+                raw_bytes=stats.raw_bytes, wire_bytes=stats.wire_bytes, layers=stats.layers,
+                transfer_s=stats.seconds, after_prefill_s=tail_s,
+                goodput_bps=stats.raw_bytes * 8 / max(stats.seconds, 1e-9),
+                link_goodput_bps=link.goodput_bps, rtt_ms=link.rtt_ms, retransmits=link.retransmits,
+            ),
+        ))
 
 
 def _abort_rest(transfers: list, reason: str) -> None:

@@ -7,7 +7,7 @@ field is wrong and why, answered with 400.
 
 from __future__ import annotations
 
-from .http import BadRequest
+from .errors import BadRequest
 from .steps import Sampling
 
 MAX_PROMPT_TOKENS = 1 << 20

@@ -29,7 +29,6 @@ import msgspec
 
 from kvwire.address import check_address
 
-
 ENGINES = ("auto", "kvwire", "vllm", "vllm-nixl")
 
 

@@ -29,11 +29,15 @@ import time
 import uuid
 
 import aiohttp
+import msgspec
 from aiohttp import web
 
 from kvwire.errors import MISCONFIGURATIONS
 from kvwire.metrics import PeerMetrics
 from kvwire.transport.base import LinkStats
+
+from .errors import Unreachable, UpstreamError
+from .http import UNAVAILABLE, describe, worker_error
 
 log = logging.getLogger(__name__)
 
@@ -104,14 +108,14 @@ async def complete(router, request: web.Request, job: dict, decision, info: dict
     params = prefilled.get("kv_transfer_params")
     if not params or not (nixl or "kvwire" in params):
         connector, which = ("NixlConnector", "") if nixl else ("KVWireConnector", "kvwire ")
-        raise router.upstream_error(502, "kv_transfer_params_missing",
+        raise UpstreamError(502, "kv_transfer_params_missing",
                                     f"prefill server {prefill_url} answered without {which}kv_transfer_params: "
                                     f"is it running {connector} with kv_role kv_producer or kv_both?")
     if not nixl:
         push = info["push"] = params["kvwire"]
         refuse_misconfigured(router, push.get("error"), prefill_url, decode_url)
         if push.get("error") and router.options.kv_fallback == "error":
-            raise router.upstream_error(502, "KVWireError", f"the prefill server could not push the KV: {push['error']}")
+            raise UpstreamError(502, "KVWireError", f"the prefill server could not push the KV: {push['error']}")
     info["prefill_s"] = time.perf_counter() - started
     decode_body = {**body, "kv_transfer_params": params}
     if job["stream"]:
@@ -120,7 +124,7 @@ async def complete(router, request: web.Request, job: dict, decision, info: dict
     report = (answer.get("kv_transfer_params") or {}).get("kvwire", {})
     refuse_misconfigured(router, report.get("error"), prefill_url, decode_url)
     if report.get("error") and router.options.kv_fallback == "error":
-        raise router.upstream_error(502, report["error"].split(":", 1)[0],
+        raise UpstreamError(502, report["error"].split(":", 1)[0],
                                     f"the KV of request {kv_id} did not arrive: {report['error']}")
     answer["kvwire"] = {**info, "load": report, "total_s": time.perf_counter() - started}
     router.account(info, answer.get("usage", {}).get("completion_tokens", 0), "200")
@@ -136,7 +140,31 @@ def refuse_misconfigured(router, error: str | None, prefill_url: str, decode_url
     message = f"prefill server {prefill_url} cannot send KV to decode server {decode_url}: {error}"
     log.error("%s", message)
     router.fleet.refuse_pair(prefill_url, decode_url, kind, message)
-    raise router.upstream_error(502, kind, f"{message} (a misconfiguration: not recomputed)")
+    raise UpstreamError(502, kind, f"{message} (a misconfiguration: not recomputed)")
+
+
+async def tokenize(router, url: str, payload: dict, timeout) -> list[int]:
+    """vLLM's ``/tokenize``: the prompt's token ids (a chat's through the server's template)."""
+    try:
+        async with router.session.post(url + "/tokenize", json=payload, timeout=timeout) as response:
+            data = await response.read()
+            status = response.status
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        raise Unreachable(502, UNAVAILABLE, f"prefill server {url} is unreachable: {describe(exc)}") from None
+    if status != 200:
+        raise worker_error(status, data, f"prefill server {url} answered HTTP {status}")
+    try:
+        return msgspec.json.decode(data, type=_Tokens).tokens
+    except msgspec.ValidationError as exc:
+        raise UpstreamError(502, UNAVAILABLE, f"prefill server {url} answered /tokenize wrongly: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise Unreachable(502, UNAVAILABLE, f"prefill server {url} answered /tokenize with no JSON: {exc}") from None
+
+
+class _Tokens(msgspec.Struct):
+    """The part of vLLM's /tokenize answer the router reads."""
+
+    tokens: list[int]
 
 
 async def _post_json(router, url: str, body: dict, timeout_s: float, role: str) -> dict:
@@ -146,17 +174,17 @@ async def _post_json(router, url: str, body: dict, timeout_s: float, role: str) 
             text = await response.text()
             status = response.status
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-        raise router.upstream_error(502, "worker_unavailable",
+        raise UpstreamError(502, "worker_unavailable",
                                     f"{role} server {url} is unreachable: {type(exc).__name__}: {exc}") from None
     try:
         answer = json.loads(text)
     except json.JSONDecodeError:
-        raise router.upstream_error(502, "worker_unavailable",
+        raise UpstreamError(502, "worker_unavailable",
                                     f"{role} server {url} answered HTTP {status} with no JSON: {text[:200]}") from None
     if status != 200:
         error = answer.get("error", answer) if isinstance(answer, dict) else {}
         message = error.get("message", text[:300]) if isinstance(error, dict) else text[:300]
-        raise router.upstream_error(status, (error.get("type") if isinstance(error, dict) else None)
+        raise UpstreamError(status, (error.get("type") if isinstance(error, dict) else None)
                                     or "upstream_error", f"{role} server {url}: {message}")
     return answer
 
@@ -168,12 +196,12 @@ async def _relay_stream(router, request, decode_url: str, body: dict, info: dict
     try:
         upstream = await router.session.post(decode_url, json=body, timeout=timeout)
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-        raise router.upstream_error(502, "worker_unavailable",
+        raise UpstreamError(502, "worker_unavailable",
                                     f"decode server {decode_url} is unreachable: {type(exc).__name__}: {exc}") from None
     if upstream.status != 200:
         text = await upstream.text()
         upstream.release()
-        raise router.upstream_error(upstream.status, "upstream_error", f"decode server {decode_url}: {text[:300]}")
+        raise UpstreamError(upstream.status, "upstream_error", f"decode server {decode_url}: {text[:300]}")
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
     try:

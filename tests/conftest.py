@@ -4,44 +4,14 @@ import os
 # Kernels run on numba's CUDA simulator in tests (no GPU here or in CI); set before numba
 # loads. KVWIRE_TEST_DEVICE=cuda (perf/gpu_check.sh, on a GPU) runs them on the real device.
 os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "0" if os.environ.get("KVWIRE_TEST_DEVICE") == "cuda" else "1")
-import signal
 import subprocess
-import sys
 import threading
 
 import pytest
 
-from kvwire import KVLayout, Receiver, Sender, TensorSpec
-from kvwire.testing.data import random_kv  # noqa: F401  (re-exported for the tests)
+from kvwire import Receiver, Sender
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def hybrid_layout(linear_layers: int = 3, state_dim: int = 32) -> KVLayout:
-    """Kimi-Linear-like: three linear-attention layers (conv + recurrent state), then MLA."""
-    layers = []
-    for _ in range(linear_layers):
-        layers.append(
-            {
-                "conv": TensorSpec((4 * state_dim, 4), "float32"),
-                "recurrent": TensorSpec((2, state_dim, state_dim), "float32"),
-            }
-        )
-    layers.append(
-        {
-            "latent": TensorSpec((1, 64), "bfloat16", per_token=True),
-            "rope": TensorSpec((1, 16), "bfloat16", per_token=True),
-        }
-    )
-    return KVLayout(layers)
-
-
-def assert_same_bytes(got: dict, expected: dict) -> None:
-    assert set(got) == set(expected)
-    for name in expected:
-        assert got[name].shape == expected[name].shape, name
-        assert got[name].dtype == expected[name].dtype, name
-        assert got[name].tobytes() == expected[name].tobytes(), f"tensor {name!r} differs"
+from .support import hybrid_layout
 
 
 @pytest.fixture(scope="session")
@@ -69,20 +39,6 @@ def sender(layout, receiver):
     tx = Sender(layout, receiver.address, streams=3, secret=b"test-secret")
     yield tx
     tx.close()
-
-
-def run_in_subprocess(code: str, *args: str) -> subprocess.Popen:
-    """A real second process running kvwire (for kill -9 tests)."""
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.Popen(
-        [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-    )
-
-
-def kill(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=10)
 
 
 @pytest.fixture(autouse=True)
@@ -131,14 +87,3 @@ def tls_files(tmp_path_factory):
             capture_output=True,
         )
     return folder
-
-
-def tls_contexts(folder, client_trusts="ca"):
-    """(server, client) SSLContexts from ``tls_files``; the client trusts ``client_trusts``."""
-    import ssl
-
-    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server.load_cert_chain(folder / "ca.pem", folder / "ca.key")
-    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    client.load_verify_locations(folder / f"{client_trusts}.pem")
-    return server, client

@@ -173,3 +173,78 @@ def test_the_protocol_core_does_no_io():
     for name in core:
         for target, _ in imports(name):
             assert not any(target == io or target.startswith(io + ".") for io in IO_MODULES), (name, target)
+
+
+# -- the serving layer and the tests ---------------------------------------------------------
+
+PROJECT = ROOT.parent
+SERVING = {".".join(path.relative_to(PROJECT).with_suffix("").parts[:-1] if path.name == "__init__.py"
+                    else path.relative_to(PROJECT).with_suffix("").parts): path
+           for path in (PROJECT / "serving").rglob("*.py")}
+TESTS = sorted((PROJECT / "tests").rglob("*.py"))
+
+
+def serving_graph() -> dict[str, set[str]]:
+    edges = {}
+    for name, path in SERVING.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parent = package
+                    for _ in range(node.level - 1):
+                        parent = parent.rpartition(".")[0]
+                    base = f"{parent}.{node.module}" if node.module else parent
+                for alias in node.names:
+                    child = f"{base}.{alias.name}"
+                    targets.add(child if child in SERVING else base)
+            elif isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+        edges[name] = {t for t in targets if t in SERVING and t != name}
+    return edges
+
+
+def test_serving_has_no_import_cycles_and_the_library_never_imports_it():
+    assert cycles(serving_graph()) == []
+    found = {name for name in MODULES for target, _ in imports(name) if target.split(".")[0] == "serving"}
+    assert found == set(), "kvwire must not depend on its serving layer"
+
+
+def test_tests_take_shared_helpers_from_support_not_from_conftest_or_each_other():
+    """conftest.py holds fixtures, support.py what tests share; a test module importing another
+    ties their fates (and runs its module-level code twice under two names)."""
+    found = []
+    for path in TESTS:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                last = (node.module or "").rpartition(".")[2]
+                if last == "conftest" or last.startswith("test_"):
+                    found.append(f"{path.relative_to(PROJECT)}: from {'.' * node.level}{node.module}")
+    assert found == []
+
+
+def test_no_test_patches_a_private_name():
+    """Faults go through kvwire.testing (the relay) or public seams (a clock, options), not by
+    replacing a module's private parts, which break silently when the code moves."""
+    found = []
+    for path in TESTS:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call) or not node.args:
+                continue
+            func = node.func
+            patching = (isinstance(func, ast.Attribute) and func.attr in ("setattr", "setitem")) or (
+                isinstance(func, ast.Name) and func.id == "setattr")
+            name = node.args[1] if len(node.args) > 1 else None
+            if patching and isinstance(name, ast.Constant) and isinstance(name.value, str) \
+                    and name.value.startswith("_") and not name.value.startswith("__"):
+                found.append(f"{path.relative_to(PROJECT)}:{node.lineno} patches {name.value}")
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Assign):
+                for target in node.targets:
+                    if isinstance(target, ast.Attribute) and target.attr.startswith("_") \
+                            and not target.attr.startswith("__") and not (
+                                isinstance(target.value, ast.Name) and target.value.id == "self"):
+                        found.append(f"{path.relative_to(PROJECT)}:{node.lineno} assigns {target.attr}")
+    assert found == []

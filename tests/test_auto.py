@@ -9,7 +9,7 @@ import pytest
 from kvwire import Receiver, Sender
 from kvwire.transport import AutoOptions, Capabilities, TcpOptions, UcxOptions, auto
 
-from .conftest import assert_same_bytes, random_kv, tls_contexts
+from .support import assert_same_bytes, random_kv, tls_contexts
 
 SECRET = b"test-secret"
 NO_FABRIC = Capabilities("ucx", default_streams=1)
@@ -61,7 +61,7 @@ def test_a_backend_given_another_backend_s_options_says_so(layout):
 @pytest.fixture(autouse=True)
 def _auto_log(caplog):
     caplog.set_level(logging.INFO, logger="kvwire")
-    auto._logged.clear()
+    auto.forget_logged_choices()
 
 
 def round_trip(layout, address, backend, **kw):

@@ -95,7 +95,7 @@ def test_a_peer_that_is_not_kvwire_is_named(layout):
 
 
 def test_an_error_in_a_dial_thread_reaches_the_caller_as_itself(layout, receiver):
-    pytest.importorskip("ucxx")
+    pytest.importorskip("ucxx", reason="ucxx is in the test extra (kvwire[ucx]); without it there is no ucx backend to refuse")
     with pytest.raises(ValueError) as error:
         Sender(layout, receiver.address, backend="ucx", ssl_context=ssl.create_default_context(), streams=3)
     assert str(error.value) == "the ucx backend has no TLS; use backend='tcp' (or 'auto') with an ssl_context"

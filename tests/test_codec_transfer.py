@@ -7,7 +7,7 @@ import pytest
 from kvwire import KVLayout, Receiver, RequestRejected, Sender, TensorSpec
 from kvwire.codecs import bits_to_float32, float32_to_bits, get_codec
 
-from .conftest import assert_same_bytes
+from .support import assert_same_bytes
 
 LAYOUT = KVLayout(
     [

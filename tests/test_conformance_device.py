@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from .conftest import ROOT
+from .support import ROOT
 
 
 def test_the_conformance_suite_passes_with_cuda_memory_under_the_simulator():

@@ -16,8 +16,7 @@ import kvwire.outbound
 from kvwire import IntegrityError, KVLayout, Receiver, RequestRejected, Sender, TensorSpec, device
 from kvwire.testing.hostcuda import HostCudaArray, host_cuda
 
-from .conftest import assert_same_bytes, random_kv
-from .test_conformance import _ucx_missing, wait_until
+from .support import assert_same_bytes, random_kv, ucx_missing, wait_until
 
 if not device.simulated():
     pytest.skip("these tests pose host memory as CUDA memory (NUMBA_ENABLE_CUDASIM=1)", allow_module_level=True)
@@ -52,7 +51,7 @@ def gpu_checksums(monkeypatch):
 
 
 def need_ucx():
-    if why := _ucx_missing():
+    if why := ucx_missing():
         pytest.skip(f"ucx backend: {why}")
 
 

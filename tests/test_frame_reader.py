@@ -4,6 +4,7 @@ bytes are cut, payloads land exactly, and replies held back go out before it wai
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import socket
 import threading
 
@@ -66,7 +67,7 @@ def test_frames_come_back_whole_and_in_order_however_the_bytes_are_cut(kind, pay
             continue
         if i % 3 == 1:  # a payload read into several views at once (a layer's tensors)
             cuts = np.linspace(0, got.nbytes, 6).astype(int)
-            reader.read_into_many([into[a:b] for a, b in zip(cuts[:-1], cuts[1:])])
+            reader.read_into_many([into[a:b] for a, b in itertools.pairwise(cuts)])
         else:
             half = got.nbytes // 2  # a payload read in two views (two tensors)
             reader.read_into(memoryview(into)[:half])

@@ -16,7 +16,7 @@ from kvwire.transport import Capabilities
 from kvwire.wire import framing
 from kvwire.wire.messages import PROTOCOL_VERSION, Auth, Challenge, Hello, Reject, Welcome
 
-from .conftest import hybrid_layout
+from .support import hybrid_layout
 
 SESSION = b"s" * 16
 

@@ -12,7 +12,7 @@ import pytest
 
 from kvwire.codecs import float32_to_bits, get_codec
 
-from .conftest import ROOT
+from .support import ROOT
 
 from kvwire.cuda import ops  # noqa: E402  (after the simulator switch)
 from kvwire.cuda.compat import cuda  # noqa: E402

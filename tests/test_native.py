@@ -8,7 +8,7 @@ import pytest
 
 from kvwire import KVLayout, Receiver, RequestRejected, Sender, TensorSpec, native, uniform
 
-from .conftest import assert_same_bytes, random_kv
+from .support import assert_same_bytes, random_kv
 
 TWINS = [pytest.param(native.scatter, native.gather, id="compiled"),
          pytest.param(native.scatter_python, native.gather_python, id="python")]

@@ -18,7 +18,7 @@ from kvwire import (
     probe,
 )
 
-from .conftest import assert_same_bytes, random_kv
+from .support import assert_same_bytes, random_kv
 
 
 def layout_of(heads: int) -> KVLayout:

@@ -18,7 +18,7 @@ from kvwire.protocol.receiving import (
 )
 from kvwire.wire.messages import Abort, Ack, Data, Layers
 
-from .conftest import hybrid_layout
+from .support import hybrid_layout
 
 
 @dataclass(eq=False)

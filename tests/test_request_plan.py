@@ -131,8 +131,8 @@ def test_a_receiver_s_deadlines_run_on_its_clock_without_sleeping_them():
     from kvwire import Receiver, Sender, TransferTimeout
 
     layout = KVLayout([{"s": TensorSpec((4,), "float32")}])
-    with Receiver(layout) as rx:
-        clock = rx._clock = FakeClock(1000.0)
+    clock = FakeClock(1000.0)
+    with Receiver(layout, clock=clock) as rx:
         with Sender(layout, rx.address, streams=1) as tx:
             tx.open("late", 0, timeout=60.0)
             handle = rx.wait("late", timeout=10)

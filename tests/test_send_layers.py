@@ -14,7 +14,7 @@ from kvwire.wire import framing
 from kvwire.wire.checksum import frame_checksum, layers_checksum
 from kvwire.wire.messages import Data, Layers
 
-from .conftest import assert_same_bytes, random_kv
+from .support import assert_same_bytes, random_kv
 
 SECRET = b"test-secret"
 

@@ -15,7 +15,7 @@ from kvwire import KVLayout, Receiver, Sender, TensorSpec
 from kvwire.transport import TcpOptions
 from kvwire.transport.tcp import TcpConnection
 
-from .conftest import assert_same_bytes, random_kv
+from .support import assert_same_bytes, random_kv
 
 
 def pair(buffer_bytes: int | None = None) -> tuple[TcpConnection, TcpConnection]:

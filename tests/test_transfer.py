@@ -1,8 +1,6 @@
 """End to end over real sockets: what an engine relies on when it sends and receives KV."""
 
 import gc
-import threading
-import time
 import weakref
 
 import ml_dtypes
@@ -23,21 +21,7 @@ from kvwire import (
     TransferTimeout,
 )
 
-from .conftest import assert_same_bytes, random_kv
-
-
-def wait_until(condition, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
-
-
-def send_all(tx, request_id, kv, num_tokens, **open_args):
-    xfer = tx.open(request_id, num_tokens, **open_args)
-    for i, tensors in enumerate(kv):
-        xfer.send_layer(i, tensors)
-    return xfer.finish(timeout=30)
+from .support import assert_same_bytes, random_kv, run_program, send_all, wait_until
 
 
 def test_the_issue_example_round_trips_exactly():
@@ -141,49 +125,6 @@ def test_non_contiguous_and_buffer_protocol_inputs_are_accepted():
     assert got["b"].tobytes() == b"kvwire"
 
 
-def test_layers_arrive_before_the_request_finishes(layout, receiver, sender):
-    kv = random_kv(layout, 64)
-    xfer = sender.open("early", 64)
-    xfer.send_layer(0, kv[0])
-    got = receiver.wait("early", timeout=10)
-    assert_same_bytes(got.wait_layer(0, timeout=10), kv[0])
-    assert not got.is_ready(1) and not got.done
-    for i in range(1, len(kv)):
-        xfer.send_layer(i, kv[i])
-    xfer.finish(timeout=10)
-    assert xfer.layer_sent(len(kv) - 1)
-    got.wait_done(timeout=10)
-    assert got.done
-
-
-def test_eight_concurrent_requests_share_the_connections(layout, receiver, sender):
-    kvs = {f"c{i}": (random_kv(layout, 100 + i, seed=i), 100 + i) for i in range(8)}
-    errors = []
-
-    def run(rid):
-        try:
-            send_all(sender, rid, *kvs[rid])
-        except Exception as exc:  # noqa: BLE001
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(rid,)) for rid in kvs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert errors == []
-    for rid, (kv, num_tokens) in kvs.items():
-        with receiver.wait(rid, timeout=10) as got:
-            assert got.num_tokens == num_tokens
-            for i, tensors in enumerate(kv):
-                assert_same_bytes(got.layer(i), tensors)
-    m = sender.metrics()
-    assert m.requests_completed == 8 and m.requests_failed == 0
-    assert m.bytes == sum(layout.wire_bytes(n) for _, n in kvs.values())
-    assert len(m.links) == 3 and all(link.rtt_ms > 0 for link in m.links)
-    assert m.goodput_bps > 0
-
-
 def test_expect_lands_bytes_in_the_engine_buffers(layout, receiver, sender):
     kv = random_kv(layout, 50)
     latent = np.zeros((128, 1, 64), dtype=ml_dtypes.bfloat16)  # room for more tokens than sent
@@ -283,22 +224,6 @@ def test_release_frees_memory_and_aborts_an_unfinished_sender(layout, receiver, 
     send_all(sender, "gone", kv, 30)  # the id is free again
 
 
-def test_deadline_fails_a_stalled_request_on_both_sides(layout, receiver, sender):
-    kv = random_kv(layout, 8)
-    xfer = sender.open("slow", 8, timeout=0.5)
-    xfer.send_layer(0, kv[0])
-    got = receiver.wait("slow", timeout=5)
-    start = time.monotonic()
-    with pytest.raises(TransferTimeout, match=r"request 'slow' from .* missed its deadline \(1/4 layers arrived\)"):
-        got.wait_layer(3)
-    assert time.monotonic() - start < 2
-    wait_until(lambda: xfer.error is not None)  # the receiver's abort reaches the sender
-    with pytest.raises(TransferTimeout, match="missed its deadline"):
-        xfer.finish()
-    assert receiver.bytes_in_use == 0
-    send_all(sender, "next", kv, 8)  # the connections keep serving
-
-
 def test_a_remembered_failure_keeps_nothing_of_the_code_it_was_raised_in(layout, receiver, sender):
     """A failed request's error is kept (and raised again to whoever asks), but not the
     frames it passed through: raising the kept object itself attached each caller's
@@ -369,29 +294,8 @@ def test_open_validates_its_arguments(layout, sender):
         sender.open("r", 1, codec="zstd")
 
 
-WITHOUT_ML_DTYPES = """
-import sys
-sys.modules["ml_dtypes"] = None  # as on an install with only kvwire's own dependencies
-import numpy as np
-from kvwire import KVLayout, Receiver, Sender, TensorSpec
-layout = KVLayout([{"k": TensorSpec((4,), "bfloat16", per_token=True), "s": TensorSpec((3,), "float8_e4m3fn")}])
-k = np.arange(20, dtype=np.uint16).reshape(5, 4)  # raw bfloat16 bits
-s = np.array([1, 2, 255], dtype=np.uint8)  # raw e4m3 bits
-with Receiver(layout) as rx, Sender(layout, rx.address) as tx:
-    x = tx.open("r", 5)
-    x.send_layer(0, {"k": k, "s": s})
-    x.finish(timeout=10)
-    got = rx.wait("r", timeout=10).layer(0)
-assert got["k"].dtype == np.uint16 and got["k"].tobytes() == k.tobytes()
-assert got["s"].dtype == np.uint8 and got["s"].tobytes() == s.tobytes()
-print("ok")
-"""
-
-
 def test_without_ml_dtypes_bfloat16_and_fp8_travel_as_their_raw_bits():
-    from .conftest import run_in_subprocess
-
-    proc = run_in_subprocess(WITHOUT_ML_DTYPES)
+    proc = run_program("without_ml_dtypes")
     out, err = proc.communicate(timeout=60)
     assert out.strip() == "ok", err
 

@@ -19,7 +19,7 @@ from kvwire.sender import DEFAULT_CHUNK_BYTES, DEVICE_CHUNK_BYTES
 from kvwire.transport import auto, get_backend, ucx
 from kvwire.transport.ucx import UcxOptions
 
-from .conftest import ROOT, assert_same_bytes, kill, random_kv, run_in_subprocess
+from .support import ROOT, assert_same_bytes, kill, random_kv, run_program
 
 # Each test that needs UCX itself says so; the rest (and tests/test_auto.py) run anywhere.
 needs_ucxx = pytest.mark.skipif(not ucx.ucx_available(), reason="ucxx is not importable (install kvwire[ucx])")
@@ -160,21 +160,6 @@ def test_a_read_times_out_with_transfer_timeout():
     server.close()
 
 
-NET_SENDER = """
-import sys
-from kvwire import Sender
-from kvwire.transport.ucx import UcxOptions
-from tests.conftest import hybrid_layout, random_kv
-layout = hybrid_layout()
-with Sender(layout, sys.argv[1], backend="ucx", secret=b"test-secret", streams=2) as tx:
-    xfer = tx.open("net", 300)
-    for i, tensors in enumerate(random_kv(layout, 300, seed=4)):
-        xfer.send_layer(i, tensors)
-    xfer.finish(timeout=20)
-    print(",".join(conn.transport for conn in tx.connections), flush=True)
-"""
-
-
 @needs_ucxx
 def test_peers_use_ucx_error_handling_unless_shared_memory_is_asked_for(layout):
     client, server = pair()
@@ -194,7 +179,7 @@ def test_peers_use_ucx_error_handling_unless_shared_memory_is_asked_for(layout):
     server.close()
     # and across processes, by default
     with Receiver(layout, backend="ucx", secret=SECRET) as rx:
-        proc = run_in_subprocess(NET_SENDER, rx.address)
+        proc = run_program("ucx_sender", rx.address)
         try:
             out, err = proc.communicate(timeout=60)
         finally:
@@ -205,20 +190,6 @@ def test_peers_use_ucx_error_handling_unless_shared_memory_is_asked_for(layout):
                 assert_same_bytes(got.layer(i), tensors)
 
 
-KILLED_SENDER = """
-import sys
-from kvwire import Sender
-from tests.conftest import hybrid_layout, random_kv
-layout = hybrid_layout()
-with Sender(layout, sys.argv[1], backend="ucx", secret=b"test-secret", streams=2, chunk_bytes=16384) as tx:
-    xfer = tx.open(sys.argv[2], 6000, timeout=20)
-    for i, tensors in enumerate(random_kv(layout, 6000, seed=5)):
-        xfer.send_layer(i, tensors)
-        print("sent", flush=True)
-    xfer.finish(timeout=20)
-"""
-
-
 @needs_ucxx
 def test_a_receiver_survives_senders_killed_mid_transfer_and_serves_the_next(layout):
     """Regression: with shared memory and no UCX error handling, a sender SIGKILLed while the
@@ -226,7 +197,7 @@ def test_a_receiver_survives_senders_killed_mid_transfer_and_serves_the_next(lay
     into the receiver's shared-memory FIFO left that FIFO (and every later transfer) stuck."""
     with Receiver(layout, backend="ucx", secret=SECRET, resume_grace_s=0.5) as rx:
         for n in range(3):
-            proc = run_in_subprocess(KILLED_SENDER, rx.address, f"killed-{n}")
+            proc = run_program("layer_by_layer_sender", rx.address, f"killed-{n}")
             try:
                 assert proc.stdout.readline().strip() == "sent", proc.stderr.read()
                 time.sleep(0.003 * n)
@@ -368,7 +339,7 @@ def test_auto_falls_back_to_tcp_for_a_tcp_only_receiver(layout, caplog):
 @pytest.fixture(autouse=True)
 def _auto_log(caplog):
     caplog.set_level(logging.INFO, logger="kvwire")
-    auto._logged.clear()
+    auto.forget_logged_choices()
 
 
 def test_fabric_transports_are_read_from_the_ucx_resource_list():

@@ -20,8 +20,8 @@ from kvwire.transport.ucx import ucx_available
 from kvwire.wire import framing
 from kvwire.wire.messages import Data
 
-from .conftest import assert_same_bytes, hybrid_layout, random_kv
-from .test_transfer import send_all, wait_until
+from .support import assert_same_bytes, hybrid_layout, random_kv
+from .support import send_all, wait_until
 
 ONE = KVLayout([{"x": TensorSpec((1024,), "uint8", per_token=True)}])  # 1 KiB a token, one layer
 TOKENS = 1024  # one 1 MiB chunk

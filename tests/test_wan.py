@@ -7,14 +7,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
 from perf.wanlink import LinkSpec, WanLink, measure, unavailable_reason
 
-from .conftest import ROOT
+from .support import ROOT, run_program, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -90,59 +89,23 @@ def test_cleans_up_on_error_and_stops_what_it_started(can_emulate):
 
 
 def test_relay_removes_the_namespaces_when_its_creator_is_killed(can_emulate):
-    code = (
-        "import sys, time; sys.path.insert(0, sys.argv[1]);"
-        "from perf.wanlink import WanLink, LinkSpec;"
-        "link = WanLink(LinkSpec(rate_mbit=100, rtt_ms=2)).start();"
-        "print(' '.join(link.namespaces.values()), flush=True); time.sleep(60)"
-    )
-    proc = subprocess.Popen([sys.executable, "-c", code, ROOT], stdout=subprocess.PIPE, text=True)
+    proc = run_program("wan_link_holder")
     try:
         made = set(proc.stdout.readline().split())
         assert len(made) == 2 and made <= namespaces()
     finally:
         proc.kill()
         proc.wait(timeout=10)
-    for _ in range(50):  # the relays look for their parent once a second
-        if not made & namespaces():
-            break
-        time.sleep(0.1)
-    assert not made & namespaces()
-
-
-RECEIVER = """
-import json, sys
-import numpy as np
-from kvwire import KVLayout, Receiver, TensorSpec
-layout = KVLayout([{"kv": TensorSpec((4, 64), "float32", per_token=True)} for _ in range(4)])
-rx = Receiver(layout, sys.argv[1] + ":7800", secret=b"wan")
-print("ready", flush=True)
-got = rx.wait("r0", timeout=30)
-layers = [got.wait_layer(i, timeout=30)["kv"] for i in range(4)]
-print(json.dumps({"sums": [float(a.sum()) for a in layers]}), flush=True)
-got.release(); rx.close()
-"""
-
-SENDER = """
-import json, sys
-import numpy as np
-from kvwire import KVLayout, Sender, TensorSpec
-layout = KVLayout([{"kv": TensorSpec((4, 64), "float32", per_token=True)} for _ in range(4)])
-with Sender(layout, sys.argv[1] + ":7800", streams=4, secret=b"wan") as tx:
-    xfer = tx.open("r0", 2048, timeout=30)
-    for i in range(4):
-        xfer.send_layer(i, {"kv": np.full((2048, 4, 64), i + 1, dtype=np.float32)})
-    stats = xfer.finish(timeout=30)
-    print(json.dumps({"seconds": stats.seconds, "rtt_ms": [l.min_rtt_ms for l in tx.metrics().links]}), flush=True)
-"""
+    # the relays look for their parent once a second
+    wait_until(lambda: not made & namespaces(), timeout=5, what="the link's namespaces removed")
 
 
 def test_kvwire_moves_kv_across_the_link(can_emulate):
     env = dict(os.environ, PYTHONPATH=ROOT)
     with WanLink(LinkSpec(rate_mbit=500, rtt_ms=20, loss=0.001), congestion_control="bbr") as link:
-        rx = link.popen("b", [sys.executable, "-c", RECEIVER, link.addr_b], stdout=subprocess.PIPE, text=True, env=env)
+        rx = link.popen("b", [sys.executable, "-m", "tests.programs.wan_receiver", link.addr_b], stdout=subprocess.PIPE, text=True, env=env)
         assert rx.stdout.readline().strip() == "ready"
-        sent = link.run("a", [sys.executable, "-c", SENDER, link.addr_b], env=env, timeout=60)
+        sent = link.run("a", [sys.executable, "-m", "tests.programs.wan_sender", link.addr_b], env=env, timeout=60)
         assert sent.returncode == 0, sent.stderr
         received = json.loads(rx.stdout.readline())
     assert received["sums"] == [float((i + 1) * 2048 * 4 * 64) for i in range(4)]

@@ -1,9 +1,13 @@
-"""A TCP relay on loopback that injects faults on purpose: bit flips, cuts, stalls, a slow link.
+"""A TCP relay on loopback that injects faults on purpose: bit flips, cuts, stalls, a slow
+link, and lost or late replies.
 
 Put it between a Sender and a Receiver (``Sender(layout, relay.address)``) to see what
-kvwire does when the network corrupts, drops, stalls or throttles bytes. Faults apply to
-the sender-to-receiver direction of every relayed connection, counted in bytes; a rate
-limit is one token bucket shared by all connections, as on a real bottleneck. For delay,
+kvwire does when the network corrupts, drops, stalls or throttles bytes. Byte faults apply
+to the sender-to-receiver direction of every relayed connection, counted in bytes; a rate
+limit is one token bucket shared by all connections, as on a real bottleneck. Reply faults
+read the receiver-to-sender direction frame by frame (kvwire's stream messages: Ack,
+Abort) and drop or hold the ones a predicate picks, as a connection that died with them
+or a slow return path would; ``replies`` lists every reply that went through. For delay,
 loss and real TCP dynamics use perf.wanlink (root).
 """
 
@@ -12,7 +16,11 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from ..errors import KVWireError
+from ..wire import framing
 
 
 @dataclass
@@ -24,6 +32,8 @@ class Fault:
     stall_at: int | None = None  # stop forwarding (but keep the sockets open) from here
     connections: int | None = None  # only the first this-many connections are faulty (None: all)
     rate_bytes_per_s: float | None = None  # forward at most this fast, all connections together
+    drop_reply: Callable[[object], bool] | None = None  # a reply (Ack, Abort) for which this is True is lost
+    delay_reply: Callable[[object], float] | None = None  # hold a reply (and those after it) this many seconds
 
 
 class _TokenBucket:
@@ -63,6 +73,8 @@ class FaultyRelay:
         self._closed = False
         self.stalled = threading.Event()
         self.fired = threading.Event()  # set once any fault was actually applied
+        self.replies: list = []  # every reply forwarded, decoded, in order (with reply faults)
+        self.dropped: list = []  # the replies dropped
         self._stop = threading.Event()
         self._bucket = _TokenBucket(self.fault.rate_bytes_per_s) if self.fault.rate_bytes_per_s else None
         threading.Thread(target=self._accept, daemon=True, name="relay-accept").start()
@@ -83,7 +95,9 @@ class FaultyRelay:
                 self.num_connections += 1
                 faulty = self.fault.connections is None or self.num_connections <= self.fault.connections
             threading.Thread(target=self._pump, args=(client, upstream, faulty, self._bucket), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, False, None), daemon=True).start()
+            replies = self._pump_replies if self.fault.drop_reply or self.fault.delay_reply else self._pump
+            args = (upstream, client) if replies == self._pump_replies else (upstream, client, False, None)
+            threading.Thread(target=replies, args=args, daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket, faulty: bool, bucket: _TokenBucket | None) -> None:
         position = 0
@@ -118,6 +132,48 @@ class FaultyRelay:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def _pump_replies(self, src: socket.socket, dst: socket.socket) -> None:
+        """Forward the receiver's frames one by one, dropping or holding those the fault
+        picks; frames that are not stream messages (the handshake's) pass untouched."""
+        pending = bytearray()
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                pending += data
+                while len(pending) >= framing.PREFIX_BYTES:
+                    (length,) = framing.PREFIX.unpack_from(pending)
+                    end = framing.PREFIX_BYTES + length
+                    if len(pending) < end:
+                        break
+                    frame, pending = bytes(pending[:end]), pending[end:]
+                    if self._forward_reply(frame):
+                        dst.sendall(frame)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _forward_reply(self, frame: bytes) -> bool:
+        try:
+            message = framing.decode_stream(frame[framing.PREFIX_BYTES:])
+        except KVWireError:
+            return True  # a handshake message
+        fault = self.fault
+        if fault.drop_reply is not None and fault.drop_reply(message):
+            self.dropped.append(message)
+            self.fired.set()
+            return False
+        if fault.delay_reply is not None and (hold := fault.delay_reply(message)) > 0:
+            self.fired.set()
+            self._stop.wait(hold)
+        self.replies.append(message)
+        return True
 
     def cut_now(self, connections: int | None = None) -> int:
         """Cut the first ``connections`` relayed connections (all: None) now, whatever their

@@ -96,6 +96,12 @@ def _ucx_here(ucx, options: UcxOptions) -> Capabilities | str:
         return f"UCX cannot start here: {type(exc).__name__}: {exc}"
 
 
+def forget_logged_choices() -> None:
+    """Log the next choice for every address again (each is said once per process)."""
+    with _logged_lock:
+        _logged.clear()
+
+
 def _log_once(address: str, choice: Choice) -> None:
     with _logged_lock:
         if (address, choice.backend) in _logged:

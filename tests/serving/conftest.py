@@ -11,8 +11,7 @@ from serving.model import block_gpu_kernels, load, write_tiny_checkpoint
 
 block_gpu_kernels()
 
-KIMI = "KimiLinearForCausalLM"
-QWEN = "Qwen3NextForCausalLM"
+from .support import KIMI
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from serving.model import load
 from serving.prefill import PrefillOptions, PrefillWorker
 from serving.steps import Sampling, generate_monolithic
 
-from .conftest import KIMI, QWEN
+from .support import KIMI, QWEN
 
 CASES = [(KIMI, "float32"), (KIMI, "bfloat16"), (QWEN, "float32"), (QWEN, "bfloat16")]
 MAX_TOKENS = 12

@@ -9,11 +9,7 @@ import numpy as np
 from serving import client, launch
 from serving.steps import generate_monolithic
 
-PROMPT = np.random.default_rng(11).integers(3, 512, 30).tolist()
-
-
-def router(prefill, decode, *extra):
-    return launch.start("router", ["--prefill", prefill.url, "--decode", decode.url, "--port", "0", *extra])
+from .support import PROMPT, prefill_count, router, wait_for_health
 
 
 def test_a_transfer_that_fails_in_transit_is_recomputed_with_the_same_tokens(cluster, kimi, tmp_path):
@@ -89,22 +85,6 @@ def test_router_started_before_its_workers_is_degraded_then_ok(cluster):
     assert health["workers"][nobody]["reachable"] is False
     assert "router starts degraded: no prefill worker is reachable" in log
     assert result.status == 502 and result.body["error"]["type"] == "worker_unavailable"
-
-
-def wait_for_health(front, status: int, timeout_s: float = 10.0) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        code, text = client.get(front.url, "/health")
-        if code == status:
-            return json.loads(text)
-        assert time.monotonic() < deadline, f"/health stayed {code}: {text}"
-        time.sleep(0.05)
-
-
-def prefill_count(prefill) -> float:
-    _, metrics = client.get(prefill.url, "/metrics")
-    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-               if line.startswith("kvwire_serve_prefill_requests_total"))
 
 
 def burst_with_kill(front, worker, prompts, max_tokens: int, kill_after_s: float, limit_s: float) -> dict:

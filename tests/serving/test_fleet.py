@@ -65,9 +65,9 @@ def test_a_busy_link_raises_t_and_records_why():
     f = fleet()
     cluster = f.clusters["far"]
     f.workers["http://p1"].peers = [PeerMetrics("p1>d1", bytes=0, requests_completed=0, requests_failed=0, goodput_bps=0)]
-    f._step(cluster, now=100.0)
+    f.step(cluster, now=100.0)
     f.workers["http://p1"].peers = [PeerMetrics("p1>d1", bytes=125_000, requests_completed=1, requests_failed=0, goodput_bps=0)]
-    f._step(cluster, now=101.0)  # 1 Mbit/s on a 1 Mbit/s link
+    f.step(cluster, now=101.0)  # 1 Mbit/s on a 1 Mbit/s link
     assert cluster.controller.threshold_tokens == 74  # 10 + the minimum step of 64
     (change,) = cluster.changes
     assert change["t"] == 74 and "egress at 100% of capacity" in change["reason"]
@@ -78,14 +78,14 @@ def test_t_holds_while_a_worker_of_the_cluster_does_not_answer():
     f = fleet()
     cluster, worker = f.clusters["far"], f.workers["http://p1"]
     worker.peers = [PeerMetrics("p1>d1", bytes=0, requests_completed=0, requests_failed=0, goodput_bps=0)]
-    f._step(cluster, now=100.0)
+    f.step(cluster, now=100.0)
     worker.error = "timed out"  # unreachable: its last snapshot would read as an idle link, then as a burst
     for now in (101.0, 102.0, 103.0, 104.0):
-        f._step(cluster, now)
+        f.step(cluster, now)
     assert cluster.controller.threshold_tokens == 10 and not cluster.changes
     worker.error = None
     worker.peers = [PeerMetrics("p1>d1", bytes=10**6, requests_completed=1, requests_failed=0, goodput_bps=0)]
-    f._step(cluster, now=105.0)  # the first answer only starts a new interval
+    f.step(cluster, now=105.0)  # the first answer only starts a new interval
     assert not cluster.changes and cluster.previous_time == 105.0
 
 
@@ -101,8 +101,8 @@ def test_queue_depth_counts_prefills_not_decoding_requests():
     cluster = f.clusters["far"]
     f.workers["http://d1"].in_flight = 20  # decoding: not the PrfaaS cluster's queue
     f.workers["http://p1"].in_flight = 3  # one running, two waiting
-    f._step(cluster, now=1.0)
-    f._step(cluster, now=2.0)
+    f.step(cluster, now=1.0)
+    f.step(cluster, now=2.0)
     assert cluster.last_sample.queue_depth == 2
 
 
@@ -120,12 +120,12 @@ def vllm_pair():
 
 def test_a_refused_vllm_push_refuses_the_pair_until_it_is_checked_again(monkeypatch):
     from serving import fleet as fleet_module
-    from serving.fleet import PairRefused
-    from serving.router import Router, UpstreamError
+    from serving.errors import PairRefused, UpstreamError
+    from serving.router import Router
     from serving.vllm_upstream import refuse_misconfigured
 
     f = vllm_pair()
-    f._check_pairs(session=None)
+    f.check_pairs(session=None)
     assert f.decide([1, 2, 3]).kv_address == "d:7800"
     router = Router.__new__(Router)
     router.fleet = f
@@ -136,10 +136,10 @@ def test_a_refused_vllm_push_refuses_the_pair_until_it_is_checked_again(monkeypa
     assert (caught.value.status, caught.value.error_type) == (502, "AuthenticationError")
     assert str(caught.value).endswith("(a misconfiguration: not recomputed)")
     refuse_misconfigured(router, "PeerLostError: cannot connect to d:7800", "http://p", "http://d")  # not one
-    f._check_pairs(session=None)  # a poll keeps the refusal: nothing can probe a vLLM pair
+    f.check_pairs(session=None)  # a poll keeps the refusal: nothing can probe a vLLM pair
     with pytest.raises(PairRefused, match="prefill server http://p cannot send KV to decode server http://d: this"):
         f.decide([1, 2, 3])
     assert f.unavailable().startswith("prefill server http://p cannot send KV")
     monkeypatch.setattr(fleet_module, "PROBE_EVERY_S", 0.0)  # ... until it is due again
-    f._check_pairs(session=None)
+    f.check_pairs(session=None)
     assert f.decide([1, 2, 3]).kv_address == "d:7800" and f.unavailable() is None

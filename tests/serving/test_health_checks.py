@@ -14,8 +14,7 @@ import pytest
 from serving import client, launch
 from serving.vllm_engine import free_port
 
-from .conftest import QWEN
-from .test_failures import PROMPT, prefill_count, router, wait_for_health
+from .support import PROMPT, QWEN, prefill_count, router, wait_for_health
 
 HERE = Path(__file__).parent
 

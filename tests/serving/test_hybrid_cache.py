@@ -9,7 +9,7 @@ from serving.hybrid_cache import export_layer, kv_layout, new_cache, probe_layou
 from serving.model import load
 from serving.steps import Sampling, decode, generate_monolithic, pick_token, prefill
 
-from .conftest import KIMI, QWEN
+from .support import KIMI, QWEN
 
 CASES = [(KIMI, "float32"), (KIMI, "bfloat16"), (QWEN, "float32"), (QWEN, "bfloat16")]
 

@@ -8,7 +8,7 @@ import torch
 
 from serving.steps import generate_monolithic
 
-from .test_failures import PROMPT
+from .support import PROMPT
 
 openai = pytest.importorskip("openai", reason="the openai client is in the test extra")
 MAX_TOKENS = 24

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from serving import plan_cli
+from serving.errors import PlanError
 from serving.planner import (
     GBPS,
     EmpiricalLengths,
-    PlanError,
     TruncatedLogNormal,
     all_local,
     best_at,

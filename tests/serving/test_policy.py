@@ -6,9 +6,9 @@ import pytest
 
 from kvwire.metrics import PeerMetrics
 from kvwire.transport.base import LinkStats
+from serving.errors import NoWorkerError
 from serving.policy import (
     LinkSample,
-    NoWorkerError,
     PrfaasCluster,
     ThresholdConfig,
     ThresholdController,

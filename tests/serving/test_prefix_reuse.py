@@ -69,15 +69,20 @@ def test_an_entry_too_big_for_the_cache_is_not_kept(kimi):
 def test_decode_worker_recomputes_when_the_prefix_the_kv_continues_is_gone(kimi):
     from serving.decode import DecodeOptions, DecodeWorker
 
+    from serving.protocol import DecodeJob
+
+    def job(**prefix):
+        return DecodeJob(request_id="r", prompt_token_ids=[1], max_tokens=1, **prefix)
+
     worker = DecodeWorker(kimi, DecodeOptions(prefix_cache_bytes=1 << 20))
     try:
-        assert worker._base({"cached_tokens": 0}) == (None, None)
-        base, error = worker._base({"cached_tokens": 64, "cached_hash": "0" * 32})
+        assert worker.prefix_base(job(cached_tokens=0)) == (None, None)
+        base, error = worker.prefix_base(job(cached_tokens=64, cached_hash="0" * 32))
         assert base is None and error.startswith("PrefixEvicted: the 64-token prefix the KV continues")
         prompt = ids(8, 100)
         result = prefill_reusing(kimi.model, prompt, worker.prefix_cache)  # what a recompute leaves behind
         held = worker.prefix_cache.lookup(prompt)
-        assert worker._base({"cached_tokens": 64, "cached_hash": held.block_hash})[0].num_tokens == 64
+        assert worker.prefix_base(job(cached_tokens=64, cached_hash=held.block_hash))[0].num_tokens == 64
         assert result.boundary_tokens == 64
     finally:
         worker.close()

@@ -153,7 +153,7 @@ interval_s = 0.2
 
 
 def test_openai_client_completes_through_the_router(kimi, router):
-    openai = pytest.importorskip("openai")
+    openai = pytest.importorskip("openai", reason="the openai client is in the test extra")
     api = openai.OpenAI(base_url=router.url + "/v1", api_key="unused")
     ids = prompt(42, 50)
     model = api.models.list().data[0].id

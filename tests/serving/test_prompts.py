@@ -4,8 +4,8 @@ import shutil
 
 import pytest
 
-from serving.decode import DecodeWorker, _settled, _stop_string_at
-from serving.http import BadRequest
+from serving.decode import DecodeWorker, settled_text, stop_string_at
+from serving.errors import BadRequest
 from serving.model import load
 from serving.prompts import prompt_token_ids
 
@@ -57,7 +57,7 @@ def test_streamed_text_is_the_incremental_decoding(with_tokenizer):
     worker.loaded = with_tokenizer
     pieces, text = [], ""
     for n in range(1, 4):
-        piece, text = _settled(worker._decoded([4, 5, 6][:n]), text, 0, n == 3)
+        piece, text = settled_text(worker.decoded([4, 5, 6][:n]), text, 0, n == 3)
         pieces.append(piece)
     assert pieces == ["hello", " world", " kv"]
     assert text == "hello world kv"
@@ -73,7 +73,7 @@ def test_a_character_split_across_byte_tokens_waits_for_its_last_byte(kimi):
     sequence = [first_byte, kimi.tokenizer.convert_tokens_to_ids("©"), *tokens]  # 0xC3 0xA9 = 'é'
     pieces, text = [], ""
     for n in range(1, len(sequence) + 1):
-        piece, text = _settled(worker._decoded(sequence[:n]), text, 0, n == len(sequence))
+        piece, text = settled_text(worker.decoded(sequence[:n]), text, 0, n == len(sequence))
         pieces.append(piece)
     assert pieces[0] == ""  # half a character
     assert "\ufffd" not in "".join(pieces)
@@ -84,8 +84,8 @@ def test_text_that_may_begin_a_stop_string_is_held_back():
     """With stop strings of up to 4 characters, the last 3 wait; the pieces join to the final text."""
     pieces, text = [], ""
     for full, last in (("hello", False), ("hello wo", False), ("hello world", True)):
-        piece, text = _settled(full, text, 0 if last else 3, last)
+        piece, text = settled_text(full, text, 0 if last else 3, last)
         pieces.append(piece)
     assert pieces == ["he", "llo", " world"]
-    assert _stop_string_at("hello world", ["xyz", "o w", "wor"], 0) == 4
-    assert _stop_string_at("hello world", ["xyz"], 0) is None
+    assert stop_string_at("hello world", ["xyz", "o w", "wor"], 0) == 4
+    assert stop_string_at("hello world", ["xyz"], 0) is None

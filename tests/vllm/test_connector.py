@@ -12,8 +12,8 @@ one instance's computation, and is checked against a single instance.
 
 import pytest
 
-from .conftest import MAX_TOKENS, PAIR_PREFILL_ARGS, free_port, loaded, nixl_reference, prompt, taken
 from .engines import Engine, consumer_args, disaggregated, one_by_one
+from .support import MAX_TOKENS, PAIR_PREFILL_ARGS, free_port, loaded, nixl_reference, prompt, taken
 
 PROMPTS = [prompt(50, 1), prompt(129, 1), prompt(300, 1), prompt(700, 3)]  # < 1 block, 1 block + 1, several
 SHARED = [PROMPTS[2][:256] + prompt(120, 7), PROMPTS[2][:256] + prompt(90, 8)]  # PROMPTS[2]'s first 256 tokens

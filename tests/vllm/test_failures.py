@@ -7,8 +7,8 @@ import pytest
 
 from kvwire.testing.relay import Fault, FaultyRelay
 
-from .conftest import MAX_TOKENS, free_port, prompt
 from .engines import Engine, consumer_args, disaggregated, producer_args, start_all
+from .support import MAX_TOKENS, free_port, prompt
 
 
 @pytest.fixture(scope="module")

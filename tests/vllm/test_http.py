@@ -14,8 +14,8 @@ import pytest
 from serving.model import vllm_tiny_config, write_tiny_checkpoint
 from serving.vllm_engine import pd_servers, tensor_parallel_args
 
-from .conftest import MAX_TOKENS, nixl_reference, prompt
 from .engines import ROOT
+from .support import MAX_TOKENS, nixl_reference, prompt
 
 openai = pytest.importorskip("openai", reason="the openai client is in the test extra")
 PROMPTS = [prompt(129, 1), prompt(300, 1)]  # sharing 129 tokens: the decode server's own prefix cache may hold some

@@ -8,8 +8,8 @@ import pytest
 
 from serving.vllm_engine import tensor_parallel_args
 
-from .conftest import MAX_TOKENS, free_port, loaded, prompt
 from .engines import Engine, consumer_args, disaggregated, producer_args, start_all
+from .support import MAX_TOKENS, free_port, loaded, prompt
 
 
 def witness_pair(name: str, model: str, folder, engine_logs, secret_file, prefill_args=()) -> tuple[Engine, Engine]:

@@ -9,8 +9,8 @@ import pytest
 
 from serving.vllm_engine import tensor_parallel_args
 
-from .conftest import MAX_TOKENS, free_port, loaded, nixl_reference, prompt
 from .engines import Engine, consumer_args, one_by_one, producer_args, start_all
+from .support import MAX_TOKENS, free_port, loaded, nixl_reference, prompt
 
 # shorter than a block, several blocks with a partial last one (vLLM's block size depends on TP)
 PROMPTS = [prompt(60, 81), prompt(300, 82), prompt(700, 83)]

@@ -5,8 +5,8 @@ import pytest
 
 from perf.wanlink import ADDR_B, LinkSpec, WanLink, unavailable_reason
 
-from .conftest import MAX_TOKENS, free_port, loaded, nixl_reference, prompt
 from .engines import Engine, consumer_args, one_by_one, producer_args, start_all
+from .support import MAX_TOKENS, free_port, loaded, nixl_reference, prompt
 
 # sharing no prefix, so each fresh pair and the reference compute them alike whatever ran before
 PROMPTS = [prompt(129, 61), prompt(300, 62)]
