@@ -36,7 +36,7 @@ from kvwire import KVWireError, LayoutMismatchError, Receiver
 
 from . import protocol
 from .errors import BadRequest
-from .http import INVALID_REQUEST, base_app, describe, json_error
+from .http import INVALID_REQUEST, answer, base_app, describe, json_error
 from .hybrid_cache import kv_layout, new_cache, rebuild_layer, restore, snapshot, snapshot_bytes, to_torch
 from .metrics import Registry, render_peers
 from .model import LoadedModel
@@ -197,12 +197,13 @@ class DecodeWorker:
         return app
 
     async def handle_state(self, request: web.Request) -> web.Response:
-        return web.json_response(state_body(self.prefix_cache, self.receiver.metrics().values()))
+        return answer(state_body(self.prefix_cache, self.receiver.metrics().values()))
 
-    def _health(self) -> dict:
-        return {"model": self.loaded.path, "architecture": self.loaded.architecture, "dtype": self.loaded.dtype_name,
-                "kv_address": self.kv_address, "layout_fingerprint": self.layout.fingerprint,
-                "prefix_cache": cache_info(self.prefix_cache), "max_model_len": self.loaded.max_model_len}
+    def _health(self) -> protocol.WorkerHealth:
+        return protocol.WorkerHealth(
+            status="ok", role="decode", model=self.loaded.path, architecture=self.loaded.architecture,
+            dtype=self.loaded.dtype_name, kv_address=self.kv_address, layout_fingerprint=self.layout.fingerprint,
+            prefix_cache=cache_info(self.prefix_cache), max_model_len=self.loaded.max_model_len)
 
     def _peer_metrics(self) -> list[str]:
         return render_peers("decode", self.receiver.metrics())

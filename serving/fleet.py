@@ -39,7 +39,6 @@ from .policy import (
 )
 from .prefix_cache import PromptBlocks, prompt_blocks
 from .router_config import PrfaasConfig, RouterConfig
-from .worker_state import peers_from_json
 
 log = logging.getLogger(__name__)
 
@@ -176,14 +175,12 @@ class Fleet:
             async with session.get(worker.url + "/internal/state", timeout=timeout) as response:
                 if response.status != 200:
                     raise ValueError(f"GET /internal/state answered HTTP {response.status}")
-                state = await response.json()
-            if not isinstance(state, dict):
-                raise ValueError(f"GET /internal/state answered a {type(state).__name__}, not an object")
-            cache = state.get("prefix_cache")
-            geometry = (int(cache["block_tokens"]), str(cache["salt"])) if cache else None
-            blocks = frozenset(state.get("prefix_blocks", ()))
-            peers = [dataclasses.replace(p, peer=f"{worker.url}>{p.peer}") for p in peers_from_json(state.get("peers", []))]
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                state = protocol.decode(await response.read(), protocol.WorkerState)  # BadRequest: a ValueError
+            cache = state.prefix_cache
+            geometry = (cache.block_tokens, cache.salt) if cache is not None else None
+            blocks = frozenset(state.prefix_blocks)
+            peers = [dataclasses.replace(p, peer=f"{worker.url}>{p.peer}") for p in state.peers]
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
             self._unreachable(worker, str(exc) or type(exc).__name__)
             return
         self._answered(worker)

@@ -12,6 +12,7 @@ import logging
 import socket
 from typing import Callable
 
+import msgspec
 from aiohttp import web
 
 from . import protocol
@@ -61,7 +62,8 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def base_app(role: str, registry: Registry, health: Callable[[], dict], extra_metrics: Callable[[], list]) -> web.Application:
+def base_app(role: str, registry: Registry, health: Callable[[], dict | protocol.WorkerHealth],
+             extra_metrics: Callable[[], list]) -> web.Application:
     """An aiohttp app with GET /health and GET /metrics for ``role``.
 
     ``health()`` may set ``"status"`` to something other than ``"ok"`` (the router's
@@ -70,7 +72,8 @@ def base_app(role: str, registry: Registry, health: Callable[[], dict], extra_me
     app = web.Application(client_max_size=64 << 20)
 
     async def get_health(request: web.Request) -> web.Response:
-        body = {"status": "ok", "role": role, **health()}
+        said = health()  # a worker's protocol.WorkerHealth, or the router's own (larger) dict
+        body = {"status": "ok", "role": role, **(msgspec.to_builtins(said) if isinstance(said, msgspec.Struct) else said)}
         return web.json_response(body, status=200 if body["status"] == "ok" else 503)
 
     async def get_metrics(request: web.Request) -> web.Response:

@@ -14,13 +14,14 @@ same servers the way vLLM's proxy drives NIXL (for comparing the two connectors)
 from __future__ import annotations
 
 import asyncio
-import json
 import urllib.parse
 from dataclasses import dataclass
 
 import aiohttp
+import msgspec
 
 from .errors import NotAWorker
+from .protocol import WorkerHealth
 
 ROLE_OF_KV_ROLE = {"kv_producer": "prefill", "kv_consumer": "decode", "kv_both": "prefill or decode"}
 VLLM_ENGINES = ("vllm", "vllm-nixl")  # vLLM OpenAI servers with KVWireConnector, or with NixlConnector
@@ -66,13 +67,12 @@ async def identify(session: aiohttp.ClientSession, url: str, timeout: aiohttp.Cl
     async with session.get(url + "/health", timeout=timeout) as response:
         status, text = response.status, await response.text()
     try:
-        health = json.loads(text) if text.strip() else None
-    except json.JSONDecodeError:
-        health = None
-    if isinstance(health, dict) and isinstance(health.get("role"), str):
-        return Identity("kvwire", health["role"], str(health.get("model", "")), health.get("architecture"),
-                        health.get("dtype"), health.get("layout_fingerprint"), health.get("kv_address"),
-                        health.get("max_model_len")), None
+        health = msgspec.json.decode(text, type=WorkerHealth) if text.strip() else None
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        health = None  # not a kvwire-serve process: perhaps a vLLM server
+    if health is not None:
+        return Identity("kvwire", health.role, health.model, health.architecture, health.dtype,
+                        health.layout_fingerprint, health.kv_address, health.max_model_len), None
     async with session.get(url + "/v1/models", timeout=timeout) as response:
         models = await response.json(content_type=None) if response.status == 200 else None
     if not (isinstance(models, dict) and models.get("data")):

@@ -160,10 +160,11 @@ class PrefillWorker:
         app.router.add_get("/internal/state", self.handle_state)
         return app
 
-    def _health(self) -> dict:
-        return {"model": self.loaded.path, "architecture": self.loaded.architecture, "dtype": self.loaded.dtype_name,
-                "layout_fingerprint": self.layout.fingerprint, "prefix_cache": cache_info(self.prefix_cache),
-                "max_model_len": self.loaded.max_model_len}
+    def _health(self) -> protocol.WorkerHealth:
+        return protocol.WorkerHealth(
+            status="ok", role="prefill", model=self.loaded.path, architecture=self.loaded.architecture,
+            dtype=self.loaded.dtype_name, layout_fingerprint=self.layout.fingerprint,
+            prefix_cache=cache_info(self.prefix_cache), max_model_len=self.loaded.max_model_len)
 
     def _senders_snapshot(self) -> dict[str, Sender]:
         with self._senders_lock:
@@ -183,7 +184,7 @@ class PrefillWorker:
     async def handle_state(self, request: web.Request) -> web.Response:
         """What the router's control loop reads: boundaries held, link metrics."""
         peers = [sender.metrics() for sender in self._senders_snapshot().values()]
-        return web.json_response(state_body(self.prefix_cache, peers))
+        return answer(state_body(self.prefix_cache, peers))
 
     async def handle_tokenize(self, request: web.Request) -> web.Response:
         try:

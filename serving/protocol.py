@@ -17,6 +17,8 @@ from typing import Annotated, Literal, Union
 import msgspec
 from msgspec import Meta, Struct
 
+from kvwire.metrics import PeerMetrics
+
 from .errors import BadRequest
 from .prompts import MAX_LOGPROBS, MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, MAX_TOKEN_ID
 from .steps import Sampling
@@ -75,6 +77,45 @@ class ErrorBody(Message, kw_only=True):
     """Every non-200 answer: OpenAI's ``{"error": {"type", "message"}}``."""
 
     error: ErrorInfo
+
+
+# -- every worker: what it is, what it holds -----------------------------------------------
+
+
+class PrefixCacheInfo(Message, kw_only=True):
+    """A worker's prefix cache: block size and salt (prefixes compare only where both
+    match) and how full it is."""
+
+    block_tokens: Annotated[int, Meta(ge=1)]
+    salt: Annotated[str, Meta(max_length=MAX_ID_CHARS)]
+    capacity_bytes: Count
+    used_bytes: Count
+    entries: Count
+
+
+class WorkerHealth(Struct, kw_only=True):
+    """``GET /health`` of a kvwire-serve process, as the router reads it to know what it
+    is. Not strict: a router's answer says more (its pools, why it is degraded), and a
+    newer worker may say more; what is not here is not read."""
+
+    status: Annotated[str, Meta(max_length=64)]
+    role: Annotated[str, Meta(max_length=64)]
+    model: Text = ""
+    architecture: Text | None = None
+    dtype: Annotated[str, Meta(max_length=64)] | None = None
+    layout_fingerprint: Annotated[str, Meta(max_length=MAX_ID_CHARS)] | None = None
+    kv_address: Address | None = None
+    max_model_len: Annotated[int, Meta(ge=1)] | None = None
+    prefix_cache: PrefixCacheInfo | None = None
+
+
+class WorkerState(Message, kw_only=True):
+    """``GET /internal/state``: the prefix blocks a worker holds (hashes) and its links as
+    its Senders or Receiver measure them; the router's control loop polls it."""
+
+    prefix_blocks: Annotated[list[Annotated[str, Meta(max_length=MAX_ID_CHARS)]], Meta(max_length=1 << 22)] = []
+    prefix_cache: PrefixCacheInfo | None = None
+    peers: Annotated[list[PeerMetrics], Meta(max_length=1 << 16)] = []
 
 
 # -- prefill worker --------------------------------------------------------------------------
@@ -255,4 +296,4 @@ def decode(data: bytes | str, kind):
 
 
 def _name(kind) -> str:
-    return getattr(kind, "__name__", "decode stream event")
+    return kind.__name__ if isinstance(kind, type) else "decode stream event"

@@ -1,30 +1,28 @@
 """What workers tell the router beyond /health: prefix boundaries held and link metrics.
 
-``GET /internal/state`` on every worker answers ``{"prefix_blocks": [...], "peers":
-[...]}``; the router's control loop polls it. Peer metrics travel as plain JSON of
-kvwire's PeerMetrics and are turned back into them here, so the threshold controller
-works on the same objects a Sender returns in-process.
+``GET /internal/state`` on every worker answers a ``serving.protocol.WorkerState``; the
+router's control loop polls it. Peer metrics travel as kvwire's own PeerMetrics, so the
+threshold controller works on the same objects a Sender returns in-process.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-import msgspec
-
 from kvwire.metrics import PeerMetrics
 
 from .prefix_cache import PrefixCache
+from .protocol import PrefixCacheInfo, WorkerState
 
 boundary_suffix = "/boundary"  # request id of a prompt's boundary states, after the main id
 
 
-def cache_info(cache: PrefixCache | None) -> dict | None:
+def cache_info(cache: PrefixCache | None) -> PrefixCacheInfo | None:
     """The prefix cache's geometry for /health (None: this worker keeps no prefixes)."""
     if cache is None:
         return None
-    return {"block_tokens": cache.block_tokens, "salt": cache.salt.decode(), "capacity_bytes": cache.capacity_bytes,
-            "used_bytes": cache.used_bytes, "entries": len(cache)}
+    return PrefixCacheInfo(block_tokens=cache.block_tokens, salt=cache.salt.decode(),
+                           capacity_bytes=cache.capacity_bytes, used_bytes=cache.used_bytes, entries=len(cache))
 
 
 def new_prefix_cache(capacity_bytes: int, block_tokens: int, layout) -> PrefixCache | None:
@@ -34,15 +32,7 @@ def new_prefix_cache(capacity_bytes: int, block_tokens: int, layout) -> PrefixCa
     return PrefixCache(capacity_bytes, block_tokens, layout.fingerprint.encode())
 
 
-def state_body(cache: PrefixCache | None, peers: Sequence[PeerMetrics]) -> dict:
+def state_body(cache: PrefixCache | None, peers: Sequence[PeerMetrics]) -> WorkerState:
     """The body of ``GET /internal/state``."""
-    return {"prefix_blocks": cache.block_hashes() if cache is not None else [], "prefix_cache": cache_info(cache),
-            "peers": msgspec.to_builtins(list(peers))}
-
-
-def peers_from_json(data) -> list[PeerMetrics]:
-    """PeerMetrics from a worker's state; a clear ValueError if the shape is wrong."""
-    try:
-        return msgspec.convert(data, list[PeerMetrics])
-    except msgspec.ValidationError as exc:
-        raise ValueError(f"worker state has malformed peer metrics: {exc}") from None
+    return WorkerState(prefix_blocks=cache.block_hashes() if cache is not None else [], prefix_cache=cache_info(cache),
+                       peers=list(peers))

@@ -60,6 +60,15 @@ class _TokenBucket:
             time.sleep(wait)
 
 
+def _hang_up(*socks: socket.socket) -> None:
+    """End both directions of a relayed connection (the other pump then stops too)."""
+    for sock in socks:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
 class FaultyRelay:
     def __init__(self, target: str, fault: Fault | None = None):
         host, port = target.rsplit(":", 1)
@@ -127,11 +136,7 @@ class FaultyRelay:
                 dst.sendall(data)
         except OSError:
             pass
-        for sock in (src, dst):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        _hang_up(src, dst)
 
     def _pump_replies(self, src: socket.socket, dst: socket.socket) -> None:
         """Forward the receiver's frames one by one, dropping or holding those the fault
@@ -153,11 +158,7 @@ class FaultyRelay:
                         dst.sendall(frame)
         except OSError:
             pass
-        for sock in (src, dst):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        _hang_up(src, dst)
 
     def _forward_reply(self, frame: bytes) -> bool:
         try:
@@ -183,11 +184,7 @@ class FaultyRelay:
             pairs = [self._sockets[i : i + 2] for i in range(0, len(self._sockets), 2)]
         cut = 0
         for pair in pairs[:connections]:
-            for sock in pair:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            _hang_up(*pair)
             cut += 1
         if cut:
             self.fired.set()
@@ -197,11 +194,8 @@ class FaultyRelay:
         self._stop.set()
         self._server.close()
         with self._lock:
+            _hang_up(*self._sockets)
             for sock in self._sockets:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
                 sock.close()
 
     def __enter__(self) -> "FaultyRelay":
