@@ -90,11 +90,9 @@ def test_every_kernel_compiles_to_ptx_for_sm80_and_sm90():
     # On a numpy without np.row_stack, as numpy 2.5 is: numba-cuda registers an overload of
     # it when it loads for a GPU, and on a GPU machine with numpy 2.5.2 every device path of
     # kvwire failed to import until kvwire.cuda.compat restored the alias.
-    run_ptx = "import numpy, runpy; vars(numpy).pop('row_stack', None); runpy.run_module('kvwire.cuda.ptx', run_name='__main__')"
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0", PYTHONPATH=ROOT)
-    done = subprocess.run(
-        [sys.executable, "-c", run_ptx, "80", "90"], capture_output=True, text=True, env=env, timeout=300
-    )
+    done = subprocess.run([sys.executable, "-m", "tests.programs.ptx_without_row_stack", "80", "90"],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "sm_80: 7 kernels compiled" in done.stdout
     assert "sm_90: 7 kernels compiled" in done.stdout

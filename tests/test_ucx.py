@@ -379,16 +379,7 @@ def test_kvwire_tunes_ucx_tcp_segments_unless_the_user_sets_them(monkeypatch):
 @needs_ucxx
 def test_ucx_starts_even_where_it_refuses_kvwire_s_defaults():
     # e.g. a site's ucx.conf with a TCP receive segment under kvwire's send segment
-    code = (
-        "from kvwire.transport import ucx\n"
-        "from kvwire.transport.ucx import hub, options\n"
-        "options.TUNED_DEFAULTS = {'TCP_TX_SEG_SIZE': ('1m', ('TCP_TX_SEG_SIZE',))}  # over UCX's 64k receive segment\n"
-        "assert ucx.tuned_defaults()\n"
-        "hub.Hub.get(ucx.UcxOptions())\n"
-        "print('started')\n"
-    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("UCX_TCP_")}
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env, cwd=ROOT, check=False
-    )
+    done = subprocess.run([sys.executable, "-m", "tests.programs.ucx_refused_defaults"], capture_output=True,
+                          text=True, timeout=60, env=env, cwd=ROOT, check=False)
     assert done.stdout.strip() == "started", done.stderr[-2000:]
