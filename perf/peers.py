@@ -565,7 +565,7 @@ def plot(result: dict, path: str) -> None:
     More than four sizes: goodput against size, a line per case (log-log)."""
     import matplotlib.pyplot as plt
 
-    from perf.plots import _finish  # (sets matplotlib's Agg backend)
+    from perf.plots import finish_figure  # (sets matplotlib's Agg backend)
 
     cases = {c: r for c, r in result["results"].items() if "error" not in r}
     sizes = list(result["repeats"])
@@ -579,7 +579,7 @@ def plot(result: dict, path: str) -> None:
         ax.set_xticks(nbytes, sizes, fontsize=7)
         ax.set_title("goodput against transfer size, loopback, two processes, every byte verified", fontsize=10)
         ax.legend(fontsize=7, ncol=3)
-        _finish(fig, ax, result, path)
+        finish_figure(fig, ax, result, path)
         return
     fig, ax = plt.subplots(figsize=(9, 5))
     width = 0.8 / max(1, len(cases))
@@ -595,7 +595,7 @@ def plot(result: dict, path: str) -> None:
     ax.set_ylabel("GB/s (best of repeats)")
     ax.set_title("loopback, two processes, every byte verified (dashed: raw ucxx)", fontsize=10)
     ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.08))
-    _finish(fig, ax, result, path)
+    finish_figure(fig, ax, result, path)
 
 
 def main(argv=None) -> None:

@@ -39,7 +39,7 @@ def machine_line(result: dict) -> str:
     return f"{m.get('cpus')} x {m.get('cpu')}, {m.get('memory_gib')} GiB, {m.get('platform')}"
 
 
-def _finish(fig, ax, result: dict, path: str) -> None:
+def finish_figure(fig, ax, result: dict, path: str) -> None:
     fig.text(0.01, 0.01, machine_line(result), fontsize=7, color="0.4")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=110)
@@ -78,7 +78,7 @@ def plot_wan(result: dict, path: str) -> None:
         ax.legend(fontsize=7, loc="upper right", ncol=2)
     axes[0][0].set_ylabel("goodput, Mbit/s")
     fig.suptitle(f"perf wan: {result['bytes_per_transfer'] / 2**30:.3g} GiB per transfer", fontsize=10)
-    _finish(fig, axes[0][0], result, path)
+    finish_figure(fig, axes[0][0], result, path)
 
 
 def plot_transfer(result: dict, path: str) -> None:
@@ -102,7 +102,7 @@ def plot_transfer(result: dict, path: str) -> None:
     ax.set_ylabel("GB/s (1e9 bytes/s), best of repeats")
     ax.set_title("perf transfer: loopback throughput", fontsize=10)
     ax.legend(fontsize=8)
-    _finish(fig, ax, result, path)
+    finish_figure(fig, ax, result, path)
 
 
 def plot_generic(result: dict, path: str) -> None:
@@ -122,7 +122,7 @@ def plot_generic(result: dict, path: str) -> None:
     else:
         ax.text(0.5, 0.5, "no numeric results", ha="center")
     ax.set_title(f"perf {result.get('benchmark', '?')}", fontsize=10)
-    _finish(fig, ax, result, path)
+    finish_figure(fig, ax, result, path)
 
 
 def plot_gpu_check(result: dict, path: str) -> None:
@@ -149,7 +149,7 @@ def plot_gpu_check(result: dict, path: str) -> None:
     else:
         ax.text(0.5, 0.5, "no throughput in this run (see the JSON's errors)", ha="center")
     ax.set_title(f"gpu_check on {result.get('device', '?')} at {result.get('commit') or '?'}", fontsize=10)
-    _finish(fig, ax, result, path)
+    finish_figure(fig, ax, result, path)
 
 
 def plot_codec(result: dict, path: str) -> None:
@@ -181,7 +181,7 @@ def plot_router(result: dict, path: str) -> None:
     fig.suptitle(f"perf router: {load['requests']} requests, log-normal lengths (median {load['lognormal_median']}), "
                  f"t={load['threshold_tokens']}; PrfaaS link {link['rate_mbit']:g} Mbit/s, {link['rtt_ms']:g} ms",
                  fontsize=9)
-    _finish(fig, left, result, path)
+    finish_figure(fig, left, result, path)
 
 
 PLOTS = {"wan": plot_wan, "transfer": plot_transfer, "codec": plot_codec, "router": plot_router}

@@ -19,7 +19,7 @@ from kvwire.sender import DEFAULT_CHUNK_BYTES, DEVICE_CHUNK_BYTES
 from kvwire.transport import auto, get_backend, ucx
 from kvwire.transport.ucx import UcxOptions
 
-from .support import ROOT, assert_same_bytes, kill, random_kv, run_program
+from .support import ROOT, assert_same_bytes, kill, random_kv, run_program, wait_until
 
 # Each test that needs UCX itself says so; the rest (and tests/test_auto.py) run anywhere.
 needs_ucxx = pytest.mark.skipif(not ucx.ucx_available(), reason="ucxx is not importable (install kvwire[ucx])")
@@ -95,7 +95,7 @@ def test_close_wakes_a_blocked_reader_with_peer_lost():
 
     thread = threading.Thread(target=reader)
     thread.start()
-    time.sleep(0.2)
+    time.sleep(0.2)  # (not proof of anything: gives the reader time to block before the close)
     start = time.monotonic()
     server.close()
     thread.join(5)
@@ -130,11 +130,9 @@ def test_a_send_larger_than_the_window_returns_before_the_peer_reads_and_the_nex
             target=lambda: [client.send([first]), sent.append(1), client.send([second]), sent.append(2)]
         )
         writer.start()
-        deadline = time.monotonic() + 10
-        while not sent and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: sent, what="the first send returning")
         assert sent == [1], "the first send waited for the peer to read"
-        time.sleep(0.3)
+        wait_until(lambda: client.window_waits >= 1, what="the second send waiting on the window")
         assert sent == [1], "the second send went on while the first held more than the window"
         got = np.empty(8 << 20, dtype=np.uint8)
         server.recv_into(memoryview(got))
@@ -245,10 +243,7 @@ def test_garbage_on_a_ucx_port_is_refused_and_the_receiver_keeps_serving(layout,
                 assert sock.recv(10) == b""
             except ConnectionResetError:
                 pass
-        deadline = time.monotonic() + 5
-        while "refused connection" not in caplog.text and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert "refused connection" in caplog.text
+        wait_until(lambda: "refused connection" in caplog.text, timeout=5, what="the refusal logged")
         kv, names = round_trip(layout, rx.address, "ucx")
         assert names == ["ucx", "ucx"]
         with rx.wait("auto-rt", timeout=10) as got:

@@ -20,7 +20,7 @@ async def collect(router, job: dict, upstream, info: dict, started: float) -> we
     try:
         while True:
             event = await next_event(upstream, router.options.token_timeout_s, protocol.TokenEvent,
-                                      protocol.DecodeFinished)
+                                     protocol.DecodeFinished)
             if isinstance(event, protocol.DecodeFinished):
                 final = event
                 break
@@ -33,7 +33,7 @@ async def collect(router, job: dict, upstream, info: dict, started: float) -> we
         router.num_requests.inc(1, str(exc.status))
         return upstream_response(exc)
     choice = api.choice(job, "".join(text), final.finish_reason, tokens, delta=False,
-                     logprobs=api.choice_logprobs(job, logprobs, len(text[0])))
+                        logprobs=api.choice_logprobs(job, logprobs, len(text[0])))
     router.account(info, len(tokens), "200")
     return web.json_response({
         "id": job["id"], "object": "chat.completion" if job["chat"] else "text_completion",
@@ -52,7 +52,7 @@ async def relay_sse(router, request, job: dict, upstream, info: dict, started: f
     try:
         while True:
             event = await next_event(upstream, router.options.token_timeout_s, protocol.TokenEvent,
-                                      protocol.DecodeFinished)
+                                     protocol.DecodeFinished)
             if isinstance(event, protocol.DecodeFinished):
                 break
             if num_tokens == 0:
@@ -60,8 +60,8 @@ async def relay_sse(router, request, job: dict, upstream, info: dict, started: f
             num_tokens += 1
             logprobs = api.choice_logprobs(job, [event.logprobs], offset)
             offset += len(event.logprobs.token) if logprobs else 0
-            await api.sse_event(response, api.chunk(job, [api.choice(job, event.text, None, [event.token], delta=True,
-                                                         logprobs=logprobs)]))
+            piece = api.choice(job, event.text, None, [event.token], delta=True, logprobs=logprobs)
+            await api.sse_event(response, api.chunk(job, [piece]))
     except UpstreamError as exc:
         router.account(info, num_tokens, str(exc.status))
         await api.sse_event(response, error_body(exc.error_type, str(exc)))

@@ -20,13 +20,13 @@ JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 async def call_worker(session: aiohttp.ClientSession, url: str, path: str, message: protocol.Message,
-                  answer_type, timeout, role: str):
+                      answer_type, timeout, role: str):
     """POST ``message`` to a worker and decode its typed answer. A worker that cannot be
     reached is Unreachable (502); one that answers an error, its UpstreamError; one
     whose answer is not the message it should be, a 502 naming the field."""
     try:
         async with session.post(url + path, data=protocol.encode(message), headers=JSON_HEADERS,
-                                      timeout=timeout) as response:
+                                timeout=timeout) as response:
             data = await response.read()
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         raise Unreachable(502, UNAVAILABLE, f"{role} {url} is unreachable: {client_error(exc)}") from None
@@ -42,11 +42,10 @@ async def open_decode(session: aiohttp.ClientSession, decode_url: str, decode_jo
                       connect_timeout_s: float, token_timeout_s: float) -> aiohttp.ClientResponse:
     """The decode worker's token stream for ``decode_job`` (its status line read); UpstreamError
     carrying the KV error's type where the transfer had failed too."""
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s,
-                                    sock_read=token_timeout_s)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s, sock_read=token_timeout_s)
     try:
         response = await session.post(decode_url + "/internal/decode", data=protocol.encode(decode_job),
-                                             headers=JSON_HEADERS, timeout=timeout)
+                                      headers=JSON_HEADERS, timeout=timeout)
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         message = f"decode worker {decode_url} is unreachable: {client_error(exc)}"
         if decode_job.kv_error:
@@ -87,6 +86,7 @@ async def next_event(upstream: aiohttp.ClientResponse, timeout_s: float, *expect
 
 
 def client_error(exc: BaseException) -> str:
+    """An aiohttp failure in a few words ("timed out" for a timeout, which says nothing itself)."""
     if isinstance(exc, asyncio.TimeoutError):
         return "timed out"
     return describe(exc)

@@ -75,6 +75,7 @@ class UcxConnection:
         self._window_bytes = options.send_window_bytes
         self._inflight: collections.deque = collections.deque()  # (requests, buffers, bytes) of sends
         self._inflight_bytes = 0
+        self.window_waits = 0  # times a send waited for the peer to take earlier ones (it reads slower than we send)
         self._recvs: list = []  # (request, sequence number) of receives posted and maybe pending
         self.liveness_fd = sock.fileno()  # (the hub watches it: Watched)
         hub.watch(self)
@@ -142,6 +143,8 @@ class UcxConnection:
             newest = self._inflight[-1][2] if limit_bytes else 0
             if self._inflight_bytes - newest <= limit_bytes:
                 return
+            if limit_bytes:
+                self.window_waits += 1
             self._wait(*self._inflight[0][:2])
 
     def _pop_completed(self) -> BaseException | None:
