@@ -30,6 +30,16 @@ def _views(buffers: Sequence[memoryview | bytes]) -> list[memoryview]:
     return [view for view in (memoryview(b).cast("B") for b in buffers) if view.nbytes]
 
 
+def _consume(views: list[memoryview], nbytes: int) -> None:
+    """Drop the first ``nbytes`` of ``views`` (sent or received): whole views, then the
+    front of the next one."""
+    while views and nbytes >= len(views[0]):
+        nbytes -= len(views[0])
+        views.pop(0)
+    if nbytes:
+        views[0] = views[0][nbytes:]
+
+
 def _tls_failed(peer: str, exc: BaseException) -> Exception:
     if isinstance(exc, ssl.SSLCertVerificationError):
         return AuthenticationError(f"TLS certificate of {peer} rejected: {exc.verify_message}")
@@ -88,12 +98,7 @@ class TcpConnection:
         """``sendmsg`` until ``views`` is empty; what is written leaves ``views`` (so that,
         when a non-blocking write stops, ``views`` holds what is left)."""
         while views:
-            sent = self.sock.sendmsg(views[:_IOV_MAX], (), flags)
-            while views and sent >= len(views[0]):
-                sent -= len(views[0])
-                views.pop(0)
-            if sent:
-                views[0] = views[0][sent:]
+            _consume(views, self.sock.sendmsg(views[:_IOV_MAX], (), flags))
 
     def recv_into(self, view: memoryview) -> None:
         flags = 0 if self._is_tls else socket.MSG_WAITALL
@@ -119,11 +124,7 @@ class TcpConnection:
                 n = self.sock.recvmsg_into(views[:_IOV_MAX], 0, socket.MSG_WAITALL)[0]
                 if n == 0:
                     raise PeerLostError(f"connection to {self.peer} closed by the peer")
-                while views and n >= len(views[0]):
-                    n -= len(views[0])
-                    views.pop(0)
-                if n:
-                    views[0] = views[0][n:]
+                _consume(views, n)
         except (OSError, ValueError) as exc:
             raise self._lost(exc) from None
 
