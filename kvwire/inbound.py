@@ -101,6 +101,14 @@ class InboundRequest:
             if not self._seen[layer][chunk]:
                 self._seen[layer][chunk] = _LANDED
 
+    def landed_whole(self, layers) -> None:
+        """``landed`` for the one chunk of each of ``layers`` (a Layers frame's), under one lock."""
+        seen = self._seen
+        with self.cv:
+            for layer in layers:
+                if not seen[layer][0]:
+                    seen[layer][0] = _LANDED
+
     def begin_write(self) -> bool:
         """Reserve the right to write into this request's memory; False once it is closed."""
         with self.cv:
@@ -135,6 +143,20 @@ class InboundRequest:
             self._missing_total -= 1
             return self._missing[layer] == 0
 
+    def record_whole(self, layers) -> list[int]:
+        """``record_chunk`` for the one chunk of each of ``layers`` (a Layers frame's,
+        verified), under one lock: those it completed, to finish (the others were already
+        verified: a resumed sender's copy)."""
+        seen, missing, completed = self._seen, self._missing, []
+        with self.cv:
+            for layer in layers:
+                if seen[layer][0] != _VERIFIED:
+                    seen[layer][0] = _VERIFIED
+                    missing[layer] -= 1
+                    self._missing_total -= 1
+                    completed.append(layer)
+        return completed
+
     def layer_complete(self, layer: int) -> bool:
         return self._missing[layer] == 0
 
@@ -146,13 +168,20 @@ class InboundRequest:
     def finish_layer(self, layer: int) -> bool:
         """Decode/scatter a complete layer, then mark it ready; True if that completed
         the whole request."""
-        for finish in self._layers[layer].finishers:
-            finish()
+        return self.finish_layers((layer,))
+
+    def finish_layers(self, layers) -> bool:
+        """``finish_layer`` for each of ``layers``, marked ready together: the engine is
+        woken once for them, not once each."""
+        for layer in layers:
+            for finish in self._layers[layer].finishers:
+                finish()
         with self.cv:
             if self.error is not None or self.released:
                 return False
-            self.ready[layer] = True
-            self.num_ready += 1
+            for layer in layers:
+                self.ready[layer] = True
+            self.num_ready += len(layers)
             self.cv.notify_all()
             if self.num_ready == self.num_layers:
                 self.finished_at = self._clock.now()

@@ -137,7 +137,7 @@ class Landing:
         else:
             checked(checksum_matches(msg, views, on_device), True)
 
-    def receive_layers(self, msg: Layers, request, parts: list[tuple[int, list, bool, bool]]) -> tuple[bool, set]:
+    def receive_layers(self, msg: Layers, request, parts: list[tuple[int, list, bool, bool]]) -> tuple[bool, list]:
         """Receive a Layers frame's payload: ``parts`` are its layers in order, each
         (layer, views, on_device, already_here), for ``request``, whose ``begin_write()``
         was granted (ended here). Straight into the views when every layer is new and in
@@ -149,8 +149,7 @@ class Landing:
             if direct:
                 views = [view for _, layer_views, _, _ in parts for view in layer_views]
                 self.reader.read_into_many(views)
-                for layer, _, _, _ in parts:
-                    request.landed(layer, 0)
+                request.landed_whole(msg.layers)
             else:
                 landing = self._host_scratch(msg.nbytes)
                 self.reader.read_into(memoryview(landing))
@@ -160,8 +159,8 @@ class Landing:
                 request.end_write()
         ok = msg.algorithm == "none" or layers_checksum(msg.rid, msg.layers, views, msg.nbytes) == msg.checksum
         if direct:
-            return ok, set(msg.layers)
-        written = set()
+            return ok, msg.layers
+        written = []
         try:
             position = 0
             for layer, layer_views, on_device, here in parts:
@@ -173,7 +172,7 @@ class Landing:
                     else:
                         native.scatter(piece, layer_views)
                     request.landed(layer, 0)
-                    written.add(layer)
+                    written.append(layer)
                 position += nbytes
         finally:
             request.end_write()

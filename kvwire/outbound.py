@@ -1,12 +1,8 @@
-"""The engine's side of one request being sent: its handle (``Transfer``) and its bytes
-(``LayerBytes``).
+"""The engine's side of one request being sent: its handle (``Transfer``).
 
-A layer is a byte stream of its tensors in sorted-name order, each 64-byte aligned;
-it travels in chunks of ``chunk_bytes`` that stripe across the sender's connections.
-Chunks borrow the caller's memory: nothing is copied, except that a layer made of many
-small tensors is joined into one buffer once, so that no frame walks thousands of them.
-What was acked, and how the request ended, is the sending core's
-(``kvwire.protocol.sending``).
+Its bytes are ``kvwire.layer_bytes.LayerBytes``: each layer a byte stream cut into chunks
+of ``chunk_bytes`` that stripe across the sender's connections. What was acked, and how
+the request ended, is the sending core's (``kvwire.protocol.sending``).
 """
 
 from __future__ import annotations
@@ -15,29 +11,17 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping
 
-import numpy as np
-
-from . import device, paged, uniform
+from . import device, paged
 from .arrays import as_bytes
 from .codecs import bits_to_float32, encodes, geometry
-from .dtypes import accepts, exportable, numpy_dtype
+from .dtypes import accepts, numpy_dtype
 from .errors import KVWireError, TransferAborted, again
-from .layout import ALIGN_BYTES
-from .protocol import MONOTONIC, Clock, RequestPlan, SegmentMap
+from .layer_bytes import LayerBytes, check_names
+from .protocol import MONOTONIC, Clock
 from .protocol.sending import OutboundRequest
-from .wire import framing
-from .wire.checksum import frame_checksum, layers_checksum
-from .wire.messages import Data, Layers
 
 if TYPE_CHECKING:
     from .outbox import Outbox
-
-_PAD = memoryview(bytes(ALIGN_BYTES))
-# Layers up to this size, sent whole, share frames (``Layers``) when a writer finds several
-# of one request queued together: one header, checksum, receive and bookkeeping for all.
-JOIN_LAYER_BYTES = 256 << 10
-_RELEASED = ([], SegmentMap(()), None)  # a layer's entry once the request is confirmed
-_SMALL_PIECE_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -204,167 +188,6 @@ class Transfer:
     def __repr__(self) -> str:
         acked = self._request.num_acked
         return f"<Transfer {self.request_id!r} T={self.num_tokens} {acked}/{self.num_layers} layers acked>"
-
-
-def check_names(layout, request_id: str, layer: int, tensors: Mapping[str, object]) -> None:
-    names = layout.layers[layer].keys()
-    if tensors.keys() != names:
-        raise ValueError(
-            f"request {request_id!r} layer {layer}: missing tensors {sorted(names - tensors.keys())}, "
-            f"unexpected tensors {sorted(tensors.keys() - names)}"
-        )
-
-
-class LayerBytes:
-    """The byte stream of each layer the engine handed over, borrowed until the request is
-    confirmed, and cut into Data frames for the sender's writers.
-
-    Each tensor is described once, when its layer is taken: a buffer and whether it is
-    device memory (``device_memory``: the connections take CUDA memory as it is; else a
-    CUDA tensor is copied to host memory then).
-    """
-
-    def __init__(self, plan: RequestPlan, request_id: str, device_memory: bool, verify: bool = True):
-        self.plan = plan
-        self.request_id = request_id
-        self.device_memory = device_memory
-        self.verify = verify  # checksum each frame (else its algorithm is "none": see SenderOptions.verify)
-        # per layer, once handed over: its segments [(start, length, buffer, on_device)], the
-        # map from byte offsets to them and, for a layer sent in one chunk, that chunk's
-        # (pieces, on_device), in one tuple (a writer reads them at once)
-        self._taken: list[tuple[list, SegmentMap, tuple | None] | None] = [None] * plan.num_layers
-
-    def has(self, layer: int) -> bool:
-        return self._taken[layer] is not None
-
-    def take(self, layers: Mapping[int, Mapping[str, object]]) -> None:
-        """Borrow the tensors of ``layers`` ({layer: tensors}); ValueError (naming the layer
-        and tensor) on one that does not fit its plan, and then none is taken."""
-        taken = []
-        for layer, tensors in layers.items():
-            segments = self._segments_of(layer, tensors)
-            whole = None
-            if self.plan.num_chunks[layer] == 1:
-                whole = ([segment[2] for segment in segments], any(segment[3] for segment in segments))
-            taken.append((layer, (segments, SegmentMap([(start, length) for start, length, _, _ in segments]), whole)))
-        for layer, entry in taken:
-            self._taken[layer] = entry
-
-    def release(self) -> None:
-        """Stop borrowing the engine's arrays (the request is confirmed). A writer that took a
-        chunk of a re-sent copy before the last ack came finds nothing to send (``frame``)."""
-        self._taken = [_RELEASED] * len(self._taken)
-
-    def _segments_of(self, layer: int, tensors: Mapping[str, object]) -> list[tuple[int, int, object, bool]]:
-        plan = self.plan.layers[layer]
-        if len(plan.slots) > uniform.MANY_TENSORS:
-            joined = uniform.join(plan, tensors)
-            if joined is not None:
-                return [(0, plan.nbytes, joined, False)]
-        if len(tensors) != len(plan.slots) or any(slot.name not in tensors for slot in plan.slots):
-            check_names(self.plan.layout, self.request_id, layer, tensors)
-        segments: list[tuple[int, int, object, bool]] = []
-        position = 0
-        for slot in plan.slots:
-            array = tensors[slot.name]
-            shape, on_device = None, False
-            if isinstance(array, device.DeviceBytes):  # gathered (and encoded) on the device
-                buffer, shape, dtype = array
-                on_device = True
-            elif self.device_memory and device.is_device(array):
-                buffer, shape, dtype = device.device_bytes(array)  # sent from where it is
-                on_device = True
-            # Fast path (thousands of small tensors per layer are common): a contiguous
-            # numpy array of the right dtype and shape goes out as it is.
-            elif (
-                type(array) is np.ndarray
-                and array.shape == slot.shape
-                and array.dtype == numpy_dtype(slot.spec.dtype)
-                and array.flags.c_contiguous
-            ):
-                buffer = array if array.dtype in uniform.BUFFER_DTYPES else exportable(array)
-            else:
-                buffer, shape, dtype = as_bytes(array)
-            if shape is not None and (shape != slot.shape or not accepts(slot.spec.dtype, dtype)):
-                raise ValueError(
-                    f"request {self.request_id!r} layer {layer} tensor {slot.name!r}: expected "
-                    f"{slot.spec.dtype}{list(slot.shape)}, got {dtype}{list(shape)}"
-                )
-            if slot.offset > position:
-                segments.append((position, slot.offset - position, _PAD[: slot.offset - position], False))
-            if slot.nbytes:
-                segments.append((slot.offset, slot.nbytes, buffer, on_device))
-            position = slot.offset + slot.nbytes
-        if (
-            len(segments) > 8
-            and plan.nbytes < _SMALL_PIECE_BYTES * len(segments)
-            and not any(segment[3] for segment in segments)
-        ):
-            # Many small tensors: one copy into a single buffer beats walking them per frame.
-            return [(0, plan.nbytes, b"".join([segment[2] for segment in segments]), False)]
-        return segments
-
-    def chunk(self, layer: int, chunk: int) -> tuple[list, int, bool] | None:
-        """(buffers, total bytes, whether any is device memory) of one chunk of ``layer``;
-        None once released."""
-        taken = self._taken[layer]
-        if taken is _RELEASED:
-            return None
-        segments, spans, whole = taken
-        start, end = self.plan.chunk_span(layer, chunk)
-        if whole is not None:
-            return list(whole[0]), end - start, whole[1]
-        pieces, on_device = [], False
-        for i, lo, hi in spans.spans(start, end):
-            _, seg_len, buffer, in_device = segments[i]
-            on_device |= in_device
-            if hi - lo == seg_len:
-                pieces.append(buffer)
-            elif in_device:
-                pieces.append(buffer[lo:hi])
-            else:
-                pieces.append(memoryview(buffer).cast("B")[lo:hi])
-        return pieces, end - start, on_device
-
-    def joinable(self, layer: int) -> bool:
-        """Whether ``layer`` may share a ``Layers`` frame with others: small, sent whole in
-        one chunk, and in host memory."""
-        whole = self._taken[layer][2]
-        return whole is not None and not whole[1] and self.plan.layers[layer].nbytes <= JOIN_LAYER_BYTES
-
-    def frame_layers(self, rid: int, layers: list[int]) -> list | None:
-        """The buffers of one ``Layers`` frame carrying ``layers`` (each ``joinable``): its
-        header, then their bytes in that order; None if the request was confirmed meanwhile."""
-        pieces: list = []
-        for layer in layers:
-            whole = self._taken[layer][2]
-            if whole is None:  # released (a whole layer was not: see joinable)
-                return None
-            pieces += whole[0]
-        nbytes = sum(self.plan.layers[layer].nbytes for layer in layers)
-        checksum, algorithm = 0, "none"
-        if self.verify:
-            checksum, algorithm = layers_checksum(rid, layers, pieces, nbytes), "xxh3"
-        return [framing.encode(Layers(rid, layers, nbytes, checksum, algorithm)), *pieces]
-
-    def frame(self, rid: int, layer: int, chunk: int, device_memory: bool) -> list | None:
-        """The buffers of one Data frame: its header, then the chunk's bytes; None if the
-        request was confirmed meanwhile. A chunk of CUDA memory is checksummed on the GPU
-        (blocksum) and goes out from device memory, or, on a connection that cannot take it
-        (``device_memory`` False: TCP after ``auto`` fell back), as a host copy."""
-        cut = self.chunk(layer, chunk)
-        if cut is None:
-            return None
-        pieces, nbytes, on_device = cut
-        checksum, algorithm = 0, "none"
-        if on_device:
-            payload = device.join(pieces, nbytes)
-            if self.verify:
-                checksum, algorithm = device.frame_blocksum(rid, layer, chunk, payload), "blocksum"
-            pieces = [payload if device_memory else device.to_host(payload)]
-        elif self.verify:
-            checksum, algorithm = frame_checksum(rid, layer, chunk, pieces, nbytes), "xxh3"
-        return [framing.encode(Data(rid, layer, chunk, nbytes, checksum, algorithm)), *pieces]
 
 
 def device_gather_encode(

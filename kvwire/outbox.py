@@ -20,7 +20,7 @@ from collections.abc import Callable
 from .errors import KVWireError, TransferTimeout, again
 from .metrics import PeerCounters
 from .protocol.sending import OutboundRequest, Outgoing, SenderBook, StreamState
-from .wire.messages import Abort, Ack
+from .wire.messages import Abort, Ack, Acks
 
 # Layers handed over together up to this size (and the chunks queued behind them) may be
 # written by the engine's thread; larger ones go to the writer, whose copy into the kernel
@@ -53,9 +53,15 @@ class Outbox:
     # -- the engine's side ----------------------------------------------------------------
 
     def open(self, request_id: str, plan, timeout_s: float, layers) -> OutboundRequest:
+        """A new request; its Open is written by this thread where a stream's writer waits
+        idle (as a small layer is), else by the writers."""
         with self._cv:
             request = self.book.open(request_id, plan, timeout_s, layers=layers, waiter=threading.Event())
-            self._cv.notify_all()
+            claim = self._claim_idle(0)
+            if claim is None or self.book.live_streams > 1:  # (every stream owes the Open)
+                self._cv.notify_all()
+        if claim is not None:
+            self._write_claimed(*claim)
         return request
 
     def submit(self, request: OutboundRequest, layers: list[int]) -> bool:
@@ -78,7 +84,12 @@ class Outbox:
             if claim is None:
                 self._cv.notify_all()
                 return False
-        stream, batch = claim
+        self._write_claimed(*claim)
+        return True
+
+    def _write_claimed(self, stream: StreamState, batch: list[Outgoing]) -> None:
+        """Write ``batch`` on ``stream``, claimed by ``_claim_idle``, from this thread; what
+        the socket did not take goes to the stream's writer."""
         left = []
         try:
             left = self._write_now(stream, batch)
@@ -88,9 +99,8 @@ class Outbox:
                 self._claimed.discard(stream)
                 if left and stream.alive:  # (a stream lost meanwhile re-sends its chunks whole)
                     self._left[stream] = left
-                if left or book.queue or stream.control:
+                if left or self.book.queue or stream.control:
                     self._cv.notify_all()
-        return True
 
     def _claim_idle(self, nbytes: int) -> tuple[StreamState, list[Outgoing]] | None:
         """A stream whose writer waits, and what it writes next, for the caller to write;
@@ -162,7 +172,7 @@ class Outbox:
                 self._cv.notify_all()  # their Aborts, maybe for another stream
         return [], []
 
-    def on_ack(self, msg: Ack) -> None:
+    def on_ack(self, msg: Ack | Acks) -> None:
         with self._cv:
             request = self.book.on_ack(msg)
         if request is not None:

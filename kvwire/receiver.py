@@ -39,10 +39,10 @@ from .metrics import PeerCounters, PeerMetrics
 from .options import ReceiverOptions, settle
 from .placement import Expectation
 from .protocol import MONOTONIC, Clock, RequestPlan
-from .protocol.receiving import Drain, ReceiverBook, SessionBook, chunk_checked
+from .protocol.receiving import Drain, ReceiverBook, SessionBook, chunk_checked, layers_checked
 from .transport import Connection, get_backend
 from .wire import framing
-from .wire.messages import Abort, Ack, Data, Layers, Open, Welcome
+from .wire.messages import Abort, Ack, Acks, Data, Layers, Open, Welcome
 from .wire.reader import FrameReader
 
 log = logging.getLogger(__name__)
@@ -420,15 +420,24 @@ class Receiver:
         parts = [(layer, state.targets(layer, 0), state.on_device(layer), state.is_duplicate(layer, 0))
                  for layer in msg.layers]
         ok, written = stream.landing.receive_layers(msg, state, parts)
+        if not ok:  # fails the request, naming its first layer
+            first = Data(msg.rid, msg.layers[0], 0, state.plan.layers[msg.layers[0]].nbytes, msg.checksum,
+                         msg.algorithm)
+            return self._chunk_checked(stream, state, first, False, True)
+        self._layers_checked(stream, state, msg, written)
+
+    def _layers_checked(self, stream: _Stream, state: InboundRequest, msg: Layers, written: list[int]) -> None:
+        """A Layers frame's bytes are in place and matched its checksum: count, ack and finish
+        its layers together (one ack, one wake of the engine), as ``_chunk_checked`` does
+        for one chunk."""
+        session = stream.session
         plan = state.plan
-        for layer in msg.layers:
-            each = Data(msg.rid, layer, 0, plan.layers[layer].nbytes, msg.checksum, msg.algorithm)
-            if not ok:
-                return self._chunk_checked(stream, state, each, False, True)  # fails the request, naming this layer
-            if layer in written:
-                self._chunk_checked(stream, state, each, True, True)
-            elif state.layer_complete(layer):  # a copy of a layer already here (re-sent): ack it again
-                self._ack(stream, each, hold=True)
+        session.counters.add_bytes(sum(plan.layers[layer].nbytes for layer in written))
+        acked, finish = layers_checked(state, msg.layers, written)
+        if acked:
+            self._ack(stream, state, Acks(msg.rid, acked), in_reader=True)
+        if finish and state.begin_write():
+            self._finish(session, state, finish)
 
     def _chunk_checked(self, stream: _Stream, state: InboundRequest, msg: Data, ok: bool, in_reader: bool) -> None:
         """A chunk's bytes are in place and its checksum was compared: count, ack, finish.
@@ -440,22 +449,20 @@ class Receiver:
         if checked.error is not None:
             return self._fail(session, state, checked.error)
         if checked.ack:
-            # Held back while the reader has more frames at hand, but sent before the
-            # engine may see the whole request (and let go of it, or exit).
-            last = state.has_all_chunks
-            self._ack(stream, msg, hold=in_reader and not last)
-            if last:  # the request's other acks may wait on other streams of the session
-                for other in list(session.streams):
-                    other.flush()
+            self._ack(stream, state, Ack(msg.rid, msg.layer), in_reader=in_reader)
         # Decoding and scattering write engine memory: not once the request is released or
         # failed (this may run in the verifier thread, after the reader has moved on).
-        if not checked.finish or not state.begin_write():
-            return
+        if checked.finish and state.begin_write():
+            self._finish(session, state, (msg.layer,))
+
+    def _finish(self, session: _Session, state: InboundRequest, layers) -> None:
+        """Decode/scatter ``layers`` of ``state`` and mark them ready, inside a write that
+        ``begin_write`` granted (ended here); a failure fails the request instead."""
         try:
-            completed = state.finish_layer(msg.layer)
+            completed = state.finish_layers(layers)
         except Exception as exc:  # decoding or scattering failed: the layer must not show up as ready
-            log.exception("finishing layer %d of request %r failed", msg.layer, state.request_id)
-            error = KVWireError(f"request {state.request_id!r} layer {msg.layer}: {exc}")
+            log.exception("finishing layers %s of request %r failed", list(layers), state.request_id)
+            error = KVWireError(f"request {state.request_id!r} layer {layers[0]}: {exc}")
         else:
             error = None
         finally:
@@ -481,16 +488,21 @@ class Receiver:
         except KVWireError as exc:
             log.debug("could not send %s to %s: %s", type(message).__name__, stream.conn.peer, exc)
 
-    def _ack(self, stream: _Stream, msg: Data, *, hold: bool = False) -> None:
-        """Ack a verified layer on the stream it came by (``hold``: with its next write), or
-        on a live one if that died meanwhile (a chunk may be verified after its reader has
-        moved on)."""
-        if stream.alive and hold:
-            stream.hold(Ack(msg.rid, msg.layer))
+    def _ack(self, stream: _Stream, state: InboundRequest, ack: Ack | Acks, *, in_reader: bool) -> None:
+        """Ack verified layers on the stream they came by, or on a live one if that died
+        meanwhile (a chunk may be verified after its reader has moved on). Held back while
+        the reader has more frames at hand (``in_reader``: sent before it next waits), but
+        sent before the engine may see the whole request (and let go of it, or exit)."""
+        last = state.has_all_chunks
+        if stream.alive and in_reader and not last:
+            stream.hold(ack)
         elif stream.alive:
-            self._tell(stream, Ack(msg.rid, msg.layer))
+            self._tell(stream, ack)
         else:
-            self._tell_session(stream.session, Ack(msg.rid, msg.layer))
+            self._tell_session(stream.session, ack)
+        if last:  # the request's other acks may wait on other streams of the session
+            for other in list(stream.session.streams):
+                other.flush()
 
     def _tell_session(self, session: _Session, message) -> None:
         with self._lock:

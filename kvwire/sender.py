@@ -27,17 +27,18 @@ from .errors import (
     RemoteProtocolError,
     RequestRejected,
 )
+from .layer_bytes import LayerBytes
 from .layout import KVLayout
 from .metrics import PeerCounters, PeerMetrics
 from .options import SenderOptions, settle
-from .outbound import LayerBytes, Transfer
+from .outbound import Transfer
 from .outbox import Outbox
 from .protocol import MONOTONIC, RequestPlan
 from .protocol.sending import Outgoing, SenderBook, StreamState
 from .transport import Connection
 from .transport.tuning import Tuning
 from .wire import framing
-from .wire.messages import MAX_JOINED_LAYERS, Abort, Ack
+from .wire.messages import MAX_JOINED_LAYERS, Abort, Ack, Acks
 from .wire.reader import FrameReader
 
 log = logging.getLogger(__name__)
@@ -279,7 +280,7 @@ class Sender:
         try:
             while True:
                 message = reader.next_message()
-                if isinstance(message, Ack):
+                if isinstance(message, (Ack, Acks)):
                     self._outbox.on_ack(message)
                 elif isinstance(message, Abort):
                     self._outbox.on_abort(message)

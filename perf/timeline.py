@@ -68,6 +68,11 @@ def connection_class(backend: str):
     return TcpConnection
 
 
+def acked_layers(ack) -> str:
+    """The layer an Ack names, or the layers of an Acks."""
+    return f" {ack.layers}" if hasattr(ack, "layers") else f" {ack.layer}"
+
+
 def trace_sender(backend: str) -> None:
     from kvwire import outbound, outbox, sender
 
@@ -75,7 +80,7 @@ def trace_sender(backend: str) -> None:
     wrap(sender.Sender, "open", "tx open")
     wrap(outbound.Transfer, "send_layer", "tx send_layer", detail=lambda self, layer, *a, **k: f" {layer}")
     wrap(outbound.Transfer, "finish", "tx finish")
-    wrap(outbox.Outbox, "on_ack", "tx ack read", after=False, detail=lambda self, msg: f" {msg.layer}")
+    wrap(outbox.Outbox, "on_ack", "tx ack read", after=False, detail=lambda self, msg: acked_layers(msg))
     wrap(conn, "send", "tx conn send", detail=lambda self, buffers: f" ({len(buffers)} buffers)")
 
 
@@ -85,7 +90,8 @@ def trace_receiver(backend: str) -> None:
     conn = connection_class(backend)
     wrap(receiver.Receiver, "_on_open", "rx Open handled")
     wrap(landing.Landing, "receive", "rx payload", detail=lambda self, msg, *a: f" {msg.layer}")
-    wrap(receiver.Receiver, "_ack", "rx ack sent", before=False, detail=lambda self, stream, msg, **k: f" {msg.layer}")
+    wrap(receiver.Receiver, "_ack", "rx ack sent", before=False,
+         detail=lambda self, stream, state, ack, **k: acked_layers(ack))
     wrap(conn, "recv_into", "rx conn recv", before=False)
     if hasattr(conn, "recv_some"):
         wrap(conn, "recv_some", "rx conn recv_some", before=False)

@@ -12,7 +12,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-import kvwire.outbound
+import kvwire.layer_bytes
 from kvwire import IntegrityError, KVLayout, Receiver, RequestRejected, Sender, TensorSpec, device
 from kvwire.testing.hostcuda import HostCudaArray, host_cuda
 
@@ -140,12 +140,12 @@ def test_a_chunk_that_fails_its_check_in_a_cuda_buffer_fails_the_request(layout,
     # Received in place, as host bytes are: the request fails at both ends and is never
     # handed to the engine (the buffer's content is undefined, as for host buffers).
     need_ucx()
-    data = kvwire.outbound.Data
+    data = kvwire.layer_bytes.Data
 
     def announced_wrong(rid, layer, chunk, nbytes, checksum, algorithm):  # the fault: a bad checksum
         return data(rid, layer, chunk, nbytes, checksum ^ (layer == 1), algorithm)
 
-    monkeypatch.setattr(kvwire.outbound, "Data", announced_wrong)
+    monkeypatch.setattr(kvwire.layer_bytes, "Data", announced_wrong)
     kv = random_kv(layout, TOKENS, seed=5)
     targets = [
         {"state": host_cuda(np.zeros((8, 8), np.float32))},

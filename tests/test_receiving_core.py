@@ -15,6 +15,7 @@ from kvwire.protocol.receiving import (
     ReceiverBook,
     SessionBook,
     chunk_checked,
+    layers_checked,
 )
 from kvwire.wire.messages import Abort, Ack, Data, Layers
 
@@ -278,6 +279,16 @@ def test_a_duplicate_after_a_reconnect_is_drained_and_a_complete_layer_acked_aga
     for chunk in range(request.num_chunks[3]):
         arrive(request, 3, chunk)
     assert book.on_chunk(request, frame(request, 3, 1)) == Drain(frame(request, 3, 1).nbytes, reply=Ack(0, 3))
+
+
+def test_a_layers_frame_acks_every_layer_it_completed_or_that_was_here_and_finishes_the_new_ones():
+    request = InboundRequest("req", RequestPlan(hybrid_layout(), 64, "none", 1 << 20), 5.0, "sender-side", rid=0)
+    assert request.num_chunks[:3] == [1, 1, 1]  # whole layers, as a Layers frame carries
+    request.landed(0, 0)
+    request.record_whole([0])  # layer 0 arrived before (a resumed sender re-sends it joined)
+    request.landed_whole([1, 2])
+    assert layers_checked(request, [2, 0, 1], [2, 1]) == ([2, 0, 1], [2, 1])
+    assert layers_checked(request, [1, 2], [1, 2]) == ([1, 2], [])  # a copy checked after: acked, not finished
 
 
 def test_a_copy_checked_after_the_first_acks_again_and_finishes_nothing(session):

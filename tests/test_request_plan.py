@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from kvwire import KVLayout, TensorSpec
 from kvwire.inbound import InboundRequest
-from kvwire.outbound import LayerBytes, Transfer
+from kvwire.layer_bytes import LayerBytes
+from kvwire.outbound import Transfer
 from kvwire.protocol import FakeClock, RequestPlan, SegmentMap
 from kvwire.protocol.sending import SenderBook
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from kvwire import IntegrityError, Receiver, Sender
-from kvwire.outbound import LayerBytes
+from kvwire.layer_bytes import LayerBytes
 from kvwire.testing.relay import Fault, FaultyRelay
 from kvwire.wire import framing
 from kvwire.wire.checksum import frame_checksum, layers_checksum

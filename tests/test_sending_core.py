@@ -7,7 +7,7 @@ import pytest
 from kvwire import KVLayout, PeerLostError, TensorSpec, TransferAborted, TransferTimeout
 from kvwire.protocol import FakeClock, RequestPlan
 from kvwire.protocol.sending import VERDICT_GRACE_S, SenderBook
-from kvwire.wire.messages import Abort, Ack, Open
+from kvwire.wire.messages import Abort, Ack, Acks, Open
 
 LAYOUT = KVLayout([{"kv": TensorSpec((16,), "float32", per_token=True)} for _ in range(3)])
 TOKENS, CHUNK = 8, 256  # each layer: 8 x 64 bytes = 512 bytes, two chunks
@@ -68,6 +68,15 @@ def test_chunks_are_counted_as_written_and_a_layer_is_confirmed_by_its_ack():
     assert ack(core, request, 0, 1) == [None, None] and not request.done
     assert ack(core, request, 2) == [request] and request.done and request.finished_at == 100.0
     assert core.requests == {}
+
+
+def test_one_acks_message_confirms_the_layers_it_names_each_once():
+    core = book()
+    request = handed_over(core)
+    assert core.on_ack(Acks(request.rid, [2, 0, 7, 2])) is None  # (7: out of range; 2 counted once)
+    assert request.acked == [True, False, True] and request.num_acked == 2
+    assert core.on_ack(Acks(request.rid, [1])) is request and request.done
+    assert core.on_ack(Acks(request.rid, [0, 1, 2])) is None  # a repeat, after the request completed
 
 
 def test_acks_for_unknown_requests_layers_out_of_range_and_repeats_change_nothing():

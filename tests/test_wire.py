@@ -6,13 +6,14 @@ from hypothesis import strategies as st
 
 from kvwire import ProtocolError
 from kvwire.wire import framing
-from kvwire.wire.messages import MAX_JOINED_LAYERS, Abort, Ack, Data, Hello, Layers, Open
+from kvwire.wire.messages import MAX_JOINED_LAYERS, Abort, Ack, Acks, Data, Hello, Layers, Open
 
 VALID = [
     Open(3, "req-1", 4096, "none", 1 << 22, 30.0),
     Data(3, 1, 0, 1024, 2**64 - 1),
     Layers(3, [4, 0, 2], 3072, 2**64 - 1),
     Ack(3, 1),
+    Acks(3, [4, 0, 2]),
     Abort(3, "integrity", "checksum mismatch"),
 ]
 

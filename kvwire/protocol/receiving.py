@@ -81,6 +81,14 @@ def chunk_checked(request, msg: Data, ok: bool) -> Checked:
     return ACK_AND_FINISH
 
 
+def layers_checked(request, layers: list[int], written: list[int]) -> tuple[list[int], list[int]]:
+    """Count the layers of a Layers frame that were written and matched its checksum:
+    (the layers to ack: each of the frame's now complete, so a copy of one already here is
+    acked again; those to finish: the ones this completed)."""
+    finish = request.record_whole(written)
+    return [layer for layer in layers if request.layer_complete(layer)], finish
+
+
 class ReceiverBook:
     """The receiver's state across sessions; the caller serializes every call (one lock)."""
 

@@ -18,7 +18,7 @@ import heapq
 from typing import Any, NamedTuple
 
 from ..errors import KVWireError, PeerLostError, TransferTimeout, error_from_kind, kind_of
-from ..wire.messages import Abort, Ack, Open
+from ..wire.messages import Abort, Ack, Acks, Open
 from .clock import Clock
 from .plan import RequestPlan
 
@@ -180,16 +180,18 @@ class SenderBook:
             return Outgoing(controls, request, entry.layer, chunk, nbytes, entry.resend)
         return Outgoing(controls) if controls else None
 
-    def on_ack(self, msg: Ack) -> OutboundRequest | None:
-        """The receiver verified a layer: the request, once this completes it (then it is
-        no longer in flight); None otherwise (also for acks of requests no longer held,
-        which a resumed receiver repeats)."""
+    def on_ack(self, msg: Ack | Acks) -> OutboundRequest | None:
+        """The receiver verified a layer (or, in Acks, several): the request, once this
+        completes it (then it is no longer in flight); None otherwise (also for acks of
+        requests no longer held, which a resumed receiver repeats)."""
         request = self.requests.get(msg.rid)
-        if (request is None or not 0 <= msg.layer < request.num_layers or request.acked[msg.layer]
-                or request.error is not None):
+        if request is None or request.error is not None:
             return None
-        request.acked[msg.layer] = True
-        request.num_acked += 1
+        acked = request.acked
+        for layer in msg.layers if type(msg) is Acks else (msg.layer,):
+            if 0 <= layer < request.num_layers and not acked[layer]:
+                acked[layer] = True
+                request.num_acked += 1
         if request.num_acked < request.num_layers:
             return None
         request.finished_at = self.clock.now()

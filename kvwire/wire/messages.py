@@ -11,7 +11,7 @@ from typing import Annotated, Literal, Union
 import msgspec
 from msgspec import Meta
 
-PROTOCOL_VERSION = 5  # 2: Data.algorithm; 3: Hello.probe, Welcome.info; 4: Hello.verify, algorithm "none"; 5: Layers
+PROTOCOL_VERSION = 6  # 2: Data.algorithm; 3: Hello.probe, Welcome.info; 4: Hello.verify, algorithm "none"; 5: Layers; 6: Acks
 
 Name = Annotated[str, Meta(min_length=1, max_length=256)]
 Reason = Annotated[str, Meta(max_length=4096)]
@@ -136,6 +136,14 @@ class Ack(_Message, tag="ack"):
     layer: Index
 
 
+class Acks(_Message, tag="acks"):
+    """Receiver verified each of ``layers`` (a ``Layers`` frame's): one message for them,
+    read once by the sender, not one Ack each."""
+
+    rid: RequestNumber
+    layers: Annotated[list[Index], Meta(min_length=1, max_length=MAX_JOINED_LAYERS)]
+
+
 class Abort(_Message, tag="abort"):
     """Either side gives up on a request; ``kind`` names the error class."""
 
@@ -145,4 +153,4 @@ class Abort(_Message, tag="abort"):
 
 
 HandshakeMessage = Union[Hello, Challenge, Auth, Welcome, Reject]
-StreamMessage = Union[Open, Data, Layers, Ack, Abort]
+StreamMessage = Union[Open, Data, Layers, Ack, Acks, Abort]
