@@ -30,6 +30,7 @@ import importlib.util
 import io
 import json
 import os
+import subprocess
 import sys
 import time
 import traceback
@@ -202,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     if name == "list":
         print("\n".join(BENCHMARKS))
         return 0
+    if name in BENCHMARKS and ("-h" in rest or "--help" in rest):  # the benchmark's own options
+        return subprocess.call([sys.executable, "-m", BENCHMARKS[name], "--help"])
     names = list(BENCHMARKS) if name == "all" else [name]
     summary, failed = {}, False
     if quick:

@@ -5,6 +5,7 @@ result carries a failure (vllm-pd: kvwire's tokens differ from NIXL's) fails the
 import importlib
 import importlib.machinery
 import json
+import subprocess
 import sys
 import types
 
@@ -75,3 +76,11 @@ def test_the_gpu_benchmarks_say_no_gpu_and_have_a_dry_run(name):
     module = importlib.import_module(f"perf.{name}")
     assert module.unavailable() in ("no GPU (torch sees no CUDA device)", devices.ucx_missing())
     assert module.DRY_RUN_ARGS[:2] == ["--device", "cpu"]
+
+
+@pytest.mark.parametrize("name", ["peers", "requests"])
+def test_a_benchmark_s_help_is_its_own_options_not_a_failure(name):
+    done = subprocess.run([sys.executable, "-m", "perf", name, "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage:")
+    assert "Traceback" not in done.stderr
