@@ -67,10 +67,11 @@ class InboundRequest:
             place_layer(i, plan, layout.layers[i], num_tokens, self.plan.codec, expectation)
             for i, plan in enumerate(self.plans)
         ]
-        self._maps = [SegmentMap.of(placed.starts, list(map(len, placed.memories))) for placed in self._layers]
-        # a layer sent in one chunk lands in all of its segments, in order
+        # a layer sent in one chunk lands in all of its segments, in order; the others'
+        # chunks are cut by a map of their segments (made when first needed)
         self._whole = [placed.memories if n == 1 else None
                        for placed, n in zip(self._layers, self.num_chunks)]
+        self._maps: list[SegmentMap | None] = [None] * self.num_layers
         self.nbytes = sum(placed.own_bytes for placed in self._layers)
 
     # -- where bytes land ---------------------------------------------------------------
@@ -80,8 +81,12 @@ class InboundRequest:
         whole = self._whole[layer]
         if whole is not None:
             return whole
-        memories = self._layers[layer].memories
-        return [memories[i][lo:hi] for i, lo, hi in self._maps[layer].spans(*self.plan.chunk_span(layer, chunk))]
+        placed = self._layers[layer]
+        spans = self._maps[layer]
+        if spans is None:
+            spans = self._maps[layer] = SegmentMap.of(placed.starts, list(map(len, placed.memories)))
+        memories = placed.memories
+        return [memories[i][lo:hi] for i, lo, hi in spans.spans(*self.plan.chunk_span(layer, chunk))]
 
     def on_device(self, layer: int) -> bool:
         """Whether some of ``layer``'s memory is CUDA memory."""

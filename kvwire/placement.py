@@ -208,23 +208,25 @@ def _all_direct_to_host(index: int, plan: LayerPlan, expectation: Expectation, n
     lands straight in its own host ``expect()`` buffer. None if any buffer is CUDA memory
     or does not fit (the general path then says which and why). Layers of thousands of
     small tensors are common: the checks are inline, at a few operations per tensor."""
-    segments, outputs, position = [], [], 0
+    starts, memories, outputs, position = [], [], [], 0
     described, describe = expectation.described, expectation._describe
-    for slot in plan.slots:
-        spec = slot.spec
-        flat, shape, dtype, on_device = described.get((index, slot.name)) or describe(index, slot.name)
+    for name, spec, offset, nbytes, slot_shape, _, _ in plan.slots:
+        flat, shape, dtype, on_device = described.get((index, name)) or describe(index, name)
         if on_device or flat is None or not (dtype == spec.dtype or accepts(spec.dtype, dtype)):
             return None
         if not (shape[1:] == spec.shape and shape[0] >= num_tokens if spec.per_token else shape == spec.shape):
             return None
-        flat = flat[: slot.nbytes]
-        if slot.offset > position:
-            segments.append((position, _PAD[: slot.offset - position]))
-        if slot.nbytes:
-            segments.append((slot.offset, flat))
-        outputs.append((slot.name, flat, slot.spec.dtype, slot.shape))
-        position = slot.offset + slot.nbytes
-    return PlacedLayer(*_split(segments), outputs, [], 0)
+        if len(flat) != nbytes:  # (a per-token buffer longer than the request)
+            flat = flat[:nbytes]
+        if offset > position:
+            starts.append(position)
+            memories.append(_PAD[: offset - position])
+        if nbytes:
+            starts.append(offset)
+            memories.append(flat)
+        outputs.append((name, flat, spec.dtype, slot_shape))
+        position = offset + nbytes
+    return PlacedLayer(starts, memories, outputs, [], 0)
 
 
 def _split(segments: list[tuple[int, object]]) -> tuple[list[int], list]:
