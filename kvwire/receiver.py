@@ -48,10 +48,20 @@ from .wire.reader import FrameReader
 log = logging.getLogger(__name__)
 
 
+# A request's acks wait for its last layer's (one write, and one wake of the sender's ack
+# reader, per request instead of one per layer: perf/README.md), within bounds: sent once
+# the reader would wait with acks held this long or for this many bytes, and by the
+# deadline loop at its next turn (0.1 s) if no frame comes. A sender reusing buffers by
+# ``layer_sent`` or resuming a lost connection never waits long for them.
+ACK_DELAY_S = 0.002
+ACK_BATCH_BYTES = 4 << 20
+
+
 @dataclass(eq=False)
 class _Stream:
     conn: Connection
     session: "_Session"
+    clock: Clock = MONOTONIC
     send_lock: threading.Lock = field(default_factory=threading.Lock)
     alive: bool = True
 
@@ -60,34 +70,53 @@ class _Stream:
     answered_again: set = field(default_factory=set)
     reader: FrameReader = field(init=False)  # frames off the connection, through one buffer
     landing: Landing = field(init=False)  # its receive buffers and verifier thread
-    held: list = field(default_factory=list)  # acks held back while more frames were at hand
+    held: list = field(default_factory=list)  # acks held back (encoded), under send_lock
+    held_since: float = 0.0  # when the oldest of them was held
+    held_bytes: int = 0  # the data they confirm
 
     def __post_init__(self):
-        self.reader = FrameReader(self.conn, framing.MAX_STREAM_HEADER_BYTES, before_wait=self.flush)
+        self.reader = FrameReader(self.conn, framing.MAX_STREAM_HEADER_BYTES, before_wait=self.flush_due)
         self.landing = Landing(self.reader)
 
     def send(self, message) -> None:
         """Send ``message`` now, after the acks held back."""
         with self.send_lock:
-            held, self.held = self.held, []
+            held = self._take_held()
             self.conn.send([*held, framing.encode(message)])
 
-    def hold(self, message) -> None:
-        """Send ``message`` with the next write: before the reader waits for more frames
-        (``flush``), or with the next message sent."""
+    def hold(self, message, nbytes: int) -> None:
+        """Send ``message`` (an ack of ``nbytes`` of data) with a later write: the next
+        message sent, or the held acks' flush once due (``flush_due``)."""
         with self.send_lock:
+            if not self.held:
+                self.held_since = self.clock.now()
             self.held.append(framing.encode(message))
+            self.held_bytes += nbytes
+
+    def flush_due(self) -> None:
+        """Send the held acks if they have waited ``ACK_DELAY_S`` or confirm
+        ``ACK_BATCH_BYTES``: before the reader waits for more frames, and at the deadline
+        loop's turns."""
+        with self.send_lock:
+            if not self.held or (self.held_bytes < ACK_BATCH_BYTES
+                                 and self.clock.now() - self.held_since < ACK_DELAY_S):
+                return
+        self.flush()
 
     def flush(self) -> None:
         """Send the held acks; a broken connection is the reader's to find."""
         with self.send_lock:
-            if not self.held:
+            held = self._take_held()
+            if not held:
                 return
-            held, self.held = self.held, []
             try:
                 self.conn.send(held)
             except KVWireError as exc:
                 log.debug("could not send %d acks to %s: %s", len(held), self.conn.peer, exc)
+
+    def _take_held(self) -> list:
+        held, self.held, self.held_bytes = self.held, [], 0
+        return held
 
 
 @dataclass(eq=False)
@@ -301,7 +330,7 @@ class Receiver:
                 layout = self._layouts[hello.fingerprint]
                 session = self._book.sessions[hello.session_id] = _Session(hello.session_id, conn.peer, layout)
                 session.book.verified = hello.verify
-            stream = _Stream(conn, session)
+            stream = _Stream(conn, session, self._clock)
             session.streams.append(stream)
             session.book.orphaned_at = None
             if self._book.closed:
@@ -435,7 +464,7 @@ class Receiver:
         session.counters.add_bytes(sum(plan.layers[layer].nbytes for layer in written))
         acked, finish = layers_checked(state, msg.layers, written)
         if acked:
-            self._ack(stream, state, Acks(msg.rid, acked), in_reader=True)
+            self._ack(stream, state, Acks(msg.rid, acked), msg.nbytes, in_reader=True)
         if finish and state.begin_write():
             self._finish(session, state, finish)
 
@@ -449,7 +478,7 @@ class Receiver:
         if checked.error is not None:
             return self._fail(session, state, checked.error)
         if checked.ack:
-            self._ack(stream, state, Ack(msg.rid, msg.layer), in_reader=in_reader)
+            self._ack(stream, state, Ack(msg.rid, msg.layer), msg.nbytes, in_reader=in_reader)
         # Decoding and scattering write engine memory: not once the request is released or
         # failed (this may run in the verifier thread, after the reader has moved on).
         if checked.finish and state.begin_write():
@@ -488,14 +517,15 @@ class Receiver:
         except KVWireError as exc:
             log.debug("could not send %s to %s: %s", type(message).__name__, stream.conn.peer, exc)
 
-    def _ack(self, stream: _Stream, state: InboundRequest, ack: Ack | Acks, *, in_reader: bool) -> None:
-        """Ack verified layers on the stream they came by, or on a live one if that died
-        meanwhile (a chunk may be verified after its reader has moved on). Held back while
-        the reader has more frames at hand (``in_reader``: sent before it next waits), but
-        sent before the engine may see the whole request (and let go of it, or exit)."""
+    def _ack(self, stream: _Stream, state: InboundRequest, ack: Ack | Acks, nbytes: int, *, in_reader: bool) -> None:
+        """Ack verified layers (``nbytes`` of data) on the stream they came by, or on a live
+        one if that died meanwhile (a chunk may be verified after its reader has moved on).
+        Held back while the request is still arriving (``in_reader``: the reader sends them
+        when due, see ``ACK_DELAY_S``), but sent before the engine may see the whole request
+        (and let go of it, or exit)."""
         last = state.has_all_chunks
         if stream.alive and in_reader and not last:
-            stream.hold(ack)
+            stream.hold(ack, nbytes)
         elif stream.alive:
             self._tell(stream, ack)
         else:
@@ -570,4 +600,6 @@ class Receiver:
                     late = session.book.late(now)
                 for state, error in late:
                     self._fail(session, state, error)
+                for stream in list(session.streams):  # acks held while no frame came
+                    stream.flush_due()
 

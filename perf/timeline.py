@@ -91,7 +91,7 @@ def trace_receiver(backend: str) -> None:
     wrap(receiver.Receiver, "_on_open", "rx Open handled")
     wrap(landing.Landing, "receive", "rx payload", detail=lambda self, msg, *a: f" {msg.layer}")
     wrap(receiver.Receiver, "_ack", "rx ack sent", before=False,
-         detail=lambda self, stream, state, ack, **k: acked_layers(ack))
+         detail=lambda self, stream, state, ack, *a, **k: acked_layers(ack))
     wrap(conn, "recv_into", "rx conn recv", before=False)
     if hasattr(conn, "recv_some"):
         wrap(conn, "recv_some", "rx conn recv_some", before=False)

@@ -224,6 +224,24 @@ def test_release_frees_memory_and_aborts_an_unfinished_sender(layout, receiver, 
     send_all(sender, "gone", kv, 30)  # the id is free again
 
 
+def test_a_layer_is_confirmed_while_the_rest_of_its_request_has_not_come(layout, receiver, sender):
+    """Acks of a request still arriving are held to go with its last layer's, but only for
+    a moment: an engine reusing a layer's buffers once ``layer_sent`` says so is not kept
+    waiting for layers it has not produced yet."""
+    kv = random_kv(layout, 30)
+    xfer = sender.open("partly", 30)
+    xfer.send_layer(0, kv[0])
+    xfer.send_layer(2, kv[2])
+    wait_until(lambda: xfer.layer_sent(0) and xfer.layer_sent(2), what="the sent layers confirmed")
+    assert not xfer.layer_sent(1) and not xfer.done
+    xfer.send_layer(1, kv[1])
+    xfer.send_layer(3, kv[3])
+    xfer.finish(timeout=10)
+    with receiver.wait("partly", timeout=10) as got:
+        for layer, tensors in enumerate(kv):
+            assert_same_bytes(got.layer(layer), tensors)
+
+
 def test_a_remembered_failure_keeps_nothing_of_the_code_it_was_raised_in(layout, receiver, sender):
     """A failed request's error is kept (and raised again to whoever asks), but not the
     frames it passed through: raising the kept object itself attached each caller's
