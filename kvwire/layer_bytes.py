@@ -54,10 +54,11 @@ class LayerBytes:
         self.request_id = request_id
         self.device_memory = device_memory
         self.verify = verify  # checksum each frame (else its algorithm is "none": see SenderOptions.verify)
-        # per layer, once handed over: its segments [(start, length, buffer, on_device)], the
-        # map from byte offsets to them and, for a layer sent in one chunk, that chunk's
-        # (pieces, on_device), in one tuple (a writer reads them at once)
-        self._taken: list[tuple[list, SegmentMap, tuple | None] | None] = [None] * plan.num_layers
+        # per layer, once handed over: its segments [(start, length, buffer, on_device)] and
+        # either the map from byte offsets to them (a layer cut in several chunks) or, for a
+        # layer sent in one chunk, that chunk's (pieces, on_device), in one tuple (a writer
+        # reads them at once)
+        self._taken: list[tuple[list, SegmentMap | None, tuple | None] | None] = [None] * plan.num_layers
 
     def has(self, layer: int) -> bool:
         return self._taken[layer] is not None
@@ -107,7 +108,7 @@ class LayerBytes:
             check_names(self.plan.layout, self.request_id, layer, tensors)
         segments: list[tuple[int, int, object, bool]] = []
         position = 0
-        for slot in plan.slots:
+        for slot, plain in zip(plan.slots, _plain_slots(plan)):
             array = tensors[slot.name]
             shape, on_device = None, False
             if isinstance(array, device.DeviceBytes):  # gathered (and encoded) on the device
@@ -116,17 +117,10 @@ class LayerBytes:
             elif self.device_memory and device.is_device(array):
                 buffer, shape, dtype = device.device_bytes(array)  # sent from where it is
                 on_device = True
-            # Fast path (thousands of small tensors per layer are common): a contiguous
-            # numpy array of the right dtype and shape goes out as it is.
-            elif (
-                type(array) is np.ndarray
-                and array.shape == slot.shape
-                and array.dtype == numpy_dtype(slot.spec.dtype)
-                and array.flags.c_contiguous
-            ):
-                buffer = array if array.dtype in uniform.BUFFER_DTYPES else exportable(array)
             else:
-                buffer, shape, dtype = as_bytes(array)
+                buffer = _as_is(array, plain)  # a plain numpy array goes out as it is
+                if buffer is None:
+                    buffer, shape, dtype = as_bytes(array)
             if shape is not None and (shape != slot.shape or not accepts(slot.spec.dtype, dtype)):
                 raise ValueError(
                     f"request {self.request_id!r} layer {layer} tensor {slot.name!r}: expected "
@@ -241,13 +235,24 @@ def _plain_segments(plan, tensors: Mapping[str, object]) -> list[tuple[int, int,
     if len(tensors) != len(plan.slots):
         return None
     segments, position = [], 0
-    for name, shape, dtype, offset, nbytes, export in _plain_slots(plan):
-        array = tensors.get(name)
-        if type(array) is not np.ndarray or array.dtype != dtype or array.shape != shape or not array.flags.c_contiguous:
+    for plain in _plain_slots(plan):
+        buffer = _as_is(tensors.get(plain.name), plain)
+        if buffer is None:
             return None
+        offset, nbytes = plain.offset, plain.nbytes
         if offset > position:
             segments.append((position, offset - position, _PAD[: offset - position], False))
         if nbytes:
-            segments.append((offset, nbytes, array if export is None else array.view(export), False))
+            segments.append((offset, nbytes, buffer, False))
         position = offset + nbytes
     return segments
+
+
+def _as_is(array, plain: _PlainSlot):
+    """``array`` as the buffer it goes out as (itself, or a view the buffer protocol
+    exports) if it is a C-contiguous numpy array of exactly ``plain``'s shape and dtype;
+    else None."""
+    if type(array) is not np.ndarray or array.dtype != plain.dtype or array.shape != plain.shape \
+            or not array.flags.c_contiguous:
+        return None
+    return array if plain.export is None else array.view(plain.export)
