@@ -24,8 +24,9 @@ class Capabilities:
     ends share (UCX). ``shared_memory``: the two ends are on one host and move bytes through
     shared memory / CMA / cuda_ipc (UCX). ``partial_reads``: ``recv_some`` returns what has
     arrived (TCP), so a reader can take many small frames in one receive. ``nonblocking``:
-    ``send_now`` never waits (a plain TCP socket), so an engine's thread may write small
-    layers itself while the stream is idle (one thread hand-off less each).
+    ``send_now`` never waits (a plain TCP socket; UCX, which only posts), so an engine's
+    thread may write a request's Open and small layers itself while the stream is idle
+    (one thread hand-off less each).
     """
 
     backend: str

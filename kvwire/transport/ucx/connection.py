@@ -50,7 +50,7 @@ class UcxConnection:
         # there; cuda_ipc and GPUDirect RDMA where available), or, under numba's simulator,
         # where device memory is host memory.
         self.capabilities = Capabilities("ucx", device_memory=hub.takes_device_memory, default_streams=1,
-                                         fabrics=shared_fabrics, shared_memory=local)
+                                         fabrics=shared_fabrics, shared_memory=local, nonblocking=True)
         self._hub = hub
         self._sock = sock
         self._ep = ep
@@ -86,40 +86,59 @@ class UcxConnection:
         """Write all buffers in order: small ones inline in a control message, large ones as is."""
         with self._send_lock:
             self._check()
-            requests, keep = [], []
-            segments, inline, inline_bytes = [], [], 0
-            bulks = []
-            for buf in buffers:
-                if device.is_device(buf):
-                    nbytes = self._hub.Array(buf).nbytes
-                    view = buf
-                else:
-                    view = memoryview(buf)
-                    if view.format != "B" or view.ndim != 1:
-                        view = view.cast("B")
-                    nbytes = view.nbytes
-                if not nbytes:
-                    continue
-                if not device.is_device(view) and nbytes < self._inline_bytes:
-                    if inline_bytes + nbytes > control.INLINE_ROOM or len(segments) >= control.MAX_SEGMENTS:
-                        self._post_group(segments, inline, bulks, requests, keep)
-                        segments, inline, inline_bytes, bulks = [], [], 0, []
-                    segments.append(nbytes)
-                    inline.append(view)
-                    inline_bytes += nbytes
-                else:
-                    if len(segments) >= control.MAX_SEGMENTS:
-                        self._post_group(segments, inline, bulks, requests, keep)
-                        segments, inline, inline_bytes, bulks = [], [], 0, []
-                    segments.append(-nbytes)
-                    bulks.append(view)
-            if segments:
-                self._post_group(segments, inline, bulks, requests, keep)
-            nbytes = sum(a.nbytes for a in keep)
-            self._inflight.append((requests, keep, nbytes))
-            self._inflight_bytes += nbytes
-            self._hub.sending.add(self)
+            self._post(buffers)
             self._reap(self._window_bytes)
+
+    def send_now(self, buffers: Sequence) -> list:
+        """Post all buffers, as ``send`` does, unless the sends in flight already fill the
+        window: then none (returned, for a thread that may wait). Posting never waits for
+        the peer (UCX takes a large buffer's bytes when the receiver pulls them), so an
+        engine's thread writes a request's Open and small layers itself, without waking the
+        stream's writer."""
+        with self._send_lock:
+            self._check()
+            error = self._pop_completed()
+            if error is not None or self._inflight_bytes > self._window_bytes:
+                return list(buffers)  # (``send`` waits, or reports the failed send)
+            self._post(buffers)
+            return []
+
+    def _post(self, buffers: Sequence) -> None:
+        """Post ``buffers`` as control and tag messages, and keep them until UCX is done
+        with them. Under ``_send_lock``."""
+        requests, keep = [], []
+        segments, inline, inline_bytes = [], [], 0
+        bulks = []
+        for buf in buffers:
+            if device.is_device(buf):
+                nbytes = self._hub.Array(buf).nbytes
+                view = buf
+            else:
+                view = memoryview(buf)
+                if view.format != "B" or view.ndim != 1:
+                    view = view.cast("B")
+                nbytes = view.nbytes
+            if not nbytes:
+                continue
+            if not device.is_device(view) and nbytes < self._inline_bytes:
+                if inline_bytes + nbytes > control.INLINE_ROOM or len(segments) >= control.MAX_SEGMENTS:
+                    self._post_group(segments, inline, bulks, requests, keep)
+                    segments, inline, inline_bytes, bulks = [], [], 0, []
+                segments.append(nbytes)
+                inline.append(view)
+                inline_bytes += nbytes
+            else:
+                if len(segments) >= control.MAX_SEGMENTS:
+                    self._post_group(segments, inline, bulks, requests, keep)
+                    segments, inline, inline_bytes, bulks = [], [], 0, []
+                segments.append(-nbytes)
+                bulks.append(view)
+        if segments:
+            self._post_group(segments, inline, bulks, requests, keep)
+        nbytes = sum(a.nbytes for a in keep)
+        self._inflight.append((requests, keep, nbytes))
+        self._inflight_bytes += nbytes
+        self._hub.sending.add(self)
 
     def _reap(self, limit_bytes: int) -> None:
         """Forget completed sends; wait for the oldest while the sends *before* the newest
