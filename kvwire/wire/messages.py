@@ -11,7 +11,8 @@ from typing import Annotated, Literal, Union
 import msgspec
 from msgspec import Meta
 
-PROTOCOL_VERSION = 6  # 2: Data.algorithm; 3: Hello.probe, Welcome.info; 4: Hello.verify, algorithm "none"; 5: Layers; 6: Acks
+PROTOCOL_VERSION = 7  # 2: Data.algorithm; 3: Hello.probe, Welcome.info; 4: Hello.verify, algorithm "none"; 5: Layers; 6: Acks;
+# 7: UCX control messages of up to 1 MiB (kvwire.transport.ucx.control)
 
 Name = Annotated[str, Meta(min_length=1, max_length=256)]
 Reason = Annotated[str, Meta(max_length=4096)]

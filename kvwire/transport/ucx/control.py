@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import struct
 
-CTRL_BYTES = 256 * 1024  # a control message's most bytes
+# A control message's most bytes: a small request's layers (inline buffers) travel in one
+# message, not one per 256 KiB (perf requests over UCX: CPU per request ~1.85 -> ~1.3 ms at
+# each end; two such buffers per connection are posted ahead). Protocol 7.
+CTRL_BYTES = 1024 * 1024
 MAX_SEGMENTS = 4096
 INLINE_ROOM = CTRL_BYTES - 8 * MAX_SEGMENTS  # inline bytes one message carries at most
 UNBLOCK = b"\xff\xff\xff\xff"  # what a worker sends itself to end a receive: a count no peer may send
