@@ -145,26 +145,27 @@ def test_a_send_larger_than_the_window_returns_before_the_peer_reads_and_the_nex
 
 
 @needs_ucxx
-def test_send_now_posts_without_waiting_unless_the_window_is_full():
-    # An engine's thread writes a request's Open and small layers itself (no writer woken):
-    # posting never waits for the peer; with the window full, nothing is posted and all of
-    # it comes back, in order, for the stream's writer (which may wait).
+def test_send_now_posts_control_messages_and_hands_back_layers_and_a_full_window():
+    # An engine's thread posts a request's Open itself (no writer woken; posting never
+    # waits for the peer). A layer, or anything while the window is full, comes back
+    # whole and in order for the stream's writer, which joins what queued behind it.
     client, server = pair(UcxOptions(send_window_bytes=1 << 20))
     try:
         assert client.capabilities.nonblocking
-        first, second, third = (np.full(2 << 20, value, dtype=np.uint8) for value in (1, 2, 3))
-        assert client.send_now([b"head", first]) == []  # nobody reads yet: posted all the same
-        left = client.send_now([second])  # the first still holds more than the window
-        assert len(left) == 1 and np.shares_memory(np.frombuffer(left[0], dtype=np.uint8), second)
-        got = np.empty(4 + (6 << 20), dtype=np.uint8)
-        reading = threading.Thread(target=server.recv_into, args=(memoryview(got),))
-        reading.start()
-        client.send(left)
-        wait_until(lambda: client.send_now([third]) == [], what="the window emptying")
-        reading.join(10)
-        assert bytes(got[:4]) == b"head"
-        assert [int(v) for v in got[4 :: 2 << 20]] == [1, 2, 3]
-        assert all((got[4 + (i << 21) : 4 + ((i + 1) << 21)] == i + 1).all() for i in range(3))
+        layer = np.full(64 << 10, 7, dtype=np.uint8)
+        left = client.send_now([b"open", layer])
+        assert len(left) == 2 and bytes(left[0]) == b"open" and np.shares_memory(np.frombuffer(left[1], np.uint8), layer)
+        assert client.send_now([b"open"]) == []  # nobody reads yet: posted all the same
+        big = np.full(4 << 20, 1, dtype=np.uint8)
+        client.send([big])  # in flight, unread: more than the window
+        assert [bytes(view) for view in client.send_now([b"next"])] == [b"next"]
+        got = np.empty(4 + (4 << 20), dtype=np.uint8)
+        server.recv_into(memoryview(got))
+        assert bytes(got[:4]) == b"open" and (got[4:] == 1).all()
+        wait_until(lambda: client.send_now([b"next"]) == [], what="the window emptying")
+        tail = bytearray(4)
+        server.recv_into(memoryview(tail))
+        assert bytes(tail) == b"next"
     finally:
         client.close()
         server.close()
