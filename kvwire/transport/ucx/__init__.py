@@ -25,7 +25,10 @@ Why it looks the way it does:
   (UCX rendezvous: CMA on one host, zero-copy on RDMA, GPU memory as is). ``send`` returns
   while its own messages and up to ``send_window_bytes`` of earlier ones are still in
   flight (as a TCP send returns once the kernel holds the bytes), keeping the buffers
-  referenced until UCX is done. The receiver posts each large message's receive straight
+  referenced until UCX is done. ``send_now`` posts a few control bytes (a request's Open)
+  from the engine's thread; layers go to the stream's writer, which joins those queued
+  together into one control message (up to 1 MiB), since the receiver takes each message
+  on its own. The receiver posts each large message's receive straight
   into the destination ``recv_into`` was given, so bulk bytes land in place with no
   Python copy. Tags are ``(connection id << 32) | sequence number``, so many connections
   share one worker.

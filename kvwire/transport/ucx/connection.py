@@ -1,5 +1,10 @@
 """One kvwire byte stream over a UCX endpoint: sends as control plus tag messages, receives
-straight into the caller's memory, and a liveness socket that tells when the peer is gone."""
+straight into the caller's memory, and a liveness socket that tells when the peer is gone.
+
+Why it is long: sending, receiving and failing share one endpoint, its sequence numbers
+and its locks (a failure must cancel both directions' requests and keep their buffers
+alive); split, each part would reach into the others' state.
+"""
 
 from __future__ import annotations
 
