@@ -24,9 +24,10 @@ class Capabilities:
     ends share (UCX). ``shared_memory``: the two ends are on one host and move bytes through
     shared memory / CMA / cuda_ipc (UCX). ``partial_reads``: ``recv_some`` returns what has
     arrived (TCP), so a reader can take many small frames in one receive. ``nonblocking``:
-    ``send_now`` never waits (a plain TCP socket; UCX, which only posts), so an engine's
-    thread may write a request's Open and small layers itself while the stream is idle
-    (one thread hand-off less each).
+    ``send_now`` never waits (a plain TCP socket writes what its buffer takes; UCX posts a
+    request's Open and leaves layers to the writer, which joins them into one message), so
+    an engine's thread may write those itself while the stream is idle (one thread
+    hand-off less each).
     """
 
     backend: str
