@@ -174,6 +174,29 @@ def test_send_now_posts_control_messages_and_hands_back_layers_and_a_full_window
 
 
 @needs_ucxx
+@pytest.mark.parametrize("sizes", [
+    [40, 0, 60, 4000, 1000, 204800, 2, 11],  # inline bytes over several buffers, a large message whole
+    [5100 + 204800, 13],  # inline bytes, then a large message, into one buffer
+    [100, 100000, 104800, 5013],  # a large message across two buffers (received aside)
+])
+def test_recv_into_many_fills_each_buffer_in_order_whatever_the_messages(sizes):
+    # A frame's payload lands in one buffer per tensor; the sender's writes are cut into
+    # inline segments and large messages at other places.
+    client, server = pair()
+    try:
+        rng = np.random.default_rng(len(sizes))
+        pieces = [rng.integers(0, 256, n, dtype=np.uint8) for n in (100, 5000, 204800, 3)]
+        client.send(pieces)
+        client.send([b"0123456789"])
+        buffers = [np.zeros(n, dtype=np.uint8) for n in sizes]
+        server.recv_into_many(buffers)
+        assert np.concatenate(buffers).tobytes() == b"".join(p.tobytes() for p in pieces) + b"0123456789"
+    finally:
+        client.close()
+        server.close()
+
+
+@needs_ucxx
 def test_a_read_times_out_with_transfer_timeout():
     client, server = pair()
     server.set_timeout(0.3)

@@ -158,8 +158,7 @@ class Connection(Protocol):
         all written). Only where ``capabilities.nonblocking``."""
 
     def recv_into_many(self, buffers: Sequence[memoryview]) -> None:
-        """Fill each buffer exactly, in order, or raise. Only where
-        ``capabilities.partial_reads``."""
+        """Fill each host buffer exactly, in order, or raise."""
 
     def recv_some(self, view: memoryview) -> int:
         """Receive at least one byte into ``view``; how many. Only where

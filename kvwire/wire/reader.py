@@ -64,11 +64,7 @@ class FrameReader:
 
     def read_into_many(self, views: list) -> None:
         """Fill host ``views`` in order with the next payload bytes: what is buffered is
-        copied, the rest received in one call where the connection reads partially (TCP)."""
-        if not self._partial:
-            for view in views:
-                self.read_into(view)
-            return
+        copied, the rest received in one call."""
         rest = [memoryview(view).cast("B") for view in views]
         while rest and self.buffered:
             take = min(self.buffered, len(rest[0]))

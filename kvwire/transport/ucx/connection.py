@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ... import device
+from ... import device, native
 from ...errors import KVWireError, PeerLostError, RemoteProtocolError, TransferTimeout, again, remembered
 from ..base import Capabilities, LinkStats, UcxOptions
 from . import control
@@ -240,6 +240,47 @@ class UcxConnection:
                 else:
                     self._stage(head)
 
+    def recv_into_many(self, buffers: Sequence) -> None:
+        """Fill each host buffer exactly, in order: the buffers an inline segment covers
+        whole take their bytes in one call (``kvwire.native.scatter``, not one slice copy
+        and one ``recv_into`` each: a small request's layers are a dozen or more inline
+        tensors), large messages land straight in the buffer they fill."""
+        views = [_host_view(buffer) for buffer in buffers]
+        with self._recv_lock:
+            self._check()
+            index, pos = 0, 0  # the buffer being filled, and how far
+            while index < len(views):
+                view = views[index]
+                if pos == len(view):
+                    index, pos = index + 1, 0
+                    continue
+                if not self._segments:
+                    self._next_control()
+                    continue
+                head = self._segments[0]
+                if not isinstance(head, memoryview):
+                    if head <= len(view) - pos:
+                        pos = self._recv_bulks(view, pos, len(view))
+                    else:
+                        self._stage(head)
+                    continue
+                end, covered = index, 0
+                if not pos:
+                    while end < len(views) and covered + len(views[end]) <= len(head):
+                        covered += len(views[end])
+                        end += 1
+                if end - index > 1:
+                    native.scatter(head[:covered], views[index:end])
+                    index, take = end, covered
+                else:
+                    take = min(len(head), len(view) - pos)
+                    view[pos : pos + take] = head[:take]
+                    pos += take
+                if take == len(head):
+                    self._segments.popleft()
+                else:
+                    self._segments[0] = head[take:]
+
     def set_timeout(self, seconds: float | None) -> None:
         self._timeout_s = seconds
 
@@ -448,3 +489,8 @@ def _small(buffers: Sequence) -> bool:
             return False
         total += memoryview(buffer).nbytes
     return total <= _POST_NOW_BYTES
+
+
+def _host_view(buffer) -> memoryview:
+    view = memoryview(buffer)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
