@@ -121,9 +121,7 @@ class UcxConnection:
                 nbytes = self._hub.Array(buf).nbytes
                 view = buf
             else:
-                view = memoryview(buf)
-                if view.format != "B" or view.ndim != 1:
-                    view = view.cast("B")
+                view = _host_view(buf)
                 nbytes = view.nbytes
             if not nbytes:
                 continue
@@ -208,14 +206,10 @@ class UcxConnection:
 
     def recv_into(self, view) -> None:
         """Fill ``view`` exactly; large messages are received straight into it."""
-        cuda = device.is_device(view)
-        if cuda:
-            view = device.device_bytes(view, writable=True)[0]  # flat bytes: offsets slice it
-        else:
-            view = memoryview(view)
-            if view.format != "B" or view.ndim != 1:
-                view = view.cast("B")
-        total = self._hub.Array(view).nbytes if cuda else view.nbytes
+        if not device.is_device(view):
+            return self.recv_into_many([view])
+        view = device.device_bytes(view, writable=True)[0]  # flat bytes: offsets slice it
+        total = self._hub.Array(view).nbytes
         with self._recv_lock:
             self._check()
             pos = 0
@@ -226,10 +220,7 @@ class UcxConnection:
                 head = self._segments[0]
                 if isinstance(head, memoryview):
                     take = min(len(head), total - pos)
-                    if cuda:
-                        device.copy(view[pos : pos + take], head[:take])  # the few inline bytes
-                    else:
-                        view[pos : pos + take] = head[:take]
+                    device.copy(view[pos : pos + take], head[:take])  # the few inline bytes
                     if take == len(head):
                         self._segments.popleft()
                     else:
