@@ -257,9 +257,9 @@ class RawUcxx:
     """ucxx's core API the way kvwire uses it: worker-address endpoints, self-progress."""
 
     def __init__(self, checked: bool = False):
-        import ucxx._lib.libucxx as api
-        from ucxx._lib.arr import Array
+        from kvwire.transport.ucx.library import load_ucxx  # (notes ucxx's import-time defaults as such)
 
+        api, Array = load_ucxx()
         self.api, self.Array, self.checked = api, Array, checked
         self.digest = np.zeros(1, dtype=np.uint64)
         self.context = api.UCXContext(

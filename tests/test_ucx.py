@@ -18,6 +18,8 @@ from kvwire import PeerLostError, ProtocolError, Receiver, Sender, TransferTimeo
 from kvwire.sender import DEFAULT_CHUNK_BYTES, DEVICE_CHUNK_BYTES
 from kvwire.transport import auto, get_backend, ucx
 from kvwire.transport.ucx import UcxOptions
+from kvwire.transport.ucx.control import CTRL_BYTES
+from kvwire.transport.ucx.library import UCXX_WROTE
 
 from .support import ROOT, assert_same_bytes, kill, random_kv, run_program, wait_until
 
@@ -415,12 +417,42 @@ def test_a_ucx_that_can_open_no_gpu_does_not_take_cuda_memory():
 def test_kvwire_tunes_ucx_tcp_segments_unless_the_user_sets_them(monkeypatch):
     for name in ("UCX_TCP_TX_SEG_SIZE", "UCX_TCP_RX_SEG_SIZE"):
         monkeypatch.delenv(name, raising=False)
-    assert ucx.tuned_defaults() == {"TCP_TX_SEG_SIZE": "64k"}
-    assert ucx.tuned_defaults((("TCP_TX_SEG_SIZE", "8k"),)) == {}
+    assert ucx.tuned_defaults()["TCP_TX_SEG_SIZE"] == "64k"
+    assert "TCP_TX_SEG_SIZE" not in ucx.tuned_defaults((("TCP_TX_SEG_SIZE", "8k"),))
     # a receive segment under 64k would make UCX refuse the context: leave both alone
-    assert ucx.tuned_defaults((("TCP_RX_SEG_SIZE", "16k"),)) == {}
+    assert "TCP_TX_SEG_SIZE" not in ucx.tuned_defaults((("TCP_RX_SEG_SIZE", "16k"),))
     monkeypatch.setenv("UCX_TCP_RX_SEG_SIZE", "16k")
-    assert ucx.tuned_defaults() == {}
+    assert "TCP_TX_SEG_SIZE" not in ucx.tuned_defaults()
+
+
+def test_ucxx_s_own_rendezvous_threshold_is_not_taken_for_the_user_s(monkeypatch):
+    """ucxx writes UCX_RNDV_THRESH=8192 into os.environ when imported (and so into every
+    child process's): kvwire still sends control messages eagerly then, but never over a
+    threshold the user set."""
+    eager = str(CTRL_BYTES + 1)
+    monkeypatch.setenv("UCX_RNDV_THRESH", "8192")
+    monkeypatch.setenv(UCXX_WROTE, "UCX_MEMTYPE_CACHE=n,UCX_RNDV_THRESH=8192")
+    assert ucx.tuned_defaults()["RNDV_THRESH"] == eager
+    assert "RNDV_THRESH" not in ucx.tuned_defaults((("RNDV_THRESH", "inf"),))
+    monkeypatch.setenv("UCX_RNDV_THRESH", "64k")  # changed since ucxx wrote it: the user's
+    assert "RNDV_THRESH" not in ucx.tuned_defaults()
+    monkeypatch.setenv("UCX_RNDV_THRESH", "8192")
+    monkeypatch.delenv(UCXX_WROTE)  # set by the user, even if to ucxx's value
+    assert "RNDV_THRESH" not in ucx.tuned_defaults()
+
+
+@needs_ucxx
+def test_a_child_process_sends_control_messages_eagerly_too():
+    # This process has imported ucxx, so its UCX_RNDV_THRESH=8192 is in the child's environment.
+    assert os.environ.get("UCX_RNDV_THRESH") == "8192" and UCXX_WROTE in os.environ
+    code = ("from kvwire.transport.ucx.hub import Hub; from kvwire.transport import ucx; "
+            "h = Hub.get(ucx.UcxOptions()); print(h.context.config['RNDV_THRESH'], bool(h.fabrics or h.cuda))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                          check=True)
+    threshold, beyond_host = done.stdout.split()
+    # where UCX has RDMA or a GPU, kvwire leaves the threshold alone (ucxx's, from the environment)
+    eager = "8192" if beyond_host == "True" else str(CTRL_BYTES + 1)
+    assert threshold == f"intra:{eager},inter:{eager}"
 
 
 @needs_ucxx

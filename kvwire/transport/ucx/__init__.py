@@ -22,7 +22,9 @@ Why it looks the way it does:
 - **Byte stream over tag messages.** Each ``send(buffers)`` becomes one small control
   message (buffers under ``inline_bytes`` copied into it, and the lengths of the others)
   followed by one tag message per large buffer, sent straight from the caller's memory
-  (UCX rendezvous: CMA on one host, zero-copy on RDMA, GPU memory as is). ``send`` returns
+  (UCX rendezvous: CMA on one host, zero-copy on RDMA, GPU memory as is). Where UCX has
+  neither RDMA nor a GPU, messages up to a control message's size go eagerly (no
+  handshake each: ``options.TUNED_DEFAULTS``). ``send`` returns
   while its own messages and up to ``send_window_bytes`` of earlier ones are still in
   flight (as a TCP send returns once the kernel holds the bytes), keeping the buffers
   referenced until UCX is done. ``send_now`` posts a few control bytes (a request's Open)

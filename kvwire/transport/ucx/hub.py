@@ -25,7 +25,7 @@ from ..base import UcxOptions
 from .control import UNBLOCK
 from .fabrics import context_transports, fabric_transports, host_id
 from .library import load_ucxx
-from .options import tuned_defaults
+from .options import HOST_ONLY, tuned_defaults
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +60,7 @@ class Hub:
         # ucxx writes UCX_* variables into os.environ when imported; UCX would then warn
         # about those this machine does not use (no CUDA), which is noise for our users.
         config = {"WARN_UNUSED_ENV_VARS": "n", **dict(options.ucx_config)}
-        tuned = tuned_defaults(options.ucx_config)
-        try:
-            self.context, self.worker = self._start(tuned | config)
-        except Exception as exc:  # e.g. a ucx.conf whose TCP_RX_SEG_SIZE is under kvwire's TX segment
-            if not tuned:
-                raise
-            log.info("UCX refused kvwire's defaults %s (%s); starting with UCX's own", tuned, exc)
-            self.context, self.worker = self._start(config)
+        self.context, self.worker = self._start_tuned(tuned_defaults(options.ucx_config), config)
         # Every call into ucxx (progress, arm, post, endpoint create/close) holds this lock:
         # ucxx crashed (SIGSEGV) when one thread closed an endpoint, after its peer died,
         # while another progressed the worker. The leader drops it while it sleeps in epoll.
@@ -76,11 +69,8 @@ class Hub:
         self.epoll_fd = self.worker.epoll_file_descriptor
         self.address = bytes(self.worker.address)
         self.host_id = host_id()
-        info = self.context.info
-        # A UCX built with CUDA reports cuda_support on a machine without a GPU too; only
-        # a device UCX can open (cuda_copy in its resources) means CUDA memory can go as is.
-        self.cuda = bool(self.context.cuda_support) and "cuda_copy" in context_transports(info)
-        self.fabrics = fabric_transports(info)
+        self.cuda = _opens_cuda(self.context)
+        self.fabrics = fabric_transports(self.context.info)
         self._ids = itertools.count(int.from_bytes(os.urandom(2), "little") << 16)
         self.cond = threading.Condition()
         self.leader: int | None = None
@@ -101,6 +91,22 @@ class Hub:
     def _start(self, config: dict):
         context = self.api.UCXContext(config, feature_flags=(self.api.Feature.TAG, self.api.Feature.WAKEUP))
         return context, self.api.UCXWorker(context)
+
+    def _start_tuned(self, tuned: dict, config: dict):
+        """Start with kvwire's defaults under the user's settings; without them where UCX
+        refuses them, and without those measured on sockets and shared memory only
+        (``HOST_ONLY``) where the context has RDMA or a GPU."""
+        try:
+            context, worker = self._start(tuned | config)
+        except Exception as exc:  # e.g. a ucx.conf whose TCP_RX_SEG_SIZE is under kvwire's TX segment
+            if not tuned:
+                raise
+            log.info("UCX refused kvwire's defaults %s (%s); starting with UCX's own", tuned, exc)
+            return self._start(config)
+        if HOST_ONLY.isdisjoint(tuned) or not (fabric_transports(context.info) or _opens_cuda(context)):
+            return context, worker
+        del worker, context  # (the worker first: it holds the context)
+        return self._start({k: v for k, v in tuned.items() if k not in HOST_ONLY} | config)
 
     @classmethod
     def get(cls, options: UcxOptions) -> Hub:
@@ -257,3 +263,10 @@ class Hub:
                     conn.check_liveness()
         with self.lock:
             self.worker.progress()  # so data a peer sent before closing is in before anyone sees it gone
+
+
+def _opens_cuda(context) -> bool:
+    """Whether UCX can move CUDA memory as is here. A UCX built with CUDA reports
+    cuda_support on a machine without a GPU too; only a device it can open (cuda_copy in
+    its resources) counts."""
+    return bool(context.cuda_support) and "cuda_copy" in context_transports(context.info)

@@ -4,8 +4,15 @@ the one place where its errors become kvwire errors."""
 from __future__ import annotations
 
 import os
+import sys
 
 from ...errors import KVWireError, PeerLostError, RemoteProtocolError, TransferTimeout
+
+# ucxx writes its own defaults into os.environ when imported (UCX_RNDV_THRESH=8192, ...),
+# where they look like the user's settings, to this process and to every child it starts.
+# kvwire notes here the ones it saw ucxx write (NAME=VALUE, comma-separated), so that a
+# setting still holding ucxx's value is not taken for the user's (``user_ucx_settings``).
+UCXX_WROTE = "KVWIRE_UCXX_WROTE"
 
 
 def load_ucxx():
@@ -13,12 +20,24 @@ def load_ucxx():
     # UCX writes its log (errors such as a dead peer's reset connection) to stdout by
     # default, i.e. into the application's own output (the soak's JSON lines broke on it).
     os.environ.setdefault("UCX_LOG_FILE", "stderr")
+    before = None if "ucxx" in sys.modules else set(os.environ)
     try:
         import ucxx._lib.libucxx as api
         from ucxx._lib.arr import Array
     except ImportError as exc:
         raise ImportError(f"the ucx backend needs ucxx (pip install 'kvwire[ucx]'): {exc}") from exc
+    if before is not None:
+        wrote = [f"{k}={v}" for k, v in os.environ.items() if k.startswith("UCX_") and k not in before]
+        if wrote:
+            os.environ[UCXX_WROTE] = ",".join(filter(None, [os.environ.get(UCXX_WROTE, ""), *wrote]))
     return api, Array
+
+
+def user_ucx_settings() -> set[str]:
+    """The UCX settings (names without ``UCX_``) in this process's environment that are
+    not ucxx's import-time defaults, as far as this process or its parent saw them written."""
+    wrote = dict(item.split("=", 1) for item in os.environ.get(UCXX_WROTE, "").split(",") if "=" in item)
+    return {k[4:] for k, v in os.environ.items() if k.startswith("UCX_") and wrote.get(k) != v}
 
 
 def ucx_available() -> bool:
