@@ -49,8 +49,10 @@ class LayerBytes:
     CUDA tensor is copied to host memory then).
     """
 
-    def __init__(self, plan: RequestPlan, request_id: str, device_memory: bool, verify: bool = True):
+    def __init__(self, plan: RequestPlan, request_id: str, device_memory: bool, verify: bool = True,
+                 join_buffers: uniform.JoinBuffers | None = None):
         self.plan = plan
+        self.join_buffers = join_buffers  # where layers of many small tensors are joined (the Sender's)
         self.request_id = request_id
         self.device_memory = device_memory
         self.verify = verify  # checksum each frame (else its algorithm is "none": see SenderOptions.verify)
@@ -86,7 +88,7 @@ class LayerBytes:
     def _segments_of(self, layer: int, tensors: Mapping[str, object]) -> list[tuple[int, int, object, bool]]:
         plan = self.plan.layers[layer]
         if len(plan.slots) > uniform.MANY_TENSORS:
-            joined = uniform.join(plan, tensors)
+            joined = uniform.join(plan, tensors, self.join_buffers)
             if joined is not None:
                 return [(0, plan.nbytes, joined, False)]
         segments = _plain_segments(plan, tensors)

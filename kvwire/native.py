@@ -8,6 +8,8 @@ import collections
 import itertools
 import operator
 
+import numpy as np
+
 _ALL = slice(None)
 
 
@@ -27,20 +29,20 @@ def scatter_python(source, destinations: list) -> int:
     return ends[-1] if ends else 0
 
 
-def gather_python(sources: list, formats: list, shapes: list, destination) -> bool:
+def gather_python(sources: list, dtypes: list, shapes: list, destination) -> bool:
     """``kvwire._native.gather`` in Python: each source copied into ``destination`` in
-    turn if it is C-contiguous with its format and shape; False at the first that is not."""
+    turn if it is a C-contiguous numpy array with its dtype and shape; False at the first
+    that is not."""
     out = memoryview(destination).cast("B")
     position = 0
-    for source, format_, shape in zip(sources, formats, shapes):
-        try:
-            view = memoryview(source)
-        except TypeError:
+    for source, dtype, shape in zip(sources, dtypes, shapes):
+        if not isinstance(dtype, np.dtype):
+            raise TypeError(f"gather: {dtype!r} is not a numpy dtype")
+        if (not isinstance(source, np.ndarray) or not source.flags.c_contiguous or source.dtype != dtype
+                or source.shape != shape or source.nbytes > len(out) - position):
             return False
-        if not view.c_contiguous or view.format != format_ or view.shape != shape or view.nbytes > len(out) - position:
-            return False
-        out[position : position + view.nbytes] = view.cast("B")
-        position += view.nbytes
+        out[position : position + source.nbytes] = source.reshape(-1).view(np.uint8)
+        position += source.nbytes
     return True
 
 

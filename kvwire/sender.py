@@ -37,6 +37,7 @@ from .protocol import MONOTONIC, RequestPlan
 from .protocol.sending import Outgoing, SenderBook, StreamState
 from .transport import Connection
 from .transport.tuning import Tuning
+from .uniform import JoinBuffers
 from .wire import framing
 from .wire.messages import MAX_JOINED_LAYERS, Abort, Ack, Acks
 from .wire.reader import FrameReader
@@ -71,6 +72,7 @@ class Sender:
         self.address = check_address(address, what="Sender address")
         self._clock = MONOTONIC  # request deadlines are read from it (a FakeClock in tests)
         self._counters = PeerCounters()
+        self._join_buffers = JoinBuffers()
         self._dialer = Dialer(layout, self.address, self.options)
         self._reconnecting: set[int] = set()
         self._reconnect_lock = threading.Lock()
@@ -129,7 +131,8 @@ class Sender:
                 f"request {request_id!r} needs {need} bytes, more than the receiver's budget of {self.max_request_bytes}",
                 request_id=request_id, peer=self.address,
             )
-        layers = LayerBytes(plan, request_id, device_memory=self.takes_device_memory, verify=self.options.verify)
+        layers = LayerBytes(plan, request_id, device_memory=self.takes_device_memory, verify=self.options.verify,
+                            join_buffers=self._join_buffers)
         request = self._outbox.open(request_id, plan, timeout, layers)
         return Transfer(request, self._outbox, layers, clock=self._clock)
 

@@ -27,8 +27,7 @@ def test_scatter_and_gather_move_every_byte_in_order(scatter, gather):
     for array in sources:
         array.view(np.uint8)[...] = rng.integers(0, 256, array.nbytes, dtype=np.uint8).reshape(array.view(np.uint8).shape)
     joined = np.empty(sum(a.nbytes for a in sources), dtype=np.uint8)
-    formats = [memoryview(a).format for a in sources]
-    assert gather(sources, formats, [a.shape for a in sources], joined)
+    assert gather(sources, [a.dtype for a in sources], [a.shape for a in sources], joined)
     assert joined.tobytes() == b"".join(a.tobytes() for a in sources)
     copies = [np.zeros_like(a) for a in sources]
     assert scatter(joined, copies) == joined.nbytes
@@ -39,12 +38,30 @@ def test_scatter_and_gather_move_every_byte_in_order(scatter, gather):
 def test_gather_declines_what_is_not_exactly_as_planned(scatter, gather):
     good = np.zeros((4, 8), np.float32)
     out = np.empty(256, np.uint8)
-    assert gather([good], ["f"], [(4, 8)], out)
-    assert not gather([good], ["e"], [(4, 8)], out)  # another dtype
-    assert not gather([good], ["f"], [(8, 4)], out)  # another shape
-    assert not gather([good[:, ::2]], ["f"], [(4, 4)], out)  # not contiguous
-    assert not gather([[1.0] * 32], ["f"], [(4, 8)], out)  # not a buffer
-    assert not gather([good, good], ["f", "f"], [(4, 8), (4, 8)], out[:200])  # does not fit
+    f32, f16 = np.dtype(np.float32), np.dtype(np.float16)
+    assert gather([good], [f32], [(4, 8)], out)
+    assert not gather([good], [f16], [(4, 8)], out)  # another dtype
+    assert not gather([good], [np.dtype(">f4")], [(4, 8)], out)  # another byte order
+    assert not gather([good], [f32], [(8, 4)], out)  # another shape
+    assert not gather([good[:, ::2]], [f32], [(4, 4)], out)  # not contiguous
+    assert not gather([[1.0] * 32], [f32], [(4, 8)], out)  # not a numpy array
+    assert not gather([memoryview(good)], [f32], [(4, 8)], out)  # (another buffer: the general path)
+    assert not gather([good, good], [f32, f32], [(4, 8), (4, 8)], out[:200])  # does not fit
+    with pytest.raises(TypeError, match="not a numpy dtype"):
+        gather([good], ["f"], [(4, 8)], out)
+
+
+@pytest.mark.parametrize(("scatter", "gather"), TWINS)
+def test_scatter_fills_numpy_arrays_and_other_buffers_alike(scatter, gather):
+    source = np.arange(32, dtype=np.uint8)
+    array, raw, tail = np.zeros((2, 4), np.uint16), bytearray(8), np.zeros(8, np.uint8)
+    assert scatter(source, [array, raw, memoryview(tail)]) == 32
+    assert array.tobytes() + bytes(raw) + tail.tobytes() == source.tobytes()
+    read_only = np.zeros(4, np.uint8)
+    read_only.flags.writeable = False
+    with pytest.raises((TypeError, ValueError), match="read-only|not writable"):
+        scatter(source, [read_only])
+    assert not read_only.any()
 
 
 @pytest.mark.parametrize(("scatter", "gather"), TWINS)
@@ -111,3 +128,37 @@ def test_a_read_only_buffer_among_many_is_refused_by_name(twins):
                 xfer.send_layer(i, tensors)
             xfer.finish(timeout=30)
     assert not any(a.any() for tensors in destinations for a in tensors.values())  # nothing was written
+
+
+def test_a_join_buffer_is_reused_only_once_nothing_holds_it():
+    pool = uniform.JoinBuffers(max_bytes=2 * 1024)
+    first, second = pool.get(1024), pool.get(1024)
+    assert not np.shares_memory(first, second)
+    address, view = first.ctypes.data, first[16:32]
+    del first
+    third = pool.get(1024)  # a view of the first still holds it; the pool is full: a new buffer
+    assert not np.shares_memory(third, view) and not np.shares_memory(third, second)
+    del view
+    fourth = pool.get(1024)
+    assert fourth.ctypes.data == address  # nothing holds the first any more: reused
+    assert not any(np.shares_memory(pool.get(1024), held) for held in (second, third, fourth))
+
+
+def test_back_to_back_requests_of_many_small_tensors_arrive_exactly(twins):
+    """The Sender joins such layers into buffers it reuses once a request is confirmed:
+    each request's bytes must still be its own, one request at a time or two in flight."""
+    layout = many_small_layout()
+    with Receiver(layout, "127.0.0.1:0") as rx, Sender(layout, rx.address) as tx:
+        for first_seed in (10, 20, 30):
+            sent = {}
+            for seed in (first_seed, first_seed + 1):  # the second opens while the first is in flight
+                kv = random_kv(layout, 6, seed=seed)
+                xfer = tx.open(f"r{seed}", 6)
+                for i, tensors in enumerate(kv):
+                    xfer.send_layer(i, tensors)
+                sent[f"r{seed}"] = (xfer, kv)
+            for rid, (xfer, kv) in sent.items():
+                xfer.finish(timeout=30)
+                with rx.wait(rid, timeout=30) as got:
+                    for i in range(layout.num_layers):
+                        assert_same_bytes(got.layer(i), kv[i])

@@ -110,5 +110,8 @@ def test_kvwire_moves_kv_across_the_link(can_emulate):
         received = json.loads(rx.stdout.readline())
     assert received["sums"] == [float((i + 1) * 2048 * 4 * 64) for i in range(4)]
     report = json.loads(sent.stdout)
-    assert all(19 <= rtt <= 30 for rtt in report["rtt_ms"]), report
+    # the link's RTT as kvwire reports it (TCP_INFO's min_rtt): 20 ms, not loopback's tens of
+    # microseconds. A sample can come out a little under the path (18.2 ms was seen once,
+    # with loss: the kernel timed an ACK from a retransmission), so the bound leaves room.
+    assert all(15 <= rtt <= 30 for rtt in report["rtt_ms"]), report
     assert np.isfinite(report["seconds"])
