@@ -16,6 +16,7 @@ import numpy as np
 
 from . import device, uniform
 from .arrays import as_bytes
+from .buffers import ReusedBuffers
 from .dtypes import accepts, exportable, numpy_dtype
 from .layout import ALIGN_BYTES
 from .protocol import RequestPlan, SegmentMap
@@ -50,7 +51,7 @@ class LayerBytes:
     """
 
     def __init__(self, plan: RequestPlan, request_id: str, device_memory: bool, verify: bool = True,
-                 join_buffers: uniform.JoinBuffers | None = None):
+                 join_buffers: ReusedBuffers | None = None):
         self.plan = plan
         self.join_buffers = join_buffers  # where layers of many small tensors are joined (the Sender's)
         self.request_id = request_id

@@ -18,6 +18,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from . import arrays, device, dtypes, paged, uniform
+from .buffers import ReusedBuffers
 from .codecs import Codec, float32_to_bits, geometry
 from .dtypes import accepts
 from .errors import RequestRejected
@@ -114,13 +115,14 @@ class PlacedLayer:
 
 def place_layer(
     index: int, plan: LayerPlan, layout_layer: Mapping, num_tokens: int, codec: Codec | None,
-    expectation: Expectation | None,
+    expectation: Expectation | None, own: ReusedBuffers | None = None,
 ) -> PlacedLayer:
-    """Where layer ``index``'s bytes land; ``codec`` is the request's, resolved once (None: lossless)."""
+    """Where layer ``index``'s bytes land; ``codec`` is the request's, resolved once (None:
+    lossless); a layer in receiver memory takes it from ``own`` if given."""
     expectation = expectation or Expectation()
     buffers = expectation.buffers.get(index, {})
     if not buffers and codec is None:  # the common case: one buffer; views are made on demand
-        storage = np.empty(plan.nbytes, dtype=np.uint8)
+        storage = np.empty(plan.nbytes, dtype=np.uint8) if own is None else own.get(plan.nbytes)
         return PlacedLayer([0], [storage], [], [], plan.nbytes, storage)
     is_paged = expectation.block_ids is not None
     where = f"expect() buffer for layer {index} tensor"

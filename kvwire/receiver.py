@@ -23,6 +23,7 @@ from typing import Mapping, Sequence
 
 from .address import check_address
 from .arguments import check_layout
+from .buffers import ReusedBuffers
 from .errors import (
     KVWireError,
     PeerLostError,
@@ -55,6 +56,9 @@ log = logging.getLogger(__name__)
 # ``layer_sent`` or resuming a lost connection never waits long for them.
 ACK_DELAY_S = 0.002
 ACK_BATCH_BYTES = 4 << 20
+# Layers landing in receiver memory reuse buffers earlier requests let go of, up to this
+# many bytes kept (kvwire.buffers: a fresh buffer's page faults cost more than its bytes).
+OWN_BUFFER_BYTES = 128 << 20
 
 
 @dataclass(eq=False)
@@ -156,6 +160,8 @@ class Receiver:
         self.address: str = self._listener.address
         self._lock = threading.Condition()
         self._closing = threading.Event()  # the deadline loop's wake-up: not _lock, which every Open notifies
+        # layers landing in receiver memory reuse buffers their last requests let go of
+        self._own_buffers = ReusedBuffers(OWN_BUFFER_BYTES)
         self._book = ReceiverBook(opts.max_bytes)  # budget, requests by id, failures, expectations (under _lock)
         self._refusals: collections.deque = collections.deque(maxlen=16)
         self._threads: set[threading.Thread] = set()
@@ -402,7 +408,7 @@ class Receiver:
         with self._lock:
             expected = self._book.admit(msg.request_id, plan.receive_bytes)
             state = InboundRequest(msg.request_id, plan, timeout_s, session.peer, expected, clock=self._clock,
-                                   rid=msg.rid, session=session)
+                                   rid=msg.rid, session=session, buffers=self._own_buffers)
             self._book.opened(state)
             self._lock.notify_all()
         return state

@@ -18,6 +18,7 @@ import weakref
 from . import device
 from .address import check_address
 from .arguments import check_layout
+from .buffers import ReusedBuffers
 from .codecs import CODECS, choose_codec
 from .dialing import Dialer
 from .errors import (
@@ -37,7 +38,6 @@ from .protocol import MONOTONIC, RequestPlan
 from .protocol.sending import Outgoing, SenderBook, StreamState
 from .transport import Connection
 from .transport.tuning import Tuning
-from .uniform import JoinBuffers
 from .wire import framing
 from .wire.messages import MAX_JOINED_LAYERS, Abort, Ack, Acks
 from .wire.reader import FrameReader
@@ -53,6 +53,9 @@ DEVICE_CHUNK_BYTES = 64 << 20
 # and writes them at once: small layers (a hybrid model's states, a short prompt's KV)
 # then cost one wake-up and one system call between them, not one each.
 WRITE_BATCH_BYTES = 1 << 20
+# Layers of many small tensors are joined into buffers kept for the next requests, up to
+# this many bytes (kvwire.buffers: a fresh buffer's page faults cost more than the join).
+JOIN_BUFFER_BYTES = 64 << 20
 
 
 class Sender:
@@ -72,7 +75,7 @@ class Sender:
         self.address = check_address(address, what="Sender address")
         self._clock = MONOTONIC  # request deadlines are read from it (a FakeClock in tests)
         self._counters = PeerCounters()
-        self._join_buffers = JoinBuffers()
+        self._join_buffers = ReusedBuffers(JOIN_BUFFER_BYTES)
         self._dialer = Dialer(layout, self.address, self.options)
         self._reconnecting: set[int] = set()
         self._reconnect_lock = threading.Lock()

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import itertools
 import operator
-import sys
-import threading
 from collections.abc import Mapping
 from typing import NamedTuple
 
 import numpy as np
 
 from . import native
+from .buffers import ReusedBuffers
 from .dtypes import ITEMSIZE, exportable, numpy_dtype
 from .layout import LayerPlan
 
@@ -69,41 +68,7 @@ def uniform_plan(plan: LayerPlan) -> UniformPlan | None:
     return uniform
 
 
-class JoinBuffers:
-    """The sender's buffers for joined layers, reused. A fresh buffer per layer costs the
-    kernel's page faults and zeroing each time it is touched (64 MiB a request of 65,536
-    1 KiB tensors: 30-100 ms, against 15 ms for the join itself), since the allocator
-    hands large freed blocks back to the kernel. A buffer is handed out again only once
-    nothing but this pool refers to it: its request was confirmed and no writer, frame or
-    UCX send holds it (every such use holds a reference, so the count says it exactly).
-    At most ``max_bytes`` are kept; past that, buffers are allocated as usual."""
-
-    def __init__(self, max_bytes: int = 64 << 20):
-        self.max_bytes = max_bytes
-        self._held = 0
-        self._buffers: dict[int, list[np.ndarray]] = {}
-        self._lock = threading.Lock()
-        self._unused_refs = _refs([np.empty(0)], 0)  # the count of a buffer only the pool holds
-
-    def get(self, nbytes: int) -> np.ndarray:
-        """An uninitialised byte buffer of ``nbytes``."""
-        with self._lock:
-            kept = self._buffers.setdefault(nbytes, [])
-            for i in range(len(kept)):
-                if _refs(kept, i) == self._unused_refs:
-                    return kept[i]
-            buffer = np.empty(nbytes, dtype=np.uint8)
-            if self._held + nbytes <= self.max_bytes:
-                kept.append(buffer)
-                self._held += nbytes
-            return buffer
-
-
-def _refs(buffers: list, index: int) -> int:
-    return sys.getrefcount(buffers[index])
-
-
-def join(plan: LayerPlan, tensors: Mapping[str, object], buffers: JoinBuffers | None = None) -> np.ndarray | None:
+def join(plan: LayerPlan, tensors: Mapping[str, object], buffers: ReusedBuffers | None = None) -> np.ndarray | None:
     """The sender's side: the layer's byte stream in one buffer (one copy; from ``buffers``
     if given), if ``tensors`` are C-contiguous numpy arrays of exactly the plan's shapes and
     dtypes with no padding; else None. Each is checked and copied in C where

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from kvwire import KVLayout, Receiver, RequestRejected, Sender, TensorSpec, native, uniform
+from kvwire.buffers import ReusedBuffers
 
 from .support import assert_same_bytes, random_kv
 
@@ -130,8 +131,8 @@ def test_a_read_only_buffer_among_many_is_refused_by_name(twins):
     assert not any(a.any() for tensors in destinations for a in tensors.values())  # nothing was written
 
 
-def test_a_join_buffer_is_reused_only_once_nothing_holds_it():
-    pool = uniform.JoinBuffers(max_bytes=2 * 1024)
+def test_a_buffer_is_reused_only_once_nothing_holds_it():
+    pool = ReusedBuffers(max_bytes=2 * 1024)
     first, second = pool.get(1024), pool.get(1024)
     assert not np.shares_memory(first, second)
     address, view = first.ctypes.data, first[16:32]
