@@ -132,29 +132,48 @@ def test_a_read_only_buffer_among_many_is_refused_by_name(twins):
 
 
 def test_a_buffer_is_reused_only_once_nothing_holds_it():
-    pool = ReusedBuffers(max_bytes=2 * 1024)
-    first, second = pool.get(1024), pool.get(1024)
+    size = ReusedBuffers.MIN_BYTES
+    pool = ReusedBuffers(max_bytes=2 * size)
+    first, second = pool.get(size), pool.get(size)
     assert not np.shares_memory(first, second)
     address, view = first.ctypes.data, first[16:32]
     del first
-    third = pool.get(1024)  # a view of the first still holds it; the pool is full: a new buffer
+    third = pool.get(size)  # a view of the first still holds it; the pool is full: a new buffer
     assert not np.shares_memory(third, view) and not np.shares_memory(third, second)
     del view
-    fourth = pool.get(1024)
+    fourth = pool.get(size)
     assert fourth.ctypes.data == address  # nothing holds the first any more: reused
-    assert not any(np.shares_memory(pool.get(1024), held) for held in (second, third, fourth))
+    assert not any(np.shares_memory(pool.get(size), held) for held in (second, third, fourth))
+    assert pool.held_bytes == 2 * size
+
+
+def test_a_full_pool_lets_go_of_free_buffers_of_other_sizes():
+    size = ReusedBuffers.MIN_BYTES
+    pool = ReusedBuffers(max_bytes=3 * size)
+    held, freed = pool.get(size), pool.get(2 * size)
+    del freed
+    other = 2 * size - 4096
+    bigger = pool.get(other)  # room once the free buffer of another size goes; the held one stays
+    assert pool.held_bytes == size + other
+    again = pool.get(size)  # nothing free to let go of: allocated, not kept
+    assert not np.shares_memory(again, held) and not np.shares_memory(again, bigger)
+    assert pool.held_bytes == size + other
+    del again, bigger
+    assert pool.get(other).nbytes == other and pool.held_bytes == size + other  # reused
+    small = pool.get(size // 2)  # under MIN_BYTES: never kept
+    assert pool.held_bytes == size + other and small.nbytes == size // 2
 
 
 def test_back_to_back_requests_of_many_small_tensors_arrive_exactly(twins):
     """The Sender joins such layers into buffers it reuses once a request is confirmed:
     each request's bytes must still be its own, one request at a time or two in flight."""
-    layout = many_small_layout()
+    layout = KVLayout([{f"t{j:03d}": TensorSpec((256,), "float32") for j in range(256)}] * 2)  # 256 KiB layers
     with Receiver(layout, "127.0.0.1:0") as rx, Sender(layout, rx.address) as tx:
         for first_seed in (10, 20, 30):
             sent = {}
             for seed in (first_seed, first_seed + 1):  # the second opens while the first is in flight
-                kv = random_kv(layout, 6, seed=seed)
-                xfer = tx.open(f"r{seed}", 6)
+                kv = random_kv(layout, 0, seed=seed)
+                xfer = tx.open(f"r{seed}", 0)
                 for i, tensors in enumerate(kv):
                     xfer.send_layer(i, tensors)
                 sent[f"r{seed}"] = (xfer, kv)

@@ -229,8 +229,8 @@ def test_arrays_the_engine_keeps_are_never_reused_for_later_requests(layout, rec
     the engine still holds (an array or a view of one) after releasing its request."""
     kept = []
     for n in range(6):
-        kv = random_kv(layout, 64, seed=n)
-        send_all(sender, f"r{n}", kv, 64)
+        kv = random_kv(layout, 1024, seed=n)  # (its last layer large enough to be reused)
+        send_all(sender, f"r{n}", kv, 1024)
         with receiver.wait(f"r{n}", timeout=10) as got:
             layers = [got.layer(i) for i in range(layout.num_layers)]
         assert_same_bytes(layers[0], kv[0])
