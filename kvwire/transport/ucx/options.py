@@ -8,7 +8,8 @@ from .control import CTRL_BYTES
 from .library import user_ucx_settings
 
 # UCX settings kvwire changes from UCX's own defaults, each unless the user sets it or a
-# setting it depends on (in the environment, apart from ucxx's import-time defaults, or ``UcxOptions.ucx_config``).
+# setting it depends on (in the environment, apart from ucxx's import-time defaults, or
+# in ``UcxOptions.ucx_config``).
 # TCP_TX_SEG_SIZE: UCX's tcp transport sends in 8 KiB segments by default; 64 KiB (its
 # receive segment, so receive-side memory is unchanged, and a larger send segment than
 # receive segment is refused) moves several times the bytes over UCX's tcp transport
