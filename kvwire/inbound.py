@@ -32,7 +32,7 @@ class InboundRequest:
         *,
         rid: int = -1,
         session=None,
-        buffers: ReusedBuffers | None = None,
+        own_buffers: ReusedBuffers | None = None,
     ):
         self.request_id = request_id
         self.plan = plan  # the sender's, rebuilt from its Open: bytes land where the sender cut them
@@ -66,7 +66,7 @@ class InboundRequest:
         self.rid = rid  # the sender session's number for it, and that session (the receiver's)
         self.session = session
         self._layers = [
-            place_layer(i, plan, layout.layers[i], num_tokens, self.plan.codec, expectation, buffers)
+            place_layer(i, plan, layout.layers[i], num_tokens, self.plan.codec, expectation, own_buffers)
             for i, plan in enumerate(self.plans)
         ]
         # a layer sent in one chunk lands in all of its segments, in order; the others'

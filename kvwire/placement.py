@@ -115,14 +115,14 @@ class PlacedLayer:
 
 def place_layer(
     index: int, plan: LayerPlan, layout_layer: Mapping, num_tokens: int, codec: Codec | None,
-    expectation: Expectation | None, own: ReusedBuffers | None = None,
+    expectation: Expectation | None, own_buffers: ReusedBuffers | None = None,
 ) -> PlacedLayer:
     """Where layer ``index``'s bytes land; ``codec`` is the request's, resolved once (None:
-    lossless); a layer in receiver memory takes it from ``own`` if given."""
+    lossless); a layer in receiver memory takes it from ``own_buffers`` if given."""
     expectation = expectation or Expectation()
     buffers = expectation.buffers.get(index, {})
     if not buffers and codec is None:  # the common case: one buffer; views are made on demand
-        storage = np.empty(plan.nbytes, dtype=np.uint8) if own is None else own.get(plan.nbytes)
+        storage = np.empty(plan.nbytes, dtype=np.uint8) if own_buffers is None else own_buffers.get(plan.nbytes)
         return PlacedLayer([0], [storage], [], [], plan.nbytes, storage)
     is_paged = expectation.block_ids is not None
     where = f"expect() buffer for layer {index} tensor"

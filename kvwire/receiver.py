@@ -408,7 +408,7 @@ class Receiver:
         with self._lock:
             expected = self._book.admit(msg.request_id, plan.receive_bytes)
             state = InboundRequest(msg.request_id, plan, timeout_s, session.peer, expected, clock=self._clock,
-                                   rid=msg.rid, session=session, buffers=self._own_buffers)
+                                   rid=msg.rid, session=session, own_buffers=self._own_buffers)
             self._book.opened(state)
             self._lock.notify_all()
         return state
