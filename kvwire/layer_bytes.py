@@ -3,9 +3,10 @@ over, borrowed until the request is confirmed, and cut into frames for the write
 
 A layer is a byte stream of its tensors in sorted-name order, each 64-byte aligned; it
 travels in chunks of ``chunk_bytes``. Nothing is copied, except that a layer made of
-many small tensors is joined into one buffer once, so that no frame walks thousands of
-them. Plain numpy arrays (what engines hand over) are checked in one tight pass; anything
-else takes the checked path, which also words what does not fit.
+many small tensors is joined into one buffer once where the connections would walk them
+one by one (UCX, TLS); plain TCP writes and hashes them where they are, in C. Plain numpy
+arrays (what engines hand over) are checked in one tight pass; anything else takes the
+checked path, which also words what does not fit.
 """
 
 from __future__ import annotations
@@ -51,9 +52,13 @@ class LayerBytes:
     """
 
     def __init__(self, plan: RequestPlan, request_id: str, device_memory: bool, verify: bool = True,
-                 join_buffers: ReusedBuffers | None = None):
+                 join_buffers: ReusedBuffers | None = None, join_small_tensors: bool = True):
         self.plan = plan
         self.join_buffers = join_buffers  # where layers of many small tensors are joined (the Sender's)
+        # False where every connection writes (and kvwire hashes) a list of thousands of
+        # buffers at C speed (``Capabilities.writes_many_buffers``): a layer sent in one chunk
+        # then goes out from the engine's arrays, with no join
+        self.join_small_tensors = join_small_tensors
         self.request_id = request_id
         self.device_memory = device_memory
         self.verify = verify  # checksum each frame (else its algorithm is "none": see SenderOptions.verify)
@@ -71,6 +76,10 @@ class LayerBytes:
         and tensor) on one that does not fit its plan, and then none is taken."""
         taken = []
         for layer, tensors in layers.items():
+            arrays = self._arrays_as_they_are(layer, tensors)
+            if arrays is not None:
+                taken.append((layer, ([], None, (arrays, False))))
+                continue
             segments = self._segments_of(layer, tensors)
             if self.plan.num_chunks[layer] == 1:  # its one chunk is all of it: no map needed
                 whole = ([segment[2] for segment in segments], any(segment[3] for segment in segments))
@@ -85,6 +94,14 @@ class LayerBytes:
         """Stop borrowing the engine's arrays (the request is confirmed). A writer that took a
         chunk of a re-sent copy before the last ack came finds nothing to send (``frame``)."""
         self._taken = [_RELEASED] * len(self._taken)
+
+    def _arrays_as_they_are(self, layer: int, tensors: Mapping[str, object]) -> list | None:
+        """A one-chunk layer of many plain numpy arrays, checked, to go out unjoined (see
+        ``join_small_tensors``); else None."""
+        plan = self.plan.layers[layer]
+        if self.join_small_tensors or len(plan.slots) <= uniform.MANY_TENSORS or self.plan.num_chunks[layer] != 1:
+            return None
+        return uniform.plain_arrays(plan, tensors)
 
     def _segments_of(self, layer: int, tensors: Mapping[str, object]) -> list[tuple[int, int, object, bool]]:
         plan = self.plan.layers[layer]

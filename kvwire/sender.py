@@ -135,7 +135,8 @@ class Sender:
                 request_id=request_id, peer=self.address,
             )
         layers = LayerBytes(plan, request_id, device_memory=self.takes_device_memory, verify=self.options.verify,
-                            join_buffers=self._join_buffers)
+                            join_buffers=self._join_buffers,
+                            join_small_tensors=not self._writes_many_buffers)
         request = self._outbox.open(request_id, plan, timeout, layers)
         return Transfer(request, self._outbox, layers, clock=self._clock)
 
@@ -161,6 +162,12 @@ class Sender:
         cuda_copy, or runs under numba's simulator); otherwise they are staged to host
         memory first."""
         return bool(self._conns) and all(conn.capabilities.device_memory for conn in self._conns)
+
+    @property
+    def _writes_many_buffers(self) -> bool:
+        """Whether every connection writes thousands of small buffers at C speed (plain TCP),
+        so layers of many small tensors need not be joined first."""
+        return bool(self._conns) and all(conn.capabilities.writes_many_buffers for conn in self._conns)
 
     @property
     def chunk_bytes(self) -> int:

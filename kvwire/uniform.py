@@ -84,6 +84,20 @@ def join(plan: LayerPlan, tensors: Mapping[str, object], buffers: ReusedBuffers 
     return joined if native.gather(arrays, uniform.dtypes, uniform.shapes, joined) else None
 
 
+def plain_arrays(plan: LayerPlan, tensors: Mapping[str, object]) -> list[np.ndarray] | None:
+    """The sender's side where connections write many buffers at once (``join``'s twin
+    without the copy): ``tensors`` in the plan's order, if they are C-contiguous numpy
+    arrays of exactly the plan's shapes and dtypes with no padding; else None."""
+    uniform = uniform_plan(plan)
+    if uniform is None or len(tensors) != len(uniform.names):
+        return None
+    try:
+        arrays = list(map(tensors.__getitem__, uniform.names))
+    except KeyError:
+        return None
+    return arrays if native.gather(arrays, uniform.dtypes, uniform.shapes, None) else None
+
+
 class HostLayer(NamedTuple):
     """An ``expect()`` layer whose every buffer is a writable, contiguous, non-empty numpy
     array of a buffer dtype: its names (the layout's order), arrays and flat byte views."""

@@ -1,13 +1,21 @@
 """Layers of many small tensors: kvwire.native's compiled loops and their Python twins give
-the same bytes, and such layers land exactly in the engine's ``expect()`` buffers over
-real sockets, whichever twin runs and whichever path (C-speed or general) a layer takes."""
+the same bytes (and digests), and such layers land exactly in the engine's ``expect()``
+buffers over real sockets, whichever twin runs and whichever path (C-speed or general, joined
+or written as they are) a layer takes."""
+
+import dataclasses
+import errno
+import socket
+import threading
 
 import ml_dtypes
 import numpy as np
 import pytest
+import xxhash
 
 from kvwire import KVLayout, Receiver, RequestRejected, Sender, TensorSpec, native, uniform
 from kvwire.buffers import ReusedBuffers
+from kvwire.transport import tcp
 
 from .support import assert_same_bytes, random_kv
 
@@ -53,6 +61,107 @@ def test_gather_declines_what_is_not_exactly_as_planned(scatter, gather):
 
 
 @pytest.mark.parametrize(("scatter", "gather"), TWINS)
+def test_gather_without_a_destination_only_checks(scatter, gather):
+    good = np.zeros((4, 8), np.float32)
+    f32 = np.dtype(np.float32)
+    assert gather([good, good], [f32, f32], [(4, 8), (4, 8)], None)
+    assert not gather([good, good[:, ::2]], [f32, f32], [(4, 8), (4, 4)], None)
+    assert not gather([good], [np.dtype(np.int32)], [(4, 8)], None)
+
+
+def random_pieces(rng):
+    """Pieces of a frame as a writer gets them: numpy arrays of several dtypes, bytes, views."""
+    arrays = random_destinations(rng, 1500)  # more than one sendmsg takes (1,024 buffers)
+    for array in arrays:
+        array.view(np.uint8)[...] = rng.integers(0, 256, array.view(np.uint8).shape, dtype=np.uint8)
+    return [b"header", *arrays, b"", memoryview(bytes(range(256)))[7:200], bytearray(rng.bytes(300_000)),
+            np.zeros(0, np.float32), rng.integers(0, 9, (64, 1024), dtype=np.int64)]
+
+
+def joined(pieces) -> bytes:
+    return b"".join(p.tobytes() if isinstance(p, np.ndarray) else bytes(p) for p in pieces)
+
+
+@pytest.mark.parametrize("xxh3_pieces", [pytest.param(native.xxh3_pieces, id="compiled"),
+                                         pytest.param(native.xxh3_pieces_python, id="python")])
+def test_the_digest_of_pieces_is_xxh3_of_their_bytes_joined(xxh3_pieces):
+    pieces = random_pieces(np.random.default_rng(4))
+    whole = joined(pieces)
+    for seed in (0, 1, 2**64 - 1):
+        assert xxh3_pieces(seed, pieces) == xxhash.xxh3_64_intdigest(whole, seed=seed)
+    assert xxh3_pieces(5, []) == xxhash.xxh3_64_intdigest(b"", seed=5)
+    with pytest.raises(TypeError):
+        xxh3_pieces(0, [b"ok", object()])
+    with pytest.raises(BufferError):
+        xxh3_pieces(0, [memoryview(np.zeros((4, 4), np.uint8)[:, ::2])])  # not contiguous
+
+
+def test_the_compiled_digest_reads_arrays_of_any_dtype_as_they_are():
+    assert native.XXH3_COMPILED == native.COMPILED  # found in the xxhash package's module
+    if not native.XXH3_COMPILED:
+        pytest.skip("kvwire._native was not built")
+    bf16 = np.arange(1000, dtype=np.float32).astype(ml_dtypes.bfloat16)  # (no buffer export of its own)
+    assert native.xxh3_pieces(9, [bf16]) == xxhash.xxh3_64_intdigest(bf16.view(np.uint16).tobytes(), seed=9)
+
+
+needs_compiled = pytest.mark.skipif(native.send_pieces is None, reason="kvwire._native was not built")
+
+
+@needs_compiled
+def test_send_pieces_writes_every_byte_and_goes_on_from_where_it_stopped():
+    pieces = random_pieces(np.random.default_rng(5))
+    pieces.append(np.ones(8 << 20, np.uint8))  # more than the socket takes at once
+    whole = joined(pieces)
+    sender, receiver = socket.socketpair()
+    with sender, receiver:
+        index, offset = native.send_pieces(sender.fileno(), pieces, 0, 0, socket.MSG_DONTWAIT)
+        assert (index, offset) < (len(pieces), 0)  # the socket's buffer is full: it stopped
+        received = bytearray()
+        reader = threading.Thread(target=lambda: received.extend(_read(receiver, len(whole))))
+        reader.start()
+        assert native.send_pieces(sender.fileno(), pieces, index, offset, 0) == (len(pieces), 0)
+        reader.join(timeout=30)
+        assert bytes(received) == whole
+
+
+def _read(sock, nbytes):
+    out = bytearray()
+    while len(out) < nbytes:
+        out += sock.recv(nbytes - len(out))
+    return out
+
+
+@needs_compiled
+def test_send_pieces_reports_what_the_socket_says():
+    sender, receiver = socket.socketpair()
+    receiver.close()
+    with sender, pytest.raises(OSError) as failed:
+        native.send_pieces(sender.fileno(), [b"x"], 0, 0, 0)
+    assert failed.value.errno == errno.EPIPE
+    with pytest.raises(TypeError):
+        native.send_pieces(0, [object()], 0, 0, 0)
+    with pytest.raises(ValueError, match="out of range"):
+        native.send_pieces(0, [b"x"], 2, 0, 0)
+
+
+@needs_compiled
+def test_a_tcp_connection_leaves_the_rest_of_a_direct_write_as_buffers_to_send():
+    pieces = [b"header", *random_pieces(np.random.default_rng(6)), np.ones(8 << 20, np.uint8)]
+    whole = joined(pieces)
+    sender, receiver = socket.socketpair()
+    conn = tcp.TcpConnection(sender, "peer")
+    with sender, receiver:
+        left = conn.send_now(pieces)
+        assert left and sum(memoryview(p).nbytes for p in left) < len(whole)
+        received = bytearray()
+        reader = threading.Thread(target=lambda: received.extend(_read(receiver, len(whole))))
+        reader.start()
+        conn.send(left)
+        reader.join(timeout=30)
+        assert bytes(received) == whole
+
+
+@pytest.mark.parametrize(("scatter", "gather"), TWINS)
 def test_scatter_fills_numpy_arrays_and_other_buffers_alike(scatter, gather):
     source = np.arange(32, dtype=np.uint8)
     array, raw, tail = np.zeros((2, 4), np.uint16), bytearray(8), np.zeros(8, np.uint8)
@@ -82,11 +191,19 @@ def many_small_layout():
     return KVLayout(layers)
 
 
-@pytest.fixture(params=["compiled", "python"])
+@pytest.fixture(params=["compiled", "compiled-joined", "python"])
 def twins(request, monkeypatch):
+    """Which loops run: compiled (TCP writes layers of many small tensors as they are, where
+    the module was built), compiled but joined first (as for UCX and TLS), or the Python twins
+    (no compiled module: joined, and written through Python's sendmsg)."""
+    if request.param != "compiled":
+        monkeypatch.setattr(tcp.TcpConnection, "capabilities",
+                            dataclasses.replace(tcp.TcpConnection.capabilities, writes_many_buffers=False))
     if request.param == "python":
         monkeypatch.setattr(native, "scatter", native.scatter_python)
         monkeypatch.setattr(native, "gather", native.gather_python)
+        monkeypatch.setattr(native, "xxh3_pieces", native.xxh3_pieces_python)
+        monkeypatch.setattr(native, "send_pieces", None)
 
 
 def test_many_small_tensors_land_in_their_expect_buffers(twins):

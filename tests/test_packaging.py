@@ -17,14 +17,15 @@ def test_the_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True, timeout=300)
     check = ("import sys, kvwire, serving, kvwire.integrations.vllm.config, kvwire.cuda.ops, serving.tokenizer\n"
              "import kvwire.native\n"
-             "print(kvwire.__file__, serving.__file__, kvwire.native.COMPILED)")
+             "print(kvwire.__file__, serving.__file__, kvwire.native.COMPILED, kvwire.native.XXH3_COMPILED)")
     env = {**os.environ, "PYTHONPATH": str(target)}
     done = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
-    # the compiled loops are built by the install (a C compiler is there, as on any machine of this kind)
+    # the compiled loops are built by the install (a C compiler is there, as on any machine of this
+    # kind), and find xxh3 in the xxhash package's module
     assert done.stdout.split() == [str(target / "kvwire" / "__init__.py"), str(target / "serving" / "__init__.py"),
-                                   "True"]
+                                   "True", "True"]
     usage = subprocess.run([sys.executable, "-m", "serving", "make-model", "--help"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=120)
     assert usage.returncode == 0, usage.stderr

@@ -27,7 +27,9 @@ class Capabilities:
     ``send_now`` never waits (a plain TCP socket writes what its buffer takes; UCX posts a
     request's Open and leaves layers to the writer, which joins them into one message), so
     an engine's thread may write those itself while the stream is idle (one thread
-    hand-off less each).
+    hand-off less each). ``writes_many_buffers``: ``send`` writes a list of thousands of
+    small buffers at C speed (TCP: ``sendmsg`` with up to 1,024 at a time, from
+    ``kvwire._native``), so a Sender hands a layer of many small tensors over unjoined.
     """
 
     backend: str
@@ -38,6 +40,7 @@ class Capabilities:
     shared_memory: bool = False
     partial_reads: bool = False
     nonblocking: bool = False
+    writes_many_buffers: bool = False
 
 
 @dataclass(frozen=True)

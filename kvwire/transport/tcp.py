@@ -1,8 +1,9 @@
 """TCP backend: blocking sockets driven by kvwire's own I/O threads.
 
-Payloads go from the caller's memory to the kernel with ``sendmsg`` on memoryviews, and
-from the kernel into their destination with ``recv_into(MSG_WAITALL)``: no Python-level
-copies, and the GIL is released for the whole syscall. TLS (an ``ssl.SSLContext``) uses
+Payloads go from the caller's memory to the kernel with ``sendmsg`` (in C, from
+``kvwire._native``, where it was built: a list of a thousand numpy arrays costs no buffer
+export each), and from the kernel into their destination with ``recv_into(MSG_WAITALL)``:
+no Python-level copies, and the GIL is released for the whole syscall. TLS (an ``ssl.SSLContext``) uses
 the same code with ``sendall`` per buffer, since SSL sockets have no ``sendmsg``.
 """
 
@@ -14,6 +15,7 @@ import struct
 from dataclasses import replace
 from typing import Sequence
 
+from .. import native
 from ..address import parse_address
 from ..errors import AuthenticationError, PeerLostError, TransferTimeout
 from .base import Capabilities, LinkStats, TcpOptions, check_options
@@ -53,7 +55,8 @@ class TcpConnection:
     # gives the RTT a Sender sizes its streams by.
     # (a TLS socket has no sendmsg and buffers records of its own: it is not ``nonblocking``)
     capabilities = Capabilities("tcp", device_memory=False, link_stats=hasattr(socket, "TCP_INFO"),
-                                partial_reads=True, nonblocking=True)
+                                partial_reads=True, nonblocking=True,
+                                writes_many_buffers=native.send_pieces is not None)
 
     def __init__(self, sock: socket.socket, peer: str):
         self.sock = sock
@@ -76,6 +79,9 @@ class TcpConnection:
                 for buf in buffers:
                     self.sock.sendall(buf)
                 return
+            if native.send_pieces is not None and self.sock.gettimeout() is None:
+                native.send_pieces(self.sock.fileno(), list(buffers), 0, 0, 0)
+                return
             self._write(_views(buffers), 0)
         except (OSError, ValueError) as exc:
             raise self._lost(exc) from None
@@ -83,9 +89,18 @@ class TcpConnection:
     def send_now(self, buffers: Sequence[memoryview | bytes]) -> list[memoryview]:
         """Write what the socket buffer takes now (MSG_DONTWAIT); the views left. Nothing is
         written on a socket with a timeout (Python would wait out the timeout instead)."""
-        views = _views(buffers)
         if self._is_tls or self.sock.gettimeout() is not None:
-            return views
+            return _views(buffers)
+        if native.send_pieces is not None:
+            pieces = list(buffers)
+            try:
+                index, offset = native.send_pieces(self.sock.fileno(), pieces, 0, 0, socket.MSG_DONTWAIT)
+            except (OSError, ValueError) as exc:
+                raise self._lost(exc) from None
+            if index == len(pieces):
+                return []
+            return [memoryview(pieces[index]).cast("B")[offset:], *pieces[index + 1 :]]
+        views = _views(buffers)
         try:
             self._write(views, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
@@ -157,7 +172,7 @@ class TcpConnection:
         self.sock.close()
 
 
-_TLS_CAPABILITIES = replace(TcpConnection.capabilities, nonblocking=False)
+_TLS_CAPABILITIES = replace(TcpConnection.capabilities, nonblocking=False, writes_many_buffers=False)
 
 
 def parse_tcp_info(raw: bytes) -> LinkStats | None:

@@ -12,6 +12,8 @@ from collections.abc import Iterable, Sequence
 
 import xxhash
 
+from .. import native
+
 _FIELDS = struct.Struct("<QIIQ")
 
 
@@ -32,7 +34,4 @@ def layers_checksum(rid: int, layers: Sequence[int], pieces: Iterable[memoryview
 
 
 def _digest(seed: int, pieces: Iterable[memoryview]) -> int:
-    hasher = xxhash.xxh3_64(seed=seed)
-    for piece in pieces:
-        hasher.update(piece)
-    return hasher.intdigest()
+    return native.xxh3_pieces(seed, pieces if type(pieces) is list else list(pieces))
