@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 
+from . import uniform
 from .buffers import ReusedBuffers
 from .errors import KVWireError, TransferTimeout, again, remembered
 from .placement import Expectation, place_layer, typed
@@ -219,6 +220,10 @@ class InboundRequest:
         placed = self._layers[layer]
         if placed.storage is not None:
             storage = placed.storage
+            plan = self.plans[layer]
+            blocks = uniform.split(plan, storage) if len(plan.slots) > uniform.MANY_TENSORS else None
+            if blocks is not None:
+                return blocks
             return {
                 s.name: typed(storage[s.offset : s.offset + s.nbytes], s.spec.dtype, s.shape)
                 for s in self.plans[layer].slots

@@ -98,6 +98,41 @@ def plain_arrays(plan: LayerPlan, tensors: Mapping[str, object]) -> list[np.ndar
     return arrays if native.gather(arrays, uniform.dtypes, uniform.shapes, None) else None
 
 
+_ONE_KIND: dict[int, tuple[LayerPlan, tuple | None]] = {}  # by id(plan), as _PLANS
+
+
+def _one_kind(plan: LayerPlan) -> tuple[list[str], np.dtype, tuple[int, ...]] | None:
+    """(names, dtype, shape) if every tensor of ``plan`` has that one dtype and non-empty
+    shape and they sit back to back; else None."""
+    cached = _ONE_KIND.get(id(plan))
+    if cached is not None and cached[0] is plan:
+        return cached[1]
+    first = plan.slots[0]
+    kind = None
+    if first.shape and first.nbytes and all(
+        slot.spec.dtype == first.spec.dtype and slot.shape == first.shape and slot.offset == i * first.nbytes
+        for i, slot in enumerate(plan.slots)
+    ):
+        kind = ([slot.name for slot in plan.slots], numpy_dtype(first.spec.dtype), first.shape)
+    if len(_ONE_KIND) > 256:
+        _ONE_KIND.clear()
+    _ONE_KIND[id(plan)] = (plan, kind)
+    return kind
+
+
+def split(plan: LayerPlan, storage: np.ndarray) -> dict[str, np.ndarray] | None:
+    """The receiver's side, for a layer held in its own ``storage`` (its byte stream): the
+    tensors as arrays viewing it, cut by one reshape where all are of one kind (thousands of
+    blocks of one shape, the common case: ~0.2 us a tensor, against ~2.5 us sliced, viewed
+    and reshaped one by one); else None."""
+    kind = _one_kind(plan)
+    if kind is None:
+        return None
+    names, dtype, shape = kind
+    blocks = storage[: plan.nbytes].view(dtype).reshape(len(names), *shape)
+    return dict(zip(names, blocks))
+
+
 class HostLayer(NamedTuple):
     """An ``expect()`` layer whose every buffer is a writable, contiguous, non-empty numpy
     array of a buffer dtype: its names (the layout's order), arrays and flat byte views."""

@@ -299,3 +299,46 @@ def test_back_to_back_requests_of_many_small_tensors_arrive_exactly(twins):
                 with rx.wait(rid, timeout=30) as got:
                     for i in range(layout.num_layers):
                         assert_same_bytes(got.layer(i), kv[i])
+
+
+def test_a_layer_of_one_kind_is_cut_into_the_same_arrays_as_tensor_by_tensor():
+    from kvwire.placement import typed
+
+    one_kind = KVLayout([{f"t{j:02d}": TensorSpec((2, 32), "bfloat16") for j in range(12)}])
+    mixed = KVLayout([{f"t{j:02d}": TensorSpec((2, 32), "bfloat16" if j % 2 else "float16") for j in range(12)}])
+    padded = KVLayout([{f"t{j:02d}": TensorSpec((2, 8), "bfloat16") for j in range(12)}])  # 32 bytes each, 64 apart
+    for layout, splits in ((one_kind, True), (mixed, False), (padded, False)):
+        plan = layout.plans(0)[0]
+        storage = np.random.default_rng(8).integers(0, 256, plan.nbytes, dtype=np.uint8)
+        blocks = uniform.split(plan, storage)
+        assert (blocks is not None) == splits
+        if blocks is None:
+            continue
+        assert list(blocks) == [slot.name for slot in plan.slots]
+        for slot in plan.slots:
+            expected = typed(storage[slot.offset : slot.offset + slot.nbytes], slot.spec.dtype, slot.shape)
+            assert blocks[slot.name].dtype == expected.dtype and blocks[slot.name].shape == expected.shape
+            assert blocks[slot.name].tobytes() == expected.tobytes() and np.shares_memory(blocks[slot.name], storage)
+
+
+def test_arrays_of_many_small_tensors_the_engine_keeps_stay_its_own(twins):
+    """A layer of many small tensors received into the receiver's memory is cut into views
+    of one buffer (kvwire.uniform.split): one kept array must keep that buffer from later
+    requests, as any array does."""
+    layout = KVLayout([{f"t{j:03d}": TensorSpec((256,), "float32") for j in range(256)}] * 2)  # 256 KiB layers
+    kept = None
+    with Receiver(layout, "127.0.0.1:0") as rx, Sender(layout, rx.address) as tx:
+        for seed in range(40, 46):
+            kv = random_kv(layout, 0, seed=seed)
+            xfer = tx.open(f"r{seed}", 0)
+            for i, tensors in enumerate(kv):
+                xfer.send_layer(i, tensors)
+            xfer.finish(timeout=30)
+            with rx.wait(f"r{seed}", timeout=30) as got:
+                layers = [got.layer(i) for i in range(layout.num_layers)]
+                for i in range(layout.num_layers):
+                    assert_same_bytes(layers[i], kv[i])
+            if kept is None:
+                kept = (layers[1]["t100"], kv[1]["t100"].copy())
+            del layers
+    assert kept[0].tobytes() == kept[1].tobytes()
