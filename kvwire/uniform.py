@@ -73,13 +73,10 @@ def join(plan: LayerPlan, tensors: Mapping[str, object], buffers: ReusedBuffers 
     if given), if ``tensors`` are C-contiguous numpy arrays of exactly the plan's shapes and
     dtypes with no padding; else None. Each is checked and copied in C where
     ``kvwire.native`` is compiled."""
-    uniform = uniform_plan(plan)
-    if uniform is None or len(tensors) != len(uniform.names):
+    ordered = _in_plan_order(plan, tensors)
+    if ordered is None:
         return None
-    try:
-        arrays = list(map(tensors.__getitem__, uniform.names))
-    except KeyError:
-        return None
+    uniform, arrays = ordered
     joined = np.empty(plan.nbytes, dtype=np.uint8) if buffers is None else buffers.get(plan.nbytes)
     return joined if native.gather(arrays, uniform.dtypes, uniform.shapes, joined) else None
 
@@ -88,14 +85,23 @@ def plain_arrays(plan: LayerPlan, tensors: Mapping[str, object]) -> list[np.ndar
     """The sender's side where connections write many buffers at once (``join``'s twin
     without the copy): ``tensors`` in the plan's order, if they are C-contiguous numpy
     arrays of exactly the plan's shapes and dtypes with no padding; else None."""
+    ordered = _in_plan_order(plan, tensors)
+    if ordered is None:
+        return None
+    uniform, arrays = ordered
+    return arrays if native.gather(arrays, uniform.dtypes, uniform.shapes, None) else None
+
+
+def _in_plan_order(plan: LayerPlan, tensors: Mapping[str, object]) -> tuple[UniformPlan, list] | None:
+    """``plan`` as a ``UniformPlan`` and ``tensors`` in its order, if it is one and they are
+    exactly its names (not yet checked as arrays); else None."""
     uniform = uniform_plan(plan)
     if uniform is None or len(tensors) != len(uniform.names):
         return None
     try:
-        arrays = list(map(tensors.__getitem__, uniform.names))
+        return uniform, list(map(tensors.__getitem__, uniform.names))
     except KeyError:
         return None
-    return arrays if native.gather(arrays, uniform.dtypes, uniform.shapes, None) else None
 
 
 _ONE_KIND: dict[int, tuple[LayerPlan, tuple | None]] = {}  # by id(plan), as _PLANS

@@ -3,8 +3,9 @@
 Payloads go from the caller's memory to the kernel with ``sendmsg`` (in C, from
 ``kvwire._native``, where it was built: a list of a thousand numpy arrays costs no buffer
 export each), and from the kernel into their destination with ``recv_into(MSG_WAITALL)``:
-no Python-level copies, and the GIL is released for the whole syscall. TLS (an ``ssl.SSLContext``) uses
-the same code with ``sendall`` per buffer, since SSL sockets have no ``sendmsg``.
+no Python-level copies, and the GIL is released for the whole syscall. TLS (an
+``ssl.SSLContext``) uses the same code with ``sendall`` per buffer, since SSL sockets have
+no ``sendmsg``.
 """
 
 from __future__ import annotations
