@@ -5,7 +5,8 @@
  * written up to 1,024 arrays a sendmsg (send_pieces). Over UCX and TLS it is joined into
  * one buffer first, after checking each array's dtype and shape (gather, kvwire/uniform.py).
  * It is received whole into one buffer, checked, and only then copied into the engine's
- * arrays (scatter, kvwire/landing.py). In Python each array costs ~0.5-1 us (attribute
+ * arrays (scatter, kvwire/landing.py), described once at expect() by flat byte views of
+ * them (byte_views, kvwire/uniform.py). In Python each array costs ~0.5-1 us (attribute
  * reads, a buffer export, a memoryview, a slice); here it is a few field reads of the
  * numpy array (numpy's C API) and one memcpy or iovec. kvwire/native.py holds the Python
  * twins used where this module was not built; both give the same bytes (tests/test_native.py).
@@ -161,6 +162,48 @@ done:
     if (copying)
         PyBuffer_Release(&destination);
     return result;
+}
+
+PyDoc_STRVAR(byte_views_doc,
+"byte_views(arrays) -> list | None\n\n"
+"A flat uint8 view of each array of the list ``arrays`` (each exactly a numpy ndarray,\n"
+"C-contiguous, writable and not empty: where a layer's bytes land), or None if one is\n"
+"not so. (``np.frombuffer`` costs ~0.5 us an array: the buffer export and its checks.)");
+
+static PyObject *
+byte_views(PyObject *module, PyObject *args)
+{
+    PyObject *arrays;
+    if (!PyArg_ParseTuple(args, "O!:byte_views", &PyList_Type, &arrays))
+        return NULL;
+    Py_ssize_t count = PyList_GET_SIZE(arrays);
+    PyObject *views = PyList_New(count);
+    if (views == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *array = PyList_GET_ITEM(arrays, i);
+        char *data;
+        Py_ssize_t nbytes;
+        if (!PyArray_CheckExact(array) || !plain_array(array, 1, &data, &nbytes) || nbytes == 0) {
+            Py_DECREF(views);
+            Py_RETURN_NONE;
+        }
+        npy_intp dims[1] = {(npy_intp)nbytes};
+        PyObject *view = PyArray_NewFromDescr(&PyArray_Type, PyArray_DescrFromType(NPY_UINT8), 1, dims, NULL, data,
+                                              NPY_ARRAY_CARRAY, NULL);
+        if (view == NULL) {
+            Py_DECREF(views);
+            return NULL;
+        }
+        Py_INCREF(array); /* the view keeps its array alive (stolen by SetBaseObject, even on failure) */
+        if (PyArray_SetBaseObject((PyArrayObject *)view, array) < 0) {
+            Py_DECREF(view);
+            Py_DECREF(views);
+            return NULL;
+        }
+        PyList_SET_ITEM(views, i, view);
+    }
+    return views;
 }
 
 /* A piece of a frame (a numpy array, bytes, a memoryview): its bytes, read from the array
@@ -397,6 +440,7 @@ done:
 static PyMethodDef methods[] = {
     {"scatter", scatter, METH_VARARGS, scatter_doc},
     {"gather", gather, METH_VARARGS, gather_doc},
+    {"byte_views", byte_views, METH_VARARGS, byte_views_doc},
     {"bind_xxh3", bind_xxh3, METH_VARARGS, bind_xxh3_doc},
     {"xxh3_pieces", xxh3_pieces, METH_VARARGS, xxh3_pieces_doc},
     {"send_pieces", send_pieces, METH_VARARGS, send_pieces_doc},

@@ -53,6 +53,15 @@ def gather_python(sources: list, dtypes: list, shapes: list, destination) -> boo
     return True
 
 
+def byte_views_python(arrays: list) -> list | None:
+    """``kvwire._native.byte_views`` in Python: a flat uint8 view of each array, or None if
+    one is not exactly a numpy ndarray that is C-contiguous, writable and not empty."""
+    if not all(type(array) is np.ndarray for array in arrays) or not all(
+            array.flags.c_contiguous and array.flags.writeable and array.nbytes for array in arrays):
+        return None
+    return list(map(np.frombuffer, arrays, itertools.repeat(np.uint8)))
+
+
 def xxh3_pieces_python(seed: int, pieces: list) -> int:
     """``kvwire._native.xxh3_pieces`` in Python: xxh3-64 of the pieces' bytes in turn."""
     hasher = xxhash.xxh3_64(seed=seed)
@@ -76,12 +85,12 @@ def _bind_xxh3(bind) -> bool:
 
 
 try:
-    from ._native import bind_xxh3, gather, scatter, send_pieces
+    from ._native import bind_xxh3, byte_views, gather, scatter, send_pieces
     from ._native import xxh3_pieces as _xxh3_pieces
 
     COMPILED = True
 except ImportError:  # pragma: no cover - built by every install that has a C compiler
-    gather, scatter, send_pieces = gather_python, scatter_python, None
+    gather, scatter, byte_views, send_pieces = gather_python, scatter_python, byte_views_python, None
     COMPILED = False
 
 XXH3_COMPILED = COMPILED and _bind_xxh3(bind_xxh3)

@@ -32,9 +32,6 @@ MANY_TENSORS = 8  # a layer of more tensors than this is worth checking whole (f
 
 _shape_of = operator.attrgetter("shape")
 _dtype_of = operator.attrgetter("dtype")
-_nbytes_of = operator.attrgetter("nbytes")
-_contiguous = operator.attrgetter("flags.c_contiguous")
-_writeable = operator.attrgetter("flags.writeable")
 
 
 class UniformPlan(NamedTuple):
@@ -158,17 +155,13 @@ def describe_host_layer(names: list[str], tensors: Mapping[str, object]) -> Host
         arrays = list(map(tensors.__getitem__, names))
     except KeyError:
         return None
-    if (
-        set(map(type, arrays)) != {np.ndarray}
-        or not set(map(_dtype_of, arrays)) <= BUFFER_DTYPES
-        or not all(map(_contiguous, arrays))
-        or not all(map(_writeable, arrays))
-        or not all(map(_nbytes_of, arrays))  # an empty tensor has no bytes to land
-    ):
-        return None
     # numpy views, not memoryviews: those are objects the garbage collector tracks, and
-    # holding tens of thousands of them made every collection meanwhile walk them all
-    return HostLayer(names, arrays, list(map(np.frombuffer, arrays, itertools.repeat(np.uint8))))
+    # holding tens of thousands of them made every collection meanwhile walk them all.
+    # (None if one is not a plain, writable, non-empty array: an empty tensor has no bytes to land)
+    views = native.byte_views(arrays)
+    if views is None or not set(map(_dtype_of, arrays)) <= BUFFER_DTYPES:
+        return None
+    return HostLayer(names, arrays, views)
 
 
 def landing_plan(host: HostLayer, plan: LayerPlan) -> UniformPlan | None:

@@ -203,6 +203,7 @@ def twins(request, monkeypatch):
         monkeypatch.setattr(native, "scatter", native.scatter_python)
         monkeypatch.setattr(native, "gather", native.gather_python)
         monkeypatch.setattr(native, "xxh3_pieces", native.xxh3_pieces_python)
+        monkeypatch.setattr(native, "byte_views", native.byte_views_python)
         monkeypatch.setattr(native, "send_pieces", None)
 
 
@@ -342,3 +343,21 @@ def test_arrays_of_many_small_tensors_the_engine_keeps_stay_its_own(twins):
                 kept = (layers[1]["t100"], kv[1]["t100"].copy())
             del layers
     assert kept[0].tobytes() == kept[1].tobytes()
+
+
+@pytest.mark.parametrize("byte_views", [pytest.param(native.byte_views, id="compiled"),
+                                        pytest.param(native.byte_views_python, id="python")])
+def test_byte_views_are_flat_bytes_of_plain_writable_arrays_only(byte_views):
+    arrays = [np.arange(6, dtype=np.float32).reshape(2, 3), np.ones((4,), ml_dtypes.bfloat16), np.zeros((), np.int64)]
+    views = byte_views(arrays)
+    assert [(v.dtype, v.shape) for v in views] == [(np.uint8, (24,)), (np.uint8, (8,)), (np.uint8, (8,))]
+    assert all(np.shares_memory(v, a) and v.flags.writeable for v, a in zip(views, arrays))
+    views[0][:4] = 0
+    assert arrays[0][0, 0] == 0 and views[0][4:8].view(np.float32)[0] == 1.0
+    read_only = np.zeros(4, np.uint8)
+    read_only.flags.writeable = False
+    class Sub(np.ndarray):
+        pass
+    for odd in (read_only, np.zeros((4, 4))[:, ::2], np.zeros(0, np.uint8), np.zeros(4).view(Sub), bytearray(4)):
+        assert byte_views([arrays[0], odd]) is None
+    assert byte_views([]) == []
