@@ -226,7 +226,7 @@ class InboundRequest:
                 return blocks
             return {
                 s.name: typed(storage[s.offset : s.offset + s.nbytes], s.spec.dtype, s.shape)
-                for s in self.plans[layer].slots
+                for s in plan.slots
             }
         if not placed.outputs:  # every tensor landed in its expect() buffer as it is
             return dict(placed.engine_arrays)

@@ -43,14 +43,29 @@ class UniformPlan(NamedTuple):
     offsets: list[int]
 
 
-_PLANS: dict[int, tuple[LayerPlan, UniformPlan | None]] = {}  # by id(plan): hashing a plan would walk every slot
+def _per_plan(cache: dict, plan: LayerPlan, make):
+    """``make(plan)``, remembered by ``id(plan)`` (hashing a plan would walk every slot; the
+    plan is kept beside it, so a new plan at a reused id is not taken for the old one)."""
+    cached = cache.get(id(plan))
+    if cached is not None and cached[0] is plan:
+        return cached[1]
+    made = make(plan)
+    if len(cache) > 256:
+        cache.clear()
+    cache[id(plan)] = (plan, made)
+    return made
+
+
+_PLANS: dict[int, tuple[LayerPlan, UniformPlan | None]] = {}
+_ONE_KIND: dict[int, tuple[LayerPlan, tuple | None]] = {}
 
 
 def uniform_plan(plan: LayerPlan) -> UniformPlan | None:
     """``plan`` as a ``UniformPlan``, or None if some tensor is padded or not a buffer dtype."""
-    cached = _PLANS.get(id(plan))
-    if cached is not None and cached[0] is plan:
-        return cached[1]
+    return _per_plan(_PLANS, plan, _make_uniform_plan)
+
+
+def _make_uniform_plan(plan: LayerPlan) -> UniformPlan | None:
     offsets = [slot.offset for slot in plan.slots]
     ends = list(itertools.accumulate(slot.nbytes for slot in plan.slots))
     dtype_names = [slot.spec.dtype for slot in plan.slots]
@@ -59,9 +74,6 @@ def uniform_plan(plan: LayerPlan) -> UniformPlan | None:
     if offsets[1:] == ends[:-1] and (not offsets or offsets[0] == 0) and set(dtypes.values()) <= BUFFER_DTYPES:
         uniform = UniformPlan([slot.name for slot in plan.slots], [slot.shape for slot in plan.slots],
                               list(map(dtypes.__getitem__, dtype_names)), offsets)
-    if len(_PLANS) > 256:
-        _PLANS.clear()
-    _PLANS[id(plan)] = (plan, uniform)
     return uniform
 
 
@@ -101,15 +113,13 @@ def _in_plan_order(plan: LayerPlan, tensors: Mapping[str, object]) -> tuple[Unif
         return None
 
 
-_ONE_KIND: dict[int, tuple[LayerPlan, tuple | None]] = {}  # by id(plan), as _PLANS
-
-
 def _one_kind(plan: LayerPlan) -> tuple[list[str], np.dtype, tuple[int, ...]] | None:
     """(names, dtype, shape) if every tensor of ``plan`` has that one dtype and non-empty
     shape and they sit back to back; else None."""
-    cached = _ONE_KIND.get(id(plan))
-    if cached is not None and cached[0] is plan:
-        return cached[1]
+    return _per_plan(_ONE_KIND, plan, _make_one_kind)
+
+
+def _make_one_kind(plan: LayerPlan) -> tuple[list[str], np.dtype, tuple[int, ...]] | None:
     first = plan.slots[0]
     kind = None
     if first.shape and first.nbytes and all(
@@ -117,9 +127,6 @@ def _one_kind(plan: LayerPlan) -> tuple[list[str], np.dtype, tuple[int, ...]] | 
         for i, slot in enumerate(plan.slots)
     ):
         kind = ([slot.name for slot in plan.slots], numpy_dtype(first.spec.dtype), first.shape)
-    if len(_ONE_KIND) > 256:
-        _ONE_KIND.clear()
-    _ONE_KIND[id(plan)] = (plan, kind)
     return kind
 
 
